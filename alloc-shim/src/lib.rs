@@ -1,0 +1,155 @@
+//! The allocation-path layer of `nodedb-mem`.
+//!
+//! This crate is deliberately tiny and `no_std`: it holds what the global allocator's hot path
+//! needs to know and nothing of the policy (budgets, rebalancing, metrics), which lives in the
+//! `nodedb-mem` crate and re-exports everything here. Today that is the closed set of engines,
+//! [`EngineId`]; the `#[global_allocator]` type joins it in the next step of the project.
+//!
+//! Keeping the set of engines closed is what makes "an engine without a budget"
+//! unrepresentable: every `EngineId` indexes a fixed table built when the governor is built.
+#![no_std]
+
+use core::fmt;
+use core::str::FromStr;
+
+/// One of the engines that share the process, plus one bucket for memory outside any engine.
+///
+/// The set is fixed at compile time, so per-engine state lives in plain arrays indexed by
+/// [`EngineId::index`], and no engine can exist without a budget.
+///
+/// ```
+/// use nodedb_mem_alloc::EngineId;
+///
+/// assert_eq!(EngineId::ALL.len(), EngineId::COUNT);
+/// for (i, e) in EngineId::ALL.iter().enumerate() {
+///     assert_eq!(e.index(), i);
+///     assert_eq!(EngineId::from_index(i), Some(*e));
+/// }
+/// assert_eq!(EngineId::Query.to_string(), "query");
+/// assert_eq!("timeseries".parse::<EngineId>(), Ok(EngineId::Timeseries));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum EngineId {
+    /// Dense vector search (HNSW indexes and their vectors).
+    Vector = 0,
+    /// Sparse vector / inverted-index search.
+    Sparse = 1,
+    /// CRDT documents and their operation logs.
+    Crdt = 2,
+    /// Timeseries ingest and compressed segments.
+    Timeseries = 3,
+    /// SQL query execution (DataFusion).
+    Query = 4,
+    /// Memory allocated outside any engine's guard: runtime, networking, start-up.
+    Unattributed = 5,
+}
+
+impl EngineId {
+    /// The number of engines, including [`EngineId::Unattributed`].
+    pub const COUNT: usize = 6;
+
+    /// Every engine, in [`index`](EngineId::index) order.
+    pub const ALL: [EngineId; EngineId::COUNT] = [
+        EngineId::Vector,
+        EngineId::Sparse,
+        EngineId::Crdt,
+        EngineId::Timeseries,
+        EngineId::Query,
+        EngineId::Unattributed,
+    ];
+
+    /// The engine's position in [`EngineId::ALL`], suitable for indexing per-engine arrays.
+    #[inline]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The engine at `index`, or `None` when `index >= EngineId::COUNT`.
+    #[inline]
+    pub const fn from_index(index: usize) -> Option<EngineId> {
+        if index < EngineId::COUNT {
+            Some(EngineId::ALL[index])
+        } else {
+            None
+        }
+    }
+
+    /// The engine's lower-case name, as used in metrics labels and configuration keys.
+    pub const fn name(self) -> &'static str {
+        match self {
+            EngineId::Vector => "vector",
+            EngineId::Sparse => "sparse",
+            EngineId::Crdt => "crdt",
+            EngineId::Timeseries => "timeseries",
+            EngineId::Query => "query",
+            EngineId::Unattributed => "unattributed",
+        }
+    }
+}
+
+impl fmt::Display for EngineId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The error returned when parsing a string that names no engine.
+///
+/// ```
+/// use nodedb_mem_alloc::{EngineId, UnknownEngine};
+/// assert_eq!("graph".parse::<EngineId>(), Err(UnknownEngine));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownEngine;
+
+impl fmt::Display for UnknownEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "unknown engine: expected one of vector, sparse, crdt, timeseries, query, unattributed",
+        )
+    }
+}
+
+impl core::error::Error for UnknownEngine {}
+
+impl FromStr for EngineId {
+    type Err = UnknownEngine;
+
+    /// Parses an engine name, ignoring ASCII case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EngineId::ALL
+            .iter()
+            .copied()
+            .find(|e| e.name().eq_ignore_ascii_case(s))
+            .ok_or(UnknownEngine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_round_trip() {
+        for (i, a) in EngineId::ALL.iter().enumerate() {
+            assert_eq!(a.name().parse::<EngineId>(), Ok(*a));
+            assert_eq!(a.name().to_ascii_uppercase().parse::<EngineId>(), Ok(*a));
+            for b in &EngineId::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
+    }
+
+    #[test]
+    fn from_index_rejects_out_of_range() {
+        assert_eq!(EngineId::from_index(EngineId::COUNT), None);
+        assert_eq!(EngineId::from_index(usize::MAX), None);
+    }
+
+    #[test]
+    fn engine_id_is_one_byte() {
+        assert_eq!(core::mem::size_of::<EngineId>(), 1);
+        assert_eq!(core::mem::size_of::<Option<EngineId>>(), 1);
+    }
+}

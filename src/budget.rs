@@ -1,0 +1,446 @@
+//! The per-engine ledger: lock-free counters that the allocator writes and the governor limits.
+//!
+//! # Invariants (checked by the loom models and the property test)
+//!
+//! * `headroom == limit - used - reserved` whenever no operation is in flight. Admission is a
+//!   single compare-and-swap on `headroom` that refuses to take it below zero, so a reservation
+//!   can never push an engine past its limit, whatever runs concurrently — including the
+//!   rebalancer, which changes a limit through the same word.
+//! * `usage >= used + reserved` at every instant: increments reach `usage` first and decrements
+//!   reach it last, so `usage` never goes below zero and never wraps.
+//! * `used` and `reserved` are only decreased by a checked compare-and-swap: releasing more than
+//!   was charged is refused with [`MemError::OverRelease`] and changes nothing.
+//!
+//! `headroom` is signed: implicit charges (allocations that cannot be refused) and a limit
+//! shrunk by the rebalancer can take it below zero, which is what "over budget" means. Its
+//! magnitude is bounded by the limit (at most 2^50, see the builder) plus the bytes charged
+//! (at most the address space), far from `i64`'s range.
+
+use crate::EngineId;
+use crate::error::{MemError, Result};
+use crate::pressure::{PressureLevel, ThresholdsPpm};
+use crate::sync::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+
+/// One engine's ledger: its limit and what is charged against it.
+///
+/// Read it through [`MemoryGovernor::budget`](crate::MemoryGovernor::budget); it changes only
+/// through the governor (reservations, allocator charges, rebalancing).
+#[derive(Debug)]
+pub struct Budget {
+    engine: EngineId,
+    /// The configured budget, the limit this engine returns to when rebalancing gives back.
+    base: u64,
+    /// The limit is never lent below this.
+    floor: u64,
+    /// The limit never grows above this.
+    cap: u64,
+    /// Current limit. Written only by the rebalancer (serialised by the governor's lock).
+    limit: AtomicU64,
+    /// `limit - used - reserved`; the admission word.
+    headroom: AtomicI64,
+    /// Live bytes charged by allocators.
+    used: AtomicU64,
+    /// Bytes held by outstanding reservations.
+    reserved: AtomicU64,
+    /// `used + reserved`, raised before and lowered after its parts.
+    usage: AtomicU64,
+    /// Highest `usage` ever seen.
+    peak: AtomicU64,
+    /// Highest `usage` since the rebalancer last looked; the idle/busy signal.
+    window_peak: AtomicU64,
+    /// Reservations refused by this engine's limit or by the ceiling.
+    rejections: AtomicU64,
+    /// Bytes of this engine that live in overflow extents.
+    overflow: AtomicU64,
+    /// Releases refused because they exceeded the charge (caller bugs).
+    over_releases: AtomicU64,
+    /// Last pressure level reported, the state the hysteresis needs.
+    level: AtomicU8,
+    /// Number of pressure level changes.
+    transitions: AtomicU64,
+    /// Bytes of limit lent to other engines, and borrowed from them, over the lifetime.
+    lent_total: AtomicU64,
+    borrowed_total: AtomicU64,
+}
+
+/// Why an admission failed: the usage and limit seen by the refused compare-and-swap.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refused {
+    pub(crate) usage: u64,
+    pub(crate) limit: u64,
+}
+
+impl Budget {
+    pub(crate) fn new(engine: EngineId, base: u64, floor: u64, cap: u64) -> Budget {
+        Budget {
+            engine,
+            base,
+            floor,
+            cap,
+            limit: AtomicU64::new(base),
+            headroom: AtomicI64::new(to_i64(base)),
+            used: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            usage: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            window_peak: AtomicU64::new(0),
+            rejections: AtomicU64::new(0),
+            overflow: AtomicU64::new(0),
+            over_releases: AtomicU64::new(0),
+            level: AtomicU8::new(PressureLevel::Normal as u8),
+            transitions: AtomicU64::new(0),
+            lent_total: AtomicU64::new(0),
+            borrowed_total: AtomicU64::new(0),
+        }
+    }
+
+    /// The engine this ledger belongs to.
+    pub fn engine(&self) -> EngineId {
+        self.engine
+    }
+    /// The configured budget.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+    /// The guaranteed floor: rebalancing never lends the limit below it.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+    /// The cap: rebalancing never raises the limit above it.
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+    /// The current limit (the budget, moved by rebalancing between floor and cap).
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Acquire)
+    }
+    /// Live bytes charged by allocators.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+    /// Bytes held by outstanding reservations.
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
+    }
+    /// Usage: live bytes plus outstanding reservations.
+    pub fn usage(&self) -> u64 {
+        self.usage.load(Ordering::Acquire)
+    }
+    /// What admission would still accept: `limit - usage`, or zero when over the limit.
+    pub fn available(&self) -> u64 {
+        u64::try_from(self.headroom.load(Ordering::Acquire)).unwrap_or(0)
+    }
+    /// The highest usage ever seen.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Acquire)
+    }
+    /// Reservations refused, by this engine's limit or by the global ceiling.
+    pub fn rejections(&self) -> u64 {
+        self.rejections.load(Ordering::Relaxed)
+    }
+    /// Bytes of this engine currently held in overflow extents.
+    pub fn overflow_bytes(&self) -> u64 {
+        self.overflow.load(Ordering::Acquire)
+    }
+    /// Releases refused because they exceeded what was charged.
+    pub fn over_releases(&self) -> u64 {
+        self.over_releases.load(Ordering::Relaxed)
+    }
+    /// Number of pressure level changes so far.
+    pub fn pressure_transitions(&self) -> u64 {
+        self.transitions.load(Ordering::Relaxed)
+    }
+    /// Total bytes of limit this engine has lent to others.
+    pub fn lent_total(&self) -> u64 {
+        self.lent_total.load(Ordering::Relaxed)
+    }
+    /// Total bytes of limit this engine has borrowed from others.
+    pub fn borrowed_total(&self) -> u64 {
+        self.borrowed_total.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` of headroom if that leaves it non-negative. The only admission decision.
+    fn take_headroom(&self, bytes: u64) -> std::result::Result<(), i64> {
+        let want = to_i64(bytes);
+        let mut h = self.headroom.load(Ordering::Acquire);
+        loop {
+            if h < want {
+                return Err(h);
+            }
+            match self.headroom.compare_exchange_weak(
+                h,
+                h - want,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(seen) => h = seen,
+            }
+        }
+    }
+
+    fn raise_usage(&self, bytes: u64) {
+        let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+        self.window_peak.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// Admission: takes `bytes` of headroom if the limit allows, else counts a rejection and
+    /// reports what the refused compare-and-swap saw. Follow with
+    /// [`commit_reservation`](Self::commit_reservation) or
+    /// [`cancel_admission`](Self::cancel_admission).
+    pub(crate) fn try_admit(&self, bytes: u64) -> std::result::Result<(), Refused> {
+        self.take_headroom(bytes).map_err(|headroom| {
+            self.count_rejection();
+            let limit = self.limit();
+            // `usage` as the refused CAS saw it, from the same word, not a second read.
+            let usage = u64::try_from(i128::from(limit) - i128::from(headroom)).unwrap_or(0);
+            Refused { usage, limit }
+        })
+    }
+
+    /// Turns an admission into a held reservation.
+    pub(crate) fn commit_reservation(&self, bytes: u64) {
+        self.raise_usage(bytes);
+        self.reserved.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Returns the headroom of an admission that will not be committed (the ceiling refused).
+    pub(crate) fn cancel_admission(&self, bytes: u64) {
+        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+    }
+
+    pub(crate) fn count_rejection(&self) {
+        self.rejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Gives back `bytes` of an admitted reservation.
+    pub(crate) fn release(&self, bytes: u64) -> Result<()> {
+        checked_sub(&self.reserved, bytes).map_err(|charged| self.over_release(bytes, charged))?;
+        self.usage.fetch_sub(bytes, Ordering::AcqRel);
+        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Charges `bytes` of live memory, unconditionally (allocations cannot be refused here).
+    pub(crate) fn charge(&self, bytes: u64) {
+        self.headroom.fetch_sub(to_i64(bytes), Ordering::AcqRel);
+        self.raise_usage(bytes);
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Credits `bytes` of freed memory; refuses, changing nothing, if more than is charged.
+    pub(crate) fn credit(&self, bytes: u64) -> Result<()> {
+        checked_sub(&self.used, bytes).map_err(|charged| self.over_release(bytes, charged))?;
+        self.usage.fetch_sub(bytes, Ordering::AcqRel);
+        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn over_release(&self, requested: u64, charged: u64) -> MemError {
+        self.over_releases.fetch_add(1, Ordering::Relaxed);
+        MemError::OverRelease {
+            engine: self.engine,
+            requested,
+            charged,
+        }
+    }
+
+    /// Lowers the limit by `bytes` if the engine has that much headroom and stays at or above
+    /// its floor. Caller holds the governor's rebalance lock (the only writer of `limit`).
+    pub(crate) fn lend(&self, bytes: u64) -> bool {
+        let limit = self.limit();
+        if limit.saturating_sub(bytes) < self.floor || bytes > limit {
+            return false;
+        }
+        if self.take_headroom(bytes).is_err() {
+            return false;
+        }
+        self.limit.store(limit - bytes, Ordering::Release);
+        self.lent_total.fetch_add(bytes, Ordering::Relaxed);
+        true
+    }
+
+    /// Raises the limit by `bytes`. Caller holds the rebalance lock and has checked the cap.
+    pub(crate) fn borrow(&self, bytes: u64) {
+        debug_assert!(self.limit() + bytes <= self.cap);
+        self.limit.fetch_add(bytes, Ordering::AcqRel);
+        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        self.borrowed_total.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Lowers the limit by `bytes` even below current usage (a lender is taking its headroom
+    /// back). Caller holds the rebalance lock and keeps the limit at or above `base`.
+    pub(crate) fn give_back(&self, bytes: u64) {
+        debug_assert!(self.limit() >= self.base + bytes);
+        self.headroom.fetch_sub(to_i64(bytes), Ordering::AcqRel);
+        self.limit.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Returns the highest usage since the last call and starts a new window at current usage.
+    pub(crate) fn take_window_peak(&self) -> u64 {
+        let usage = self.usage();
+        self.window_peak.swap(usage, Ordering::AcqRel).max(usage)
+    }
+
+    /// Re-evaluates the pressure level with hysteresis; returns `(old, new)` when it changed.
+    pub(crate) fn update_pressure(
+        &self,
+        thresholds: &ThresholdsPpm,
+    ) -> (PressureLevel, Option<PressureLevel>) {
+        let usage = self.usage() + self.overflow_bytes();
+        let limit = self.limit();
+        update_level(&self.level, &self.transitions, thresholds, usage, limit)
+    }
+
+    /// `headroom` as stored, for consistency checks.
+    pub(crate) fn raw_headroom(&self) -> i64 {
+        self.headroom.load(Ordering::Acquire)
+    }
+}
+
+/// Moves `level` to what `usage`/`limit` says, with hysteresis, by compare-and-swap so
+/// concurrent pollers agree on one transition. Returns the new level, and the old one when it
+/// changed.
+pub(crate) fn update_level(
+    level: &AtomicU8,
+    transitions: &AtomicU64,
+    thresholds: &ThresholdsPpm,
+    usage: u64,
+    limit: u64,
+) -> (PressureLevel, Option<PressureLevel>) {
+    let mut cur = level.load(Ordering::Acquire);
+    loop {
+        let next = thresholds.level(usage, limit, PressureLevel::from_u8(cur));
+        if next as u8 == cur {
+            return (next, None);
+        }
+        match level.compare_exchange_weak(cur, next as u8, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                transitions.fetch_add(1, Ordering::Relaxed);
+                return (next, Some(PressureLevel::from_u8(cur)));
+            }
+            Err(seen) => cur = seen,
+        }
+    }
+}
+
+/// Subtracts `bytes` from `counter` unless that would go below zero; on refusal returns the
+/// value seen and changes nothing.
+pub(crate) fn checked_sub(counter: &AtomicU64, bytes: u64) -> std::result::Result<(), u64> {
+    let mut cur = counter.load(Ordering::Acquire);
+    loop {
+        let Some(next) = cur.checked_sub(bytes) else {
+            return Err(cur);
+        };
+        match counter.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(()),
+            Err(seen) => cur = seen,
+        }
+    }
+}
+
+/// Byte counts enter the signed headroom word through here. Every count is bounded by the
+/// builder's maximum ceiling (2^50) or by the address space (2^48), so this never saturates in
+/// practice; saturating keeps it total rather than wrapping if that bound were ever broken.
+pub(crate) fn to_i64(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+#[cfg(all(test, not(nodedb_mem_loom)))]
+mod tests {
+    use super::*;
+
+    fn budget(limit: u64) -> Budget {
+        Budget::new(EngineId::Query, limit, limit / 2, limit * 2)
+    }
+
+    impl Budget {
+        fn try_reserve(&self, bytes: u64) -> std::result::Result<(), Refused> {
+            self.try_admit(bytes)?;
+            self.commit_reservation(bytes);
+            Ok(())
+        }
+    }
+
+    fn assert_consistent(b: &Budget) {
+        assert_eq!(b.usage(), b.used() + b.reserved());
+        assert_eq!(
+            i128::from(b.raw_headroom()),
+            i128::from(b.limit()) - i128::from(b.usage())
+        );
+    }
+
+    #[test]
+    fn reserve_admits_up_to_the_limit_exactly() {
+        let b = budget(1000);
+        assert!(b.try_reserve(600).is_ok());
+        assert!(b.try_reserve(400).is_ok());
+        let r = b.try_reserve(1).unwrap_err();
+        assert_eq!((r.usage, r.limit), (1000, 1000));
+        assert_eq!(b.rejections(), 1);
+        assert_eq!(b.available(), 0);
+        assert_eq!(b.peak(), 1000);
+        b.release(1000).unwrap();
+        assert_eq!(b.usage(), 0);
+        assert_eq!(b.peak(), 1000);
+        assert_consistent(&b);
+    }
+
+    #[test]
+    fn over_release_is_refused_and_changes_nothing() {
+        let b = budget(1000);
+        b.try_reserve(10).unwrap();
+        b.charge(20);
+        let e = b.release(11).unwrap_err();
+        assert!(matches!(
+            e,
+            MemError::OverRelease { engine: EngineId::Query, requested: 11, charged: 10 }
+        ));
+        let e = b.credit(21).unwrap_err();
+        assert!(matches!(e, MemError::OverRelease { requested: 21, charged: 20, .. }));
+        assert_eq!((b.used(), b.reserved(), b.usage()), (20, 10, 30));
+        assert_eq!(b.over_releases(), 2);
+        assert_consistent(&b);
+    }
+
+    #[test]
+    fn charges_may_exceed_the_limit_and_then_block_reservations() {
+        let b = budget(100);
+        b.charge(150);
+        assert_eq!(b.available(), 0);
+        assert_eq!(b.raw_headroom(), -50);
+        let r = b.try_reserve(1).unwrap_err();
+        assert_eq!((r.usage, r.limit), (150, 100));
+        b.credit(150).unwrap();
+        assert!(b.try_reserve(100).is_ok());
+        assert_consistent(&b);
+    }
+
+    #[test]
+    fn lending_respects_headroom_and_floor() {
+        let b = budget(1000); // floor 500
+        b.try_reserve(300).unwrap();
+        assert!(!b.lend(501), "would go below the floor");
+        assert!(b.lend(500));
+        assert_eq!(b.limit(), 500);
+        assert!(!b.lend(1));
+        b.borrow(500);
+        assert_eq!(b.limit(), 1000);
+        assert_consistent(&b);
+        let b = budget(1000);
+        b.try_reserve(900).unwrap();
+        assert!(!b.lend(200), "only 100 of headroom");
+        assert_eq!(b.limit(), 1000);
+        assert_consistent(&b);
+    }
+
+    #[test]
+    fn window_peak_restarts_at_current_usage() {
+        let b = budget(1000);
+        b.try_reserve(700).unwrap();
+        b.release(600).unwrap();
+        assert_eq!(b.take_window_peak(), 700);
+        assert_eq!(b.take_window_peak(), 100);
+    }
+}

@@ -1,0 +1,287 @@
+//! Finding the default global ceiling: `NODEDB_MEMORY_LIMIT`, else the cgroup's memory limit,
+//! else a fraction of physical memory.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{MemError, Result};
+use crate::size::{ByteSize, Size, fraction_of};
+
+/// The environment variable that sets the global ceiling (`512MiB`, `2GiB`, a byte count).
+pub const MEMORY_LIMIT_ENV: &str = "NODEDB_MEMORY_LIMIT";
+
+/// Share of physical memory used as the ceiling when no limit is configured or inherited.
+pub const DEFAULT_RAM_FRACTION: f64 = 0.80;
+
+/// cgroup v1 reports "no limit" as `LONG_MAX` rounded down to a page; anything this large is
+/// no limit at all.
+const CGROUP_V1_UNLIMITED: u64 = 1 << 62;
+
+/// Where the global ceiling came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CeilingSource {
+    /// Set on the builder.
+    Explicit,
+    /// Parsed from `NODEDB_MEMORY_LIMIT`.
+    Environment,
+    /// The memory limit of the process's cgroup (the tightest one on the path to the root).
+    Cgroup {
+        /// The limit file that set it.
+        path: PathBuf,
+    },
+    /// [`DEFAULT_RAM_FRACTION`] of physical memory.
+    PhysicalMemory {
+        /// Total physical memory in bytes.
+        total: u64,
+    },
+}
+
+impl fmt::Display for CeilingSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CeilingSource::Explicit => f.write_str("set by the builder"),
+            CeilingSource::Environment => write!(f, "from {MEMORY_LIMIT_ENV}"),
+            CeilingSource::Cgroup { path } => write!(f, "cgroup limit {}", path.display()),
+            CeilingSource::PhysicalMemory { total } => write!(
+                f,
+                "{}% of physical memory ({})",
+                DEFAULT_RAM_FRACTION * 100.0,
+                ByteSize(*total)
+            ),
+        }
+    }
+}
+
+/// Decides the default ceiling from an environment value and a filesystem root (`/` in
+/// production; a directory of fake `/proc` and `/sys` files in tests).
+pub(crate) fn detect(env_value: Option<&str>, root: &Path) -> Result<(u64, CeilingSource)> {
+    if let Some(value) = env_value {
+        return match Size::parse(value) {
+            Ok(Size::Bytes(b)) => Ok((b, CeilingSource::Environment)),
+            Ok(Size::Fraction(_)) => Err(MemError::config(
+                MEMORY_LIMIT_ENV,
+                format!("{value:?}"),
+                "the ceiling must be a size, not a percentage",
+            )),
+            Err(reason) => Err(MemError::InvalidSize {
+                field: MEMORY_LIMIT_ENV.into(),
+                input: value.into(),
+                reason,
+            }),
+        };
+    }
+    if let Some((bytes, path)) = cgroup_limit(root) {
+        return Ok((bytes, CeilingSource::Cgroup { path }));
+    }
+    let total = physical_memory(root).ok_or_else(|| MemError::Io {
+        what: "reading total physical memory (no cgroup limit and no NODEDB_MEMORY_LIMIT)".into(),
+        source: std::io::Error::other("neither /proc/meminfo nor sysconf reported it"),
+    })?;
+    Ok((
+        fraction_of(total, DEFAULT_RAM_FRACTION),
+        CeilingSource::PhysicalMemory { total },
+    ))
+}
+
+/// The tightest memory limit on the process's cgroup path, v2 (`memory.max`) or v1
+/// (`memory.limit_in_bytes`).
+fn cgroup_limit(root: &Path) -> Option<(u64, PathBuf)> {
+    let membership = std::fs::read_to_string(root.join("proc/self/cgroup")).ok()?;
+    let mut best: Option<(u64, PathBuf)> = None;
+    for line in membership.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let found = if id == "0" && controllers.is_empty() {
+            tightest_on_path(&root.join("sys/fs/cgroup"), path, "memory.max", |s| {
+                (s != "max").then(|| s.parse().ok()).flatten()
+            })
+        } else if controllers.split(',').any(|c| c == "memory") {
+            tightest_on_path(
+                &root.join("sys/fs/cgroup/memory"),
+                path,
+                "memory.limit_in_bytes",
+                |s| s.parse().ok().filter(|&v: &u64| v < CGROUP_V1_UNLIMITED),
+            )
+        } else {
+            None
+        };
+        if let Some((bytes, p)) = found {
+            if bytes > 0 && best.as_ref().is_none_or(|(b, _)| bytes < *b) {
+                best = Some((bytes, p));
+            }
+        }
+    }
+    best
+}
+
+/// Walks from `mount/path` up to `mount`, reading `file` in each directory that has it, and
+/// returns the smallest limit (a child cgroup cannot use more than its ancestors allow).
+fn tightest_on_path(
+    mount: &Path,
+    path: &str,
+    file: &str,
+    parse: impl Fn(&str) -> Option<u64>,
+) -> Option<(u64, PathBuf)> {
+    let mut dir = mount.join(path.trim_start_matches('/'));
+    let mut best: Option<(u64, PathBuf)> = None;
+    loop {
+        let candidate = dir.join(file);
+        if let Ok(text) = std::fs::read_to_string(&candidate) {
+            if let Some(v) = parse(text.trim()) {
+                if best.as_ref().is_none_or(|(b, _)| v < *b) {
+                    best = Some((v, candidate));
+                }
+            }
+        }
+        if dir == mount || !dir.pop() || !dir.starts_with(mount) {
+            return best;
+        }
+    }
+}
+
+/// Total physical memory: `MemTotal` from `/proc/meminfo` under `root`, else `sysconf`.
+fn physical_memory(root: &Path) -> Option<u64> {
+    if let Ok(text) = std::fs::read_to_string(root.join("proc/meminfo")) {
+        let kib = text
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        if let Some(kib) = kib {
+            return kib.checked_mul(1024);
+        }
+    }
+    if root != Path::new("/") {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions; it returns -1 for unknown names, handled below.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let (pages, page_size) = (u64::try_from(pages).ok()?, u64::try_from(page_size).ok()?);
+    pages.checked_mul(page_size)
+}
+
+#[cfg(all(test, not(nodedb_mem_loom)))]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    struct FakeRoot(tempfile::TempDir);
+
+    impl FakeRoot {
+        fn new() -> FakeRoot {
+            FakeRoot(tempfile::tempdir().unwrap())
+        }
+        fn file(&self, rel: &str, text: &str) -> &Self {
+            let p = self.0.path().join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+            self
+        }
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    #[test]
+    fn environment_wins_and_is_parsed() {
+        let root = FakeRoot::new();
+        root.file("sys/fs/cgroup/memory.max", "1048576\n")
+            .file("proc/self/cgroup", "0::/\n");
+        assert_eq!(
+            detect(Some("2GiB"), root.path()).unwrap(),
+            (2 << 30, CeilingSource::Environment)
+        );
+        assert_eq!(
+            detect(Some("536870912"), root.path()).unwrap().0,
+            512 << 20
+        );
+        let e = detect(Some("2 gigs"), root.path()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid size for `NODEDB_MEMORY_LIMIT`: \"2 gigs\": unknown unit (expected B, KiB, MiB, GiB, TiB, KB, MB, GB, TB or %)"
+        );
+        let e = detect(Some("50%"), root.path()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration `NODEDB_MEMORY_LIMIT` = \"50%\": the ceiling must be a size, not a percentage"
+        );
+    }
+
+    #[test]
+    fn cgroup_v2_takes_the_tightest_limit_on_the_path() {
+        let root = FakeRoot::new();
+        root.file("proc/self/cgroup", "0::/app/worker\n")
+            .file("sys/fs/cgroup/memory.max", "max\n")
+            .file("sys/fs/cgroup/app/memory.max", "2147483648\n")
+            .file("sys/fs/cgroup/app/worker/memory.max", "max\n")
+            .file("proc/meminfo", "MemTotal:       24683656 kB\n");
+        let (bytes, src) = detect(None, root.path()).unwrap();
+        assert_eq!(bytes, 2 << 30);
+        assert_eq!(
+            src,
+            CeilingSource::Cgroup {
+                path: root.path().join("sys/fs/cgroup/app/memory.max")
+            }
+        );
+    }
+
+    #[test]
+    fn cgroup_v1_ignores_the_unlimited_value() {
+        let root = FakeRoot::new();
+        root.file(
+            "proc/self/cgroup",
+            "9:name=systemd:/\n4:cpu,memory:/job/1\n0::/\n",
+        )
+        .file(
+            "sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "9223372036854771712\n",
+        )
+        .file(
+            "sys/fs/cgroup/memory/job/1/memory.limit_in_bytes",
+            "1073741824\n",
+        )
+        .file("proc/meminfo", "MemTotal:       1000 kB\n");
+        assert_eq!(detect(None, root.path()).unwrap().0, 1 << 30);
+
+        let root = FakeRoot::new();
+        root.file("proc/self/cgroup", "4:memory:/job\n")
+            .file(
+                "sys/fs/cgroup/memory/job/memory.limit_in_bytes",
+                "9223372036854771712\n",
+            )
+            .file("proc/meminfo", "MemTotal:       1000 kB\n");
+        assert_eq!(
+            detect(None, root.path()).unwrap(),
+            (819_200, CeilingSource::PhysicalMemory { total: 1_024_000 })
+        );
+    }
+
+    #[test]
+    fn without_cgroup_files_physical_memory_decides() {
+        let root = FakeRoot::new();
+        root.file("proc/meminfo", "MemFree: 1 kB\nMemTotal:    2097152 kB\n");
+        assert_eq!(
+            detect(None, root.path()).unwrap(),
+            (
+                fraction_of(2 << 30, DEFAULT_RAM_FRACTION),
+                CeilingSource::PhysicalMemory { total: 2 << 30 }
+            )
+        );
+        let empty = FakeRoot::new();
+        let e = detect(None, empty.path()).unwrap_err();
+        assert!(e.to_string().starts_with("reading total physical memory"), "{e}");
+    }
+
+    #[test]
+    fn the_real_machine_has_a_ceiling() {
+        let (bytes, _src) = detect(None, Path::new("/")).unwrap();
+        assert!(bytes > 0);
+    }
+}

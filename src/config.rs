@@ -1,0 +1,535 @@
+//! The governor's builder and the validation of every setting.
+
+use std::path::PathBuf;
+
+use crate::EngineId;
+use crate::ceiling::{self, CeilingSource, MEMORY_LIMIT_ENV};
+use crate::error::{MemError, Result};
+use crate::governor::MemoryGovernor;
+use crate::pressure::PressureThresholds;
+use crate::size::{ByteSize, Size, fraction_of};
+
+/// The smallest global ceiling accepted: 1 MiB.
+pub const MIN_CEILING: u64 = 1 << 20;
+/// The largest global ceiling accepted: 1 PiB. Larger values are typos (or `u64::MAX`), and
+/// the bound keeps every signed counter of the ledger far from overflow.
+pub const MAX_CEILING: u64 = 1 << 50;
+/// Share of the ceiling left unassigned by default, for allocator overhead (metadata,
+/// fragmentation, thread caches) and memory outside the governor's view.
+pub const DEFAULT_OVERHEAD_RESERVE: f64 = 0.10;
+
+/// Default split of the assignable ceiling, in percent, by [`EngineId::index`].
+const DEFAULT_WEIGHTS: [u64; EngineId::COUNT] = [30, 10, 10, 20, 25, 5];
+
+/// How the rebalancer decides who lends and who borrows.
+///
+/// An engine is *busy* when its pressure is at least [`PressureLevel::Warning`](crate::PressureLevel::Warning), and *idle* when
+/// its highest usage over the last window (the time since the previous rebalance step) stayed
+/// below `idle_utilisation` of its limit. An idle engine lends down to what keeps its window
+/// peak at `target_utilisation` (never below its floor); a busy engine borrows up to what brings
+/// its usage to `target_utilisation` (never above its cap). A busy engine whose limit is below
+/// its configured budget first takes back what it lent.
+///
+/// ```
+/// use nodedb_mem::RebalanceConfig;
+/// let c = RebalanceConfig::default();
+/// assert_eq!((c.idle_utilisation, c.target_utilisation, c.min_move), (0.5, 0.6, 64 << 10));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RebalanceConfig {
+    /// Window-peak utilisation below which an engine lends, in `(0, target_utilisation)`.
+    pub idle_utilisation: f64,
+    /// Utilisation that lenders keep and borrowers aim for, below the warning threshold.
+    pub target_utilisation: f64,
+    /// Moves smaller than this are not worth making.
+    pub min_move: u64,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        RebalanceConfig {
+            idle_utilisation: 0.5,
+            target_utilisation: 0.6,
+            min_move: 64 << 10,
+        }
+    }
+}
+
+impl RebalanceConfig {
+    fn validate(&self, thresholds: &PressureThresholds) -> Result<()> {
+        let t = self.target_utilisation;
+        if !(t > 0.0 && t < thresholds.warning) {
+            return Err(MemError::config(
+                "rebalance.target_utilisation",
+                t,
+                format!(
+                    "must be above 0 and below thresholds.warning ({})",
+                    thresholds.warning
+                ),
+            ));
+        }
+        let i = self.idle_utilisation;
+        if !(i > 0.0 && i < t) {
+            return Err(MemError::config(
+                "rebalance.idle_utilisation",
+                i,
+                format!("must be above 0 and below rebalance.target_utilisation ({t})"),
+            ));
+        }
+        if self.min_move == 0 {
+            return Err(MemError::config("rebalance.min_move", 0, "must be above zero"));
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`MemoryGovernor`]. Every setting has a working default; [`build`](Self::build)
+/// rejects any inconsistent combination with an error naming the setting and its value.
+///
+/// ```
+/// use nodedb_mem::{EngineId, MemoryGovernor, Size};
+///
+/// let gov = MemoryGovernor::builder()
+///     .global_ceiling(1 << 30)
+///     .budget(EngineId::Query, Size::parse("256MiB")?)
+///     .budget(EngineId::Vector, Size::Fraction(0.4))
+///     .floor(EngineId::Vector, 128u64 << 20)
+///     .build()?;
+/// assert_eq!(gov.limit(EngineId::Query), 256 << 20);
+/// assert_eq!(gov.budget(EngineId::Vector).floor(), 128 << 20);
+/// # Ok::<(), nodedb_mem::MemError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct GovernorBuilder {
+    ceiling: Option<u64>,
+    overhead: f64,
+    budgets: [Option<Size>; EngineId::COUNT],
+    floors: [Option<Size>; EngineId::COUNT],
+    caps: [Option<Size>; EngineId::COUNT],
+    thresholds: PressureThresholds,
+    rebalance: RebalanceConfig,
+    env: EnvSource,
+}
+
+#[derive(Clone, Debug)]
+enum EnvSource {
+    Process,
+    Fixed {
+        limit: Option<String>,
+        root: PathBuf,
+    },
+}
+
+/// A fully validated configuration, consumed by the governor.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) ceiling: u64,
+    pub(crate) ceiling_source: CeilingSource,
+    pub(crate) budgets: [EngineLimits; EngineId::COUNT],
+    pub(crate) thresholds: PressureThresholds,
+    pub(crate) rebalance: RebalanceConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct EngineLimits {
+    pub(crate) base: u64,
+    pub(crate) floor: u64,
+    pub(crate) cap: u64,
+}
+
+impl Default for GovernorBuilder {
+    fn default() -> Self {
+        GovernorBuilder {
+            ceiling: None,
+            overhead: DEFAULT_OVERHEAD_RESERVE,
+            budgets: [None; EngineId::COUNT],
+            floors: [None; EngineId::COUNT],
+            caps: [None; EngineId::COUNT],
+            thresholds: PressureThresholds::default(),
+            rebalance: RebalanceConfig::default(),
+            env: EnvSource::Process,
+        }
+    }
+}
+
+impl GovernorBuilder {
+    /// Sets the process-wide ceiling in bytes. Without it, the ceiling is
+    /// `NODEDB_MEMORY_LIMIT` when set, else the cgroup memory limit, else 80 % of physical
+    /// memory (see [`CeilingSource`]).
+    pub fn global_ceiling(mut self, bytes: u64) -> Self {
+        self.ceiling = Some(bytes);
+        self
+    }
+
+    /// Sets an engine's budget (its initial limit), in bytes or as a fraction of the ceiling.
+    /// Engines without one share what the explicit budgets leave of the assignable ceiling,
+    /// in the default proportions (vector 30, sparse 10, crdt 10, timeseries 20, query 25,
+    /// unattributed 5).
+    pub fn budget(mut self, engine: EngineId, size: impl Into<Size>) -> Self {
+        self.budgets[engine.index()] = Some(size.into());
+        self
+    }
+
+    /// Sets the floor below which rebalancing never lends this engine's limit (default: half
+    /// its budget).
+    pub fn floor(mut self, engine: EngineId, size: impl Into<Size>) -> Self {
+        self.floors[engine.index()] = Some(size.into());
+        self
+    }
+
+    /// Sets the cap above which rebalancing never raises this engine's limit (default: the
+    /// assignable ceiling, or the engine's budget if that is larger).
+    pub fn cap(mut self, engine: EngineId, size: impl Into<Size>) -> Self {
+        self.caps[engine.index()] = Some(size.into());
+        self
+    }
+
+    /// Sets the share of the ceiling kept out of the default budgets for allocator overhead,
+    /// in `[0, 0.9]` (default 0.10).
+    pub fn overhead_reserve(mut self, fraction: f64) -> Self {
+        self.overhead = fraction;
+        self
+    }
+
+    /// Sets the pressure thresholds (default 70 / 85 / 95 %, hysteresis 5 points).
+    pub fn thresholds(mut self, thresholds: PressureThresholds) -> Self {
+        self.thresholds = thresholds;
+        self
+    }
+
+    /// Sets how rebalancing chooses lenders and borrowers.
+    pub fn rebalance(mut self, config: RebalanceConfig) -> Self {
+        self.rebalance = config;
+        self
+    }
+
+    /// Decides the default ceiling from the given `NODEDB_MEMORY_LIMIT` value and a root
+    /// directory holding `proc/self/cgroup`, `sys/fs/cgroup/...` and `proc/meminfo`, instead of
+    /// the real environment and `/`. For tests and for embedding in a sandbox.
+    pub fn ceiling_environment(mut self, memory_limit: Option<&str>, root: impl Into<PathBuf>) -> Self {
+        self.env = EnvSource::Fixed {
+            limit: memory_limit.map(str::to_owned),
+            root: root.into(),
+        };
+        self
+    }
+
+    /// Validates the configuration and builds a standalone governor.
+    pub fn build(self) -> Result<MemoryGovernor> {
+        Ok(MemoryGovernor::from_config(self.validate()?))
+    }
+
+    pub(crate) fn validate(self) -> Result<Config> {
+        let (ceiling, ceiling_source) = match (self.ceiling, &self.env) {
+            (Some(c), _) => (c, CeilingSource::Explicit),
+            (None, EnvSource::Fixed { limit, root }) => ceiling::detect(limit.as_deref(), root)?,
+            (None, EnvSource::Process) => {
+                let value = match std::env::var(MEMORY_LIMIT_ENV) {
+                    Ok(v) => Some(v),
+                    Err(std::env::VarError::NotPresent) => None,
+                    Err(std::env::VarError::NotUnicode(raw)) => {
+                        return Err(MemError::config(
+                            MEMORY_LIMIT_ENV,
+                            format!("{raw:?}"),
+                            "not valid UTF-8",
+                        ));
+                    }
+                };
+                ceiling::detect(value.as_deref(), std::path::Path::new("/"))?
+            }
+        };
+        let field = match ceiling_source {
+            CeilingSource::Environment => MEMORY_LIMIT_ENV,
+            _ => "global_ceiling",
+        };
+        if !(MIN_CEILING..=MAX_CEILING).contains(&ceiling) {
+            return Err(MemError::config(
+                field,
+                ByteSize(ceiling),
+                format!(
+                    "must be between {} and {}",
+                    ByteSize(MIN_CEILING),
+                    ByteSize(MAX_CEILING)
+                ),
+            ));
+        }
+        if !(0.0..=0.9).contains(&self.overhead) {
+            return Err(MemError::config(
+                "overhead_reserve",
+                self.overhead,
+                "must be between 0 and 0.9",
+            ));
+        }
+        self.thresholds.validate()?;
+        self.rebalance.validate(&self.thresholds)?;
+
+        let resolve = |kind: &str, e: EngineId, s: Option<Size>| -> Result<Option<u64>> {
+            let Some(s) = s else { return Ok(None) };
+            let field = format!("{kind}.{e}");
+            match s {
+                Size::Bytes(0) => Err(MemError::config(field, "0 B", "must be above zero")),
+                Size::Fraction(f) if !(f > 0.0 && f <= 1.0) => Err(MemError::config(
+                    field,
+                    f,
+                    "a fraction of the ceiling must be above 0 and at most 1",
+                )),
+                Size::Bytes(b) if b > ceiling => Err(MemError::config(
+                    field,
+                    ByteSize(b),
+                    format!("above the global ceiling of {}", ByteSize(ceiling)),
+                )),
+                s => match s.resolve(ceiling) {
+                    0 => Err(MemError::config(field, s, "rounds down to zero bytes")),
+                    b => Ok(Some(b)),
+                },
+            }
+        };
+
+        let assignable = ceiling - fraction_of(ceiling, self.overhead);
+        let mut explicit = [None; EngineId::COUNT];
+        for e in EngineId::ALL {
+            explicit[e.index()] = resolve("budget", e, self.budgets[e.index()])?;
+        }
+        let explicit_total: u64 = explicit.iter().flatten().sum();
+        if explicit_total > ceiling {
+            return Err(MemError::BudgetsExceedCeiling {
+                total: explicit_total,
+                ceiling,
+            });
+        }
+        let remainder = assignable.saturating_sub(explicit_total);
+        let open_weight: u64 = EngineId::ALL
+            .iter()
+            .filter(|e| explicit[e.index()].is_none())
+            .map(|e| DEFAULT_WEIGHTS[e.index()])
+            .sum();
+        // The last engine without an explicit budget takes the rounding remainder, so the
+        // default budgets add up to the assignable ceiling exactly.
+        let last_open = EngineId::ALL.iter().rposition(|e| explicit[e.index()].is_none());
+        let mut handed_out = 0u64;
+        let mut budgets = [EngineLimits { base: 0, floor: 0, cap: 0 }; EngineId::COUNT];
+        for e in EngineId::ALL {
+            let i = e.index();
+            let base = match explicit[i] {
+                Some(b) => b,
+                None => {
+                    let share = if Some(i) == last_open {
+                        remainder - handed_out
+                    } else {
+                        (u128::from(remainder) * u128::from(DEFAULT_WEIGHTS[i])
+                            / u128::from(open_weight)) as u64
+                    };
+                    handed_out += share;
+                    if share == 0 {
+                        return Err(MemError::config(
+                            format!("budget.{e}"),
+                            "default",
+                            format!(
+                                "nothing is left for it: explicit budgets take {} of the {} assignable",
+                                ByteSize(explicit_total),
+                                ByteSize(assignable)
+                            ),
+                        ));
+                    }
+                    share
+                }
+            };
+            let floor = resolve("floor", e, self.floors[i])?.unwrap_or(base / 2);
+            let cap = resolve("cap", e, self.caps[i])?.unwrap_or(assignable.max(base));
+            if floor > cap {
+                return Err(MemError::config(
+                    format!("floor.{e}"),
+                    ByteSize(floor),
+                    format!("above cap.{e} ({})", ByteSize(cap)),
+                ));
+            }
+            if floor > base {
+                return Err(MemError::config(
+                    format!("floor.{e}"),
+                    ByteSize(floor),
+                    format!("above budget.{e} ({})", ByteSize(base)),
+                ));
+            }
+            if base > cap {
+                return Err(MemError::config(
+                    format!("cap.{e}"),
+                    ByteSize(cap),
+                    format!("below budget.{e} ({})", ByteSize(base)),
+                ));
+            }
+            budgets[i] = EngineLimits { base, floor, cap };
+        }
+        Ok(Config {
+            ceiling,
+            ceiling_source,
+            budgets,
+            thresholds: self.thresholds,
+            rebalance: self.rebalance,
+        })
+    }
+}
+
+#[cfg(all(test, not(nodedb_mem_loom)))]
+mod tests {
+    use super::*;
+    use EngineId::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn err(b: GovernorBuilder) -> String {
+        b.validate().unwrap_err().to_string()
+    }
+
+    fn ceiling(bytes: u64) -> GovernorBuilder {
+        GovernorBuilder::default().global_ceiling(bytes)
+    }
+
+    #[test]
+    fn defaults_budget_every_engine_and_keep_overhead() {
+        let c = ceiling(10 * GIB).validate().unwrap();
+        let total: u64 = c.budgets.iter().map(|b| b.base).sum();
+        assert_eq!(total, 9 * GIB);
+        let frac = |e: EngineId| c.budgets[e.index()].base as f64 / (9 * GIB) as f64;
+        assert!((frac(Vector) - 0.30).abs() < 1e-9);
+        assert!((frac(Query) - 0.25).abs() < 1e-9);
+        assert!((frac(Unattributed) - 0.05).abs() < 1e-8);
+        for b in c.budgets {
+            assert!(b.base > 0);
+            assert_eq!(b.floor, b.base / 2);
+            assert_eq!(b.cap, 9 * GIB);
+        }
+        assert_eq!(c.ceiling_source, CeilingSource::Explicit);
+    }
+
+    #[test]
+    fn explicit_budgets_and_the_rest_shared() {
+        let c = ceiling(GIB)
+            .overhead_reserve(0.0)
+            .budget(Query, 512 * MIB)
+            .budget(Vector, Size::Fraction(0.25))
+            .validate()
+            .unwrap();
+        assert_eq!(c.budgets[Query.index()].base, 512 * MIB);
+        assert_eq!(c.budgets[Vector.index()].base, 256 * MIB);
+        // 256 MiB left for sparse 10, crdt 10, timeseries 20, unattributed 5 (of 45).
+        let rest = 256 * MIB;
+        assert_eq!(c.budgets[Timeseries.index()].base, rest * 20 / 45);
+        assert_eq!(c.budgets[Sparse.index()].base, rest * 10 / 45);
+    }
+
+    #[test]
+    fn ceilings_out_of_range_are_refused() {
+        assert_eq!(
+            err(ceiling(0)),
+            "invalid configuration `global_ceiling` = 0 B: must be between 1 MiB and 1024 TiB"
+        );
+        assert_eq!(
+            err(ceiling(u64::MAX)),
+            "invalid configuration `global_ceiling` = 16777216.0 TiB (18446744073709551615 B): must be between 1 MiB and 1024 TiB"
+        );
+        assert_eq!(
+            err(GovernorBuilder::default().ceiling_environment(Some("512KiB"), "/nonexistent")),
+            "invalid configuration `NODEDB_MEMORY_LIMIT` = 512 KiB: must be between 1 MiB and 1024 TiB"
+        );
+    }
+
+    #[test]
+    fn budgets_above_the_ceiling_are_refused() {
+        assert_eq!(
+            err(ceiling(GIB).budget(Query, 768 * MIB).budget(Vector, 512 * MIB)),
+            "the engine budgets total 1.2 GiB (1342177280 B), above the global ceiling of 1 GiB"
+        );
+        assert_eq!(
+            err(ceiling(GIB).budget(Query, 2 * GIB)),
+            "invalid configuration `budget.query` = 2 GiB: above the global ceiling of 1 GiB"
+        );
+        assert_eq!(
+            err(ceiling(GIB).budget(Query, Size::Fraction(1.0))),
+            "invalid configuration `budget.vector` = default: nothing is left for it: explicit budgets take 1 GiB of the 921.6 MiB (966367642 B) assignable"
+        );
+    }
+
+    #[test]
+    fn zero_and_bad_fractions_are_refused() {
+        assert_eq!(
+            err(ceiling(GIB).budget(Crdt, 0)),
+            "invalid configuration `budget.crdt` = 0 B: must be above zero"
+        );
+        assert_eq!(
+            err(ceiling(GIB).floor(Crdt, Size::Fraction(1.5))),
+            "invalid configuration `floor.crdt` = 1.5: a fraction of the ceiling must be above 0 and at most 1"
+        );
+        assert_eq!(
+            err(ceiling(GIB).cap(Crdt, Size::Fraction(f64::NAN))),
+            "invalid configuration `cap.crdt` = NaN: a fraction of the ceiling must be above 0 and at most 1"
+        );
+        assert_eq!(
+            err(ceiling(GIB).budget(Crdt, Size::Fraction(1e-12))),
+            "invalid configuration `budget.crdt` = 0.0000000001% of the ceiling: rounds down to zero bytes"
+        );
+    }
+
+    #[test]
+    fn floors_and_caps_must_bracket_the_budget() {
+        assert_eq!(
+            err(ceiling(GIB).budget(Query, 100 * MIB).floor(Query, 300 * MIB).cap(Query, 200 * MIB)),
+            "invalid configuration `floor.query` = 300 MiB: above cap.query (200 MiB)"
+        );
+        assert_eq!(
+            err(ceiling(GIB).budget(Query, 100 * MIB).floor(Query, 150 * MIB)),
+            "invalid configuration `floor.query` = 150 MiB: above budget.query (100 MiB)"
+        );
+        assert_eq!(
+            err(ceiling(GIB).budget(Query, 100 * MIB).cap(Query, 50 * MIB)),
+            "invalid configuration `cap.query` = 50 MiB: below budget.query (100 MiB)"
+        );
+    }
+
+    #[test]
+    fn other_settings_are_checked() {
+        assert_eq!(
+            err(ceiling(GIB).overhead_reserve(0.95)),
+            "invalid configuration `overhead_reserve` = 0.95: must be between 0 and 0.9"
+        );
+        let bad = PressureThresholds { warning: 0.9, ..Default::default() };
+        assert_eq!(
+            err(ceiling(GIB).thresholds(bad)),
+            "invalid configuration `thresholds.critical` = 0.85: must be above thresholds.warning (0.9)"
+        );
+        let r = RebalanceConfig { target_utilisation: 0.8, ..Default::default() };
+        assert_eq!(
+            err(ceiling(GIB).rebalance(r)),
+            "invalid configuration `rebalance.target_utilisation` = 0.8: must be above 0 and below thresholds.warning (0.7)"
+        );
+        let r = RebalanceConfig { idle_utilisation: 0.6, ..Default::default() };
+        assert_eq!(
+            err(ceiling(GIB).rebalance(r)),
+            "invalid configuration `rebalance.idle_utilisation` = 0.6: must be above 0 and below rebalance.target_utilisation (0.6)"
+        );
+        let r = RebalanceConfig { min_move: 0, ..Default::default() };
+        assert_eq!(
+            err(ceiling(GIB).rebalance(r)),
+            "invalid configuration `rebalance.min_move` = 0: must be above zero"
+        );
+    }
+
+    #[test]
+    fn environment_sets_the_default_ceiling() {
+        let c = GovernorBuilder::default()
+            .ceiling_environment(Some("2GiB"), "/nonexistent")
+            .validate()
+            .unwrap();
+        assert_eq!((c.ceiling, c.ceiling_source), (2 * GIB, CeilingSource::Environment));
+        assert_eq!(
+            err(GovernorBuilder::default().ceiling_environment(Some("two"), "/nonexistent")),
+            "invalid size for `NODEDB_MEMORY_LIMIT`: \"two\": the size does not start with a number"
+        );
+        // An explicit ceiling wins over the environment.
+        let c = ceiling(GIB)
+            .ceiling_environment(Some("nonsense"), "/nonexistent")
+            .validate()
+            .unwrap();
+        assert_eq!(c.ceiling, GIB);
+    }
+}

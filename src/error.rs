@@ -1,0 +1,218 @@
+//! The policy layer's error type. Every message is built here, from the fields, so the text a
+//! user sees is pinned by the tests in this module.
+
+use crate::EngineId;
+use crate::size::{ByteSize, SizeError};
+
+/// The result type of the policy layer.
+pub type Result<T, E = MemError> = std::result::Result<T, E>;
+
+/// What went wrong, with the numbers that explain it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemError {
+    /// A reservation did not fit the engine's current limit.
+    #[error(
+        "cannot reserve {} for engine {engine}: {} already used of its {} limit, {} available",
+        ByteSize(*requested), ByteSize(*used), ByteSize(*limit), ByteSize(*available)
+    )]
+    BudgetExceeded {
+        /// The engine asked for memory.
+        engine: EngineId,
+        /// Bytes asked for.
+        requested: u64,
+        /// The engine's usage (live bytes + outstanding reservations) when it was refused.
+        used: u64,
+        /// The engine's limit when it was refused.
+        limit: u64,
+        /// `limit - used`, or zero when usage is already above the limit.
+        available: u64,
+    },
+    /// A reservation fit the engine's limit but not the process-wide ceiling.
+    #[error(
+        "cannot reserve {} for engine {engine}: the process already uses {} of its {} global ceiling, {} available",
+        ByteSize(*requested), ByteSize(*used), ByteSize(*ceiling), ByteSize(*available)
+    )]
+    CeilingExceeded {
+        /// The engine asked for memory.
+        engine: EngineId,
+        /// Bytes asked for.
+        requested: u64,
+        /// The process's governed usage when it was refused.
+        used: u64,
+        /// The global ceiling.
+        ceiling: u64,
+        /// `ceiling - used`, or zero when usage is already above the ceiling.
+        available: u64,
+    },
+    /// A release or free of more bytes than the engine was charged: an accounting bug in the
+    /// caller. Nothing was changed.
+    #[error(
+        "engine {engine}: cannot release {}, only {} is charged to it",
+        ByteSize(*requested), ByteSize(*charged)
+    )]
+    OverRelease {
+        /// The engine whose ledger was asked to give back bytes.
+        engine: EngineId,
+        /// Bytes asked to release.
+        requested: u64,
+        /// Bytes that were charged at the time.
+        charged: u64,
+    },
+    /// `shrink` or `split` asked for more than the reservation holds.
+    #[error(
+        "cannot take {} from a reservation of {} for engine {engine}",
+        ByteSize(*requested), ByteSize(*reserved)
+    )]
+    ReservationTooSmall {
+        /// The reservation's engine.
+        engine: EngineId,
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes the reservation holds.
+        reserved: u64,
+    },
+    /// The per-engine budgets do not fit under the global ceiling.
+    #[error("the engine budgets total {}, above the global ceiling of {}", ByteSize(*total), ByteSize(*ceiling))]
+    BudgetsExceedCeiling {
+        /// Sum of the engine budgets.
+        total: u64,
+        /// The global ceiling.
+        ceiling: u64,
+    },
+    /// A configuration value is out of range or inconsistent with another one.
+    #[error("invalid configuration `{field}` = {value}: {reason}")]
+    InvalidConfig {
+        /// The setting, e.g. `floor.query` or `thresholds.warning`.
+        field: String,
+        /// The value it was given, as a person would write it.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A size string (from the environment or a configuration file) could not be parsed.
+    #[error("invalid size for `{field}`: {input:?}: {reason}")]
+    InvalidSize {
+        /// Where the string came from, e.g. `NODEDB_MEMORY_LIMIT`.
+        field: String,
+        /// The string as given.
+        input: String,
+        /// Why it was refused.
+        reason: SizeError,
+    },
+    /// An operating-system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl MemError {
+    pub(crate) fn budget_exceeded(engine: EngineId, requested: u64, used: u64, limit: u64) -> Self {
+        MemError::BudgetExceeded {
+            engine,
+            requested,
+            used,
+            limit,
+            available: limit.saturating_sub(used),
+        }
+    }
+
+    pub(crate) fn ceiling_exceeded(
+        engine: EngineId,
+        requested: u64,
+        used: u64,
+        ceiling: u64,
+    ) -> Self {
+        MemError::CeilingExceeded {
+            engine,
+            requested,
+            used,
+            ceiling,
+            available: ceiling.saturating_sub(used),
+        }
+    }
+
+    pub(crate) fn config(field: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
+        MemError::InvalidConfig {
+            field: field.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// True for the two admission refusals ([`MemError::BudgetExceeded`],
+    /// [`MemError::CeilingExceeded`]): the caller should spill or apply backpressure.
+    pub fn is_over_budget(&self) -> bool {
+        matches!(
+            self,
+            MemError::BudgetExceeded { .. } | MemError::CeilingExceeded { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_messages_name_engine_request_usage_limit_and_remainder() {
+        let e = MemError::budget_exceeded(EngineId::Query, 64 << 20, 200 << 20, 256 << 20);
+        assert_eq!(
+            e.to_string(),
+            "cannot reserve 64 MiB for engine query: 200 MiB already used of its 256 MiB limit, 56 MiB available"
+        );
+        assert!(e.is_over_budget());
+        let e = MemError::budget_exceeded(EngineId::Vector, 1, 300, 256);
+        assert_eq!(
+            e.to_string(),
+            "cannot reserve 1 B for engine vector: 300 B already used of its 256 B limit, 0 B available"
+        );
+        let e = MemError::ceiling_exceeded(EngineId::Crdt, 3 << 30, 1 << 30, 2 << 30);
+        assert_eq!(
+            e.to_string(),
+            "cannot reserve 3 GiB for engine crdt: the process already uses 1 GiB of its 2 GiB global ceiling, 1 GiB available"
+        );
+        assert!(e.is_over_budget());
+    }
+
+    #[test]
+    fn other_messages() {
+        let e = MemError::OverRelease {
+            engine: EngineId::Timeseries,
+            requested: 2048,
+            charged: 1024,
+        };
+        assert_eq!(
+            e.to_string(),
+            "engine timeseries: cannot release 2 KiB, only 1 KiB is charged to it"
+        );
+        assert!(!e.is_over_budget());
+        let e = MemError::config("floor.query", "600 MiB", "above the cap of 500 MiB");
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration `floor.query` = 600 MiB: above the cap of 500 MiB"
+        );
+        let e = MemError::InvalidSize {
+            field: "NODEDB_MEMORY_LIMIT".into(),
+            input: "lots".into(),
+            reason: SizeError::NotANumber,
+        };
+        assert_eq!(
+            e.to_string(),
+            "invalid size for `NODEDB_MEMORY_LIMIT`: \"lots\": the size does not start with a number"
+        );
+        let e = MemError::BudgetsExceedCeiling {
+            total: 3 << 30,
+            ceiling: 2 << 30,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the engine budgets total 3 GiB, above the global ceiling of 2 GiB"
+        );
+    }
+}

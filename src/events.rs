@@ -1,0 +1,204 @@
+//! Breach events: rejections, pressure transitions and rebalance moves.
+//!
+//! Recording is lock-free and allocation-free (a bounded queue of `Copy` records), so the
+//! polling path can record a pressure transition. Events become visible in
+//! [`Snapshot::events`](crate::Snapshot) and are emitted as `tracing` events when the governor
+//! pumps the queue: at once for rejections and rebalance moves, and for transitions seen by
+//! [`MemoryGovernor::pressure`](crate::MemoryGovernor::pressure) at the next snapshot,
+//! rebalance or background tick (the poll itself never calls into a subscriber).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::EngineId;
+use crate::pressure::PressureLevel;
+use crate::sync::{AtomicU64, Mutex, Ordering, lock};
+
+/// How many events the history keeps, and how many may wait to be pumped.
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// One breach event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreachEvent {
+    /// Position in the sequence of all events this governor recorded, from 0.
+    pub seq: u64,
+    /// Time since the governor was built.
+    pub at: Duration,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What a [`BreachEvent`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A reservation was refused by the engine's limit.
+    BudgetRejected {
+        /// The engine refused.
+        engine: EngineId,
+        /// Bytes asked for.
+        requested: u64,
+        /// Usage at the refusal.
+        used: u64,
+        /// Limit at the refusal.
+        limit: u64,
+    },
+    /// A reservation fit the engine's limit but was refused by the global ceiling.
+    CeilingRejected {
+        /// The engine refused.
+        engine: EngineId,
+        /// Bytes asked for.
+        requested: u64,
+        /// Global usage at the refusal.
+        used: u64,
+        /// The ceiling.
+        ceiling: u64,
+    },
+    /// A pressure level changed. `engine` is `None` for the global level.
+    Pressure {
+        /// The engine, or `None` for the process.
+        engine: Option<EngineId>,
+        /// Level before.
+        from: PressureLevel,
+        /// Level after.
+        to: PressureLevel,
+    },
+    /// The rebalancer moved limit from one engine to another.
+    Rebalance {
+        /// The engine whose limit shrank.
+        from: EngineId,
+        /// The engine whose limit grew.
+        to: EngineId,
+        /// Bytes moved.
+        bytes: u64,
+    },
+}
+
+struct Pending {
+    event: BreachEvent,
+    traced: bool,
+}
+
+pub(crate) struct EventLog {
+    start: Instant,
+    next_seq: AtomicU64,
+    pending: ArrayQueue<Pending>,
+    history: Mutex<VecDeque<BreachEvent>>,
+    /// Events lost because the pending queue was full (nobody pumped for a long time).
+    dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("recorded", &self.next_seq.load(Ordering::Relaxed))
+            .field("dropped", &self.dropped.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventLog {
+    pub(crate) fn new() -> EventLog {
+        EventLog {
+            start: Instant::now(),
+            next_seq: AtomicU64::new(0),
+            pending: ArrayQueue::new(EVENT_CAPACITY),
+            history: Mutex::new(VecDeque::with_capacity(EVENT_CAPACITY)),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Records an event without allocating, locking or calling a subscriber.
+    pub(crate) fn record_quiet(&self, kind: EventKind) {
+        self.push(kind, false);
+    }
+
+    /// Records an event and emits it as a `tracing` event now.
+    pub(crate) fn record(&self, kind: EventKind) {
+        let event = self.push(kind, true);
+        emit(&event);
+    }
+
+    fn push(&self, kind: EventKind, traced: bool) -> BreachEvent {
+        let event = BreachEvent {
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            at: self.start.elapsed(),
+            kind,
+        };
+        if self.pending.push(Pending { event, traced }).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        event
+    }
+
+    /// Moves pending events into the history, emitting those not yet traced.
+    pub(crate) fn pump(&self) {
+        let mut history = lock(&self.history);
+        while let Some(p) = self.pending.pop() {
+            if !p.traced {
+                emit(&p.event);
+            }
+            if history.len() == EVENT_CAPACITY {
+                history.pop_front();
+            }
+            history.push_back(p.event);
+        }
+    }
+
+    /// The most recent events (up to [`EVENT_CAPACITY`]), oldest first.
+    pub(crate) fn history(&self) -> Vec<BreachEvent> {
+        self.pump();
+        let mut v: Vec<BreachEvent> = lock(&self.history).iter().copied().collect();
+        // Concurrent recorders may land out of order in the queue; present them in order.
+        v.sort_by_key(|e| e.seq);
+        v
+    }
+
+    pub(crate) fn recorded(&self) -> u64 {
+        self.next_seq.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn emit(e: &BreachEvent) {
+    match e.kind {
+        EventKind::BudgetRejected { engine, requested, used, limit } => tracing::warn!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            engine = engine.name(),
+            requested,
+            used,
+            limit,
+            "reservation refused by the engine's budget"
+        ),
+        EventKind::CeilingRejected { engine, requested, used, ceiling } => tracing::warn!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            engine = engine.name(),
+            requested,
+            used,
+            ceiling,
+            "reservation refused by the global ceiling"
+        ),
+        EventKind::Pressure { engine, from, to } => tracing::info!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            engine = engine.map_or("global", EngineId::name),
+            from = from.name(),
+            to = to.name(),
+            "pressure level changed"
+        ),
+        EventKind::Rebalance { from, to, bytes } => tracing::info!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            from = from.name(),
+            to = to.name(),
+            bytes,
+            "rebalanced budget"
+        ),
+    }
+}

@@ -1,0 +1,631 @@
+//! `MemoryGovernor`: budgets under one ceiling, reservations, pressure and rebalancing.
+
+use std::fmt;
+
+use crossbeam_utils::CachePadded;
+
+use crate::EngineId;
+use crate::budget::{Budget, checked_sub, to_i64, update_level};
+use crate::ceiling::CeilingSource;
+use crate::config::{Config, GovernorBuilder, RebalanceConfig};
+use crate::error::{MemError, Result};
+use crate::events::{EventKind, EventLog};
+use crate::pressure::{PressureLevel, PressureThresholds, ThresholdsPpm, ratio_ppm};
+use crate::sync::{Arc, AtomicI64, AtomicU8, AtomicU64, Mutex, Ordering, lock};
+
+/// The process-wide governor: one [`Budget`] per engine under one global ceiling.
+///
+/// A cheap handle (an `Arc`): clone it into every engine. Reservations keep a handle, so they
+/// are `'static` and `Send`.
+///
+/// ```
+/// use nodedb_mem::{EngineId, MemoryGovernor, PressureLevel};
+///
+/// let gov = MemoryGovernor::builder()
+///     .global_ceiling(64 << 20)
+///     .budget(EngineId::Query, 16u64 << 20)
+///     .build()?;
+///
+/// let mut r = gov.reserve(EngineId::Query, 12 << 20)?;
+/// assert_eq!(gov.usage(EngineId::Query), 12 << 20);
+/// assert_eq!(gov.pressure(EngineId::Query), PressureLevel::Warning); // 75 %
+///
+/// let err = r.try_grow(8 << 20).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "cannot reserve 8 MiB for engine query: 12 MiB already used of its 16 MiB limit, 4 MiB available"
+/// );
+/// drop(r);
+/// assert_eq!(gov.usage(EngineId::Query), 0);
+/// # Ok::<(), nodedb_mem::MemError>(())
+/// ```
+#[derive(Clone)]
+pub struct MemoryGovernor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    budgets: [CachePadded<Budget>; EngineId::COUNT],
+    global: CachePadded<GlobalLedger>,
+    thresholds: PressureThresholds,
+    ppm: ThresholdsPpm,
+    rebalance: RebalanceConfig,
+    /// Serialises limit changes: held by `rebalance` and by `snapshot` while reading limits.
+    rebalance_lock: Mutex<()>,
+    events: EventLog,
+    ceiling_source: CeilingSource,
+}
+
+/// The process-wide counterpart of a [`Budget`]: usage of all engines against the ceiling.
+struct GlobalLedger {
+    ceiling: u64,
+    /// `ceiling - usage`; the global admission word.
+    headroom: AtomicI64,
+    usage: AtomicU64,
+    peak: AtomicU64,
+    rejections: AtomicU64,
+    level: AtomicU8,
+    transitions: AtomicU64,
+}
+
+impl GlobalLedger {
+    fn take_headroom(&self, bytes: u64) -> std::result::Result<(), i64> {
+        let want = to_i64(bytes);
+        let mut h = self.headroom.load(Ordering::Acquire);
+        loop {
+            if h < want {
+                return Err(h);
+            }
+            match self.headroom.compare_exchange_weak(
+                h,
+                h - want,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(seen) => h = seen,
+            }
+        }
+    }
+
+    fn raise(&self, bytes: u64) {
+        let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// Lowers usage after the engine-level decrement; cannot underflow because every byte in
+    /// an engine's ledger entered the global ledger first.
+    fn lower(&self, bytes: u64) {
+        let lowered = checked_sub(&self.usage, bytes);
+        debug_assert!(lowered.is_ok(), "global usage below an engine's");
+        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+    }
+}
+
+impl fmt::Debug for MemoryGovernor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryGovernor")
+            .field("ceiling", &self.inner.global.ceiling)
+            .field("global_usage", &self.global_usage())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryGovernor {
+    /// Starts configuring a governor. See [`GovernorBuilder`].
+    pub fn builder() -> GovernorBuilder {
+        GovernorBuilder::default()
+    }
+
+    pub(crate) fn from_config(c: Config) -> MemoryGovernor {
+        let budgets = EngineId::ALL.map(|e| {
+            let l = c.budgets[e.index()];
+            CachePadded::new(Budget::new(e, l.base, l.floor, l.cap))
+        });
+        MemoryGovernor {
+            inner: Arc::new(Inner {
+                budgets,
+                global: CachePadded::new(GlobalLedger {
+                    ceiling: c.ceiling,
+                    headroom: AtomicI64::new(to_i64(c.ceiling)),
+                    usage: AtomicU64::new(0),
+                    peak: AtomicU64::new(0),
+                    rejections: AtomicU64::new(0),
+                    level: AtomicU8::new(PressureLevel::Normal as u8),
+                    transitions: AtomicU64::new(0),
+                }),
+                thresholds: c.thresholds,
+                ppm: c.thresholds.to_ppm(),
+                rebalance: c.rebalance,
+                rebalance_lock: Mutex::new(()),
+                events: EventLog::new(),
+                ceiling_source: c.ceiling_source,
+            }),
+        }
+    }
+
+    /// The ledger of `engine`.
+    pub fn budget(&self, engine: EngineId) -> &Budget {
+        &self.inner.budgets[engine.index()]
+    }
+
+    /// The global ceiling in bytes.
+    pub fn ceiling(&self) -> u64 {
+        self.inner.global.ceiling
+    }
+
+    /// Where the ceiling came from.
+    pub fn ceiling_source(&self) -> &CeilingSource {
+        &self.inner.ceiling_source
+    }
+
+    /// The pressure thresholds in force.
+    pub fn thresholds(&self) -> PressureThresholds {
+        self.inner.thresholds
+    }
+
+    /// `engine`'s usage: live bytes charged plus outstanding reservations.
+    pub fn usage(&self, engine: EngineId) -> u64 {
+        self.budget(engine).usage()
+    }
+
+    /// `engine`'s current limit.
+    pub fn limit(&self, engine: EngineId) -> u64 {
+        self.budget(engine).limit()
+    }
+
+    /// Usage of all engines together.
+    pub fn global_usage(&self) -> u64 {
+        self.inner.global.usage.load(Ordering::Acquire)
+    }
+
+    /// The highest global usage seen.
+    pub fn global_peak(&self) -> u64 {
+        self.inner.global.peak.load(Ordering::Acquire)
+    }
+
+    /// Reserves `bytes` for `engine`, or refuses with a deterministic error.
+    ///
+    /// Admission is one compare-and-swap on the engine's headroom (`limit - usage`) and one on
+    /// the global headroom (`ceiling - usage`): a reservation is admitted only if it fits both
+    /// at that instant, whatever other threads do, so reservations alone can never take an
+    /// engine past its limit or the process past its ceiling. If the ceiling refuses, the
+    /// engine's admission is undone (a concurrent reservation of the same engine may be
+    /// refused in that instant — conservative, never over-admitting).
+    ///
+    /// Two honest uses: hold the reservation across an allocation you are about to make and
+    /// drop it once the allocator has charged the memory; or hold it for the lifetime of memory
+    /// the allocator does not see (file mappings, I/O buffers, foreign allocators). Never keep
+    /// a reservation for memory the allocator also charges, or the bytes count twice.
+    ///
+    /// Reserving zero bytes always succeeds and holds nothing.
+    pub fn reserve(&self, engine: EngineId, bytes: u64) -> Result<Reservation> {
+        self.admit(engine, bytes)?;
+        Ok(Reservation {
+            gov: self.clone(),
+            engine,
+            size: bytes,
+        })
+    }
+
+    fn admit(&self, engine: EngineId, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let inner = &*self.inner;
+        let b = self.budget(engine);
+        if let Err(refused) = b.try_admit(bytes) {
+            inner.events.record(EventKind::BudgetRejected {
+                engine,
+                requested: bytes,
+                used: refused.usage,
+                limit: refused.limit,
+            });
+            return Err(MemError::budget_exceeded(engine, bytes, refused.usage, refused.limit));
+        }
+        let g = &inner.global;
+        if let Err(headroom) = g.take_headroom(bytes) {
+            b.cancel_admission(bytes);
+            b.count_rejection();
+            g.rejections.fetch_add(1, Ordering::Relaxed);
+            let used = u64::try_from(i128::from(g.ceiling) - i128::from(headroom)).unwrap_or(0);
+            inner.events.record(EventKind::CeilingRejected {
+                engine,
+                requested: bytes,
+                used,
+                ceiling: g.ceiling,
+            });
+            return Err(MemError::ceiling_exceeded(engine, bytes, used, g.ceiling));
+        }
+        g.raise(bytes);
+        b.commit_reservation(bytes);
+        Ok(())
+    }
+
+    fn release(&self, engine: EngineId, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.budget(engine).release(bytes)?;
+        self.inner.global.lower(bytes);
+        Ok(())
+    }
+
+    /// Charges `bytes` of live memory to `engine`, unconditionally: the global allocator's
+    /// entry point, and for allocators of your own that the global allocator does not see.
+    /// Usage may go above the limit this way; pressure rises and reservations are refused
+    /// until it falls.
+    pub fn charge(&self, engine: EngineId, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let g = &self.inner.global;
+        g.headroom.fetch_sub(to_i64(bytes), Ordering::AcqRel);
+        g.raise(bytes);
+        self.budget(engine).charge(bytes);
+    }
+
+    /// Credits `bytes` of freed memory to `engine`. Crediting more than is charged is a bug in
+    /// the caller: it is refused with [`MemError::OverRelease`] and changes nothing.
+    pub fn credit(&self, engine: EngineId, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.budget(engine).credit(bytes)?;
+        self.inner.global.lower(bytes);
+        Ok(())
+    }
+
+    /// `engine`'s pressure level, with hysteresis. O(1), lock-free, allocation-free.
+    ///
+    /// A change of level is recorded as a breach event (emitted to `tracing` at the next
+    /// snapshot, rebalance or background tick, never from this call).
+    pub fn pressure(&self, engine: EngineId) -> PressureLevel {
+        let b = self.budget(engine);
+        let (level, changed) = b.update_pressure(&self.inner.ppm);
+        if let Some(from) = changed {
+            self.inner.events.record_quiet(EventKind::Pressure {
+                engine: Some(engine),
+                from,
+                to: level,
+            });
+        }
+        level
+    }
+
+    /// The process's pressure level: global usage against the ceiling, with hysteresis.
+    /// O(1), lock-free, allocation-free.
+    pub fn global_pressure(&self) -> PressureLevel {
+        let g = &self.inner.global;
+        let (level, changed) = update_level(
+            &g.level,
+            &g.transitions,
+            &self.inner.ppm,
+            self.global_usage(),
+            g.ceiling,
+        );
+        if let Some(from) = changed {
+            self.inner.events.record_quiet(EventKind::Pressure {
+                engine: None,
+                from,
+                to: level,
+            });
+        }
+        level
+    }
+
+    /// One rebalancing step: busy engines below their budget take back what they lent, then
+    /// idle engines lend spare limit to busy ones (see [`RebalanceConfig`]). The sum of all
+    /// limits never exceeds the ceiling: every move lowers one limit before raising another
+    /// by the same amount.
+    pub fn rebalance(&self) -> RebalanceReport {
+        let inner = &*self.inner;
+        let _serial = lock(&inner.rebalance_lock);
+        let cfg = inner.rebalance;
+        let target_ppm = (cfg.target_utilisation * 1e6).round() as u64;
+        let idle_ppm = (cfg.idle_utilisation * 1e6).round() as u64;
+
+        #[derive(Clone, Copy)]
+        struct Seen {
+            usage: u64,
+            window_peak: u64,
+            busy: bool,
+            idle: bool,
+        }
+        let seen = EngineId::ALL.map(|e| {
+            let b = self.budget(e);
+            let window_peak = b.take_window_peak();
+            let busy = self.pressure(e) >= PressureLevel::Warning;
+            Seen {
+                usage: b.usage(),
+                window_peak,
+                busy,
+                idle: !busy && ratio_ppm(window_peak, b.limit()) < idle_ppm,
+            }
+        });
+        let mut moves = Vec::new();
+        let mut record = |from: EngineId, to: EngineId, bytes: u64| {
+            inner.events.record(EventKind::Rebalance { from, to, bytes });
+            moves.push(RebalanceMove { from, to, bytes });
+        };
+
+        // 1. Busy lenders take back what they lent, from engines above their own budget.
+        for e in EngineId::ALL.into_iter().filter(|e| seen[e.index()].busy) {
+            let b = self.budget(e);
+            let mut need = b.base().saturating_sub(b.limit());
+            while need > 0 {
+                let donor = EngineId::ALL
+                    .into_iter()
+                    .filter(|&d| d != e)
+                    .max_by_key(|&d| self.budget(d).limit().saturating_sub(self.budget(d).base()));
+                let Some(d) = donor else { break };
+                let surplus = self.budget(d).limit().saturating_sub(self.budget(d).base());
+                if surplus == 0 {
+                    break;
+                }
+                let x = need.min(surplus);
+                self.budget(d).give_back(x);
+                b.borrow(x);
+                record(d, e, x);
+                need -= x;
+            }
+        }
+
+        // 2. Idle engines lend to busy ones, fullest borrower first.
+        let mut borrowers: Vec<EngineId> = EngineId::ALL
+            .into_iter()
+            .filter(|e| seen[e.index()].busy)
+            .collect();
+        borrowers.sort_by_key(|&e| std::cmp::Reverse(ratio_ppm(seen[e.index()].usage, self.limit(e))));
+        for e in borrowers {
+            let b = self.budget(e);
+            let wanted = div_ceil_ppm(seen[e.index()].usage, target_ppm);
+            let mut want = wanted.min(b.cap()).saturating_sub(b.limit());
+            for l in EngineId::ALL {
+                if want < cfg.min_move {
+                    break;
+                }
+                let s = seen[l.index()];
+                if l == e || !s.idle {
+                    continue;
+                }
+                let lender = self.budget(l);
+                let keep = lender.floor().max(div_ceil_ppm(s.window_peak, target_ppm));
+                let spare = lender.limit().saturating_sub(keep).min(lender.available());
+                let x = want.min(spare);
+                if x < cfg.min_move {
+                    continue;
+                }
+                if lender.lend(x) {
+                    b.borrow(x);
+                    record(l, e, x);
+                    want -= x;
+                }
+            }
+        }
+        drop(record);
+        for e in EngineId::ALL {
+            self.pressure(e);
+        }
+        self.global_pressure();
+        inner.events.pump();
+        RebalanceReport { moves }
+    }
+
+    /// Every budget's state, the global figures and the recent breach events.
+    pub fn snapshot(&self) -> crate::Snapshot {
+        let inner = &*self.inner;
+        let global_pressure = self.global_pressure();
+        let engines = {
+            // Limits change only under this lock, so the limits read here sum to at most the
+            // ceiling.
+            let _serial = lock(&inner.rebalance_lock);
+            EngineId::ALL.map(|e| {
+                let pressure = self.pressure(e);
+                crate::metrics::EngineSnapshot::read(self.budget(e), pressure)
+            })
+        };
+        let g = &inner.global;
+        crate::Snapshot {
+            ceiling: g.ceiling,
+            ceiling_source: inner.ceiling_source.clone(),
+            global_usage: self.global_usage(),
+            global_peak: self.global_peak(),
+            global_pressure,
+            global_rejections: g.rejections.load(Ordering::Relaxed),
+            global_pressure_transitions: g.transitions.load(Ordering::Relaxed),
+            engines,
+            events: inner.events.history(),
+            events_recorded: inner.events.recorded(),
+            events_dropped: inner.events.dropped(),
+        }
+    }
+
+    /// The Prometheus text exposition of [`snapshot`](Self::snapshot).
+    pub fn prometheus(&self) -> String {
+        self.snapshot().to_prometheus()
+    }
+
+    /// Checks the ledger's invariants at a quiescent moment (no operation in flight): for each
+    /// engine `usage == used + reserved` and `headroom == limit - usage`, global usage equals
+    /// the engines' sum, and the limits sum to at most the ceiling. Returns the first
+    /// violation found. Meant for tests and debugging.
+    pub fn check_consistency(&self) -> std::result::Result<(), String> {
+        let _serial = lock(&self.inner.rebalance_lock);
+        let mut total_usage = 0u64;
+        let mut total_limit = 0u64;
+        for e in EngineId::ALL {
+            let b = self.budget(e);
+            let (used, reserved, usage, limit) = (b.used(), b.reserved(), b.usage(), b.limit());
+            if usage != used + reserved {
+                return Err(format!("{e}: usage {usage} != used {used} + reserved {reserved}"));
+            }
+            let headroom = b.raw_headroom();
+            if i128::from(headroom) != i128::from(limit) - i128::from(usage) {
+                return Err(format!("{e}: headroom {headroom} != limit {limit} - usage {usage}"));
+            }
+            if limit < b.floor() || limit > b.cap() {
+                return Err(format!("{e}: limit {limit} outside [{}, {}]", b.floor(), b.cap()));
+            }
+            total_usage += usage;
+            total_limit += limit;
+        }
+        let g = &self.inner.global;
+        let usage = self.global_usage();
+        if usage != total_usage {
+            return Err(format!("global usage {usage} != sum of engines {total_usage}"));
+        }
+        let headroom = g.headroom.load(Ordering::Acquire);
+        if i128::from(headroom) != i128::from(g.ceiling) - i128::from(usage) {
+            return Err(format!("global headroom {headroom} != ceiling - usage {usage}"));
+        }
+        if total_limit > g.ceiling {
+            return Err(format!("limits sum to {total_limit}, above the ceiling {}", g.ceiling));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(nodedb_mem_loom))]
+    /// Starts a background thread that calls [`rebalance`](Self::rebalance) every `interval`
+    /// (which also refreshes pressure levels and emits pending breach events). The thread
+    /// stops when the returned handle is dropped or [`Rebalancer::stop`] is called.
+    pub fn spawn_rebalancer(&self, interval: std::time::Duration) -> Result<crate::Rebalancer> {
+        crate::rebalancer::Rebalancer::spawn(self.clone(), interval)
+    }
+
+    pub(crate) fn pump_events(&self) {
+        self.inner.events.pump();
+    }
+}
+
+/// `ceil(bytes / (ppm / 1e6))`: the limit at which `bytes` is `ppm` parts per million.
+fn div_ceil_ppm(bytes: u64, ppm: u64) -> u64 {
+    let q = (u128::from(bytes) * 1_000_000).div_ceil(u128::from(ppm.max(1)));
+    u64::try_from(q).unwrap_or(u64::MAX)
+}
+
+/// One move of limit between engines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RebalanceMove {
+    /// The engine whose limit shrank.
+    pub from: EngineId,
+    /// The engine whose limit grew.
+    pub to: EngineId,
+    /// Bytes moved.
+    pub bytes: u64,
+}
+
+/// What one [`MemoryGovernor::rebalance`] step did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RebalanceReport {
+    /// The moves, in the order they were made.
+    pub moves: Vec<RebalanceMove>,
+}
+
+/// Bytes admitted for one engine, given back when dropped.
+///
+/// Like DataFusion's `MemoryReservation`: grow it with [`try_grow`](Self::try_grow), give part
+/// back with [`shrink`](Self::shrink), hand part to another owner with
+/// [`split`](Self::split).
+///
+/// ```
+/// use nodedb_mem::{EngineId, MemoryGovernor};
+/// let gov = MemoryGovernor::builder().global_ceiling(16 << 20).build()?;
+/// let mut a = gov.reserve(EngineId::Vector, 4096)?;
+/// let b = a.split(1024)?;
+/// assert_eq!((a.size(), b.size()), (3072, 1024));
+/// a.shrink(72)?;
+/// assert_eq!(gov.usage(EngineId::Vector), 4024);
+/// drop((a, b));
+/// assert_eq!(gov.usage(EngineId::Vector), 0);
+/// # Ok::<(), nodedb_mem::MemError>(())
+/// ```
+pub struct Reservation {
+    gov: MemoryGovernor,
+    engine: EngineId,
+    size: u64,
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("engine", &self.engine)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Reservation {
+    /// The engine the bytes are reserved for.
+    pub fn engine(&self) -> EngineId {
+        self.engine
+    }
+
+    /// Bytes held.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reserves `bytes` more, or refuses (holding what it held) with the same error as
+    /// [`MemoryGovernor::reserve`].
+    pub fn try_grow(&mut self, bytes: u64) -> Result<()> {
+        self.gov.admit(self.engine, bytes)?;
+        self.size += bytes;
+        Ok(())
+    }
+
+    /// Grows or shrinks to exactly `new_size`; refuses a growth that does not fit.
+    pub fn try_resize(&mut self, new_size: u64) -> Result<()> {
+        if new_size >= self.size {
+            self.try_grow(new_size - self.size)
+        } else {
+            self.shrink(self.size - new_size)
+        }
+    }
+
+    /// Gives `bytes` back to the engine's budget.
+    pub fn shrink(&mut self, bytes: u64) -> Result<()> {
+        self.check_holds(bytes)?;
+        self.gov.release(self.engine, bytes)?;
+        self.size -= bytes;
+        Ok(())
+    }
+
+    /// Moves `bytes` of this reservation into a new one for the same engine.
+    pub fn split(&mut self, bytes: u64) -> Result<Reservation> {
+        self.check_holds(bytes)?;
+        self.size -= bytes;
+        Ok(Reservation {
+            gov: self.gov.clone(),
+            engine: self.engine,
+            size: bytes,
+        })
+    }
+
+    /// Gives everything back; returns how many bytes that was.
+    pub fn free(&mut self) -> u64 {
+        let size = std::mem::take(&mut self.size);
+        // A reservation releases exactly what it was admitted, so this cannot be refused; if a
+        // bug ever made it so, the ledger counts it in `over_releases` and stays unchanged.
+        let released = self.gov.release(self.engine, size);
+        debug_assert!(released.is_ok(), "{released:?}");
+        size
+    }
+
+    fn check_holds(&self, bytes: u64) -> Result<()> {
+        if bytes > self.size {
+            return Err(MemError::ReservationTooSmall {
+                engine: self.engine,
+                requested: bytes,
+                reserved: self.size,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.free();
+    }
+}

@@ -1,0 +1,39 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Crate layout
+//!
+//! * [`EngineId`] — the closed set of engines (from the `nodedb-mem-alloc` crate, which the
+//!   global allocator shares).
+//! * [`MemoryGovernor`] — budgets under one ceiling: [`reserve`](MemoryGovernor::reserve),
+//!   [`pressure`](MemoryGovernor::pressure), [`rebalance`](MemoryGovernor::rebalance),
+//!   [`snapshot`](MemoryGovernor::snapshot), [`prometheus`](MemoryGovernor::prometheus).
+//! * [`Budget`] — one engine's lock-free ledger.
+//! * [`MemError`] / [`Result`] — every refusal and configuration error, with its numbers.
+
+mod budget;
+mod ceiling;
+mod config;
+mod error;
+mod events;
+mod governor;
+mod metrics;
+mod pressure;
+#[cfg(not(nodedb_mem_loom))]
+mod rebalancer;
+mod size;
+mod sync;
+
+pub use budget::Budget;
+pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
+pub use config::{
+    DEFAULT_OVERHEAD_RESERVE, GovernorBuilder, MAX_CEILING, MIN_CEILING, RebalanceConfig,
+};
+pub use error::{MemError, Result};
+pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
+pub use governor::{MemoryGovernor, RebalanceMove, RebalanceReport, Reservation};
+pub use metrics::{EngineSnapshot, Snapshot};
+pub use nodedb_mem_alloc::{EngineId, UnknownEngine};
+pub use pressure::{PressureLevel, PressureThresholds};
+#[cfg(not(nodedb_mem_loom))]
+pub use rebalancer::Rebalancer;
+pub use size::{ByteSize, Size, SizeError};

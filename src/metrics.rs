@@ -1,0 +1,167 @@
+//! Snapshots of the governor's state and their Prometheus text exposition.
+
+use std::fmt::Write as _;
+
+use crate::EngineId;
+use crate::budget::Budget;
+use crate::ceiling::CeilingSource;
+use crate::events::BreachEvent;
+use crate::pressure::PressureLevel;
+
+/// One engine's figures at the moment of a [`Snapshot`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineSnapshot {
+    /// The engine.
+    pub engine: EngineId,
+    /// Configured budget.
+    pub base: u64,
+    /// Guaranteed floor.
+    pub floor: u64,
+    /// Rebalancing cap.
+    pub cap: u64,
+    /// Current limit.
+    pub limit: u64,
+    /// Live bytes charged by allocators.
+    pub used: u64,
+    /// Bytes held by reservations.
+    pub reserved: u64,
+    /// `used + reserved`.
+    pub usage: u64,
+    /// What a reservation could still get.
+    pub available: u64,
+    /// Highest usage seen.
+    pub peak: u64,
+    /// Bytes in overflow extents.
+    pub overflow_bytes: u64,
+    /// Reservations refused.
+    pub rejections: u64,
+    /// Releases refused for exceeding the charge.
+    pub over_releases: u64,
+    /// Pressure level.
+    pub pressure: PressureLevel,
+    /// Pressure level changes so far.
+    pub pressure_transitions: u64,
+    /// Limit lent to other engines, in total.
+    pub lent_total: u64,
+    /// Limit borrowed from other engines, in total.
+    pub borrowed_total: u64,
+}
+
+impl EngineSnapshot {
+    pub(crate) fn read(b: &Budget, pressure: PressureLevel) -> EngineSnapshot {
+        EngineSnapshot {
+            engine: b.engine(),
+            base: b.base(),
+            floor: b.floor(),
+            cap: b.cap(),
+            limit: b.limit(),
+            used: b.used(),
+            reserved: b.reserved(),
+            usage: b.usage(),
+            available: b.available(),
+            peak: b.peak(),
+            overflow_bytes: b.overflow_bytes(),
+            rejections: b.rejections(),
+            over_releases: b.over_releases(),
+            pressure,
+            pressure_transitions: b.pressure_transitions(),
+            lent_total: b.lent_total(),
+            borrowed_total: b.borrowed_total(),
+        }
+    }
+}
+
+/// The governor's state at one moment: see [`MemoryGovernor::snapshot`](crate::MemoryGovernor::snapshot).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// The global ceiling.
+    pub ceiling: u64,
+    /// Where the ceiling came from.
+    pub ceiling_source: CeilingSource,
+    /// Usage of all engines.
+    pub global_usage: u64,
+    /// Highest global usage seen.
+    pub global_peak: u64,
+    /// The process's pressure level.
+    pub global_pressure: PressureLevel,
+    /// Reservations refused by the ceiling.
+    pub global_rejections: u64,
+    /// Global pressure level changes so far.
+    pub global_pressure_transitions: u64,
+    /// Every engine, in [`EngineId::ALL`] order.
+    pub engines: [EngineSnapshot; EngineId::COUNT],
+    /// The most recent breach events, oldest first.
+    pub events: Vec<BreachEvent>,
+    /// Events recorded since the governor was built.
+    pub events_recorded: u64,
+    /// Events lost because nobody collected them in time.
+    pub events_dropped: u64,
+}
+
+impl Snapshot {
+    /// The figures of one engine.
+    pub fn engine(&self, engine: EngineId) -> &EngineSnapshot {
+        &self.engines[engine.index()]
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4): `nodedb_mem_*` metrics, the
+    /// engine as a label, `HELP` and `TYPE` lines for each.
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::with_capacity(8 << 10);
+        let mut global = |name: &str, kind: &str, help: &str, value: u64| {
+            header(&mut out, name, kind, help);
+            let _ = writeln!(out, "nodedb_mem_{name} {value}");
+        };
+        global("ceiling_bytes", "gauge", "The global memory ceiling.", self.ceiling);
+        global("usage_bytes", "gauge", "Usage of all engines: live bytes plus reservations.", self.global_usage);
+        global("peak_usage_bytes", "gauge", "Highest usage of all engines together.", self.global_peak);
+        global(
+            "pressure_level",
+            "gauge",
+            "Process pressure level: 0 normal, 1 warning, 2 critical, 3 emergency.",
+            self.global_pressure as u64,
+        );
+        global("ceiling_rejections_total", "counter", "Reservations refused by the global ceiling.", self.global_rejections);
+        global("pressure_transitions_total", "counter", "Changes of the process pressure level.", self.global_pressure_transitions);
+        global("events_total", "counter", "Breach events recorded.", self.events_recorded);
+        global("events_dropped_total", "counter", "Breach events lost before collection.", self.events_dropped);
+
+        type Field = fn(&EngineSnapshot) -> i128;
+        let per_engine: [(&str, &str, &str, Field); 17] = [
+            ("engine_limit_bytes", "gauge", "Current limit of the engine.", |e| e.limit.into()),
+            ("engine_budget_bytes", "gauge", "Configured budget of the engine.", |e| e.base.into()),
+            ("engine_floor_bytes", "gauge", "Floor below which the engine's limit is never lent.", |e| e.floor.into()),
+            ("engine_cap_bytes", "gauge", "Cap above which the engine's limit never grows.", |e| e.cap.into()),
+            ("engine_usage_bytes", "gauge", "Usage of the engine: live bytes plus reservations.", |e| e.usage.into()),
+            ("engine_used_bytes", "gauge", "Live heap bytes charged to the engine.", |e| e.used.into()),
+            ("engine_reserved_bytes", "gauge", "Bytes held by the engine's reservations.", |e| e.reserved.into()),
+            ("engine_available_bytes", "gauge", "What a reservation of the engine could still get.", |e| e.available.into()),
+            ("engine_peak_usage_bytes", "gauge", "Highest usage of the engine.", |e| e.peak.into()),
+            ("engine_overflow_bytes", "gauge", "Bytes of the engine held in overflow extents.", |e| e.overflow_bytes.into()),
+            (
+                "engine_pressure_level",
+                "gauge",
+                "Engine pressure level: 0 normal, 1 warning, 2 critical, 3 emergency.",
+                |e| e.pressure as i128,
+            ),
+            ("engine_rejections_total", "counter", "Reservations of the engine refused.", |e| e.rejections.into()),
+            ("engine_over_releases_total", "counter", "Releases refused for exceeding the charge.", |e| e.over_releases.into()),
+            ("engine_pressure_transitions_total", "counter", "Changes of the engine's pressure level.", |e| e.pressure_transitions.into()),
+            ("engine_lent_bytes_total", "counter", "Limit lent to other engines by rebalancing.", |e| e.lent_total.into()),
+            ("engine_borrowed_bytes_total", "counter", "Limit borrowed from other engines by rebalancing.", |e| e.borrowed_total.into()),
+            ("engine_rebalance_net_bytes", "gauge", "Limit minus budget: positive when borrowing, negative when lending.", |e| i128::from(e.limit) - i128::from(e.base)),
+        ];
+        for (name, kind, help, field) in per_engine {
+            header(&mut out, name, kind, help);
+            for e in &self.engines {
+                let _ = writeln!(out, "nodedb_mem_{name}{{engine=\"{}\"}} {}", e.engine, field(e));
+            }
+        }
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP nodedb_mem_{name} {help}");
+    let _ = writeln!(out, "# TYPE nodedb_mem_{name} {kind}");
+}

@@ -1,0 +1,110 @@
+//! The optional background thread that rebalances on an interval.
+
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::error::{MemError, Result};
+use crate::governor::MemoryGovernor;
+use crate::sync::lock;
+
+/// Handle of the background rebalancing thread started by
+/// [`MemoryGovernor::spawn_rebalancer`]. Dropping it stops the thread and waits for it.
+///
+/// ```
+/// use std::time::Duration;
+/// use nodedb_mem::MemoryGovernor;
+///
+/// let gov = MemoryGovernor::builder().global_ceiling(64 << 20).build()?;
+/// let bg = gov.spawn_rebalancer(Duration::from_millis(10))?;
+/// std::thread::sleep(Duration::from_millis(30));
+/// let ticks = bg.stop();
+/// assert!(ticks >= 1);
+/// # Ok::<(), nodedb_mem::MemError>(())
+/// ```
+pub struct Rebalancer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+struct Shared {
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl fmt::Debug for Rebalancer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rebalancer")
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
+}
+
+impl Rebalancer {
+    pub(crate) fn spawn(gov: MemoryGovernor, interval: Duration) -> Result<Rebalancer> {
+        if interval.is_zero() {
+            return Err(MemError::config(
+                "rebalance interval",
+                "0 s",
+                "must be above zero",
+            ));
+        }
+        let shared = Arc::new(Shared {
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+        });
+        let theirs = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("nodedb-mem-rebalancer".into())
+            .spawn(move || {
+                let mut ticks = 0u64;
+                let mut stop = lock(&theirs.stop);
+                loop {
+                    let (guard, _timeout) = match theirs.wake.wait_timeout(stop, interval) {
+                        Ok(r) => r,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    stop = guard;
+                    if *stop {
+                        return ticks;
+                    }
+                    gov.rebalance();
+                    gov.global_pressure();
+                    gov.pump_events();
+                    ticks += 1;
+                }
+            })
+            .map_err(|source| MemError::Io {
+                what: "spawning the rebalancer thread".into(),
+                source,
+            })?;
+        Ok(Rebalancer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread, waits for it, and returns how many rebalance steps it ran.
+    pub fn stop(mut self) -> u64 {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> u64 {
+        *lock(&self.shared.stop) = true;
+        self.shared.wake.notify_all();
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(ticks)) => ticks,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => 0,
+        }
+    }
+}
+
+impl Drop for Rebalancer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
