@@ -395,10 +395,21 @@ mod tests {
         let e = b.release(11).unwrap_err();
         assert!(matches!(
             e,
-            MemError::OverRelease { engine: EngineId::Query, requested: 11, charged: 10 }
+            MemError::OverRelease {
+                engine: EngineId::Query,
+                requested: 11,
+                charged: 10
+            }
         ));
         let e = b.credit(21).unwrap_err();
-        assert!(matches!(e, MemError::OverRelease { requested: 21, charged: 20, .. }));
+        assert!(matches!(
+            e,
+            MemError::OverRelease {
+                requested: 21,
+                charged: 20,
+                ..
+            }
+        ));
         assert_eq!((b.used(), b.reserved(), b.usage()), (20, 10, 30));
         assert_eq!(b.over_releases(), 2);
         assert_consistent(&b);

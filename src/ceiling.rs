@@ -108,10 +108,11 @@ fn cgroup_limit(root: &Path) -> Option<(u64, PathBuf)> {
         } else {
             None
         };
-        if let Some((bytes, p)) = found {
-            if bytes > 0 && best.as_ref().is_none_or(|(b, _)| bytes < *b) {
-                best = Some((bytes, p));
-            }
+        if let Some((bytes, p)) = found
+            && bytes > 0
+            && best.as_ref().is_none_or(|(b, _)| bytes < *b)
+        {
+            best = Some((bytes, p));
         }
     }
     best
@@ -129,12 +130,11 @@ fn tightest_on_path(
     let mut best: Option<(u64, PathBuf)> = None;
     loop {
         let candidate = dir.join(file);
-        if let Ok(text) = std::fs::read_to_string(&candidate) {
-            if let Some(v) = parse(text.trim()) {
-                if best.as_ref().is_none_or(|(b, _)| v < *b) {
-                    best = Some((v, candidate));
-                }
-            }
+        if let Ok(text) = std::fs::read_to_string(&candidate)
+            && let Some(v) = parse(text.trim())
+            && best.as_ref().is_none_or(|(b, _)| v < *b)
+        {
+            best = Some((v, candidate));
         }
         if dir == mount || !dir.pop() || !dir.starts_with(mount) {
             return best;
@@ -148,7 +148,13 @@ fn physical_memory(root: &Path) -> Option<u64> {
         let kib = text
             .lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            });
         if let Some(kib) = kib {
             return kib.checked_mul(1024);
         }
@@ -198,10 +204,7 @@ mod tests {
             detect(Some("2GiB"), root.path()).unwrap(),
             (2 << 30, CeilingSource::Environment)
         );
-        assert_eq!(
-            detect(Some("536870912"), root.path()).unwrap().0,
-            512 << 20
-        );
+        assert_eq!(detect(Some("536870912"), root.path()).unwrap().0, 512 << 20);
         let e = detect(Some("2 gigs"), root.path()).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -276,7 +279,10 @@ mod tests {
         );
         let empty = FakeRoot::new();
         let e = detect(None, empty.path()).unwrap_err();
-        assert!(e.to_string().starts_with("reading total physical memory"), "{e}");
+        assert!(
+            e.to_string().starts_with("reading total physical memory"),
+            "{e}"
+        );
     }
 
     #[test]

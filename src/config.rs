@@ -77,7 +77,11 @@ impl RebalanceConfig {
             ));
         }
         if self.min_move == 0 {
-            return Err(MemError::config("rebalance.min_move", 0, "must be above zero"));
+            return Err(MemError::config(
+                "rebalance.min_move",
+                0,
+                "must be above zero",
+            ));
         }
         Ok(())
     }
@@ -91,7 +95,7 @@ impl RebalanceConfig {
 ///
 /// let gov = MemoryGovernor::builder()
 ///     .global_ceiling(1 << 30)
-///     .budget(EngineId::Query, Size::parse("256MiB")?)
+///     .budget(EngineId::Query, Size::parse("256MiB").expect("a valid size"))
 ///     .budget(EngineId::Vector, Size::Fraction(0.4))
 ///     .floor(EngineId::Vector, 128u64 << 20)
 ///     .build()?;
@@ -206,7 +210,11 @@ impl GovernorBuilder {
     /// Decides the default ceiling from the given `NODEDB_MEMORY_LIMIT` value and a root
     /// directory holding `proc/self/cgroup`, `sys/fs/cgroup/...` and `proc/meminfo`, instead of
     /// the real environment and `/`. For tests and for embedding in a sandbox.
-    pub fn ceiling_environment(mut self, memory_limit: Option<&str>, root: impl Into<PathBuf>) -> Self {
+    pub fn ceiling_environment(
+        mut self,
+        memory_limit: Option<&str>,
+        root: impl Into<PathBuf>,
+    ) -> Self {
         self.env = EnvSource::Fixed {
             limit: memory_limit.map(str::to_owned),
             root: root.into(),
@@ -305,9 +313,15 @@ impl GovernorBuilder {
             .sum();
         // The last engine without an explicit budget takes the rounding remainder, so the
         // default budgets add up to the assignable ceiling exactly.
-        let last_open = EngineId::ALL.iter().rposition(|e| explicit[e.index()].is_none());
+        let last_open = EngineId::ALL
+            .iter()
+            .rposition(|e| explicit[e.index()].is_none());
         let mut handed_out = 0u64;
-        let mut budgets = [EngineLimits { base: 0, floor: 0, cap: 0 }; EngineId::COUNT];
+        let mut budgets = [EngineLimits {
+            base: 0,
+            floor: 0,
+            cap: 0,
+        }; EngineId::COUNT];
         for e in EngineId::ALL {
             let i = e.index();
             let base = match explicit[i] {
@@ -437,7 +451,9 @@ mod tests {
     #[test]
     fn budgets_above_the_ceiling_are_refused() {
         assert_eq!(
-            err(ceiling(GIB).budget(Query, 768 * MIB).budget(Vector, 512 * MIB)),
+            err(ceiling(GIB)
+                .budget(Query, 768 * MIB)
+                .budget(Vector, 512 * MIB)),
             "the engine budgets total 1.2 GiB (1342177280 B), above the global ceiling of 1 GiB"
         );
         assert_eq!(
@@ -473,11 +489,16 @@ mod tests {
     #[test]
     fn floors_and_caps_must_bracket_the_budget() {
         assert_eq!(
-            err(ceiling(GIB).budget(Query, 100 * MIB).floor(Query, 300 * MIB).cap(Query, 200 * MIB)),
+            err(ceiling(GIB)
+                .budget(Query, 100 * MIB)
+                .floor(Query, 300 * MIB)
+                .cap(Query, 200 * MIB)),
             "invalid configuration `floor.query` = 300 MiB: above cap.query (200 MiB)"
         );
         assert_eq!(
-            err(ceiling(GIB).budget(Query, 100 * MIB).floor(Query, 150 * MIB)),
+            err(ceiling(GIB)
+                .budget(Query, 100 * MIB)
+                .floor(Query, 150 * MIB)),
             "invalid configuration `floor.query` = 150 MiB: above budget.query (100 MiB)"
         );
         assert_eq!(
@@ -492,22 +513,34 @@ mod tests {
             err(ceiling(GIB).overhead_reserve(0.95)),
             "invalid configuration `overhead_reserve` = 0.95: must be between 0 and 0.9"
         );
-        let bad = PressureThresholds { warning: 0.9, ..Default::default() };
+        let bad = PressureThresholds {
+            warning: 0.9,
+            ..Default::default()
+        };
         assert_eq!(
             err(ceiling(GIB).thresholds(bad)),
             "invalid configuration `thresholds.critical` = 0.85: must be above thresholds.warning (0.9)"
         );
-        let r = RebalanceConfig { target_utilisation: 0.8, ..Default::default() };
+        let r = RebalanceConfig {
+            target_utilisation: 0.8,
+            ..Default::default()
+        };
         assert_eq!(
             err(ceiling(GIB).rebalance(r)),
             "invalid configuration `rebalance.target_utilisation` = 0.8: must be above 0 and below thresholds.warning (0.7)"
         );
-        let r = RebalanceConfig { idle_utilisation: 0.6, ..Default::default() };
+        let r = RebalanceConfig {
+            idle_utilisation: 0.6,
+            ..Default::default()
+        };
         assert_eq!(
             err(ceiling(GIB).rebalance(r)),
             "invalid configuration `rebalance.idle_utilisation` = 0.6: must be above 0 and below rebalance.target_utilisation (0.6)"
         );
-        let r = RebalanceConfig { min_move: 0, ..Default::default() };
+        let r = RebalanceConfig {
+            min_move: 0,
+            ..Default::default()
+        };
         assert_eq!(
             err(ceiling(GIB).rebalance(r)),
             "invalid configuration `rebalance.min_move` = 0: must be above zero"
@@ -520,7 +553,10 @@ mod tests {
             .ceiling_environment(Some("2GiB"), "/nonexistent")
             .validate()
             .unwrap();
-        assert_eq!((c.ceiling, c.ceiling_source), (2 * GIB, CeilingSource::Environment));
+        assert_eq!(
+            (c.ceiling, c.ceiling_source),
+            (2 * GIB, CeilingSource::Environment)
+        );
         assert_eq!(
             err(GovernorBuilder::default().ceiling_environment(Some("two"), "/nonexistent")),
             "invalid size for `NODEDB_MEMORY_LIMIT`: \"two\": the size does not start with a number"

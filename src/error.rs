@@ -137,7 +137,11 @@ impl MemError {
         }
     }
 
-    pub(crate) fn config(field: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
+    pub(crate) fn config(
+        field: impl Into<String>,
+        value: impl ToString,
+        reason: impl Into<String>,
+    ) -> Self {
         MemError::InvalidConfig {
             field: field.into(),
             value: value.to_string(),

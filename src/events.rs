@@ -166,7 +166,12 @@ impl EventLog {
 
 fn emit(e: &BreachEvent) {
     match e.kind {
-        EventKind::BudgetRejected { engine, requested, used, limit } => tracing::warn!(
+        EventKind::BudgetRejected {
+            engine,
+            requested,
+            used,
+            limit,
+        } => tracing::warn!(
             target: "nodedb_mem",
             seq = e.seq,
             engine = engine.name(),
@@ -175,7 +180,12 @@ fn emit(e: &BreachEvent) {
             limit,
             "reservation refused by the engine's budget"
         ),
-        EventKind::CeilingRejected { engine, requested, used, ceiling } => tracing::warn!(
+        EventKind::CeilingRejected {
+            engine,
+            requested,
+            used,
+            ceiling,
+        } => tracing::warn!(
             target: "nodedb_mem",
             seq = e.seq,
             engine = engine.name(),

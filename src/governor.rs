@@ -221,7 +221,12 @@ impl MemoryGovernor {
                 used: refused.usage,
                 limit: refused.limit,
             });
-            return Err(MemError::budget_exceeded(engine, bytes, refused.usage, refused.limit));
+            return Err(MemError::budget_exceeded(
+                engine,
+                bytes,
+                refused.usage,
+                refused.limit,
+            ));
         }
         let g = &inner.global;
         if let Err(headroom) = g.take_headroom(bytes) {
@@ -345,7 +350,9 @@ impl MemoryGovernor {
         });
         let mut moves = Vec::new();
         let mut record = |from: EngineId, to: EngineId, bytes: u64| {
-            inner.events.record(EventKind::Rebalance { from, to, bytes });
+            inner
+                .events
+                .record(EventKind::Rebalance { from, to, bytes });
             moves.push(RebalanceMove { from, to, bytes });
         };
 
@@ -376,7 +383,8 @@ impl MemoryGovernor {
             .into_iter()
             .filter(|e| seen[e.index()].busy)
             .collect();
-        borrowers.sort_by_key(|&e| std::cmp::Reverse(ratio_ppm(seen[e.index()].usage, self.limit(e))));
+        borrowers
+            .sort_by_key(|&e| std::cmp::Reverse(ratio_ppm(seen[e.index()].usage, self.limit(e))));
         for e in borrowers {
             let b = self.budget(e);
             let wanted = div_ceil_ppm(seen[e.index()].usage, target_ppm);
@@ -403,7 +411,6 @@ impl MemoryGovernor {
                 }
             }
         }
-        drop(record);
         for e in EngineId::ALL {
             self.pressure(e);
         }
@@ -458,14 +465,22 @@ impl MemoryGovernor {
             let b = self.budget(e);
             let (used, reserved, usage, limit) = (b.used(), b.reserved(), b.usage(), b.limit());
             if usage != used + reserved {
-                return Err(format!("{e}: usage {usage} != used {used} + reserved {reserved}"));
+                return Err(format!(
+                    "{e}: usage {usage} != used {used} + reserved {reserved}"
+                ));
             }
             let headroom = b.raw_headroom();
             if i128::from(headroom) != i128::from(limit) - i128::from(usage) {
-                return Err(format!("{e}: headroom {headroom} != limit {limit} - usage {usage}"));
+                return Err(format!(
+                    "{e}: headroom {headroom} != limit {limit} - usage {usage}"
+                ));
             }
             if limit < b.floor() || limit > b.cap() {
-                return Err(format!("{e}: limit {limit} outside [{}, {}]", b.floor(), b.cap()));
+                return Err(format!(
+                    "{e}: limit {limit} outside [{}, {}]",
+                    b.floor(),
+                    b.cap()
+                ));
             }
             total_usage += usage;
             total_limit += limit;
@@ -473,14 +488,21 @@ impl MemoryGovernor {
         let g = &self.inner.global;
         let usage = self.global_usage();
         if usage != total_usage {
-            return Err(format!("global usage {usage} != sum of engines {total_usage}"));
+            return Err(format!(
+                "global usage {usage} != sum of engines {total_usage}"
+            ));
         }
         let headroom = g.headroom.load(Ordering::Acquire);
         if i128::from(headroom) != i128::from(g.ceiling) - i128::from(usage) {
-            return Err(format!("global headroom {headroom} != ceiling - usage {usage}"));
+            return Err(format!(
+                "global headroom {headroom} != ceiling - usage {usage}"
+            ));
         }
         if total_limit > g.ceiling {
-            return Err(format!("limits sum to {total_limit}, above the ceiling {}", g.ceiling));
+            return Err(format!(
+                "limits sum to {total_limit}, above the ceiling {}",
+                g.ceiling
+            ));
         }
         Ok(())
     }

@@ -112,49 +112,169 @@ impl Snapshot {
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "nodedb_mem_{name} {value}");
         };
-        global("ceiling_bytes", "gauge", "The global memory ceiling.", self.ceiling);
-        global("usage_bytes", "gauge", "Usage of all engines: live bytes plus reservations.", self.global_usage);
-        global("peak_usage_bytes", "gauge", "Highest usage of all engines together.", self.global_peak);
+        global(
+            "ceiling_bytes",
+            "gauge",
+            "The global memory ceiling.",
+            self.ceiling,
+        );
+        global(
+            "usage_bytes",
+            "gauge",
+            "Usage of all engines: live bytes plus reservations.",
+            self.global_usage,
+        );
+        global(
+            "peak_usage_bytes",
+            "gauge",
+            "Highest usage of all engines together.",
+            self.global_peak,
+        );
         global(
             "pressure_level",
             "gauge",
             "Process pressure level: 0 normal, 1 warning, 2 critical, 3 emergency.",
             self.global_pressure as u64,
         );
-        global("ceiling_rejections_total", "counter", "Reservations refused by the global ceiling.", self.global_rejections);
-        global("pressure_transitions_total", "counter", "Changes of the process pressure level.", self.global_pressure_transitions);
-        global("events_total", "counter", "Breach events recorded.", self.events_recorded);
-        global("events_dropped_total", "counter", "Breach events lost before collection.", self.events_dropped);
+        global(
+            "ceiling_rejections_total",
+            "counter",
+            "Reservations refused by the global ceiling.",
+            self.global_rejections,
+        );
+        global(
+            "pressure_transitions_total",
+            "counter",
+            "Changes of the process pressure level.",
+            self.global_pressure_transitions,
+        );
+        global(
+            "events_total",
+            "counter",
+            "Breach events recorded.",
+            self.events_recorded,
+        );
+        global(
+            "events_dropped_total",
+            "counter",
+            "Breach events lost before collection.",
+            self.events_dropped,
+        );
 
         type Field = fn(&EngineSnapshot) -> i128;
         let per_engine: [(&str, &str, &str, Field); 17] = [
-            ("engine_limit_bytes", "gauge", "Current limit of the engine.", |e| e.limit.into()),
-            ("engine_budget_bytes", "gauge", "Configured budget of the engine.", |e| e.base.into()),
-            ("engine_floor_bytes", "gauge", "Floor below which the engine's limit is never lent.", |e| e.floor.into()),
-            ("engine_cap_bytes", "gauge", "Cap above which the engine's limit never grows.", |e| e.cap.into()),
-            ("engine_usage_bytes", "gauge", "Usage of the engine: live bytes plus reservations.", |e| e.usage.into()),
-            ("engine_used_bytes", "gauge", "Live heap bytes charged to the engine.", |e| e.used.into()),
-            ("engine_reserved_bytes", "gauge", "Bytes held by the engine's reservations.", |e| e.reserved.into()),
-            ("engine_available_bytes", "gauge", "What a reservation of the engine could still get.", |e| e.available.into()),
-            ("engine_peak_usage_bytes", "gauge", "Highest usage of the engine.", |e| e.peak.into()),
-            ("engine_overflow_bytes", "gauge", "Bytes of the engine held in overflow extents.", |e| e.overflow_bytes.into()),
+            (
+                "engine_limit_bytes",
+                "gauge",
+                "Current limit of the engine.",
+                |e| e.limit.into(),
+            ),
+            (
+                "engine_budget_bytes",
+                "gauge",
+                "Configured budget of the engine.",
+                |e| e.base.into(),
+            ),
+            (
+                "engine_floor_bytes",
+                "gauge",
+                "Floor below which the engine's limit is never lent.",
+                |e| e.floor.into(),
+            ),
+            (
+                "engine_cap_bytes",
+                "gauge",
+                "Cap above which the engine's limit never grows.",
+                |e| e.cap.into(),
+            ),
+            (
+                "engine_usage_bytes",
+                "gauge",
+                "Usage of the engine: live bytes plus reservations.",
+                |e| e.usage.into(),
+            ),
+            (
+                "engine_used_bytes",
+                "gauge",
+                "Live heap bytes charged to the engine.",
+                |e| e.used.into(),
+            ),
+            (
+                "engine_reserved_bytes",
+                "gauge",
+                "Bytes held by the engine's reservations.",
+                |e| e.reserved.into(),
+            ),
+            (
+                "engine_available_bytes",
+                "gauge",
+                "What a reservation of the engine could still get.",
+                |e| e.available.into(),
+            ),
+            (
+                "engine_peak_usage_bytes",
+                "gauge",
+                "Highest usage of the engine.",
+                |e| e.peak.into(),
+            ),
+            (
+                "engine_overflow_bytes",
+                "gauge",
+                "Bytes of the engine held in overflow extents.",
+                |e| e.overflow_bytes.into(),
+            ),
             (
                 "engine_pressure_level",
                 "gauge",
                 "Engine pressure level: 0 normal, 1 warning, 2 critical, 3 emergency.",
                 |e| e.pressure as i128,
             ),
-            ("engine_rejections_total", "counter", "Reservations of the engine refused.", |e| e.rejections.into()),
-            ("engine_over_releases_total", "counter", "Releases refused for exceeding the charge.", |e| e.over_releases.into()),
-            ("engine_pressure_transitions_total", "counter", "Changes of the engine's pressure level.", |e| e.pressure_transitions.into()),
-            ("engine_lent_bytes_total", "counter", "Limit lent to other engines by rebalancing.", |e| e.lent_total.into()),
-            ("engine_borrowed_bytes_total", "counter", "Limit borrowed from other engines by rebalancing.", |e| e.borrowed_total.into()),
-            ("engine_rebalance_net_bytes", "gauge", "Limit minus budget: positive when borrowing, negative when lending.", |e| i128::from(e.limit) - i128::from(e.base)),
+            (
+                "engine_rejections_total",
+                "counter",
+                "Reservations of the engine refused.",
+                |e| e.rejections.into(),
+            ),
+            (
+                "engine_over_releases_total",
+                "counter",
+                "Releases refused for exceeding the charge.",
+                |e| e.over_releases.into(),
+            ),
+            (
+                "engine_pressure_transitions_total",
+                "counter",
+                "Changes of the engine's pressure level.",
+                |e| e.pressure_transitions.into(),
+            ),
+            (
+                "engine_lent_bytes_total",
+                "counter",
+                "Limit lent to other engines by rebalancing.",
+                |e| e.lent_total.into(),
+            ),
+            (
+                "engine_borrowed_bytes_total",
+                "counter",
+                "Limit borrowed from other engines by rebalancing.",
+                |e| e.borrowed_total.into(),
+            ),
+            (
+                "engine_rebalance_net_bytes",
+                "gauge",
+                "Limit minus budget: positive when borrowing, negative when lending.",
+                |e| i128::from(e.limit) - i128::from(e.base),
+            ),
         ];
         for (name, kind, help, field) in per_engine {
             header(&mut out, name, kind, help);
             for e in &self.engines {
-                let _ = writeln!(out, "nodedb_mem_{name}{{engine=\"{}\"}} {}", e.engine, field(e));
+                let _ = writeln!(
+                    out,
+                    "nodedb_mem_{name}{{engine=\"{}\"}} {}",
+                    e.engine,
+                    field(e)
+                );
             }
         }
         out

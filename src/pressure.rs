@@ -126,7 +126,10 @@ impl PressureThresholds {
             return Err(MemError::config(
                 "thresholds.hysteresis",
                 self.hysteresis,
-                format!("must be at least 0 and below thresholds.warning ({})", self.warning),
+                format!(
+                    "must be at least 0 and below thresholds.warning ({})",
+                    self.warning
+                ),
             ));
         }
         Ok(())
@@ -230,15 +233,24 @@ mod tests {
             "invalid configuration `thresholds.warning` = 0: must be above 0 and at most 1"
         );
         assert_eq!(
-            msg(PressureThresholds { emergency: f64::NAN, ..d }),
+            msg(PressureThresholds {
+                emergency: f64::NAN,
+                ..d
+            }),
             "invalid configuration `thresholds.emergency` = NaN: must be above 0 and at most 1"
         );
         assert_eq!(
-            msg(PressureThresholds { emergency: 0.85, ..d }),
+            msg(PressureThresholds {
+                emergency: 0.85,
+                ..d
+            }),
             "invalid configuration `thresholds.emergency` = 0.85: must be above thresholds.critical (0.85)"
         );
         assert_eq!(
-            msg(PressureThresholds { hysteresis: 0.7, ..d }),
+            msg(PressureThresholds {
+                hysteresis: 0.7,
+                ..d
+            }),
             "invalid configuration `thresholds.hysteresis` = 0.7: must be at least 0 and below thresholds.warning (0.7)"
         );
     }

@@ -169,7 +169,7 @@ impl fmt::Display for ByteSize {
         let b = self.0;
         for (name, unit) in UNITS {
             if b >= unit {
-                return if b % unit == 0 {
+                return if b.is_multiple_of(unit) {
                     write!(f, "{} {name}", b / unit)
                 } else {
                     write!(f, "{:.1} {name} ({b} B)", b as f64 / unit as f64)

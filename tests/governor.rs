@@ -4,8 +4,8 @@
 use std::thread;
 
 use nodedb_mem::{
-    EngineId, EventKind, MemError, MemoryGovernor, PressureLevel, RebalanceConfig,
-    RebalanceMove, Size,
+    EngineId, EventKind, MemError, MemoryGovernor, PressureLevel, RebalanceConfig, RebalanceMove,
+    Size,
 };
 
 const MIB: u64 = 1 << 20;
@@ -24,14 +24,20 @@ fn gov() -> MemoryGovernor {
         .budget(EngineId::Crdt, 5 * MIB)
         .budget(EngineId::Timeseries, 5 * MIB)
         .budget(EngineId::Unattributed, 5 * MIB)
-        .rebalance(RebalanceConfig { min_move: 1, ..Default::default() })
+        .rebalance(RebalanceConfig {
+            min_move: 1,
+            ..Default::default()
+        })
         .build()
         .unwrap()
 }
 
 #[test]
 fn every_engine_has_a_budget_from_the_first_instant() {
-    let gov = MemoryGovernor::builder().global_ceiling(64 * MIB).build().unwrap();
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(64 * MIB)
+        .build()
+        .unwrap();
     for e in EngineId::ALL {
         assert!(gov.limit(e) > 0, "{e}");
         let r = gov.reserve(e, 4096).unwrap();
@@ -102,15 +108,20 @@ fn reservations_grow_shrink_split_and_free() {
     assert!(matches!(err, MemError::BudgetExceeded { .. }));
     assert_eq!(r.size(), 25 * MIB, "a refused growth keeps what was held");
     let part = r.split(5 * MIB).unwrap();
-    assert_eq!((r.size(), part.size(), part.engine()), (20 * MIB, 5 * MIB, EngineId::Vector));
+    assert_eq!(
+        (r.size(), part.size(), part.engine()),
+        (20 * MIB, 5 * MIB, EngineId::Vector)
+    );
     let err = r.shrink(21 * MIB).unwrap_err();
     assert_eq!(
         err.to_string(),
         "cannot take 21 MiB from a reservation of 20 MiB for engine vector"
     );
     let err = r.split(21 * MIB).unwrap_err();
-    assert!(matches!(err, MemError::ReservationTooSmall { requested, reserved, .. }
-        if requested == 21 * MIB && reserved == 20 * MIB));
+    assert!(
+        matches!(err, MemError::ReservationTooSmall { requested, reserved, .. }
+        if requested == 21 * MIB && reserved == 20 * MIB)
+    );
     r.try_resize(2 * MIB).unwrap();
     assert_eq!(gov.usage(EngineId::Vector), 7 * MIB);
     assert_eq!(r.free(), 2 * MIB);
@@ -195,7 +206,14 @@ fn idle_engines_lend_to_busy_ones_and_get_it_back() {
     let query_mem = gov.reserve(q, 36 * MIB).unwrap();
     let report = gov.rebalance();
     // Query wants 36 / 0.6 = 60 MiB; Vector, idle, keeps its 10 MiB floor and lends the 20.
-    assert_eq!(report.moves, vec![RebalanceMove { from: v, to: q, bytes: 20 * MIB }]);
+    assert_eq!(
+        report.moves,
+        vec![RebalanceMove {
+            from: v,
+            to: q,
+            bytes: 20 * MIB
+        }]
+    );
     assert_eq!((gov.limit(q), gov.limit(v)), (60 * MIB, 20 * MIB));
     assert!(report.moves.iter().all(|m| m.to == q));
     let total: u64 = EngineId::ALL.iter().map(|&e| gov.limit(e)).sum();
@@ -218,9 +236,9 @@ fn idle_engines_lend_to_busy_ones_and_get_it_back() {
     assert!(snap.engine(q).borrowed_total >= 20 * MIB);
     assert!(snap.engine(v).lent_total > 0);
     assert!(
-        snap.events
-            .iter()
-            .any(|e| matches!(e.kind, EventKind::Rebalance { from, to, .. } if from == q && to == v))
+        snap.events.iter().any(
+            |e| matches!(e.kind, EventKind::Rebalance { from, to, .. } if from == q && to == v)
+        )
     );
     drop((query_mem, vector_mem));
 }
@@ -234,7 +252,10 @@ fn lending_never_goes_below_the_floor_or_above_the_cap() {
         .cap(EngineId::Query, 45 * MIB)
         .budget(EngineId::Vector, 40 * MIB)
         .floor(EngineId::Vector, 38 * MIB)
-        .rebalance(RebalanceConfig { min_move: 1, ..Default::default() })
+        .rebalance(RebalanceConfig {
+            min_move: 1,
+            ..Default::default()
+        })
         .build()
         .unwrap();
     let _busy = gov.reserve(EngineId::Query, 39 * MIB).unwrap();
@@ -290,7 +311,10 @@ fn concurrent_reservations_never_exceed_the_limit_and_return_everything() {
     assert_eq!(gov.usage(EngineId::Query), 0);
     assert_eq!(gov.global_usage(), 0);
     assert!(gov.budget(EngineId::Query).peak() <= 40 * MIB);
-    assert!(gov.budget(EngineId::Query).rejections() > 0, "the test never reached the limit");
+    assert!(
+        gov.budget(EngineId::Query).rejections() > 0,
+        "the test never reached the limit"
+    );
     gov.check_consistency().unwrap();
 }
 
@@ -339,20 +363,41 @@ fn prometheus_text_parses_and_carries_every_engine() {
         }
     };
     assert_eq!(value("nodedb_mem_ceiling_bytes", None), (100 * MIB) as f64);
-    assert_eq!(value("nodedb_mem_engine_usage_bytes", Some("timeseries")), (3 * MIB) as f64);
-    assert_eq!(value("nodedb_mem_engine_rejections_total", Some("timeseries")), 1.0);
-    assert_eq!(value("nodedb_mem_engine_limit_bytes", Some("query")), (40 * MIB) as f64);
-    assert_eq!(value("nodedb_mem_engine_rebalance_net_bytes", Some("query")), 0.0);
+    assert_eq!(
+        value("nodedb_mem_engine_usage_bytes", Some("timeseries")),
+        (3 * MIB) as f64
+    );
+    assert_eq!(
+        value("nodedb_mem_engine_rejections_total", Some("timeseries")),
+        1.0
+    );
+    assert_eq!(
+        value("nodedb_mem_engine_limit_bytes", Some("query")),
+        (40 * MIB) as f64
+    );
+    assert_eq!(
+        value("nodedb_mem_engine_rebalance_net_bytes", Some("query")),
+        0.0
+    );
     for e in EngineId::ALL {
         assert!(
-            scrape.samples.iter().any(|s| s.metric == "nodedb_mem_engine_limit_bytes"
-                && s.labels.get("engine") == Some(e.name())),
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == "nodedb_mem_engine_limit_bytes"
+                    && s.labels.get("engine") == Some(e.name())),
             "{e}"
         );
     }
-    for name in ["nodedb_mem_engine_usage_bytes", "nodedb_mem_engine_rejections_total"] {
+    for name in [
+        "nodedb_mem_engine_usage_bytes",
+        "nodedb_mem_engine_rejections_total",
+    ] {
         assert!(scrape.docs.contains_key(name), "HELP missing for {name}");
-        assert!(text.contains(&format!("# TYPE {name} ")), "TYPE missing for {name}");
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "TYPE missing for {name}"
+        );
     }
     assert!(text.contains("# TYPE nodedb_mem_engine_rejections_total counter"));
 }
@@ -374,7 +419,10 @@ fn snapshot_reports_every_figure() {
     gov.charge(EngineId::Sparse, 4096);
     let snap = gov.snapshot();
     let s = snap.engine(EngineId::Sparse);
-    assert_eq!((s.used, s.reserved, s.usage, s.peak), (4096, 1024, 5120, 5120));
+    assert_eq!(
+        (s.used, s.reserved, s.usage, s.peak),
+        (4096, 1024, 5120, 5120)
+    );
     assert_eq!(s.limit, 5 * MIB);
     assert_eq!(s.available, 5 * MIB - 5120);
     assert_eq!(snap.global_usage, 5120);

@@ -61,7 +61,12 @@ fn check(gov: &MemoryGovernor, model: &Model) -> Result<(), TestCaseError> {
     for e in EngineId::ALL {
         let m = model.engines[e.index()];
         let b = gov.budget(e);
-        prop_assert_eq!((b.used(), b.reserved(), b.limit()), (m.used, m.reserved, m.limit), "{}", e);
+        prop_assert_eq!(
+            (b.used(), b.reserved(), b.limit()),
+            (m.used, m.reserved, m.limit),
+            "{}",
+            e
+        );
         prop_assert_eq!(b.usage(), m.used + m.reserved);
     }
     prop_assert_eq!(gov.global_usage(), model.global());

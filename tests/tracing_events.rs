@@ -23,7 +23,11 @@ impl Visit for Fields {
 
 impl<S: tracing::Subscriber> Layer<S> for Collected {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
-        let mut f = Fields(format!("{} {}", event.metadata().level(), event.metadata().target()));
+        let mut f = Fields(format!(
+            "{} {}",
+            event.metadata().level(),
+            event.metadata().target()
+        ));
         event.record(&mut f);
         self.0.lock().unwrap().push(f.0);
     }
@@ -38,7 +42,10 @@ fn rejections_transitions_and_moves_are_traced() {
             .global_ceiling(100 << 20)
             .overhead_reserve(0.0)
             .budget(EngineId::Query, 40u64 << 20)
-            .rebalance(RebalanceConfig { min_move: 1, ..Default::default() })
+            .rebalance(RebalanceConfig {
+                min_move: 1,
+                ..Default::default()
+            })
             .build()
             .unwrap();
         let _held = gov.reserve(EngineId::Query, 36 << 20).unwrap();
@@ -61,7 +68,10 @@ fn rejections_transitions_and_moves_are_traced() {
         assert!(events.iter().any(|e| e
             == "INFO nodedb_mem message=pressure level changed seq=1 engine=query from=normal to=critical"),
             "{events:?}");
-        let moves = events.iter().filter(|e| e.contains("message=rebalanced budget")).count();
+        let moves = events
+            .iter()
+            .filter(|e| e.contains("message=rebalanced budget"))
+            .count();
         assert_eq!(moves, report.moves.len());
     });
 }

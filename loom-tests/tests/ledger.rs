@@ -17,7 +17,10 @@ fn gov() -> MemoryGovernor {
         .budget(EngineId::Query, 4 * MIB)
         .budget(EngineId::Vector, 4 * MIB)
         .floor(EngineId::Vector, MIB)
-        .rebalance(RebalanceConfig { min_move: 1, ..Default::default() })
+        .rebalance(RebalanceConfig {
+            min_move: 1,
+            ..Default::default()
+        })
         .build()
         .unwrap()
 }
@@ -109,7 +112,12 @@ fn rebalancing_against_a_racing_reservation_keeps_every_limit() {
         let held = t.join().unwrap();
         let v = gov.budget(EngineId::Vector);
         // Whatever the order, the lender's limit still covers what it admitted.
-        assert!(v.usage() <= v.limit(), "usage {} limit {}", v.usage(), v.limit());
+        assert!(
+            v.usage() <= v.limit(),
+            "usage {} limit {}",
+            v.usage(),
+            v.limit()
+        );
         assert!(v.limit() >= v.floor());
         let total: u64 = EngineId::ALL.iter().map(|&e| gov.limit(e)).sum();
         assert!(total <= gov.ceiling());
@@ -128,7 +136,10 @@ fn concurrent_polls_agree_on_one_transition() {
         let t = thread::spawn(move || g.pressure(EngineId::Crdt));
         let here = gov.pressure(EngineId::Crdt);
         let there = t.join().unwrap();
-        assert_eq!((here, there), (PressureLevel::Emergency, PressureLevel::Emergency));
+        assert_eq!(
+            (here, there),
+            (PressureLevel::Emergency, PressureLevel::Emergency)
+        );
         assert_eq!(gov.budget(EngineId::Crdt).pressure_transitions(), 1);
     });
 }

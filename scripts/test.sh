@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every check of the workspace, in the order a failure is cheapest to find:
+# formatting, clippy (all targets, benches included, -D warnings), the tests (nextest),
+# the doc tests, and the loom models (built with --cfg nodedb_mem_loom in their own target
+# directory so the normal build cache is not invalidated).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "rustfmt"
+cargo fmt --all -- --check
+
+step "clippy -D warnings (all targets, benches included)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+cargo nextest run --workspace --locked --no-fail-fast
+
+step "doc tests"
+cargo test --workspace --doc --locked
+
+step "loom models (preemption bound ${LOOM_MAX_PREEMPTIONS:-2})"
+RUSTFLAGS="--cfg nodedb_mem_loom -C debug-assertions" \
+    LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}" \
+    LOOM_MAX_BRANCHES="${LOOM_MAX_BRANCHES:-10000}" \
+    CARGO_TARGET_DIR="$target_dir/loom" \
+    cargo test -p nodedb-mem-loom-tests --release --locked --test ledger
+
+step "all checks passed"
