@@ -181,8 +181,8 @@ impl Budget {
 
     fn raise_usage(&self, bytes: u64) {
         let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        self.peak.fetch_max(now, Ordering::AcqRel);
-        self.window_peak.fetch_max(now, Ordering::AcqRel);
+        raise_max(&self.peak, now);
+        raise_max(&self.window_peak, now);
     }
 
     /// Admission: takes `bytes` of headroom if the limit allows, else counts a rejection and
@@ -322,6 +322,16 @@ pub(crate) fn update_level(
             }
             Err(seen) => cur = seen,
         }
+    }
+}
+
+/// `max.fetch_max(value)`, skipping the read-modify-write (and the cache-line ownership it
+/// takes) when a plain load already shows a value at least as high. Maxima only grow, so a
+/// stale load can only make us do the RMW, never skip a needed one.
+#[inline]
+pub(crate) fn raise_max(max: &AtomicU64, value: u64) {
+    if max.load(Ordering::Acquire) < value {
+        max.fetch_max(value, Ordering::AcqRel);
     }
 }
 

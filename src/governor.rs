@@ -5,7 +5,7 @@ use std::fmt;
 use crossbeam_utils::CachePadded;
 
 use crate::EngineId;
-use crate::budget::{Budget, checked_sub, to_i64, update_level};
+use crate::budget::{Budget, checked_sub, raise_max, to_i64, update_level};
 use crate::ceiling::CeilingSource;
 use crate::config::{Config, GovernorBuilder, RebalanceConfig};
 use crate::error::{MemError, Result};
@@ -90,7 +90,7 @@ impl GlobalLedger {
 
     fn raise(&self, bytes: u64) {
         let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        self.peak.fetch_max(now, Ordering::AcqRel);
+        raise_max(&self.peak, now);
     }
 
     /// Lowers usage after the engine-level decrement; cannot underflow because every byte in
@@ -515,6 +515,7 @@ impl MemoryGovernor {
         crate::rebalancer::Rebalancer::spawn(self.clone(), interval)
     }
 
+    #[cfg(not(nodedb_mem_loom))]
     pub(crate) fn pump_events(&self) {
         self.inner.events.pump();
     }
