@@ -430,3 +430,28 @@ fn snapshot_reports_every_figure() {
     assert_eq!(snap.engines.len(), EngineId::COUNT);
     gov.credit(EngineId::Sparse, 4096).unwrap();
 }
+
+#[test]
+fn the_background_rebalancer_moves_limit_and_stops_on_drop() {
+    use std::time::{Duration, Instant};
+    let gov = gov();
+    let _busy = gov.reserve(EngineId::Query, 36 * MIB).unwrap();
+    let bg = gov.spawn_rebalancer(Duration::from_millis(5)).unwrap();
+    // No timing assertion: wait (up to a generous deadline) for the first step to happen.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gov.limit(EngineId::Query) == 40 * MIB && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let steps = bg.stop();
+    assert!(steps >= 1);
+    assert_eq!(gov.limit(EngineId::Query), 60 * MIB);
+    // Stopped: nothing moves any more, and the thread's handle on the governor is gone.
+    let before = gov.snapshot().events_recorded;
+    thread::sleep(Duration::from_millis(20));
+    assert_eq!(gov.snapshot().events_recorded, before);
+    let err = gov.spawn_rebalancer(Duration::ZERO).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration `rebalance interval` = 0 s: must be above zero"
+    );
+}
