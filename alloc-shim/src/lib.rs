@@ -1,13 +1,39 @@
-//! The allocation-path layer of `nodedb-mem`.
+//! The allocation path of `nodedb-mem`: the `#[global_allocator]` that attributes every heap
+//! allocation to an engine, and the engine identities it shares with the policy crate.
 //!
-//! This crate is deliberately tiny and `no_std`: it holds what the global allocator's hot path
-//! needs to know and nothing of the policy (budgets, rebalancing, metrics), which lives in the
-//! `nodedb-mem` crate and re-exports everything here. Today that is the closed set of engines,
-//! [`EngineId`]; the `#[global_allocator]` type joins it in the next step of the project.
+//! This crate holds only what runs on (or right beside) every `malloc`; budgets, rebalancing
+//! and metrics live in `nodedb-mem`, which re-exports everything here.
 //!
-//! Keeping the set of engines closed is what makes "an engine without a budget"
-//! unrepresentable: every `EngineId` indexes a fixed table built when the governor is built.
-#![no_std]
+//! # How an allocation is attributed
+//!
+//! * The thread's current engine is set by [`EngineGuard`] (a thread-local write).
+//! * Each engine but `Unattributed` has a jemalloc arena created with our extent hooks, which
+//!   carve its extents from one reserved virtual range per engine; the owner of any pointer is
+//!   then found from its address alone. `Unattributed` is served by jemalloc's automatic arenas
+//!   (everything outside the ranges).
+//! * Charges and credits go to the owner by address, in the jemalloc size class actually
+//!   handed out: a free on any thread, and a `realloc`, credit the engine that owns the memory.
+//! * Each thread batches charges for its *home* engine through a prepaid credit bounded by
+//!   [`BATCH`] (64 KiB); everything else, and every allocation of [`DIRECT_THRESHOLD`] (1 MiB)
+//!   or more, updates the [`charged`] ledger at once. See `docs/design.md`.
+//!
+//! The hot path never allocates, locks, panics or unwinds, and works before `main`, during
+//! thread start-up and teardown (after its thread-local is gone it charges the ledger directly).
+
+mod alloc;
+mod arena;
+mod ledger;
+mod size_class;
+mod thread;
+
+pub use alloc::{GovernedAlloc, detached_operations, is_active, unrouted_allocations};
+pub use arena::{
+    ArenaStats, arena_index, arena_stats, arenas_ready, owner, range_bytes, range_exhaustions,
+};
+pub use ledger::{BATCH, DIRECT_THRESHOLD, charged, charged_peak, take_window_peak};
+pub use thread::{
+    EngineGuard, HOME_SWITCH_AFTER, current_engine, flush_thread, home_engine, home_switches,
+};
 
 use core::fmt;
 use core::str::FromStr;
@@ -111,7 +137,7 @@ impl fmt::Display for UnknownEngine {
     }
 }
 
-impl core::error::Error for UnknownEngine {}
+impl std::error::Error for UnknownEngine {}
 
 impl FromStr for EngineId {
     type Err = UnknownEngine;

@@ -1,0 +1,278 @@
+//! `GovernedAlloc`: the `#[global_allocator]`.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tikv_jemalloc_sys as jem;
+
+use crate::arena::owner_of;
+use crate::ledger;
+use crate::size_class::usable_size;
+use crate::thread::{THREAD, ThreadState};
+
+/// jemalloc guarantees this alignment for every allocation of at least this size
+/// (`MALLOC_ALIGNMENT` on x86-64 and aarch64 Linux).
+const MIN_ALIGN: usize = 16;
+
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+static UNROUTED: AtomicU64 = AtomicU64::new(0);
+static DETACHED: AtomicU64 = AtomicU64::new(0);
+
+/// The global allocator: jemalloc, with every allocation charged to the engine that owns it.
+///
+/// ```no_run
+/// #[global_allocator]
+/// static ALLOC: nodedb_mem_alloc::GovernedAlloc = nodedb_mem_alloc::GovernedAlloc::new();
+/// ```
+///
+/// See the crate documentation for how allocations are routed and charged.
+#[derive(Debug, Default)]
+pub struct GovernedAlloc {
+    _private: (),
+}
+
+impl GovernedAlloc {
+    /// The allocator, for a `#[global_allocator]` static.
+    pub const fn new() -> GovernedAlloc {
+        GovernedAlloc { _private: () }
+    }
+}
+
+/// Whether `GovernedAlloc` has served an allocation for an engine in this process, i.e.
+/// whether it is the global allocator (the check `install` uses).
+pub fn is_active() -> bool {
+    ACTIVE.load(Ordering::Relaxed)
+}
+
+/// Allocations for an engine that had to be served from the automatic arenas because the
+/// engine arenas could not be created (they are then charged to `Unattributed`).
+pub fn unrouted_allocations() -> u64 {
+    UNROUTED.load(Ordering::Relaxed)
+}
+
+/// Operations served after a thread's allocator state was destroyed (allocations in
+/// thread-local destructors that run after ours): charged and credited directly by address.
+pub fn detached_operations() -> u64 {
+    DETACHED.load(Ordering::Relaxed)
+}
+
+/// The alignment flags jemalloc needs for `layout` (none when its natural alignment suffices).
+#[inline]
+fn align_flags(size: usize, align: usize) -> c_int {
+    if align <= MIN_ALIGN && align <= size {
+        0
+    } else {
+        jem::MALLOCX_LG_ALIGN(align.trailing_zeros() as usize)
+    }
+}
+
+/// Allocates on the fast path: the thread's arena and cache.
+#[inline]
+unsafe fn fast_alloc(size: usize, flags: c_int, zero: bool) -> *mut c_void {
+    // SAFETY (all three): size > 0 (GlobalAlloc callers guarantee it), and `flags` only holds
+    // an alignment that is a power of two.
+    unsafe {
+        match (flags, zero) {
+            (0, false) => jem::malloc(size),
+            (0, true) => jem::calloc(1, size),
+            (f, false) => jem::mallocx(size, f),
+            (f, true) => jem::mallocx(size, f | jem::MALLOCX_ZERO),
+        }
+    }
+}
+
+impl ThreadState {
+    #[inline]
+    unsafe fn alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
+        let engine = self.current();
+        let p = if engine == self.home() {
+            self.note_home();
+            // SAFETY: forwarded from `GlobalAlloc::alloc`'s contract.
+            unsafe { fast_alloc(size, flags, zero) }
+        } else {
+            ACTIVE.store(true, Ordering::Relaxed);
+            self.note_visit(engine);
+            let zero = if zero { jem::MALLOCX_ZERO } else { 0 };
+            let flags = flags | zero | jem::MALLOCX_TCACHE_NONE;
+            let flags = match self.visit_arena(engine) {
+                Some(arena) => flags | jem::MALLOCX_ARENA(arena as usize),
+                None => {
+                    UNROUTED.fetch_add(1, Ordering::Relaxed);
+                    flags
+                }
+            };
+            // SAFETY: size > 0; flags name an existing arena, no cache, and an alignment.
+            unsafe { jem::mallocx(size, flags) }
+        }
+        .cast::<u8>();
+        if !p.is_null() {
+            self.on_alloc(owner_of(p), usable);
+        }
+        p
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, size: usize, flags: c_int, usable: u64) {
+        let owner = owner_of(ptr);
+        let flags = if owner == self.home() {
+            flags
+        } else {
+            flags | jem::MALLOCX_TCACHE_NONE
+        };
+        // SAFETY: `ptr` was allocated by this allocator with this layout (GlobalAlloc contract),
+        // so `size` lies within its usable range, as `sdallocx` requires.
+        unsafe { jem::sdallocx(ptr.cast(), size, flags) };
+        self.on_free(owner, usable);
+    }
+
+    #[inline]
+    unsafe fn realloc(
+        &self,
+        ptr: *mut u8,
+        new_size: usize,
+        flags: c_int,
+        old_usable: u64,
+        new_usable: u64,
+    ) -> *mut u8 {
+        let owner = owner_of(ptr);
+        // The new block keeps the owner: away from home, name the owner's arena explicitly.
+        let flags = if owner == self.home() {
+            flags
+        } else {
+            match self.visit_arena(owner) {
+                Some(arena) => {
+                    flags | jem::MALLOCX_TCACHE_NONE | jem::MALLOCX_ARENA(arena as usize)
+                }
+                None => flags | jem::MALLOCX_TCACHE_NONE,
+            }
+        };
+        // SAFETY: `ptr` is live and from this allocator; new_size > 0 (GlobalAlloc contract).
+        let q = unsafe { jem::rallocx(ptr.cast(), new_size, flags) }.cast::<u8>();
+        if !q.is_null() {
+            self.on_free(owner, old_usable);
+            self.on_alloc(owner_of(q), new_usable);
+        }
+        q
+    }
+}
+
+// Without the thread's state (during its teardown, after our thread-local is destroyed): no
+// batching, no cache for foreign objects, the ledger updated at once, owner by address.
+
+#[cold]
+unsafe fn detached_alloc(size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
+    DETACHED.fetch_add(1, Ordering::Relaxed);
+    let zero = if zero { jem::MALLOCX_ZERO } else { 0 };
+    // SAFETY: size > 0 and `flags` holds only an alignment and the zero flag.
+    let p = unsafe { jem::mallocx(size, flags | zero | jem::MALLOCX_TCACHE_NONE) }.cast::<u8>();
+    if !p.is_null() {
+        ledger::charge(owner_of(p), usable);
+    }
+    p
+}
+
+#[cold]
+unsafe fn detached_dealloc(ptr: *mut u8, size: usize, flags: c_int, usable: u64) {
+    DETACHED.fetch_add(1, Ordering::Relaxed);
+    let owner = owner_of(ptr);
+    // SAFETY: as in `ThreadState::dealloc`.
+    unsafe { jem::sdallocx(ptr.cast(), size, flags | jem::MALLOCX_TCACHE_NONE) };
+    ledger::credit(owner, usable);
+}
+
+#[cold]
+unsafe fn detached_realloc(
+    ptr: *mut u8,
+    new_size: usize,
+    flags: c_int,
+    old_usable: u64,
+    new_usable: u64,
+) -> *mut u8 {
+    DETACHED.fetch_add(1, Ordering::Relaxed);
+    let owner = owner_of(ptr);
+    // SAFETY: as in `ThreadState::realloc`.
+    let q = unsafe { jem::rallocx(ptr.cast(), new_size, flags | jem::MALLOCX_TCACHE_NONE) }
+        .cast::<u8>();
+    if !q.is_null() {
+        ledger::credit(owner, old_usable);
+        ledger::charge(owner_of(q), new_usable);
+    }
+    q
+}
+
+#[inline]
+fn usable(size: usize, align: usize) -> Option<u64> {
+    usable_size(size, align).map(|u| u as u64)
+}
+
+// SAFETY: every method returns memory from jemalloc with the requested size and alignment
+// (the flags carry the alignment whenever jemalloc's natural one is not enough), or null; no
+// method unwinds (no panicking operations: thread-local access goes through `try_with`,
+// arithmetic is on bounded values, `usable_size` returns `None` instead of overflowing).
+unsafe impl GlobalAlloc for GovernedAlloc {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        let Some(usable) = usable(size, align) else {
+            return std::ptr::null_mut();
+        };
+        let flags = align_flags(size, align);
+        // SAFETY: the caller's `Layout` has a non-zero size (GlobalAlloc contract).
+        match THREAD.try_with(|t| unsafe { t.alloc(size, flags, usable, false) }) {
+            Ok(p) => p,
+            // SAFETY: as above.
+            Err(_) => unsafe { detached_alloc(size, flags, usable, false) },
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        let Some(usable) = usable(size, align) else {
+            return std::ptr::null_mut();
+        };
+        let flags = align_flags(size, align);
+        // SAFETY: as in `alloc`.
+        match THREAD.try_with(|t| unsafe { t.alloc(size, flags, usable, true) }) {
+            Ok(p) => p,
+            // SAFETY: as in `alloc`.
+            Err(_) => unsafe { detached_alloc(size, flags, usable, true) },
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let (size, align) = (layout.size(), layout.align());
+        // The allocation succeeded with this layout, so its usable size exists.
+        let usable = usable(size, align).unwrap_or(0);
+        let flags = align_flags(size, align);
+        // SAFETY: `ptr` was returned by this allocator for `layout` (GlobalAlloc contract).
+        if THREAD
+            .try_with(|t| unsafe { t.dealloc(ptr, size, flags, usable) })
+            .is_err()
+        {
+            // SAFETY: as above; the closure did not run, so `ptr` is still live.
+            unsafe { detached_dealloc(ptr, size, flags, usable) }
+        }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let align = layout.align();
+        let old_usable = usable(layout.size(), align).unwrap_or(0);
+        let Some(new_usable) = usable(new_size, align) else {
+            return std::ptr::null_mut();
+        };
+        let flags = align_flags(new_size, align);
+        // SAFETY: `ptr` is live for `layout`; `new_size` is non-zero and, rounded to `align`,
+        // does not overflow (GlobalAlloc contract).
+        match THREAD
+            .try_with(|t| unsafe { t.realloc(ptr, new_size, flags, old_usable, new_usable) })
+        {
+            Ok(q) => q,
+            // SAFETY: as above; the closure did not run, so `ptr` is still live.
+            Err(_) => unsafe { detached_realloc(ptr, new_size, flags, old_usable, new_usable) },
+        }
+    }
+}

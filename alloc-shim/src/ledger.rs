@@ -1,0 +1,100 @@
+//! The allocator's own ledger: bytes charged to each engine by the global allocator.
+//!
+//! # Exact by construction
+//!
+//! Each thread keeps a *prepaid credit* for its home engine: it charges the ledger a chunk
+//! ahead of its allocations and draws on it, and gives back what frees push above a bound. So
+//! for every engine, at every instant,
+//!
+//! ```text
+//! charged = live bytes + Σ over threads of their prepaid credit,   0 <= credit <= BATCH
+//! ```
+//!
+//! A thread only ever gives back credit it holds, and an immediate credit (a free of an object
+//! owned by an engine that is not the thread's home) is at most the object's live bytes, so
+//! `charged` can never go below zero or wrap. When every thread has flushed (thread exit or
+//! [`flush_thread`](crate::flush_thread)), `charged` equals the live bytes exactly; while
+//! threads run, it overstates them by at most `BATCH` per thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::EngineId;
+
+/// The per-thread batch bound: a thread's prepaid credit for its home engine stays in
+/// `[0, BATCH]`, so the ledger is never more than `BATCH` bytes per thread above the live bytes
+/// and never below them.
+pub const BATCH: u64 = 64 * 1024;
+
+/// Credit a thread keeps after topping up or giving back: the middle of the band, so a thread
+/// oscillating around a boundary does not touch the shared counter on every operation.
+pub(crate) const REFILL: u64 = BATCH / 2;
+
+/// Allocations and frees of at least this many bytes update the ledger immediately.
+pub const DIRECT_THRESHOLD: u64 = 1 << 20;
+
+#[repr(align(128))]
+pub(crate) struct EngineLedger {
+    charged: AtomicU64,
+    peak: AtomicU64,
+    window_peak: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: EngineLedger = EngineLedger {
+    charged: AtomicU64::new(0),
+    peak: AtomicU64::new(0),
+    window_peak: AtomicU64::new(0),
+};
+
+static LEDGER: [EngineLedger; EngineId::COUNT] = [EMPTY; EngineId::COUNT];
+
+#[inline]
+fn ledger(engine: usize) -> &'static EngineLedger {
+    // `engine` always comes from an `EngineId` or `owner_of`, both `< COUNT`; fall back to the
+    // unattributed bucket rather than panic if that were ever broken.
+    match LEDGER.get(engine) {
+        Some(l) => l,
+        None => &LEDGER[EngineId::Unattributed as usize],
+    }
+}
+
+#[inline]
+pub(crate) fn charge(engine: usize, bytes: u64) {
+    let l = ledger(engine);
+    let now = l
+        .charged
+        .fetch_add(bytes, Ordering::AcqRel)
+        .wrapping_add(bytes);
+    if l.peak.load(Ordering::Relaxed) < now {
+        l.peak.fetch_max(now, Ordering::AcqRel);
+    }
+    if l.window_peak.load(Ordering::Relaxed) < now {
+        l.window_peak.fetch_max(now, Ordering::AcqRel);
+    }
+}
+
+/// Gives back `bytes`; the caller holds them (as live bytes of an object being freed, or as
+/// its own prepaid credit), so the counter cannot go below zero.
+#[inline]
+pub(crate) fn credit(engine: usize, bytes: u64) {
+    ledger(engine).charged.fetch_sub(bytes, Ordering::AcqRel);
+}
+
+/// Bytes charged to `engine` by the global allocator: its live heap bytes plus the prepaid
+/// credit of threads that have not flushed (at most [`BATCH`] per thread).
+pub fn charged(engine: EngineId) -> u64 {
+    ledger(engine.index()).charged.load(Ordering::Acquire)
+}
+
+/// The highest value [`charged`] has reached for `engine`.
+pub fn charged_peak(engine: EngineId) -> u64 {
+    ledger(engine.index()).peak.load(Ordering::Acquire)
+}
+
+/// The highest value of [`charged`] since the previous call, restarting the window at the
+/// current value. For rebalancing: "how busy was this engine lately".
+pub fn take_window_peak(engine: EngineId) -> u64 {
+    let l = ledger(engine.index());
+    let now = l.charged.load(Ordering::Acquire);
+    l.window_peak.swap(now, Ordering::AcqRel).max(now)
+}

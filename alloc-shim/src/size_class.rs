@@ -1,0 +1,109 @@
+//! jemalloc's usable size for a request, computed without calling into jemalloc.
+//!
+//! `nallocx` costs about as much as the allocation itself, so the hot path computes the size
+//! class from the request with the same rules as jemalloc 5.3's `sz_sa2u` (x86-64 defaults:
+//! 16-byte quantum, 4 KiB pages, four classes per doubling, and `disable_large_size_classes`,
+//! on by default, which rounds large requests to whole pages). A test checks every request
+//! size up to 64 KiB, and a sample of larger ones, for every alignment up to 64 KiB, against
+//! `nallocx`.
+
+const QUANTUM: usize = 16;
+const PAGE: usize = 4096;
+/// Largest small (slab-allocated) size class.
+const SMALL_MAXCLASS: usize = 14 * 1024;
+/// Smallest large size class.
+const LARGE_MINCLASS: usize = 16 * 1024;
+
+/// `sz_s2u` for `size <= SMALL_MAXCLASS`, or for any size when large classes are pages.
+#[inline]
+const fn s2u(size: usize) -> Option<usize> {
+    if size <= 8 {
+        return Some(8);
+    }
+    if size <= 8 * QUANTUM {
+        return Some((size + QUANTUM - 1) & !(QUANTUM - 1));
+    }
+    if size <= SMALL_MAXCLASS {
+        // 2^lg < size <= 2^(lg+1): four classes in that doubling, `2^(lg-2)` apart.
+        let lg = (usize::BITS - 1 - (size - 1).leading_zeros()) as usize;
+        let delta = 1usize << (lg - 2);
+        return Some((size + delta - 1) & !(delta - 1));
+    }
+    match size.checked_add(PAGE - 1) {
+        Some(s) => Some(s & !(PAGE - 1)),
+        None => None,
+    }
+}
+
+/// The bytes jemalloc really hands out for `size` bytes aligned to `align` (a power of two),
+/// or `None` when the request cannot be satisfied (it overflows).
+#[inline]
+pub(crate) const fn usable_size(size: usize, align: usize) -> Option<usize> {
+    let size = if size == 0 { 1 } else { size };
+    if size <= SMALL_MAXCLASS && align <= PAGE {
+        let rounded = (size + align - 1) & !(align - 1);
+        if let Some(u) = s2u(rounded) {
+            if u < LARGE_MINCLASS {
+                return Some(u);
+            }
+        }
+    }
+    if size <= LARGE_MINCLASS {
+        return Some(LARGE_MINCLASS);
+    }
+    // jemalloc refuses requests whose page-aligned mapping would overflow.
+    match s2u(size) {
+        Some(u) if u.checked_add(align).is_some() && u <= isize::MAX as usize => Some(u),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tikv_jemalloc_sys as jem;
+
+    fn jemalloc(size: usize, align: usize) -> usize {
+        let flags = jem::MALLOCX_ALIGN(align);
+        // SAFETY: nallocx has no preconditions beyond a valid flags word; size > 0 here.
+        unsafe { jem::nallocx(size, flags) }
+    }
+
+    #[test]
+    fn matches_nallocx_for_every_small_size_and_alignment() {
+        for lg_align in 0..=16 {
+            let align = 1usize << lg_align;
+            for size in 1..=64 * 1024 {
+                assert_eq!(
+                    usable_size(size, align),
+                    Some(jemalloc(size, align)),
+                    "size {size} align {align}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_nallocx_for_large_sizes() {
+        let mut size = 64 * 1024;
+        while size < 1 << 34 {
+            for s in [size - 1, size, size + 1, size + 4095, size * 5 / 4 + 7] {
+                for align in [1, 16, 4096, 1 << 16, 1 << 21] {
+                    assert_eq!(
+                        usable_size(s, align),
+                        Some(jemalloc(s, align)),
+                        "size {s} align {align}"
+                    );
+                }
+            }
+            size *= 2;
+        }
+    }
+
+    #[test]
+    fn overflowing_requests_have_no_size() {
+        assert_eq!(usable_size(usize::MAX, 1), None);
+        assert_eq!(usable_size(usize::MAX - 4096, 8), None);
+        assert_eq!(usable_size(isize::MAX as usize, 8), None);
+    }
+}

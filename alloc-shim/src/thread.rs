@@ -1,0 +1,320 @@
+//! Per-thread state of the allocation path: the current engine (set by [`EngineGuard`]), the
+//! *home* engine whose arena the thread is bound to, and the thread's prepaid credit.
+//!
+//! # Home and visits
+//!
+//! jemalloc's fast path (`malloc` / `sdallocx` with no flags) serves a thread from the arena it
+//! is bound to, through its thread cache. The thread cache is per thread, not per arena, so
+//! rebinding a thread to another arena needs a cache flush (~0.4–5.5 µs). So a thread has a
+//! *home* engine, whose allocations take the fast path, and *visits* other engines: a visit
+//! allocates with `MALLOCX_ARENA(engine) | MALLOCX_TCACHE_NONE`, and frees of objects owned by
+//! any engine but home bypass the cache too, so the cache only ever holds home objects. After
+//! [`HOME_SWITCH_AFTER`] consecutive allocations visiting the same engine, the thread makes it
+//! home (rebind + flush). Entering or leaving a guard is two thread-local writes.
+//!
+//! Whatever the cache or the binding does, charges and credits go to the engine that owns the
+//! pointer by address, so the ledger stays exact even when an allocation lands elsewhere.
+
+use std::cell::Cell;
+use std::ffi::c_uint;
+use std::marker::PhantomData;
+use std::mem::size_of;
+use std::ptr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use tikv_jemalloc_sys as jem;
+
+use crate::EngineId;
+use crate::arena::arena_of;
+use crate::ledger::{self, BATCH, DIRECT_THRESHOLD, REFILL};
+
+/// Consecutive allocations visiting one engine after which a thread moves its home there.
+pub const HOME_SWITCH_AFTER: u32 = 128;
+
+const UNATTRIBUTED: u8 = EngineId::Unattributed as u8;
+const NO_ARENA: u32 = u32::MAX;
+
+static MIB_THREAD_ARENA: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
+static MIB_TCACHE_FLUSH: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
+static HOME_SWITCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Looks up the MIBs of `thread.arena` and `thread.tcache.flush` (once, at initialisation).
+pub(crate) fn lookup_mibs() -> bool {
+    fn lookup<const N: usize>(name: &std::ffi::CStr, out: &[AtomicUsize; N]) -> bool {
+        let mut mib = [0usize; N];
+        let mut len = N;
+        // SAFETY: `mib` has room for `len` entries; jemalloc writes at most that many.
+        let rc = unsafe { jem::mallctlnametomib(name.as_ptr(), mib.as_mut_ptr(), &mut len) };
+        if rc != 0 || len != N {
+            return false;
+        }
+        for (slot, v) in out.iter().zip(mib) {
+            slot.store(v, Ordering::Relaxed);
+        }
+        true
+    }
+    lookup(c"thread.arena", &MIB_THREAD_ARENA) && lookup(c"thread.tcache.flush", &MIB_TCACHE_FLUSH)
+}
+
+/// Binds the calling thread to `arena`, returning the arena it was bound to.
+fn bind_thread_arena(arena: c_uint) -> Option<c_uint> {
+    let mib = MIB_THREAD_ARENA
+        .each_ref()
+        .map(|m| m.load(Ordering::Relaxed));
+    let mut old: c_uint = 0;
+    let mut old_len = size_of::<c_uint>();
+    let mut new = arena;
+    // SAFETY: `thread.arena` reads and writes an `unsigned`; both buffers are one, with their
+    // sizes. The MIB was produced by `mallctlnametomib` for this name.
+    let rc = unsafe {
+        jem::mallctlbymib(
+            mib.as_ptr(),
+            mib.len(),
+            ptr::from_mut(&mut old).cast(),
+            &mut old_len,
+            ptr::from_mut(&mut new).cast(),
+            size_of::<c_uint>(),
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let flush = MIB_TCACHE_FLUSH
+        .each_ref()
+        .map(|m| m.load(Ordering::Relaxed));
+    // SAFETY: `thread.tcache.flush` takes and returns nothing. Failure (no tcache) is fine.
+    unsafe {
+        jem::mallctlbymib(
+            flush.as_ptr(),
+            flush.len(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            0,
+        );
+    }
+    Some(old)
+}
+
+pub(crate) struct ThreadState {
+    /// Engine of the innermost active guard.
+    current: Cell<u8>,
+    /// Engine whose arena this thread is bound to.
+    home: Cell<u8>,
+    /// Prepaid bytes charged to `home` and not yet used, in `[0, BATCH]`.
+    credit: Cell<u64>,
+    /// Engine of the current run of visits, and its length.
+    visit_engine: Cell<u8>,
+    visits: Cell<u32>,
+    /// The automatic arena jemalloc gave this thread, learnt at the first move of home.
+    auto_arena: Cell<u32>,
+}
+
+impl ThreadState {
+    const fn new() -> ThreadState {
+        ThreadState {
+            current: Cell::new(UNATTRIBUTED),
+            home: Cell::new(UNATTRIBUTED),
+            credit: Cell::new(0),
+            visit_engine: Cell::new(UNATTRIBUTED),
+            visits: Cell::new(0),
+            auto_arena: Cell::new(NO_ARENA),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn current(&self) -> usize {
+        self.current.get() as usize
+    }
+
+    #[inline]
+    pub(crate) fn home(&self) -> usize {
+        self.home.get() as usize
+    }
+
+    /// The arena to name explicitly when serving `engine` away from home: the engine's arena,
+    /// or for `Unattributed` the thread's automatic arena (arena 0 if never learnt).
+    #[inline]
+    pub(crate) fn visit_arena(&self, engine: usize) -> Option<c_uint> {
+        if engine == UNATTRIBUTED as usize {
+            Some(match self.auto_arena.get() {
+                NO_ARENA => 0,
+                a => a,
+            })
+        } else {
+            arena_of(engine)
+        }
+    }
+
+    /// Counts a visit to `engine`; after enough in a row, moves home there.
+    #[inline]
+    pub(crate) fn note_visit(&self, engine: usize) {
+        if self.visit_engine.get() as usize == engine {
+            let n = self.visits.get().saturating_add(1);
+            self.visits.set(n);
+            if n >= HOME_SWITCH_AFTER {
+                self.move_home(engine);
+            }
+        } else {
+            self.visit_engine.set(engine as u8);
+            self.visits.set(1);
+        }
+    }
+
+    #[inline]
+    pub(crate) fn note_home(&self) {
+        self.visits.set(0);
+    }
+
+    #[cold]
+    fn move_home(&self, engine: usize) {
+        self.visits.set(0);
+        let Some(arena) = self.visit_arena(engine) else {
+            return;
+        };
+        if let Some(old) = bind_thread_arena(arena) {
+            if self.home.get() == UNATTRIBUTED && self.auto_arena.get() == NO_ARENA {
+                self.auto_arena.set(old);
+            }
+            self.flush();
+            self.home.set(engine as u8);
+            HOME_SWITCHES.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Charges `bytes` of an allocation owned by `owner`.
+    #[inline]
+    pub(crate) fn on_alloc(&self, owner: usize, bytes: u64) {
+        if owner != self.home() || bytes >= DIRECT_THRESHOLD {
+            ledger::charge(owner, bytes);
+            return;
+        }
+        let c = self.credit.get();
+        if c >= bytes {
+            self.credit.set(c - bytes);
+        } else {
+            // Top up to REFILL left over after this allocation.
+            ledger::charge(owner, bytes - c + REFILL);
+            self.credit.set(REFILL);
+        }
+    }
+
+    /// Credits `bytes` of a free of memory owned by `owner`.
+    #[inline]
+    pub(crate) fn on_free(&self, owner: usize, bytes: u64) {
+        if owner != self.home() || bytes >= DIRECT_THRESHOLD {
+            ledger::credit(owner, bytes);
+            return;
+        }
+        let c = self.credit.get() + bytes;
+        if c > BATCH {
+            ledger::credit(owner, c - REFILL);
+            self.credit.set(REFILL);
+        } else {
+            self.credit.set(c);
+        }
+    }
+
+    /// Gives the prepaid credit back to the ledger.
+    pub(crate) fn flush(&self) {
+        let c = self.credit.replace(0);
+        if c > 0 {
+            ledger::credit(self.home(), c);
+        }
+    }
+}
+
+impl Drop for ThreadState {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+thread_local! {
+    pub(crate) static THREAD: ThreadState = const { ThreadState::new() };
+}
+
+/// Publishes the calling thread's prepaid credit to the ledger now, so
+/// [`charged`](crate::charged) equals the thread's live bytes exactly. Threads do this by
+/// themselves when they exit.
+pub fn flush_thread() {
+    let _ = THREAD.try_with(ThreadState::flush);
+}
+
+/// The engine the calling thread's allocations are attributed to now.
+pub fn current_engine() -> EngineId {
+    THREAD
+        .try_with(|t| EngineId::from_index(t.current()))
+        .ok()
+        .flatten()
+        .unwrap_or(EngineId::Unattributed)
+}
+
+/// The calling thread's home engine (see the module docs of the allocator).
+pub fn home_engine() -> EngineId {
+    THREAD
+        .try_with(|t| EngineId::from_index(t.home()))
+        .ok()
+        .flatten()
+        .unwrap_or(EngineId::Unattributed)
+}
+
+/// How many times threads have moved their home engine (each costs a cache flush).
+pub fn home_switches() -> u64 {
+    HOME_SWITCHES.load(Ordering::Relaxed)
+}
+
+/// Attributes the calling thread's allocations to an engine until dropped; guards nest, and
+/// dropping one restores the engine that was current when it was entered.
+///
+/// ```
+/// use nodedb_mem_alloc::{EngineGuard, EngineId, current_engine};
+///
+/// assert_eq!(current_engine(), EngineId::Unattributed);
+/// {
+///     let _q = EngineGuard::enter(EngineId::Query);
+///     assert_eq!(current_engine(), EngineId::Query);
+///     {
+///         let _v = EngineGuard::enter(EngineId::Vector);
+///         assert_eq!(current_engine(), EngineId::Vector);
+///     }
+///     assert_eq!(current_engine(), EngineId::Query);
+/// }
+/// assert_eq!(current_engine(), EngineId::Unattributed);
+/// ```
+///
+/// A guard belongs to its thread: it cannot be sent to another one.
+///
+/// ```compile_fail
+/// use nodedb_mem_alloc::{EngineGuard, EngineId};
+/// let g = EngineGuard::enter(EngineId::Query);
+/// std::thread::spawn(move || drop(g));
+/// ```
+#[derive(Debug)]
+#[must_use = "the engine is current only while the guard lives"]
+pub struct EngineGuard {
+    previous: Option<u8>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl EngineGuard {
+    /// Makes `engine` the calling thread's current engine. During thread teardown (after the
+    /// thread's state is gone) this does nothing, and allocations stay attributed by address.
+    #[inline]
+    pub fn enter(engine: EngineId) -> EngineGuard {
+        let previous = THREAD.try_with(|t| t.current.replace(engine as u8)).ok();
+        EngineGuard {
+            previous,
+            _not_send: PhantomData,
+        }
+    }
+}
+
+impl Drop for EngineGuard {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(prev) = self.previous {
+            let _ = THREAD.try_with(|t| t.current.set(prev));
+        }
+    }
+}
