@@ -96,7 +96,7 @@ pub(crate) fn arena_of(engine: usize) -> Option<c_uint> {
     }
     match STATE.load(Ordering::Acquire) {
         READY => ARENA.get(engine).map(|a| a.load(Ordering::Relaxed)),
-        UNINIT => {
+        UNINIT | RUNNING => {
             init();
             if STATE.load(Ordering::Acquire) == READY {
                 ARENA.get(engine).map(|a| a.load(Ordering::Relaxed))
@@ -127,14 +127,22 @@ pub fn range_bytes() -> usize {
     }
 }
 
-/// Reserves the ranges and creates the arenas, once; concurrent callers do not wait (they are
-/// served from the automatic arenas until this finishes).
+/// Reserves the ranges and creates the arenas, once. Concurrent callers wait for the thread
+/// doing it (it takes well under a millisecond and allocates nothing through the global
+/// allocator, so it cannot wait on itself); after a bounded number of yields they give up and
+/// are served from the automatic arenas.
 #[cold]
 fn init() {
-    if STATE
-        .compare_exchange(UNINIT, RUNNING, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
+    if let Err(seen) =
+        STATE.compare_exchange(UNINIT, RUNNING, Ordering::AcqRel, Ordering::Acquire)
     {
+        let mut spins = 0u32;
+        let mut state = seen;
+        while state == RUNNING && spins < 1_000_000 {
+            std::thread::yield_now();
+            spins += 1;
+            state = STATE.load(Ordering::Acquire);
+        }
         return;
     }
     let ok = reserve_ranges() && create_arenas() && crate::thread::lookup_mibs();
