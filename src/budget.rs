@@ -61,6 +61,9 @@ pub struct Budget {
     /// Bytes of limit lent to other engines, and borrowed from them, over the lifetime.
     lent_total: AtomicU64,
     borrowed_total: AtomicU64,
+    /// Whether the global allocator's ledger for this engine counts as usage (an installed
+    /// governor) or not (a standalone one).
+    from_allocator: bool,
 }
 
 /// Why an admission failed: the usage and limit seen by the refused compare-and-swap.
@@ -71,7 +74,13 @@ pub(crate) struct Refused {
 }
 
 impl Budget {
-    pub(crate) fn new(engine: EngineId, base: u64, floor: u64, cap: u64) -> Budget {
+    pub(crate) fn new(
+        engine: EngineId,
+        base: u64,
+        floor: u64,
+        cap: u64,
+        from_allocator: bool,
+    ) -> Budget {
         Budget {
             engine,
             base,
@@ -91,7 +100,31 @@ impl Budget {
             transitions: AtomicU64::new(0),
             lent_total: AtomicU64::new(0),
             borrowed_total: AtomicU64::new(0),
+            from_allocator,
         }
+    }
+
+    /// Bytes the global allocator has charged to this engine (zero for a standalone
+    /// governor). Not part of the admission word: it is read at each admission, so an
+    /// allocation racing a reservation behaves as if it came just after it — which is allowed,
+    /// since allocations cannot be refused anyway.
+    #[inline]
+    pub(crate) fn allocator_bytes(&self) -> u64 {
+        #[cfg(not(nodedb_mem_loom))]
+        if self.from_allocator {
+            return nodedb_mem_alloc::charged(self.engine);
+        }
+        0
+    }
+
+    /// Live bytes charged through [`MemoryGovernor::charge`](crate::MemoryGovernor::charge).
+    pub(crate) fn own_used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// `own_used + reserved`.
+    pub(crate) fn own_usage(&self) -> u64 {
+        self.usage.load(Ordering::Acquire)
     }
 
     /// The engine this ledger belongs to.
@@ -114,9 +147,11 @@ impl Budget {
     pub fn limit(&self) -> u64 {
         self.limit.load(Ordering::Acquire)
     }
-    /// Live bytes charged by allocators.
+    /// Live bytes charged by allocators: the global allocator's ledger for this engine (when
+    /// the governor is installed) plus what was charged with
+    /// [`MemoryGovernor::charge`](crate::MemoryGovernor::charge).
     pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Acquire)
+        self.own_used() + self.allocator_bytes()
     }
     /// Bytes held by outstanding reservations.
     pub fn reserved(&self) -> u64 {
@@ -124,15 +159,22 @@ impl Budget {
     }
     /// Usage: live bytes plus outstanding reservations.
     pub fn usage(&self) -> u64 {
-        self.usage.load(Ordering::Acquire)
+        self.own_usage() + self.allocator_bytes()
     }
     /// What admission would still accept: `limit - usage`, or zero when over the limit.
     pub fn available(&self) -> u64 {
-        u64::try_from(self.headroom.load(Ordering::Acquire)).unwrap_or(0)
+        let h = i128::from(self.headroom.load(Ordering::Acquire));
+        u64::try_from(h - i128::from(self.allocator_bytes())).unwrap_or(0)
     }
-    /// The highest usage ever seen.
+    /// The highest usage seen: at every reservation and pressure poll, and for the allocator's
+    /// share at every ledger update of the allocator.
     pub fn peak(&self) -> u64 {
-        self.peak.load(Ordering::Acquire)
+        let own = self.peak.load(Ordering::Acquire);
+        #[cfg(not(nodedb_mem_loom))]
+        if self.from_allocator {
+            return own.max(nodedb_mem_alloc::charged_peak(self.engine));
+        }
+        own
     }
     /// Reservations refused, by this engine's limit or by the global ceiling.
     pub fn rejections(&self) -> u64 {
@@ -159,17 +201,19 @@ impl Budget {
         self.borrowed_total.load(Ordering::Relaxed)
     }
 
-    /// Takes `bytes` of headroom if that leaves it non-negative. The only admission decision.
-    fn take_headroom(&self, bytes: u64) -> std::result::Result<(), i64> {
-        let want = to_i64(bytes);
+    /// Takes `bytes` of headroom if what is left still covers the allocator's bytes. The only
+    /// admission decision. On refusal returns the headroom seen and the allocator bytes read.
+    fn take_headroom(&self, bytes: u64) -> std::result::Result<(), (i64, u64)> {
+        let ext = self.allocator_bytes();
+        let want = to_i64(bytes).saturating_add(to_i64(ext));
         let mut h = self.headroom.load(Ordering::Acquire);
         loop {
             if h < want {
-                return Err(h);
+                return Err((h, ext));
             }
             match self.headroom.compare_exchange_weak(
                 h,
-                h - want,
+                h - to_i64(bytes),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -180,7 +224,7 @@ impl Budget {
     }
 
     fn raise_usage(&self, bytes: u64) {
-        let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes + self.allocator_bytes();
         raise_max(&self.peak, now);
         raise_max(&self.window_peak, now);
     }
@@ -190,12 +234,15 @@ impl Budget {
     /// [`commit_reservation`](Self::commit_reservation) or
     /// [`cancel_admission`](Self::cancel_admission).
     pub(crate) fn try_admit(&self, bytes: u64) -> std::result::Result<(), Refused> {
-        self.take_headroom(bytes).map_err(|headroom| {
+        self.take_headroom(bytes).map_err(|(headroom, ext)| {
             self.count_rejection();
             let limit = self.limit();
             // `usage` as the refused CAS saw it, from the same word, not a second read.
-            let usage = u64::try_from(i128::from(limit) - i128::from(headroom)).unwrap_or(0);
-            Refused { usage, limit }
+            let own = u64::try_from(i128::from(limit) - i128::from(headroom)).unwrap_or(0);
+            Refused {
+                usage: own + ext,
+                limit,
+            }
         })
     }
 
@@ -280,7 +327,13 @@ impl Budget {
     /// Returns the highest usage since the last call and starts a new window at current usage.
     pub(crate) fn take_window_peak(&self) -> u64 {
         let usage = self.usage();
-        self.window_peak.swap(usage, Ordering::AcqRel).max(usage)
+        let own = self.window_peak.swap(usage, Ordering::AcqRel).max(usage);
+        #[cfg(not(nodedb_mem_loom))]
+        if self.from_allocator {
+            let alloc = nodedb_mem_alloc::take_window_peak(self.engine);
+            return own.max(alloc + self.reserved());
+        }
+        own
     }
 
     /// Re-evaluates the pressure level with hysteresis; returns `(old, new)` when it changed.
@@ -362,7 +415,7 @@ mod tests {
     use super::*;
 
     fn budget(limit: u64) -> Budget {
-        Budget::new(EngineId::Query, limit, limit / 2, limit * 2)
+        Budget::new(EngineId::Query, limit, limit / 2, limit * 2, false)
     }
 
     impl Budget {

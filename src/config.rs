@@ -224,7 +224,20 @@ impl GovernorBuilder {
 
     /// Validates the configuration and builds a standalone governor.
     pub fn build(self) -> Result<MemoryGovernor> {
-        Ok(MemoryGovernor::from_config(self.validate()?))
+        Ok(MemoryGovernor::from_config(self.validate()?, false))
+    }
+
+    /// Validates the configuration, builds the governor and binds it to the global allocator:
+    /// from now on every heap byte counts against its engine's budget. Once per process; a
+    /// second call fails with [`MemError::AlreadyInstalled`], and a process whose
+    /// `#[global_allocator]` is not [`GovernedAlloc`](crate::GovernedAlloc) gets
+    /// [`MemError::AllocatorNotGlobal`].
+    ///
+    /// Memory allocated before `install` was attributed already (the allocator keeps its
+    /// ledger from the first allocation), so it counts from the first instant.
+    #[cfg(not(nodedb_mem_loom))]
+    pub fn install(self) -> Result<&'static MemoryGovernor> {
+        crate::install::install(self.validate()?)
     }
 
     pub(crate) fn validate(self) -> Result<Config> {

@@ -100,6 +100,15 @@ pub enum MemError {
         /// Why it was refused.
         reason: SizeError,
     },
+    /// `install` was called a second time in this process.
+    #[error("a memory governor is already installed in this process")]
+    AlreadyInstalled,
+    /// `install` found that `GovernedAlloc` is not the process's global allocator, so no heap
+    /// allocation would be attributed or limited.
+    #[error(
+        "GovernedAlloc is not the global allocator: declare `#[global_allocator] static ALLOC: nodedb_mem::GovernedAlloc = nodedb_mem::GovernedAlloc::new();`"
+    )]
+    AllocatorNotGlobal,
     /// An operating-system call failed.
     #[error("{what}: {source}")]
     Io {

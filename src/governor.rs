@@ -66,19 +66,38 @@ struct GlobalLedger {
     rejections: AtomicU64,
     level: AtomicU8,
     transitions: AtomicU64,
+    /// Whether the global allocator's ledger counts (see `Budget::allocator_bytes`).
+    from_allocator: bool,
 }
 
 impl GlobalLedger {
-    fn take_headroom(&self, bytes: u64) -> std::result::Result<(), i64> {
-        let want = to_i64(bytes);
+    /// Bytes the global allocator has charged to all engines together.
+    fn allocator_bytes(&self) -> u64 {
+        #[cfg(not(nodedb_mem_loom))]
+        if self.from_allocator {
+            return EngineId::ALL
+                .iter()
+                .map(|&e| nodedb_mem_alloc::charged(e))
+                .sum();
+        }
+        0
+    }
+
+    fn own_usage(&self) -> u64 {
+        self.usage.load(Ordering::Acquire)
+    }
+
+    fn take_headroom(&self, bytes: u64) -> std::result::Result<(), (i64, u64)> {
+        let ext = self.allocator_bytes();
+        let want = to_i64(bytes).saturating_add(to_i64(ext));
         let mut h = self.headroom.load(Ordering::Acquire);
         loop {
             if h < want {
-                return Err(h);
+                return Err((h, ext));
             }
             match self.headroom.compare_exchange_weak(
                 h,
-                h - want,
+                h - to_i64(bytes),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -89,7 +108,7 @@ impl GlobalLedger {
     }
 
     fn raise(&self, bytes: u64) {
-        let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes + self.allocator_bytes();
         raise_max(&self.peak, now);
     }
 
@@ -117,10 +136,10 @@ impl MemoryGovernor {
         GovernorBuilder::default()
     }
 
-    pub(crate) fn from_config(c: Config) -> MemoryGovernor {
+    pub(crate) fn from_config(c: Config, from_allocator: bool) -> MemoryGovernor {
         let budgets = EngineId::ALL.map(|e| {
             let l = c.budgets[e.index()];
-            CachePadded::new(Budget::new(e, l.base, l.floor, l.cap))
+            CachePadded::new(Budget::new(e, l.base, l.floor, l.cap, from_allocator))
         });
         MemoryGovernor {
             inner: Arc::new(Inner {
@@ -133,6 +152,7 @@ impl MemoryGovernor {
                     rejections: AtomicU64::new(0),
                     level: AtomicU8::new(PressureLevel::Normal as u8),
                     transitions: AtomicU64::new(0),
+                    from_allocator,
                 }),
                 thresholds: c.thresholds,
                 ppm: c.thresholds.to_ppm(),
@@ -176,12 +196,16 @@ impl MemoryGovernor {
 
     /// Usage of all engines together.
     pub fn global_usage(&self) -> u64 {
-        self.inner.global.usage.load(Ordering::Acquire)
+        let g = &self.inner.global;
+        g.own_usage() + g.allocator_bytes()
     }
 
-    /// The highest global usage seen.
+    /// The highest global usage seen (sampled at every reservation, charge and poll).
     pub fn global_peak(&self) -> u64 {
-        self.inner.global.peak.load(Ordering::Acquire)
+        let g = &self.inner.global;
+        let now = self.global_usage();
+        raise_max(&g.peak, now);
+        g.peak.load(Ordering::Acquire)
     }
 
     /// Reserves `bytes` for `engine`, or refuses with a deterministic error.
@@ -229,11 +253,12 @@ impl MemoryGovernor {
             ));
         }
         let g = &inner.global;
-        if let Err(headroom) = g.take_headroom(bytes) {
+        if let Err((headroom, ext)) = g.take_headroom(bytes) {
             b.cancel_admission(bytes);
             b.count_rejection();
             g.rejections.fetch_add(1, Ordering::Relaxed);
-            let used = u64::try_from(i128::from(g.ceiling) - i128::from(headroom)).unwrap_or(0);
+            let own = u64::try_from(i128::from(g.ceiling) - i128::from(headroom)).unwrap_or(0);
+            let used = own + ext;
             inner.events.record(EventKind::CeilingRejected {
                 engine,
                 requested: bytes,
@@ -423,13 +448,18 @@ impl MemoryGovernor {
     pub fn snapshot(&self) -> crate::Snapshot {
         let inner = &*self.inner;
         let global_pressure = self.global_pressure();
+        let arenas = if inner.global.from_allocator {
+            nodedb_mem_alloc::arena_stats()
+        } else {
+            Default::default()
+        };
         let engines = {
             // Limits change only under this lock, so the limits read here sum to at most the
             // ceiling.
             let _serial = lock(&inner.rebalance_lock);
             EngineId::ALL.map(|e| {
                 let pressure = self.pressure(e);
-                crate::metrics::EngineSnapshot::read(self.budget(e), pressure)
+                crate::metrics::EngineSnapshot::read(self.budget(e), pressure, arenas[e.index()])
             })
         };
         let g = &inner.global;
@@ -463,7 +493,8 @@ impl MemoryGovernor {
         let mut total_limit = 0u64;
         for e in EngineId::ALL {
             let b = self.budget(e);
-            let (used, reserved, usage, limit) = (b.used(), b.reserved(), b.usage(), b.limit());
+            let (used, reserved, usage, limit) =
+                (b.own_used(), b.reserved(), b.own_usage(), b.limit());
             if usage != used + reserved {
                 return Err(format!(
                     "{e}: usage {usage} != used {used} + reserved {reserved}"
@@ -486,7 +517,7 @@ impl MemoryGovernor {
             total_limit += limit;
         }
         let g = &self.inner.global;
-        let usage = self.global_usage();
+        let usage = g.own_usage();
         if usage != total_usage {
             return Err(format!(
                 "global usage {usage} != sum of engines {total_usage}"

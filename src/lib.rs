@@ -15,7 +15,11 @@ mod ceiling;
 mod config;
 mod error;
 mod events;
+#[cfg(not(nodedb_mem_loom))]
+mod future;
 mod governor;
+#[cfg(not(nodedb_mem_loom))]
+mod install;
 mod metrics;
 mod pressure;
 #[cfg(not(nodedb_mem_loom))]
@@ -30,9 +34,16 @@ pub use config::{
 };
 pub use error::{MemError, Result};
 pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
+#[cfg(not(nodedb_mem_loom))]
+pub use future::{EngineExt, InEngine};
 pub use governor::{MemoryGovernor, RebalanceMove, RebalanceReport, Reservation};
+#[cfg(not(nodedb_mem_loom))]
+pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};
-pub use nodedb_mem_alloc::{EngineId, UnknownEngine};
+pub use nodedb_mem_alloc::{
+    ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, UnknownEngine,
+    current_engine, flush_thread, owner,
+};
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]
 pub use rebalancer::Rebalancer;

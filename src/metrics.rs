@@ -2,11 +2,11 @@
 
 use std::fmt::Write as _;
 
-use crate::EngineId;
 use crate::budget::Budget;
 use crate::ceiling::CeilingSource;
 use crate::events::BreachEvent;
 use crate::pressure::PressureLevel;
+use crate::{ArenaStats, EngineId};
 
 /// One engine's figures at the moment of a [`Snapshot`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,10 +45,12 @@ pub struct EngineSnapshot {
     pub lent_total: u64,
     /// Limit borrowed from other engines, in total.
     pub borrowed_total: u64,
+    /// jemalloc's figures for the engine's arena (zero for a standalone governor).
+    pub arena: ArenaStats,
 }
 
 impl EngineSnapshot {
-    pub(crate) fn read(b: &Budget, pressure: PressureLevel) -> EngineSnapshot {
+    pub(crate) fn read(b: &Budget, pressure: PressureLevel, arena: ArenaStats) -> EngineSnapshot {
         EngineSnapshot {
             engine: b.engine(),
             base: b.base(),
@@ -67,6 +69,7 @@ impl EngineSnapshot {
             pressure_transitions: b.pressure_transitions(),
             lent_total: b.lent_total(),
             borrowed_total: b.borrowed_total(),
+            arena,
         }
     }
 }
@@ -162,7 +165,7 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 17] = [
+        let per_engine: [(&str, &str, &str, Field); 21] = [
             (
                 "engine_limit_bytes",
                 "gauge",
@@ -258,6 +261,30 @@ impl Snapshot {
                 "counter",
                 "Limit borrowed from other engines by rebalancing.",
                 |e| e.borrowed_total.into(),
+            ),
+            (
+                "engine_arena_resident_bytes",
+                "gauge",
+                "Physical memory of the engine's jemalloc arena.",
+                |e| e.arena.resident.into(),
+            ),
+            (
+                "engine_arena_active_bytes",
+                "gauge",
+                "Bytes in active pages of the engine's jemalloc arena.",
+                |e| e.arena.active.into(),
+            ),
+            (
+                "engine_arena_dirty_bytes",
+                "gauge",
+                "Bytes in dirty (freed, not yet purged) pages of the engine's arena.",
+                |e| e.arena.dirty.into(),
+            ),
+            (
+                "engine_arena_mapped_bytes",
+                "gauge",
+                "Bytes mapped by the engine's jemalloc arena.",
+                |e| e.arena.mapped.into(),
             ),
             (
                 "engine_rebalance_net_bytes",

@@ -455,3 +455,18 @@ fn the_background_rebalancer_moves_limit_and_stops_on_drop() {
         "invalid configuration `rebalance interval` = 0 s: must be above zero"
     );
 }
+
+#[test]
+fn install_refuses_without_the_governed_allocator() {
+    // This test binary keeps the system allocator.
+    let err = MemoryGovernor::builder()
+        .global_ceiling(64 * MIB)
+        .install()
+        .unwrap_err();
+    assert!(matches!(err, MemError::AllocatorNotGlobal));
+    assert_eq!(
+        err.to_string(),
+        "GovernedAlloc is not the global allocator: declare `#[global_allocator] static ALLOC: nodedb_mem::GovernedAlloc = nodedb_mem::GovernedAlloc::new();`"
+    );
+    assert!(nodedb_mem::installed().is_none());
+}

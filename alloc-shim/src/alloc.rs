@@ -70,8 +70,8 @@ fn align_flags(size: usize, align: usize) -> c_int {
 /// Allocates on the fast path: the thread's arena and cache.
 #[inline]
 unsafe fn fast_alloc(size: usize, flags: c_int, zero: bool) -> *mut c_void {
-    // SAFETY (all three): size > 0 (GlobalAlloc callers guarantee it), and `flags` only holds
-    // an alignment that is a power of two.
+    // SAFETY: size > 0 (GlobalAlloc callers guarantee it), and `flags` only holds an
+    // alignment that is a power of two, which is all malloc, calloc and mallocx require.
     unsafe {
         match (flags, zero) {
             (0, false) => jem::malloc(size),
@@ -218,8 +218,10 @@ unsafe impl GlobalAlloc for GovernedAlloc {
             return std::ptr::null_mut();
         };
         let flags = align_flags(size, align);
-        // SAFETY: the caller's `Layout` has a non-zero size (GlobalAlloc contract).
-        match THREAD.try_with(|t| unsafe { t.alloc(size, flags, usable, false) }) {
+        match THREAD.try_with(|t| {
+            // SAFETY: the caller's `Layout` has a non-zero size (GlobalAlloc contract).
+            unsafe { t.alloc(size, flags, usable, false) }
+        }) {
             Ok(p) => p,
             // SAFETY: as above.
             Err(_) => unsafe { detached_alloc(size, flags, usable, false) },
@@ -233,8 +235,10 @@ unsafe impl GlobalAlloc for GovernedAlloc {
             return std::ptr::null_mut();
         };
         let flags = align_flags(size, align);
-        // SAFETY: as in `alloc`.
-        match THREAD.try_with(|t| unsafe { t.alloc(size, flags, usable, true) }) {
+        match THREAD.try_with(|t| {
+            // SAFETY: as in `alloc`.
+            unsafe { t.alloc(size, flags, usable, true) }
+        }) {
             Ok(p) => p,
             // SAFETY: as in `alloc`.
             Err(_) => unsafe { detached_alloc(size, flags, usable, true) },
@@ -247,11 +251,11 @@ unsafe impl GlobalAlloc for GovernedAlloc {
         // The allocation succeeded with this layout, so its usable size exists.
         let usable = usable(size, align).unwrap_or(0);
         let flags = align_flags(size, align);
-        // SAFETY: `ptr` was returned by this allocator for `layout` (GlobalAlloc contract).
-        if THREAD
-            .try_with(|t| unsafe { t.dealloc(ptr, size, flags, usable) })
-            .is_err()
-        {
+        let done = THREAD.try_with(|t| {
+            // SAFETY: `ptr` was returned by this allocator for `layout` (GlobalAlloc contract).
+            unsafe { t.dealloc(ptr, size, flags, usable) }
+        });
+        if done.is_err() {
             // SAFETY: as above; the closure did not run, so `ptr` is still live.
             unsafe { detached_dealloc(ptr, size, flags, usable) }
         }
@@ -265,11 +269,11 @@ unsafe impl GlobalAlloc for GovernedAlloc {
             return std::ptr::null_mut();
         };
         let flags = align_flags(new_size, align);
-        // SAFETY: `ptr` is live for `layout`; `new_size` is non-zero and, rounded to `align`,
-        // does not overflow (GlobalAlloc contract).
-        match THREAD
-            .try_with(|t| unsafe { t.realloc(ptr, new_size, flags, old_usable, new_usable) })
-        {
+        match THREAD.try_with(|t| {
+            // SAFETY: `ptr` is live for `layout`; `new_size` is non-zero and, rounded to
+            // `align`, does not overflow (GlobalAlloc contract).
+            unsafe { t.realloc(ptr, new_size, flags, old_usable, new_usable) }
+        }) {
             Ok(q) => q,
             // SAFETY: as above; the closure did not run, so `ptr` is still live.
             Err(_) => unsafe { detached_realloc(ptr, new_size, flags, old_usable, new_usable) },

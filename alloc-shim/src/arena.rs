@@ -133,8 +133,7 @@ pub fn range_bytes() -> usize {
 /// are served from the automatic arenas.
 #[cold]
 fn init() {
-    if let Err(seen) =
-        STATE.compare_exchange(UNINIT, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+    if let Err(seen) = STATE.compare_exchange(UNINIT, RUNNING, Ordering::AcqRel, Ordering::Acquire)
     {
         let mut spins = 0u32;
         let mut state = seen;
@@ -237,9 +236,7 @@ unsafe extern "C" fn hook_alloc(
     loop {
         // Align the absolute address (the range start is page-aligned, alignment may be more).
         let addr = (start_of_range + cur).next_multiple_of(alignment);
-        let end = (addr - start_of_range)
-            .checked_add(size)
-            .unwrap_or(usize::MAX);
+        let end = (addr - start_of_range).saturating_add(size);
         if end > range {
             RANGE_EXHAUSTED.fetch_add(1, Ordering::Relaxed);
             return ptr::null_mut();

@@ -42,10 +42,9 @@ pub(crate) const fn usable_size(size: usize, align: usize) -> Option<usize> {
     let size = if size == 0 { 1 } else { size };
     if size <= SMALL_MAXCLASS && align <= PAGE {
         let rounded = (size + align - 1) & !(align - 1);
-        if let Some(u) = s2u(rounded) {
-            if u < LARGE_MINCLASS {
-                return Some(u);
-            }
+        match s2u(rounded) {
+            Some(u) if u < LARGE_MINCLASS => return Some(u),
+            _ => {}
         }
     }
     if size <= LARGE_MINCLASS {

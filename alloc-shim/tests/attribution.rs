@@ -119,11 +119,8 @@ fn zeroed_and_over_aligned_blocks() {
         assert_eq!(p as usize % layout.align(), 0, "{layout:?}");
         assert_eq!(owner(p), EngineId::Sparse);
         // SAFETY: `p` holds `layout.size()` initialised (zeroed) bytes.
-        assert!(
-            unsafe { std::slice::from_raw_parts(p, layout.size()) }
-                .iter()
-                .all(|&b| b == 0)
-        );
+        let bytes = unsafe { std::slice::from_raw_parts(p, layout.size()) };
+        assert!(bytes.iter().all(|&b| b == 0));
         assert_eq!(settled(EngineId::Sparse) - base, want, "{layout:?}");
         // SAFETY: allocated above with this layout.
         unsafe { ALLOC.dealloc(p, layout) };
@@ -279,10 +276,9 @@ fn allocating_in_another_thread_locals_destructor_is_charged_and_credited() {
     let mut tid: libc::pthread_t = 0;
     // SAFETY: `tid` is a valid out-pointer, default attributes, `body` never unwinds (nothing
     // in it panics) and takes no argument.
-    assert_eq!(
-        unsafe { libc::pthread_create(&mut tid, std::ptr::null(), body, std::ptr::null_mut()) },
-        0
-    );
+    let rc =
+        unsafe { libc::pthread_create(&mut tid, std::ptr::null(), body, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
     // SAFETY: `tid` is a joinable thread created above, joined once.
     assert_eq!(unsafe { libc::pthread_join(tid, std::ptr::null_mut()) }, 0);
     assert!(nodedb_mem_alloc::detached_operations() >= detached_before + 3);

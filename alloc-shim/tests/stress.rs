@@ -53,7 +53,7 @@ fn random_engines_sizes_and_cross_thread_frees_return_to_baseline() {
         .map(|(t, inbox)| {
             let peers = senders.clone();
             std::thread::spawn(move || {
-                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1) * 0x1234_5678_9ABC);
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((t as u64 + 1) * 0x1234_5678_9ABC));
                 let mut held: Vec<Block> = Vec::new();
                 let mut ops = 0;
                 while ops < MAX_OPS / THREADS && Instant::now() < deadline {
@@ -113,7 +113,10 @@ fn random_engines_sizes_and_cross_thread_frees_return_to_baseline() {
     }
     let live: usize = leftovers.iter().map(Vec::len).sum();
     eprintln!("{total_ops} operations, {live} blocks alive at the end");
-    assert!(total_ops > 1000, "the stress test did too little work: {total_ops}");
+    assert!(
+        total_ops > 1000,
+        "the stress test did too little work: {total_ops}"
+    );
     drop(leftovers);
     flush_thread();
     for e in EngineId::ALL {

@@ -1,0 +1,45 @@
+//! Binding one governor to the global allocator, once per process.
+
+use std::sync::OnceLock;
+
+use crate::config::Config;
+use crate::error::{MemError, Result};
+use crate::governor::MemoryGovernor;
+use crate::{EngineGuard, EngineId};
+
+static INSTALLED: OnceLock<MemoryGovernor> = OnceLock::new();
+
+pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
+    if INSTALLED.get().is_some() {
+        return Err(MemError::AlreadyInstalled);
+    }
+    if !allocator_is_global() {
+        return Err(MemError::AllocatorNotGlobal);
+    }
+    INSTALLED
+        .set(MemoryGovernor::from_config(config, true))
+        .map_err(|_| MemError::AlreadyInstalled)?;
+    INSTALLED.get().ok_or(MemError::AlreadyInstalled)
+}
+
+/// The governor bound to the global allocator by
+/// [`GovernorBuilder::install`](crate::GovernorBuilder::install), if any.
+pub fn installed() -> Option<&'static MemoryGovernor> {
+    INSTALLED.get()
+}
+
+/// Allocates one block for an engine other than this thread's home: only `GovernedAlloc`
+/// notices, so this tells whether it is the global allocator.
+fn allocator_is_global() -> bool {
+    if nodedb_mem_alloc::is_active() {
+        return true;
+    }
+    let probe = match nodedb_mem_alloc::home_engine() {
+        EngineId::Vector => EngineId::Sparse,
+        _ => EngineId::Vector,
+    };
+    let guard = EngineGuard::enter(probe);
+    drop(std::hint::black_box(Box::new(0u64)));
+    drop(guard);
+    nodedb_mem_alloc::is_active()
+}

@@ -1,0 +1,160 @@
+//! The governor bound to the global allocator. This binary installs `GovernedAlloc`.
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use nodedb_mem::{
+    EngineExt, EngineGuard, EngineId, GovernedAlloc, MemError, MemoryGovernor, PressureLevel,
+    flush_thread, owner,
+};
+
+#[global_allocator]
+static ALLOC: GovernedAlloc = GovernedAlloc::new();
+
+const MIB: u64 = 1 << 20;
+
+fn gov() -> &'static MemoryGovernor {
+    static GOV: OnceLock<&'static MemoryGovernor> = OnceLock::new();
+    GOV.get_or_init(|| {
+        MemoryGovernor::builder()
+            .global_ceiling(1 << 30)
+            .budget(EngineId::Query, 64 * MIB)
+            .budget(EngineId::Vector, 64 * MIB)
+            .install()
+            .expect("first install")
+    })
+}
+
+/// The ledger is process-wide: one test at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn settled(engine: EngineId) -> u64 {
+    flush_thread();
+    gov().usage(engine)
+}
+
+#[test]
+fn install_binds_once() {
+    let _s = serial();
+    let gov = gov();
+    assert!(std::ptr::eq(nodedb_mem::installed().unwrap(), gov));
+    let again = MemoryGovernor::builder().global_ceiling(1 << 30).install();
+    assert!(matches!(again, Err(MemError::AlreadyInstalled)));
+    assert_eq!(
+        again.unwrap_err().to_string(),
+        "a memory governor is already installed in this process"
+    );
+}
+
+#[test]
+fn usage_is_live_bytes_plus_reservations() {
+    let _s = serial();
+    let before = settled(EngineId::Query);
+    let block: Vec<u8> = {
+        let _g = EngineGuard::enter(EngineId::Query);
+        Vec::with_capacity(4096)
+    };
+    let r = gov().reserve(EngineId::Query, 1000).unwrap();
+    assert_eq!(settled(EngineId::Query) - before, 4096 + 1000);
+    let b = gov().budget(EngineId::Query);
+    assert_eq!(b.reserved(), 1000);
+    drop(block);
+    drop(r);
+    assert_eq!(settled(EngineId::Query), before);
+    gov().check_consistency().unwrap();
+}
+
+#[test]
+fn reservations_see_what_the_allocator_charged() {
+    let _s = serial();
+    let base = settled(EngineId::Query);
+    let big: Vec<u8> = {
+        let _g = EngineGuard::enter(EngineId::Query);
+        vec![1u8; (60 * MIB) as usize] // >= 1 MiB: charged at once, page-rounded
+    };
+    let used = 60 * MIB + base;
+    assert_eq!(gov().usage(EngineId::Query), used);
+    let err = gov().reserve(EngineId::Query, 5 * MIB).unwrap_err();
+    assert!(
+        matches!(err, MemError::BudgetExceeded { used: u, limit, .. } if u == used && limit == 64 * MIB),
+        "{err}"
+    );
+    assert!(gov().pressure(EngineId::Query) >= PressureLevel::Critical);
+    drop(big);
+    let r = gov().reserve(EngineId::Query, 5 * MIB).unwrap();
+    drop(r);
+    assert_eq!(gov().pressure(EngineId::Query), PressureLevel::Normal);
+}
+
+#[test]
+fn snapshot_and_prometheus_carry_arena_figures() {
+    let _s = serial();
+    let block: Vec<u8> = {
+        let _g = EngineGuard::enter(EngineId::Vector);
+        vec![7u8; 8 << 20]
+    };
+    let snap = gov().snapshot();
+    let v = snap.engine(EngineId::Vector);
+    assert!(v.arena.resident >= 8 << 20, "{:?}", v.arena);
+    assert!(v.arena.active >= 8 << 20, "{:?}", v.arena);
+    assert!(v.used >= 8 << 20);
+    let text = gov().prometheus();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("nodedb_mem_engine_arena_resident_bytes{engine=\"vector\"}"))
+        .unwrap();
+    let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(value >= 8 << 20);
+    drop(block);
+}
+
+#[test]
+fn tasks_keep_their_engine_across_worker_threads() {
+    let _s = serial();
+    let before = settled(EngineId::Vector);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        // Worker threads publish their batches when they stop, before `drop(rt)` returns
+        // (a thread's own exit flush may run after the runtime has let go of it).
+        .on_thread_stop(flush_thread)
+        .build()
+        .unwrap();
+    let blocks: Vec<Vec<Box<[u8; 200]>>> = rt.block_on(async {
+        let tasks: Vec<_> = (0..32)
+            .map(|t| {
+                tokio::spawn(
+                    async move {
+                        let mut mine = Vec::with_capacity(64);
+                        let mut threads = std::collections::HashSet::new();
+                        for i in 0..64 {
+                            mine.push(Box::new([(t + i) as u8; 200]));
+                            threads.insert(std::thread::current().id());
+                            tokio::task::yield_now().await;
+                        }
+                        (mine, threads.len())
+                    }
+                    .in_engine(EngineId::Vector),
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut migrated = 0;
+        for t in tasks {
+            let (mine, threads) = t.await.unwrap();
+            migrated += usize::from(threads > 1);
+            out.push(mine);
+        }
+        assert!(migrated > 0, "no task ever moved between worker threads");
+        out
+    });
+    drop(rt);
+    for b in blocks.iter().flatten() {
+        assert_eq!(owner(b.as_ptr()), EngineId::Vector);
+    }
+    // 32 tasks × (64 blocks of class 224 + a 64-pointer vector, 512 B).
+    assert_eq!(settled(EngineId::Vector) - before, 32 * (64 * 224 + 512));
+    drop(blocks);
+    assert_eq!(settled(EngineId::Vector), before);
+}
