@@ -42,7 +42,7 @@ pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
     ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, UnknownEngine,
-    current_engine, flush_thread, owner,
+    current_engine, flush_thread, home_engine, owner,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]

@@ -51,14 +51,14 @@ pub fn unrouted_allocations() -> u64 {
     UNROUTED.load(Ordering::Relaxed)
 }
 
-/// Operations served after a thread's allocator state was destroyed (allocations in
-/// thread-local destructors that run after ours): charged and credited directly by address.
+/// Operations served for threads past their exit flush (allocations and frees in thread-local
+/// destructors that run after ours): unbatched, charged and credited directly by address.
 pub fn detached_operations() -> u64 {
     DETACHED.load(Ordering::Relaxed)
 }
 
 /// The alignment flags jemalloc needs for `layout` (none when its natural alignment suffices).
-#[inline]
+#[inline(always)]
 fn align_flags(size: usize, align: usize) -> c_int {
     if align <= MIN_ALIGN && align <= size {
         0
@@ -68,7 +68,7 @@ fn align_flags(size: usize, align: usize) -> c_int {
 }
 
 /// Allocates on the fast path: the thread's arena and cache.
-#[inline]
+#[inline(always)]
 unsafe fn fast_alloc(size: usize, flags: c_int, zero: bool) -> *mut c_void {
     // SAFETY: size > 0 (GlobalAlloc callers guarantee it), and `flags` only holds an
     // alignment that is a power of two, which is all malloc, calloc and mallocx require.
@@ -83,27 +83,35 @@ unsafe fn fast_alloc(size: usize, flags: c_int, zero: bool) -> *mut c_void {
 }
 
 impl ThreadState {
-    #[inline]
-    unsafe fn alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
+    #[inline(always)]
+    fn count_detached(&self) {
+        if self.is_detached() {
+            DETACHED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An allocation for an engine other than home: that engine's arena, no cache.
+    #[inline(never)]
+    unsafe fn visit_alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
+        self.count_detached();
         let engine = self.current();
-        let p = if engine == self.home() {
-            self.note_home();
-            // SAFETY: forwarded from `GlobalAlloc::alloc`'s contract.
-            unsafe { fast_alloc(size, flags, zero) }
-        } else {
-            ACTIVE.store(true, Ordering::Relaxed);
-            self.note_visit(engine);
-            let zero = if zero { jem::MALLOCX_ZERO } else { 0 };
-            let flags = flags | zero | jem::MALLOCX_TCACHE_NONE;
-            let flags = match self.visit_arena(engine) {
-                Some(arena) => flags | jem::MALLOCX_ARENA(arena as usize),
-                None => {
-                    UNROUTED.fetch_add(1, Ordering::Relaxed);
-                    flags
-                }
-            };
-            // SAFETY: size > 0; flags name an existing arena, no cache, and an alignment.
-            unsafe { jem::mallocx(size, flags) }
+        ACTIVE.store(true, Ordering::Relaxed);
+        self.note_visit(engine);
+        let p = match self.visit_arena(engine) {
+            Some(arena) => {
+                let zero = if zero { jem::MALLOCX_ZERO } else { 0 };
+                let flags =
+                    flags | zero | jem::MALLOCX_TCACHE_NONE | jem::MALLOCX_ARENA(arena as usize);
+                // SAFETY: size > 0; flags name an existing arena, no cache, and an alignment.
+                unsafe { jem::mallocx(size, flags) }
+            }
+            None => {
+                // The engine arenas could not be created: serve it like home (the block lies
+                // outside every range, so it is charged to Unattributed by address).
+                UNROUTED.fetch_add(1, Ordering::Relaxed);
+                // SAFETY: size > 0 and `flags` holds only an alignment.
+                unsafe { fast_alloc(size, flags, zero) }
+            }
         }
         .cast::<u8>();
         if !p.is_null() {
@@ -112,21 +120,23 @@ impl ThreadState {
         p
     }
 
-    #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, size: usize, flags: c_int, usable: u64) {
-        let owner = owner_of(ptr);
-        let flags = if owner == self.home() {
-            flags
-        } else {
-            flags | jem::MALLOCX_TCACHE_NONE
-        };
-        // SAFETY: `ptr` was allocated by this allocator with this layout (GlobalAlloc contract),
-        // so `size` lies within its usable range, as `sdallocx` requires.
-        unsafe { jem::sdallocx(ptr.cast(), size, flags) };
+    /// A free of a block owned by an engine other than home: bypass the cache.
+    #[inline(never)]
+    unsafe fn foreign_free(
+        &self,
+        ptr: *mut u8,
+        owner: usize,
+        size: usize,
+        flags: c_int,
+        usable: u64,
+    ) {
+        self.count_detached();
+        // SAFETY: as in `GlobalAlloc::dealloc`.
+        unsafe { jem::sdallocx(ptr.cast(), size, flags | jem::MALLOCX_TCACHE_NONE) };
         self.on_free(owner, usable);
     }
 
-    #[inline]
+    #[inline(never)]
     unsafe fn realloc(
         &self,
         ptr: *mut u8,
@@ -135,6 +145,7 @@ impl ThreadState {
         old_usable: u64,
         new_usable: u64,
     ) -> *mut u8 {
+        self.count_detached();
         let owner = owner_of(ptr);
         // The new block keeps the owner: away from home, name the owner's arena explicitly.
         let flags = if owner == self.home() {
@@ -155,6 +166,43 @@ impl ThreadState {
         }
         q
     }
+}
+
+/// The calling thread's state. It has no destructor, so it is reachable for the whole life of
+/// the thread, teardown included; `try_with` cannot fail for it, and the `None` arm (routed to
+/// the detached path) is only there so no panic path exists.
+#[inline(always)]
+fn thread_state() -> Option<*const ThreadState> {
+    THREAD.try_with(|t| t as *const ThreadState).ok()
+}
+
+#[inline(always)]
+unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    let Some(usable) = usable(size, align) else {
+        return std::ptr::null_mut();
+    };
+    let flags = align_flags(size, align);
+    let Some(t) = thread_state() else {
+        // SAFETY: the caller's `Layout` has a non-zero size (GlobalAlloc contract).
+        return unsafe { detached_alloc(size, flags, usable, zero) };
+    };
+    // SAFETY: the pointer is to this thread's own state, alive for the thread's whole life and
+    // only ever touched by this thread.
+    let t = unsafe { &*t };
+    if t.current() != t.home() {
+        // SAFETY: as above.
+        return unsafe { t.visit_alloc(size, flags, usable, zero) };
+    }
+    // SAFETY: as above.
+    let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
+    if !p.is_null() {
+        // The fast path serves home's arena through a cache that only ever holds home's blocks
+        // (foreign frees bypass it, and moving home flushes it), so the owner is home: no
+        // address check needed here. Frees still judge by address.
+        t.on_alloc(t.home(), usable);
+    }
+    p
 }
 
 // Without the thread's state (during its teardown, after our thread-local is destroyed): no
@@ -201,7 +249,7 @@ unsafe fn detached_realloc(
     q
 }
 
-#[inline]
+#[inline(always)]
 fn usable(size: usize, align: usize) -> Option<u64> {
     usable_size(size, align).map(|u| u as u64)
 }
@@ -213,36 +261,14 @@ fn usable(size: usize, align: usize) -> Option<u64> {
 unsafe impl GlobalAlloc for GovernedAlloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        let Some(usable) = usable(size, align) else {
-            return std::ptr::null_mut();
-        };
-        let flags = align_flags(size, align);
-        match THREAD.try_with(|t| {
-            // SAFETY: the caller's `Layout` has a non-zero size (GlobalAlloc contract).
-            unsafe { t.alloc(size, flags, usable, false) }
-        }) {
-            Ok(p) => p,
-            // SAFETY: as above.
-            Err(_) => unsafe { detached_alloc(size, flags, usable, false) },
-        }
+        // SAFETY: forwarded from the caller (non-zero size).
+        unsafe { alloc_impl(layout, false) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        let Some(usable) = usable(size, align) else {
-            return std::ptr::null_mut();
-        };
-        let flags = align_flags(size, align);
-        match THREAD.try_with(|t| {
-            // SAFETY: as in `alloc`.
-            unsafe { t.alloc(size, flags, usable, true) }
-        }) {
-            Ok(p) => p,
-            // SAFETY: as in `alloc`.
-            Err(_) => unsafe { detached_alloc(size, flags, usable, true) },
-        }
+        // SAFETY: forwarded from the caller (non-zero size).
+        unsafe { alloc_impl(layout, true) }
     }
 
     #[inline]
@@ -251,14 +277,21 @@ unsafe impl GlobalAlloc for GovernedAlloc {
         // The allocation succeeded with this layout, so its usable size exists.
         let usable = usable(size, align).unwrap_or(0);
         let flags = align_flags(size, align);
-        let done = THREAD.try_with(|t| {
+        let Some(t) = thread_state() else {
             // SAFETY: `ptr` was returned by this allocator for `layout` (GlobalAlloc contract).
-            unsafe { t.dealloc(ptr, size, flags, usable) }
-        });
-        if done.is_err() {
-            // SAFETY: as above; the closure did not run, so `ptr` is still live.
-            unsafe { detached_dealloc(ptr, size, flags, usable) }
+            return unsafe { detached_dealloc(ptr, size, flags, usable) };
+        };
+        // SAFETY: this thread's own state, as in `alloc_impl`.
+        let t = unsafe { &*t };
+        let owner = owner_of(ptr);
+        if owner != t.home() {
+            // SAFETY: as above.
+            return unsafe { t.foreign_free(ptr, owner, size, flags, usable) };
         }
+        // SAFETY: `ptr` was allocated by this allocator with this layout (GlobalAlloc
+        // contract), so `size` lies within its usable range, as `sdallocx` requires.
+        unsafe { jem::sdallocx(ptr.cast(), size, flags) };
+        t.on_free(owner, usable);
     }
 
     #[inline]
@@ -269,14 +302,13 @@ unsafe impl GlobalAlloc for GovernedAlloc {
             return std::ptr::null_mut();
         };
         let flags = align_flags(new_size, align);
-        match THREAD.try_with(|t| {
-            // SAFETY: `ptr` is live for `layout`; `new_size` is non-zero and, rounded to
-            // `align`, does not overflow (GlobalAlloc contract).
-            unsafe { t.realloc(ptr, new_size, flags, old_usable, new_usable) }
-        }) {
-            Ok(q) => q,
-            // SAFETY: as above; the closure did not run, so `ptr` is still live.
-            Err(_) => unsafe { detached_realloc(ptr, new_size, flags, old_usable, new_usable) },
+        match thread_state() {
+            // SAFETY: this thread's own state (as in `alloc_impl`); `ptr` is live for `layout`;
+            // `new_size` is non-zero and, rounded to `align`, does not overflow (GlobalAlloc
+            // contract).
+            Some(t) => unsafe { (*t).realloc(ptr, new_size, flags, old_usable, new_usable) },
+            // SAFETY: as above.
+            None => unsafe { detached_realloc(ptr, new_size, flags, old_usable, new_usable) },
         }
     }
 }

@@ -18,10 +18,9 @@ use crate::EngineId;
 /// jemalloc's automatic arenas (its memory is whatever lies outside the engines' ranges).
 pub(crate) const ARENA_ENGINES: usize = EngineId::COUNT - 1;
 
-/// Largest virtual range reserved per engine (64 GiB); halved until the reservation succeeds
-/// (`vm.overcommit_memory = 2` refuses large `MAP_NORESERVE` mappings).
-const MAX_RANGE_SHIFT: u32 = 36;
-const MIN_RANGE_SHIFT: u32 = 28;
+/// log2 of the virtual range reserved per engine: 64 GiB. A constant, so finding a pointer's
+/// owner is one load, a subtraction, a shift and a compare.
+const RANGE_SHIFT: u32 = 36;
 
 const UNINIT: u8 = 0;
 const RUNNING: u8 = 1;
@@ -31,8 +30,6 @@ const FAILED: u8 = 3;
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
 /// Start of the reservation; 0 until it exists, so `owner_of` finds nothing before then.
 static BASE: AtomicUsize = AtomicUsize::new(0);
-/// log2 of one engine's range.
-static SHIFT: AtomicU32 = AtomicU32::new(MAX_RANGE_SHIFT);
 /// Bump offset of each engine's range.
 static NEXT: [AtomicUsize; ARENA_ENGINES] = [const { AtomicUsize::new(0) }; ARENA_ENGINES];
 /// Arena index of each engine (valid once `STATE` is `READY`).
@@ -75,12 +72,12 @@ static HOOKS: [EngineHooks; ARENA_ENGINES] = [
 ];
 
 /// The engine that owns `ptr`: the engine whose range holds it, else `Unattributed`.
-#[inline]
+#[inline(always)]
 pub(crate) fn owner_of(ptr: *const u8) -> usize {
     let base = BASE.load(Ordering::Relaxed);
-    let offset = (ptr as usize).wrapping_sub(base);
-    let engine = offset >> SHIFT.load(Ordering::Relaxed);
-    if base != 0 && engine < ARENA_ENGINES {
+    let engine = (ptr as usize).wrapping_sub(base) >> RANGE_SHIFT;
+    // Before the ranges exist `base` is 0 and a heap pointer's "engine" is far above the count.
+    if engine < ARENA_ENGINES && base != 0 {
         engine
     } else {
         EngineId::Unattributed as usize
@@ -89,7 +86,7 @@ pub(crate) fn owner_of(ptr: *const u8) -> usize {
 
 /// The arena of `engine`, once the arenas exist; `None` for `Unattributed`, before
 /// initialisation, and if it failed.
-#[inline]
+#[inline(always)]
 pub(crate) fn arena_of(engine: usize) -> Option<c_uint> {
     if engine >= ARENA_ENGINES {
         return None;
@@ -121,7 +118,7 @@ pub fn range_exhaustions() -> u64 {
 /// Bytes of virtual address space reserved for each engine's range (0 before the arenas exist).
 pub fn range_bytes() -> usize {
     if arenas_ready() {
-        1usize << SHIFT.load(Ordering::Relaxed)
+        1usize << RANGE_SHIFT
     } else {
         0
     }
@@ -148,33 +145,28 @@ fn init() {
     STATE.store(if ok { READY } else { FAILED }, Ordering::Release);
 }
 
+/// Reserves address space only: `PROT_NONE` private mappings cost no commit charge even under
+/// `vm.overcommit_memory = 2`; the extent hook makes each extent readable and writable when it
+/// hands it out.
 fn reserve_ranges() -> bool {
-    let mut shift = MAX_RANGE_SHIFT;
-    loop {
-        let len = ARENA_ENGINES << shift;
-        // SAFETY: a fresh anonymous private mapping at an address of the kernel's choice: no
-        // existing memory is affected. MAP_NORESERVE: the range costs no commit charge until
-        // touched; pages appear zero-filled on first touch.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p != libc::MAP_FAILED {
-            SHIFT.store(shift, Ordering::Relaxed);
-            BASE.store(p as usize, Ordering::Release);
-            return true;
-        }
-        if shift == MIN_RANGE_SHIFT {
-            return false;
-        }
-        shift -= 1;
+    let len = ARENA_ENGINES << RANGE_SHIFT;
+    // SAFETY: a fresh anonymous private mapping at an address of the kernel's choice: no
+    // existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return false;
     }
+    BASE.store(p as usize, Ordering::Release);
+    true
 }
 
 fn create_arenas() -> bool {
@@ -204,7 +196,7 @@ fn create_arenas() -> bool {
 
 /// # Safety
 /// `hooks` must be a pointer jemalloc got from `create_arenas`, i.e. into `HOOKS`.
-#[inline]
+#[inline(always)]
 unsafe fn engine_of(hooks: *mut extent_hooks_t) -> usize {
     // SAFETY: per the contract, `hooks` points at the `hooks` field, the first field of a
     // `repr(C)` `EngineHooks` in the `HOOKS` static, so the cast pointer is valid to read.
@@ -227,7 +219,7 @@ unsafe extern "C" fn hook_alloc(
     // SAFETY: jemalloc passes back the hooks pointer it was given at `arenas.create`.
     let engine = unsafe { engine_of(hooks) };
     let base = BASE.load(Ordering::Acquire);
-    let range = 1usize << SHIFT.load(Ordering::Relaxed);
+    let range = 1usize << RANGE_SHIFT;
     let Some(next) = NEXT.get(engine) else {
         return ptr::null_mut();
     };
@@ -243,9 +235,21 @@ unsafe extern "C" fn hook_alloc(
         }
         match next.compare_exchange_weak(cur, end, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => {
-                // SAFETY: jemalloc passes valid pointers to two bools. The bump pointer never
-                // hands out a byte twice, so the pages have never been touched: anonymous
-                // memory reads as zeros, and the mapping is readable and writable (committed).
+                // SAFETY: `[addr, addr + size)` lies inside our reservation (checked above) and
+                // was handed out to nobody before (the bump pointer never goes back), so
+                // changing its protection affects no live memory.
+                let rc = unsafe {
+                    libc::mprotect(
+                        addr as *mut c_void,
+                        size,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                    )
+                };
+                if rc != 0 {
+                    return ptr::null_mut();
+                }
+                // SAFETY: jemalloc passes valid pointers to two bools. The pages have never been
+                // touched: anonymous memory reads as zeros; it is now readable and writable.
                 unsafe {
                     *zero = true;
                     *commit = true;
@@ -278,7 +282,7 @@ unsafe extern "C" fn hook_destroy(
 ) {
 }
 
-/// The whole range is mapped readable and writable: committing needs nothing.
+/// Extents are readable and writable from the moment they are handed out: nothing to commit.
 unsafe extern "C" fn hook_commit(
     _hooks: *mut extent_hooks_t,
     _addr: *mut c_void,

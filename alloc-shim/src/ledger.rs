@@ -48,7 +48,7 @@ const EMPTY: EngineLedger = EngineLedger {
 
 static LEDGER: [EngineLedger; EngineId::COUNT] = [EMPTY; EngineId::COUNT];
 
-#[inline]
+#[inline(always)]
 fn ledger(engine: usize) -> &'static EngineLedger {
     // `engine` always comes from an `EngineId` or `owner_of`, both `< COUNT`; fall back to the
     // unattributed bucket rather than panic if that were ever broken.
@@ -58,7 +58,7 @@ fn ledger(engine: usize) -> &'static EngineLedger {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(crate) fn charge(engine: usize, bytes: u64) {
     let l = ledger(engine);
     let now = l
@@ -75,7 +75,7 @@ pub(crate) fn charge(engine: usize, bytes: u64) {
 
 /// Gives back `bytes`; the caller holds them (as live bytes of an object being freed, or as
 /// its own prepaid credit), so the counter cannot go below zero.
-#[inline]
+#[inline(always)]
 pub(crate) fn credit(engine: usize, bytes: u64) {
     ledger(engine).charged.fetch_sub(bytes, Ordering::AcqRel);
 }

@@ -15,7 +15,7 @@ const SMALL_MAXCLASS: usize = 14 * 1024;
 const LARGE_MINCLASS: usize = 16 * 1024;
 
 /// `sz_s2u` for `size <= SMALL_MAXCLASS`, or for any size when large classes are pages.
-#[inline]
+#[inline(always)]
 const fn s2u(size: usize) -> Option<usize> {
     if size <= 8 {
         return Some(8);
@@ -35,10 +35,41 @@ const fn s2u(size: usize) -> Option<usize> {
     }
 }
 
+/// Requests up to this size (after rounding to an alignment of at most 16) use the table.
+const TABLE_MAX: usize = 4096 + 16;
+
+/// Size class of every request up to `TABLE_MAX`, indexed by `(size + 7) / 8`: every class up
+/// to 4 KiB is a multiple of 8, so requests in one 8-byte step share a class.
+static SMALL: [u16; TABLE_MAX / 8 + 1] = {
+    let mut t = [0u16; TABLE_MAX / 8 + 1];
+    let mut i = 0;
+    while i < t.len() {
+        t[i] = match s2u(if i == 0 { 1 } else { i * 8 }) {
+            Some(u) => u as u16,
+            None => 0,
+        };
+        i += 1;
+    }
+    t
+};
+
 /// The bytes jemalloc really hands out for `size` bytes aligned to `align` (a power of two),
-/// or `None` when the request cannot be satisfied (it overflows).
+/// or `None` when the request cannot be satisfied (it overflows). One table load for the
+/// common case (small sizes, alignment at most 16).
+#[inline(always)]
+pub(crate) fn usable_size(size: usize, align: usize) -> Option<usize> {
+    if align <= QUANTUM && size <= 4096 {
+        let rounded = (size.max(1) + align - 1) & !(align - 1);
+        // `rounded <= 4096 + 15`, so the index is in bounds; `get` keeps the path panic-free.
+        if let Some(&u) = SMALL.get((rounded + 7) >> 3) {
+            return Some(u as usize);
+        }
+    }
+    usable_size_slow(size, align)
+}
+
 #[inline]
-pub(crate) const fn usable_size(size: usize, align: usize) -> Option<usize> {
+const fn usable_size_slow(size: usize, align: usize) -> Option<usize> {
     let size = if size == 0 { 1 } else { size };
     if size <= SMALL_MAXCLASS && align <= PAGE {
         let rounded = (size + align - 1) & !(align - 1);
@@ -96,6 +127,19 @@ mod tests {
                 }
             }
             size *= 2;
+        }
+    }
+
+    #[test]
+    fn the_table_and_the_formula_agree() {
+        for align in [1, 2, 4, 8, 16] {
+            for size in 0..=TABLE_MAX {
+                assert_eq!(
+                    usable_size(size, align),
+                    usable_size_slow(size, align),
+                    "{size} {align}"
+                );
+            }
         }
     }
 

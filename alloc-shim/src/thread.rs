@@ -32,6 +32,9 @@ use crate::ledger::{self, BATCH, DIRECT_THRESHOLD, REFILL};
 pub const HOME_SWITCH_AFTER: u32 = 128;
 
 const UNATTRIBUTED: u8 = EngineId::Unattributed as u8;
+/// The home of a thread whose exit flush has run: no engine, so every operation takes the
+/// immediate (unbatched) path and names its arena explicitly.
+const DETACHED: u8 = u8::MAX;
 const NO_ARENA: u32 = u32::MAX;
 
 static MIB_THREAD_ARENA: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
@@ -103,8 +106,7 @@ pub(crate) struct ThreadState {
     home: Cell<u8>,
     /// Prepaid bytes charged to `home` and not yet used, in `[0, BATCH]`.
     credit: Cell<u64>,
-    /// Engine of the current run of visits, and its length.
-    visit_engine: Cell<u8>,
+    /// Allocations visiting the current engine since a guard was last entered or left.
     visits: Cell<u32>,
     /// The automatic arena jemalloc gave this thread, learnt at the first move of home.
     auto_arena: Cell<u32>,
@@ -116,25 +118,24 @@ impl ThreadState {
             current: Cell::new(UNATTRIBUTED),
             home: Cell::new(UNATTRIBUTED),
             credit: Cell::new(0),
-            visit_engine: Cell::new(UNATTRIBUTED),
             visits: Cell::new(0),
             auto_arena: Cell::new(NO_ARENA),
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn current(&self) -> usize {
         self.current.get() as usize
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn home(&self) -> usize {
         self.home.get() as usize
     }
 
     /// The arena to name explicitly when serving `engine` away from home: the engine's arena,
     /// or for `Unattributed` the thread's automatic arena (arena 0 if never learnt).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn visit_arena(&self, engine: usize) -> Option<c_uint> {
         if engine == UNATTRIBUTED as usize {
             Some(match self.auto_arena.get() {
@@ -146,29 +147,23 @@ impl ThreadState {
         }
     }
 
-    /// Counts a visit to `engine`; after enough in a row, moves home there.
-    #[inline]
+    /// Counts a visit to `engine` (the current engine, so the run of visits is reset whenever
+    /// a guard is entered or left); after enough of them, moves home there.
+    #[inline(always)]
     pub(crate) fn note_visit(&self, engine: usize) {
-        if self.visit_engine.get() as usize == engine {
-            let n = self.visits.get().saturating_add(1);
-            self.visits.set(n);
-            if n >= HOME_SWITCH_AFTER {
-                self.move_home(engine);
-            }
-        } else {
-            self.visit_engine.set(engine as u8);
-            self.visits.set(1);
+        let n = self.visits.get().saturating_add(1);
+        self.visits.set(n);
+        if n >= HOME_SWITCH_AFTER {
+            self.move_home(engine);
         }
-    }
-
-    #[inline]
-    pub(crate) fn note_home(&self) {
-        self.visits.set(0);
     }
 
     #[cold]
     fn move_home(&self, engine: usize) {
         self.visits.set(0);
+        if self.home.get() == DETACHED {
+            return;
+        }
         let Some(arena) = self.visit_arena(engine) else {
             return;
         };
@@ -182,27 +177,51 @@ impl ThreadState {
         }
     }
 
-    /// Charges `bytes` of an allocation owned by `owner`.
-    #[inline]
+    /// Charges `bytes` of an allocation owned by `owner`: from the prepaid credit when the
+    /// block is home's and small, else at once.
+    #[inline(always)]
     pub(crate) fn on_alloc(&self, owner: usize, bytes: u64) {
-        if owner != self.home() || bytes >= DIRECT_THRESHOLD {
-            ledger::charge(owner, bytes);
-            return;
-        }
         let c = self.credit.get();
-        if c >= bytes {
+        if owner == self.home() && c >= bytes {
+            // `c >= bytes` implies `bytes <= BATCH < DIRECT_THRESHOLD`.
             self.credit.set(c - bytes);
         } else {
-            // Top up to REFILL left over after this allocation.
-            ledger::charge(owner, bytes - c + REFILL);
-            self.credit.set(REFILL);
+            self.on_alloc_slow(owner, bytes);
         }
     }
 
-    /// Credits `bytes` of a free of memory owned by `owner`.
-    #[inline]
-    pub(crate) fn on_free(&self, owner: usize, bytes: u64) {
+    #[inline(never)]
+    fn on_alloc_slow(&self, owner: usize, bytes: u64) {
         if owner != self.home() || bytes >= DIRECT_THRESHOLD {
+            ledger::charge(owner, bytes);
+        } else {
+            self.refill(owner, bytes - self.credit.get());
+        }
+    }
+
+    /// Credits `bytes` of a free of memory owned by `owner`. Credit that is already non-zero
+    /// proves the exit flush is registered; from zero, the slow path registers it first.
+    #[inline(always)]
+    pub(crate) fn on_free(&self, owner: usize, bytes: u64) {
+        let old = self.credit.get();
+        let c = old + bytes;
+        if owner == self.home() && old != 0 && c <= BATCH {
+            // `c <= BATCH` implies `bytes <= BATCH < DIRECT_THRESHOLD`.
+            self.credit.set(c);
+        } else {
+            self.on_free_slow(owner, bytes);
+        }
+    }
+
+    #[inline(never)]
+    fn on_free_slow(&self, owner: usize, bytes: u64) {
+        if owner != self.home() || bytes >= DIRECT_THRESHOLD {
+            ledger::credit(owner, bytes);
+            return;
+        }
+        if EXIT_FLUSH.try_with(|_| ()).is_err() {
+            // The exit flush has run already: this thread is tearing down.
+            self.detach();
             ledger::credit(owner, bytes);
             return;
         }
@@ -215,6 +234,32 @@ impl ThreadState {
         }
     }
 
+    /// Whether this thread's exit flush has run (it is tearing down).
+    #[inline]
+    pub(crate) fn is_detached(&self) -> bool {
+        self.home.get() == DETACHED
+    }
+
+    /// Charges `missing` bytes plus a fresh [`REFILL`] of credit, making sure the thread's
+    /// exit flush is registered first (holding credit without it would strand it at exit).
+    #[cold]
+    fn refill(&self, owner: usize, missing: u64) {
+        if EXIT_FLUSH.try_with(|_| ()).is_err() {
+            // The exit flush has run already: this thread is tearing down.
+            self.detach();
+            ledger::charge(owner, missing);
+            return;
+        }
+        ledger::charge(owner, missing + REFILL);
+        self.credit.set(REFILL);
+    }
+
+    /// Flushes and stops batching for good (the thread is exiting).
+    fn detach(&self) {
+        self.flush();
+        self.home.set(DETACHED);
+    }
+
     /// Gives the prepaid credit back to the ledger.
     pub(crate) fn flush(&self) {
         let c = self.credit.replace(0);
@@ -224,14 +269,20 @@ impl ThreadState {
     }
 }
 
-impl Drop for ThreadState {
+/// Registered (on a thread's first refill of credit) to flush that credit when the thread
+/// exits. The state itself has no destructor, so reaching it costs nothing on the hot path and
+/// it stays usable during the whole of the thread's teardown.
+struct ExitFlush;
+
+impl Drop for ExitFlush {
     fn drop(&mut self) {
-        self.flush();
+        let _ = THREAD.try_with(ThreadState::detach);
     }
 }
 
 thread_local! {
     pub(crate) static THREAD: ThreadState = const { ThreadState::new() };
+    static EXIT_FLUSH: ExitFlush = const { ExitFlush };
 }
 
 /// Publishes the calling thread's prepaid credit to the ledger now, so
@@ -300,9 +351,14 @@ pub struct EngineGuard {
 impl EngineGuard {
     /// Makes `engine` the calling thread's current engine. During thread teardown (after the
     /// thread's state is gone) this does nothing, and allocations stay attributed by address.
-    #[inline]
+    #[inline(always)]
     pub fn enter(engine: EngineId) -> EngineGuard {
-        let previous = THREAD.try_with(|t| t.current.replace(engine as u8)).ok();
+        let previous = THREAD
+            .try_with(|t| {
+                t.visits.set(0);
+                t.current.replace(engine as u8)
+            })
+            .ok();
         EngineGuard {
             previous,
             _not_send: PhantomData,
@@ -311,10 +367,13 @@ impl EngineGuard {
 }
 
 impl Drop for EngineGuard {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         if let Some(prev) = self.previous {
-            let _ = THREAD.try_with(|t| t.current.set(prev));
+            let _ = THREAD.try_with(|t| {
+                t.visits.set(0);
+                t.current.set(prev);
+            });
         }
     }
 }

@@ -248,6 +248,7 @@ struct AllocatesFirstRegistered;
 
 impl Drop for AllocatesFirstRegistered {
     fn drop(&mut self) {
+        let _g = EngineGuard::enter(EngineId::Timeseries);
         let b: Box<[u8; 3000]> = Box::new([1; 3000]);
         LEAKED_LATE.store(Box::into_raw(b).cast(), Ordering::SeqCst);
         drop(Box::new([2u8; 5000])); // allocated and freed after the allocator's state is gone
@@ -286,6 +287,7 @@ fn allocating_in_another_thread_locals_destructor_is_charged_and_credited() {
     let late = LEAKED_LATE.swap(std::ptr::null_mut(), Ordering::SeqCst);
     assert!(!p.is_null() && !late.is_null());
     let (who, who_late) = (owner(p), owner(late));
+    assert_eq!((who, who_late), (EngineId::Sparse, EngineId::Timeseries));
     eprintln!("blocks allocated in thread-local destructors are owned by {who} and {who_late}");
     let after = totals();
     // Each block (classes 2048 and 3072) is charged to its owner, and to nobody else; the
@@ -295,7 +297,8 @@ fn allocating_in_another_thread_locals_destructor_is_charged_and_credited() {
     want[who_late.index()] += 3072;
     for e in EngineId::ALL {
         let delta = after[e.index()] as i64 - before[e.index()] as i64;
-        if e != EngineId::Unattributed || want[e.index()] != 0 {
+        // Unattributed also moves with whatever the test harness's own threads do.
+        if e != EngineId::Unattributed {
             assert_eq!(delta, want[e.index()], "{e}");
         }
     }
