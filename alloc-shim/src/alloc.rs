@@ -101,8 +101,9 @@ impl ThreadState {
             Some(arena) => {
                 let zero = if zero { jem::MALLOCX_ZERO } else { 0 };
                 let flags =
-                    flags | zero | jem::MALLOCX_TCACHE_NONE | jem::MALLOCX_ARENA(arena as usize);
-                // SAFETY: size > 0; flags name an existing arena, no cache, and an alignment.
+                    flags | zero | self.cache_flag(engine) | jem::MALLOCX_ARENA(arena as usize);
+                // SAFETY: size > 0; flags name an existing arena, this thread's cache for that
+                // engine (or none), and an alignment.
                 unsafe { jem::mallocx(size, flags) }
             }
             None => {
@@ -120,7 +121,8 @@ impl ThreadState {
         p
     }
 
-    /// A free of a block owned by an engine other than home: bypass the cache.
+    /// A free of a block owned by an engine other than home: into this thread's explicit cache
+    /// for the owner, never into the default cache.
     #[inline(never)]
     unsafe fn foreign_free(
         &self,
@@ -132,7 +134,7 @@ impl ThreadState {
     ) {
         self.count_detached();
         // SAFETY: as in `GlobalAlloc::dealloc`.
-        unsafe { jem::sdallocx(ptr.cast(), size, flags | jem::MALLOCX_TCACHE_NONE) };
+        unsafe { jem::sdallocx(ptr.cast(), size, flags | self.cache_flag(owner)) };
         self.on_free(owner, usable);
     }
 
@@ -152,9 +154,7 @@ impl ThreadState {
             flags
         } else {
             match self.visit_arena(owner) {
-                Some(arena) => {
-                    flags | jem::MALLOCX_TCACHE_NONE | jem::MALLOCX_ARENA(arena as usize)
-                }
+                Some(arena) => flags | self.cache_flag(owner) | jem::MALLOCX_ARENA(arena as usize),
                 None => flags | jem::MALLOCX_TCACHE_NONE,
             }
         };

@@ -3,31 +3,39 @@
 //! # Exact by construction
 //!
 //! Each thread keeps a *prepaid credit* for its home engine: it charges the ledger a chunk
-//! ahead of its allocations and draws on it, and gives back what frees push above a bound. So
-//! for every engine, at every instant,
+//! ahead of its allocations and draws on it, and gives back what frees push above a bound.
+//! Frees of blocks owned by another engine are credited late, in one *pending* batch per
+//! thread. So for every engine, at every instant,
 //!
 //! ```text
-//! charged = live bytes + Σ over threads of their prepaid credit,   0 <= credit <= BATCH
+//! charged = live bytes + Σ threads' prepaid credit + Σ threads' pending credits
+//!           0 <= prepaid <= HOME_MAX,   0 <= pending <= FOREIGN_MAX,   sum <= BATCH
 //! ```
 //!
-//! A thread only ever gives back credit it holds, and an immediate credit (a free of an object
-//! owned by an engine that is not the thread's home) is at most the object's live bytes, so
-//! `charged` can never go below zero or wrap. When every thread has flushed (thread exit or
-//! [`flush_thread`](crate::flush_thread)), `charged` equals the live bytes exactly; while
-//! threads run, it overstates them by at most `BATCH` per thread.
+//! A thread only ever gives back credit it holds, and a pending credit is for bytes that were
+//! charged and are already freed, so `charged` can never go below zero or wrap. When every
+//! thread has flushed (thread exit or [`flush_thread`](crate::flush_thread)), `charged` equals
+//! the live bytes exactly; while threads run, it overstates them by at most `BATCH` per thread
+//! and never understates them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::EngineId;
 
-/// The per-thread batch bound: a thread's prepaid credit for its home engine stays in
-/// `[0, BATCH]`, so the ledger is never more than `BATCH` bytes per thread above the live bytes
-/// and never below them.
+/// The per-thread batch bound: a thread's prepaid credit for its home engine plus its pending
+/// credit for other engines' blocks never exceed `BATCH`, so the ledger is never more than
+/// `BATCH` bytes per thread above the live bytes, and never below them.
 pub const BATCH: u64 = 64 * 1024;
+
+/// Upper bound of a thread's prepaid credit for its home engine.
+pub(crate) const HOME_MAX: u64 = 48 * 1024;
+
+/// Upper bound of a thread's pending credit for blocks of other engines it freed.
+pub(crate) const FOREIGN_MAX: u64 = BATCH - HOME_MAX;
 
 /// Credit a thread keeps after topping up or giving back: the middle of the band, so a thread
 /// oscillating around a boundary does not touch the shared counter on every operation.
-pub(crate) const REFILL: u64 = BATCH / 2;
+pub(crate) const REFILL: u64 = HOME_MAX / 2;
 
 /// Allocations and frees of at least this many bytes update the ledger immediately.
 pub const DIRECT_THRESHOLD: u64 = 1 << 20;

@@ -32,7 +32,8 @@ pub use arena::{
 };
 pub use ledger::{BATCH, DIRECT_THRESHOLD, charged, charged_peak, take_window_peak};
 pub use thread::{
-    EngineGuard, HOME_SWITCH_AFTER, current_engine, flush_thread, home_engine, home_switches,
+    EngineGuard, HOME_SWITCH_AFTER, current_engine, explicit_caches_created, flush_thread,
+    home_engine, home_switches,
 };
 
 use core::fmt;

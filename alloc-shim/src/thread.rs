@@ -16,7 +16,7 @@
 //! pointer by address, so the ledger stays exact even when an allocation lands elsewhere.
 
 use std::cell::Cell;
-use std::ffi::c_uint;
+use std::ffi::{c_int, c_uint};
 use std::marker::PhantomData;
 use std::mem::size_of;
 use std::ptr;
@@ -26,7 +26,7 @@ use tikv_jemalloc_sys as jem;
 
 use crate::EngineId;
 use crate::arena::arena_of;
-use crate::ledger::{self, BATCH, DIRECT_THRESHOLD, REFILL};
+use crate::ledger::{self, DIRECT_THRESHOLD, FOREIGN_MAX, HOME_MAX, REFILL};
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
 pub const HOME_SWITCH_AFTER: u32 = 128;
@@ -104,12 +104,28 @@ pub(crate) struct ThreadState {
     current: Cell<u8>,
     /// Engine whose arena this thread is bound to.
     home: Cell<u8>,
-    /// Prepaid bytes charged to `home` and not yet used, in `[0, BATCH]`.
+    /// Prepaid bytes charged to `home` and not yet used, in `[0, HOME_MAX]`.
     credit: Cell<u64>,
+    /// Freed bytes of `pending_owner`'s blocks not yet credited, in `[0, FOREIGN_MAX]`.
+    pending: Cell<u64>,
+    pending_owner: Cell<u8>,
     /// Allocations visiting the current engine since a guard was last entered or left.
     visits: Cell<u32>,
     /// The automatic arena jemalloc gave this thread, learnt at the first move of home.
     auto_arena: Cell<u32>,
+    /// This thread's explicit jemalloc cache for each engine it visits or frees foreign blocks
+    /// of (`NO_TCACHE` until first needed, `NO_TCACHE - 1` if creating one failed).
+    tcaches: [Cell<u32>; EngineId::COUNT],
+}
+
+const NO_TCACHE: u32 = u32::MAX;
+const TCACHE_FAILED: u32 = u32::MAX - 1;
+static TCACHES_CREATED: AtomicU64 = AtomicU64::new(0);
+
+/// Explicit thread caches created so far (one per thread and engine visited; jemalloc allows
+/// about 4,000 per process, after which visits go uncached).
+pub fn explicit_caches_created() -> u64 {
+    TCACHES_CREATED.load(Ordering::Relaxed)
 }
 
 impl ThreadState {
@@ -118,8 +134,11 @@ impl ThreadState {
             current: Cell::new(UNATTRIBUTED),
             home: Cell::new(UNATTRIBUTED),
             credit: Cell::new(0),
+            pending: Cell::new(0),
+            pending_owner: Cell::new(UNATTRIBUTED),
             visits: Cell::new(0),
             auto_arena: Cell::new(NO_ARENA),
+            tcaches: [const { Cell::new(NO_TCACHE) }; EngineId::COUNT],
         }
     }
 
@@ -183,7 +202,7 @@ impl ThreadState {
     pub(crate) fn on_alloc(&self, owner: usize, bytes: u64) {
         let c = self.credit.get();
         if owner == self.home() && c >= bytes {
-            // `c >= bytes` implies `bytes <= BATCH < DIRECT_THRESHOLD`.
+            // `c >= bytes` implies `bytes <= HOME_MAX < DIRECT_THRESHOLD`.
             self.credit.set(c - bytes);
         } else {
             self.on_alloc_slow(owner, bytes);
@@ -205,8 +224,8 @@ impl ThreadState {
     pub(crate) fn on_free(&self, owner: usize, bytes: u64) {
         let old = self.credit.get();
         let c = old + bytes;
-        if owner == self.home() && old != 0 && c <= BATCH {
-            // `c <= BATCH` implies `bytes <= BATCH < DIRECT_THRESHOLD`.
+        if owner == self.home() && old != 0 && c <= HOME_MAX {
+            // `c <= HOME_MAX` implies `bytes <= HOME_MAX < DIRECT_THRESHOLD`.
             self.credit.set(c);
         } else {
             self.on_free_slow(owner, bytes);
@@ -215,7 +234,7 @@ impl ThreadState {
 
     #[inline(never)]
     fn on_free_slow(&self, owner: usize, bytes: u64) {
-        if owner != self.home() || bytes >= DIRECT_THRESHOLD {
+        if bytes >= DIRECT_THRESHOLD {
             ledger::credit(owner, bytes);
             return;
         }
@@ -225,8 +244,12 @@ impl ThreadState {
             ledger::credit(owner, bytes);
             return;
         }
+        if owner != self.home() {
+            self.defer_credit(owner, bytes);
+            return;
+        }
         let c = self.credit.get() + bytes;
-        if c > BATCH {
+        if c > HOME_MAX {
             ledger::credit(owner, c - REFILL);
             self.credit.set(REFILL);
         } else {
@@ -254,14 +277,99 @@ impl ThreadState {
         self.credit.set(REFILL);
     }
 
-    /// Flushes and stops batching for good (the thread is exiting).
+    /// Flushes, destroys the thread's explicit caches (returning their blocks to their
+    /// arenas) and stops batching and caching for good (the thread is exiting).
     fn detach(&self) {
         self.flush();
         self.home.set(DETACHED);
+        for slot in &self.tcaches {
+            let mut tc = slot.replace(TCACHE_FAILED);
+            if tc < TCACHE_FAILED {
+                // SAFETY: `tcache.destroy` takes the `unsigned` index of a cache this thread
+                // created and no longer uses (the slot now says failed, so nothing picks it up).
+                unsafe {
+                    jem::mallctl(
+                        c"tcache.destroy".as_ptr(),
+                        ptr::null_mut(),
+                        ptr::null_mut(),
+                        ptr::from_mut(&mut tc).cast(),
+                        size_of::<c_uint>(),
+                    );
+                }
+            }
+        }
     }
 
-    /// Gives the prepaid credit back to the ledger.
+    /// The cache flag for blocks of `engine` handled away from home: this thread's explicit
+    /// cache for that engine (created on first use), or no cache at all if one cannot be had.
+    /// An explicit cache only ever receives blocks of its engine, allocated from or freed to
+    /// that engine's arena, so it never hands one engine's block to another.
+    #[inline(always)]
+    pub(crate) fn cache_flag(&self, engine: usize) -> c_int {
+        match self.tcaches.get(engine).map(Cell::get) {
+            Some(tc) if tc < TCACHE_FAILED => jem::MALLOCX_TCACHE(tc as usize),
+            Some(NO_TCACHE) => self.create_cache(engine),
+            _ => jem::MALLOCX_TCACHE_NONE,
+        }
+    }
+
+    #[cold]
+    fn create_cache(&self, engine: usize) -> c_int {
+        let Some(slot) = self.tcaches.get(engine) else {
+            return jem::MALLOCX_TCACHE_NONE;
+        };
+        // The exit flush destroys the caches: it must be registered before one exists.
+        if self.is_detached() || EXIT_FLUSH.try_with(|_| ()).is_err() {
+            slot.set(TCACHE_FAILED);
+            return jem::MALLOCX_TCACHE_NONE;
+        }
+        let mut tc: c_uint = 0;
+        let mut len = size_of::<c_uint>();
+        // SAFETY: `tcache.create` writes an `unsigned` to `oldp`; `len` is its size.
+        let rc = unsafe {
+            jem::mallctl(
+                c"tcache.create".as_ptr(),
+                ptr::from_mut(&mut tc).cast(),
+                &mut len,
+                ptr::null_mut(),
+                0,
+            )
+        };
+        if rc != 0 || tc >= TCACHE_FAILED {
+            slot.set(TCACHE_FAILED);
+            return jem::MALLOCX_TCACHE_NONE;
+        }
+        TCACHES_CREATED.fetch_add(1, Ordering::Relaxed);
+        slot.set(tc);
+        jem::MALLOCX_TCACHE(tc as usize)
+    }
+
+    /// Adds a free of another engine's block to the pending batch (one owner at a time).
+    fn defer_credit(&self, owner: usize, bytes: u64) {
+        let pending = self.pending.get();
+        if self.pending_owner.get() as usize == owner && pending + bytes <= FOREIGN_MAX {
+            self.pending.set(pending + bytes);
+            return;
+        }
+        self.flush_pending();
+        if bytes <= FOREIGN_MAX {
+            self.pending_owner.set(owner as u8);
+            self.pending.set(bytes);
+        } else {
+            ledger::credit(owner, bytes);
+        }
+    }
+
+    fn flush_pending(&self) {
+        let p = self.pending.replace(0);
+        if p > 0 {
+            ledger::credit(self.pending_owner.get() as usize, p);
+        }
+    }
+
+    /// Gives the prepaid credit and the pending credits back to the ledger.
     pub(crate) fn flush(&self) {
+        self.flush_pending();
         let c = self.credit.replace(0);
         if c > 0 {
             ledger::credit(self.home(), c);
