@@ -41,5 +41,7 @@ fn allocator_is_global() -> bool {
     let guard = EngineGuard::enter(probe);
     drop(std::hint::black_box(Box::new(0u64)));
     drop(guard);
+    // The probe's free may sit in this thread's pending credit: publish it.
+    nodedb_mem_alloc::flush_thread();
     nodedb_mem_alloc::is_active()
 }

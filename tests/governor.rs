@@ -283,7 +283,7 @@ fn an_engine_busy_in_the_window_does_not_lend() {
 fn churn(gov: &MemoryGovernor, seed: u64, rounds: u64, rebalance: bool, limit: u64) {
     let mut held = Vec::new();
     for i in 0..rounds {
-        let bytes = 1 + (i * 7919 + seed * 104_729) % (8 * MIB);
+        let bytes = 1 + (i * 7919 + seed * 104_729) % (12 * MIB);
         match gov.reserve(EngineId::Query, bytes) {
             Ok(r) => held.push(r),
             Err(e) => assert!(e.is_over_budget(), "{e}"),

@@ -31,8 +31,9 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn settled(engine: EngineId) -> u64 {
+    let gov = gov();
     flush_thread();
-    gov().usage(engine)
+    gov.usage(engine)
 }
 
 #[test]
