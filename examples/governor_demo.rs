@@ -55,7 +55,7 @@ fn run() -> nodedb_mem::Result<bool> {
         ByteSize(gov.ceiling()),
         gov.ceiling_source()
     );
-    table(&gov);
+    table(gov);
 
     let mut checks = Vec::new();
 
@@ -138,7 +138,7 @@ fn run() -> nodedb_mem::Result<bool> {
 
     drop(table_mem);
     println!("\nAfter the query finishes:");
-    table(&gov);
+    table(gov);
     checks.push((
         "every reserved byte came back",
         gov.budget(EngineId::Query).reserved() == 0,
