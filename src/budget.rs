@@ -63,6 +63,10 @@ pub struct Budget {
     borrowed_total: AtomicU64,
     /// Whether the global allocator's ledger for this engine counts as usage (an installed
     /// governor) or not (a standalone one).
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models run standalone governors only")
+    )]
     from_allocator: bool,
 }
 

@@ -64,6 +64,15 @@ pub enum EventKind {
         /// Level after.
         to: PressureLevel,
     },
+    /// The governor asked an engine's reclaimers for memory back.
+    Reclaim {
+        /// The engine asked.
+        engine: EngineId,
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes its reclaimers reported freed.
+        freed: u64,
+    },
     /// The rebalancer moved limit from one engine to another.
     Rebalance {
         /// The engine whose limit shrank.
@@ -201,6 +210,18 @@ fn emit(e: &BreachEvent) {
             from = from.name(),
             to = to.name(),
             "pressure level changed"
+        ),
+        EventKind::Reclaim {
+            engine,
+            requested,
+            freed,
+        } => tracing::info!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            engine = engine.name(),
+            requested,
+            freed,
+            "asked reclaimers for memory"
         ),
         EventKind::Rebalance { from, to, bytes } => tracing::info!(
             target: "nodedb_mem",

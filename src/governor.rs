@@ -11,6 +11,7 @@ use crate::config::{Config, GovernorBuilder, RebalanceConfig};
 use crate::error::{MemError, Result};
 use crate::events::{EventKind, EventLog};
 use crate::pressure::{PressureLevel, PressureThresholds, ThresholdsPpm, ratio_ppm};
+use crate::spill::{Reclaimer, SpillConfig, SpillController};
 use crate::sync::{Arc, AtomicI64, AtomicU8, AtomicU64, Mutex, Ordering, lock};
 
 /// The process-wide governor: one [`Budget`] per engine under one global ceiling.
@@ -54,6 +55,14 @@ struct Inner {
     rebalance_lock: Mutex<()>,
     events: EventLog,
     ceiling_source: CeilingSource,
+    reclaimers: Mutex<Vec<Registered>>,
+    next_reclaimer: AtomicU64,
+}
+
+struct Registered {
+    id: u64,
+    engine: EngineId,
+    reclaimer: std::sync::Arc<dyn Reclaimer>,
 }
 
 /// The process-wide counterpart of a [`Budget`]: usage of all engines against the ceiling.
@@ -160,6 +169,8 @@ impl MemoryGovernor {
                 rebalance_lock: Mutex::new(()),
                 events: EventLog::new(),
                 ceiling_source: c.ceiling_source,
+                reclaimers: Mutex::new(Vec::new()),
+                next_reclaimer: AtomicU64::new(0),
             }),
         }
     }
@@ -436,12 +447,119 @@ impl MemoryGovernor {
                 }
             }
         }
+        drop(_serial);
+        // Engines left above their limit (a lender took its headroom back) are asked to free
+        // down to the target utilisation; at critical global pressure, everyone is.
+        let mut reclaimed = Vec::new();
+        for e in EngineId::ALL {
+            let b = self.budget(e);
+            let want = b.usage().saturating_sub(b.limit());
+            if want > 0 {
+                let keep =
+                    u64::try_from(u128::from(b.limit()) * u128::from(target_ppm) / 1_000_000)
+                        .unwrap_or(u64::MAX);
+                let freed = self.reclaim(e, b.usage().saturating_sub(keep));
+                reclaimed.push((e, freed));
+            }
+        }
+        if self.global_pressure() >= PressureLevel::Critical {
+            let warning = crate::size::fraction_of(self.ceiling(), inner.thresholds.warning);
+            let mut need = self.global_usage().saturating_sub(warning);
+            let mut order: Vec<EngineId> = EngineId::ALL.to_vec();
+            order.sort_by_key(|&e| std::cmp::Reverse(self.reclaimable(e)));
+            for e in order {
+                if need == 0 {
+                    break;
+                }
+                let freed = self.reclaim(e, need);
+                reclaimed.push((e, freed));
+                need = need.saturating_sub(freed);
+            }
+        }
         for e in EngineId::ALL {
             self.pressure(e);
         }
         self.global_pressure();
         inner.events.pump();
-        RebalanceReport { moves }
+        RebalanceReport { moves, reclaimed }
+    }
+
+    /// A spill controller for `engine` (see [`SpillController`]).
+    pub fn spill_controller(
+        &self,
+        engine: EngineId,
+        config: SpillConfig,
+    ) -> Result<SpillController> {
+        SpillController::new(self.clone(), engine, config)
+    }
+
+    /// Registers something `engine` can free on request. The governor calls it from
+    /// [`rebalance`](Self::rebalance) (and so from the background rebalancer) when the engine
+    /// is left above its limit, or the process is at critical pressure. Dropping the returned
+    /// handle unregisters it.
+    pub fn register_reclaimer(
+        &self,
+        engine: EngineId,
+        reclaimer: std::sync::Arc<dyn Reclaimer>,
+    ) -> ReclaimerHandle {
+        let id = self.inner.next_reclaimer.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.reclaimers).push(Registered {
+            id,
+            engine,
+            reclaimer,
+        });
+        ReclaimerHandle {
+            gov: self.clone(),
+            id,
+        }
+    }
+
+    /// What `engine`'s reclaimers say they could free now.
+    pub fn reclaimable(&self, engine: EngineId) -> u64 {
+        self.reclaimers_of(engine)
+            .iter()
+            .map(|r| r.reclaimable())
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Asks `engine`'s reclaimers, the one with most to give first, to free `bytes`; returns
+    /// what they report freed (recorded as a breach event).
+    pub fn reclaim(&self, engine: EngineId, bytes: u64) -> u64 {
+        if bytes == 0 {
+            return 0;
+        }
+        let mut reclaimers: Vec<(u64, std::sync::Arc<dyn Reclaimer>)> = self
+            .reclaimers_of(engine)
+            .into_iter()
+            .map(|r| (r.reclaimable(), r))
+            .filter(|(n, _)| *n > 0)
+            .collect();
+        if reclaimers.is_empty() {
+            return 0;
+        }
+        reclaimers.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+        let mut freed = 0u64;
+        for (_, r) in reclaimers {
+            if freed >= bytes {
+                break;
+            }
+            freed = freed.saturating_add(r.reclaim(bytes - freed));
+        }
+        self.inner.events.record(EventKind::Reclaim {
+            engine,
+            requested: bytes,
+            freed,
+        });
+        freed
+    }
+
+    /// The engine's reclaimers, cloned out so none is called under the registry's lock.
+    fn reclaimers_of(&self, engine: EngineId) -> Vec<std::sync::Arc<dyn Reclaimer>> {
+        lock(&self.inner.reclaimers)
+            .iter()
+            .filter(|r| r.engine == engine)
+            .map(|r| std::sync::Arc::clone(&r.reclaimer))
+            .collect()
     }
 
     /// Every budget's state, the global figures and the recent breach events.
@@ -574,6 +692,28 @@ pub struct RebalanceMove {
 pub struct RebalanceReport {
     /// The moves, in the order they were made.
     pub moves: Vec<RebalanceMove>,
+    /// Engines whose reclaimers were asked for memory, with the bytes they freed.
+    pub reclaimed: Vec<(EngineId, u64)>,
+}
+
+/// Keeps a reclaimer registered; dropping it unregisters the reclaimer.
+pub struct ReclaimerHandle {
+    gov: MemoryGovernor,
+    id: u64,
+}
+
+impl fmt::Debug for ReclaimerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReclaimerHandle")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Drop for ReclaimerHandle {
+    fn drop(&mut self) {
+        lock(&self.gov.inner.reclaimers).retain(|r| r.id != self.id);
+    }
 }
 
 /// Bytes admitted for one engine, given back when dropped.

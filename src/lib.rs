@@ -25,6 +25,7 @@ mod pressure;
 #[cfg(not(nodedb_mem_loom))]
 mod rebalancer;
 mod size;
+mod spill;
 mod sync;
 
 pub use budget::Budget;
@@ -36,7 +37,7 @@ pub use error::{MemError, Result};
 pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
 #[cfg(not(nodedb_mem_loom))]
 pub use future::{EngineExt, InEngine};
-pub use governor::{MemoryGovernor, RebalanceMove, RebalanceReport, Reservation};
+pub use governor::{MemoryGovernor, RebalanceMove, RebalanceReport, ReclaimerHandle, Reservation};
 #[cfg(not(nodedb_mem_loom))]
 pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};
@@ -48,3 +49,4 @@ pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]
 pub use rebalancer::Rebalancer;
 pub use size::{ByteSize, Size, SizeError};
+pub use spill::{Reclaimer, SpillAction, SpillConfig, SpillController};
