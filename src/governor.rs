@@ -175,6 +175,12 @@ impl MemoryGovernor {
         }
     }
 
+    /// Whether this governor is bound to the global allocator (made by
+    /// [`GovernorBuilder::install`]), so heap allocations count against its budgets.
+    pub fn is_installed(&self) -> bool {
+        self.inner.global.from_allocator
+    }
+
     /// The ledger of `engine`.
     pub fn budget(&self, engine: EngineId) -> &Budget {
         &self.inner.budgets[engine.index()]

@@ -16,6 +16,8 @@ mod config;
 mod error;
 mod events;
 #[cfg(not(nodedb_mem_loom))]
+mod fallible;
+#[cfg(not(nodedb_mem_loom))]
 mod future;
 mod governor;
 #[cfg(not(nodedb_mem_loom))]
@@ -35,6 +37,8 @@ pub use config::{
 };
 pub use error::{MemError, Result};
 pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
+#[cfg(not(nodedb_mem_loom))]
+pub use fallible::EngineAllocator;
 #[cfg(not(nodedb_mem_loom))]
 pub use future::{EngineExt, InEngine};
 pub use governor::{MemoryGovernor, RebalanceMove, RebalanceReport, ReclaimerHandle, Reservation};

@@ -470,3 +470,36 @@ fn install_refuses_without_the_governed_allocator() {
     );
     assert!(nodedb_mem::installed().is_none());
 }
+
+#[test]
+fn the_fallible_allocator_refuses_past_the_budget_and_counts_exactly() {
+    use allocator_api2::vec::Vec as AVec;
+    use nodedb_mem::EngineAllocator;
+    let gov = gov(); // Query: 40 MiB
+    let alloc = EngineAllocator::new(&gov, EngineId::Query);
+    let mut v: AVec<u8, _> = AVec::new_in(alloc.clone());
+    v.try_reserve_exact((30 * MIB) as usize).unwrap();
+    assert_eq!(gov.usage(EngineId::Query), 30 * MIB);
+    assert_eq!(
+        gov.budget(EngineId::Query).reserved(),
+        0,
+        "the admission was released"
+    );
+    // Growing to 50 MiB does not fit: refused, and the vector keeps what it had.
+    assert!(v.try_reserve_exact((50 * MIB) as usize).is_err());
+    assert_eq!(v.capacity(), (30 * MIB) as usize);
+    assert_eq!(gov.budget(EngineId::Query).rejections(), 1);
+
+    let mut map: hashbrown::HashMap<u64, u64, hashbrown::DefaultHashBuilder, _> =
+        hashbrown::HashMap::with_hasher_in(Default::default(), alloc);
+    assert!(map.try_reserve(100_000).is_ok());
+    assert!(
+        map.try_reserve(10_000_000).is_err(),
+        "160 MB of table does not fit"
+    );
+    let used = gov.usage(EngineId::Query);
+    assert!(used > 30 * MIB && used <= 40 * MIB);
+    drop((v, map));
+    assert_eq!(gov.usage(EngineId::Query), 0);
+    gov.check_consistency().unwrap();
+}

@@ -159,3 +159,24 @@ fn tasks_keep_their_engine_across_worker_threads() {
     drop(blocks);
     assert_eq!(settled(EngineId::Vector), before);
 }
+
+#[test]
+fn the_fallible_allocator_is_charged_by_the_global_allocator_once() {
+    use allocator_api2::vec::Vec as AVec;
+    let _s = serial();
+    let before = settled(EngineId::Query);
+    let alloc = nodedb_mem::EngineAllocator::new(gov(), EngineId::Query);
+    let mut v: AVec<u8, _> = AVec::new_in(alloc);
+    v.try_reserve_exact(8 << 20).unwrap(); // >= 1 MiB: charged at once, page-rounded
+    assert_eq!(owner(v.as_ptr()), EngineId::Query);
+    assert_eq!(settled(EngineId::Query) - before, 8 << 20);
+    assert_eq!(gov().budget(EngineId::Query).reserved(), 0);
+    // Growing in place to 60 MiB asks admission for the 52 MiB more only: it fits the 64 MiB
+    // budget; 70 MiB does not.
+    v.try_reserve_exact(60 << 20).unwrap();
+    assert_eq!(settled(EngineId::Query) - before, 60 << 20);
+    assert!(v.try_reserve_exact(70 << 20).is_err());
+    assert_eq!(v.capacity(), 60 << 20);
+    drop(v);
+    assert_eq!(settled(EngineId::Query), before);
+}
