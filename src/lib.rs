@@ -46,6 +46,7 @@ pub use governor::{MemoryGovernor, RebalanceMove, RebalanceReport, ReclaimerHand
 pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
+    OverflowError, OverflowRegion, PageOutMethod,
     ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, UnknownEngine,
     current_engine, flush_thread, home_engine, owner,
 };

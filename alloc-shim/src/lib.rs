@@ -23,6 +23,7 @@
 mod alloc;
 mod arena;
 mod ledger;
+mod overflow;
 mod size_class;
 mod thread;
 
@@ -31,6 +32,7 @@ pub use arena::{
     ArenaStats, arena_index, arena_stats, arenas_ready, owner, range_bytes, range_exhaustions,
 };
 pub use ledger::{BATCH, DIRECT_THRESHOLD, charged, charged_peak, take_window_peak};
+pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};
 pub use thread::{
     EngineGuard, HOME_SWITCH_AFTER, current_engine, explicit_caches_created, flush_thread,
     home_engine, home_switches,

@@ -1,0 +1,414 @@
+//! `OverflowRegion`: pageable, file-backed memory for an engine that is over its budget.
+//!
+//! The region is one reserved virtual range (`PROT_NONE`, no commit charge) backed by an
+//! unlinked file, mapped `MAP_SHARED` piece by piece as it grows. The kernel can write its
+//! pages back to the file and evict them, and [`OverflowRegion::page_out`] pushes cold pages
+//! out on purpose, so the process's resident memory drops while the data stays intact. Every
+//! call here is a system call and allocates nothing, so the allocator's extent hooks can use
+//! a region.
+
+use std::ffi::CString;
+use std::fmt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const PAGE: usize = 4096;
+/// `TMPFS_MAGIC` from `linux/magic.h`.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// `MADV_PAGEOUT` (Linux 5.4).
+const MADV_PAGEOUT: libc::c_int = 21;
+
+/// Why an overflow region could not be created, grown or paged out. `Copy`, allocation-free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverflowError {
+    /// The capacity was zero.
+    ZeroCapacity,
+    /// Growing past the configured capacity.
+    Exhausted {
+        /// Bytes asked for in total.
+        requested: usize,
+        /// The region's capacity.
+        capacity: usize,
+    },
+    /// The directory is on tmpfs: its pages cannot be evicted without swap, so overflow there
+    /// would still be resident memory.
+    Tmpfs,
+    /// A system call failed.
+    Os {
+        /// What was being done.
+        op: &'static str,
+        /// `errno`.
+        errno: i32,
+    },
+}
+
+impl fmt::Display for OverflowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OverflowError::ZeroCapacity => f.write_str("overflow capacity must be above zero"),
+            OverflowError::Exhausted {
+                requested,
+                capacity,
+            } => write!(
+                f,
+                "overflow region exhausted: {requested} bytes requested, capacity {capacity}"
+            ),
+            OverflowError::Tmpfs => f.write_str(
+                "the overflow directory is on tmpfs, whose pages cannot be evicted without swap; \
+                 choose a directory on a disk-backed filesystem",
+            ),
+            OverflowError::Os { op, errno } => write!(
+                f,
+                "{op} failed: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for OverflowError {}
+
+fn last_errno(op: &'static str) -> OverflowError {
+    OverflowError::Os {
+        op,
+        errno: std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    }
+}
+
+/// How [`OverflowRegion::page_out`] released the pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageOutMethod {
+    /// `madvise(MADV_PAGEOUT)`: the kernel reclaimed the pages (written back first if dirty).
+    Pageout,
+    /// `msync` + `madvise(MADV_DONTNEED)` + `posix_fadvise(POSIX_FADV_DONTNEED)`, where
+    /// `MADV_PAGEOUT` is not supported.
+    SyncAndDrop,
+}
+
+/// Pageable memory backed by an unlinked file (see the module documentation).
+pub struct OverflowRegion {
+    file: OwnedFd,
+    base: *mut u8,
+    capacity: usize,
+    /// Bytes mapped (and the file's size): grows only.
+    len: AtomicUsize,
+    dir: PathBuf,
+}
+
+// SAFETY: the region's memory is shared by design; `base` and `capacity` never change and
+// `len` is atomic. Growth maps new pages beyond `len` only, so no thread sees a page change
+// under it.
+unsafe impl Send for OverflowRegion {}
+// SAFETY: as above.
+unsafe impl Sync for OverflowRegion {}
+
+impl fmt::Debug for OverflowRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OverflowRegion")
+            .field("dir", &self.dir)
+            .field("base", &self.base)
+            .field("len", &self.len())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl OverflowRegion {
+    /// Creates a region of up to `capacity` bytes (rounded up to whole pages), backed by a
+    /// file in `dir` that has no name (`O_TMPFILE`, or created `0600` and unlinked at once), so
+    /// it disappears with the process. Nothing is mapped until [`grow_to`](Self::grow_to).
+    /// Refuses a directory on tmpfs unless `allow_tmpfs`.
+    pub fn create(
+        dir: &Path,
+        capacity: usize,
+        allow_tmpfs: bool,
+    ) -> Result<OverflowRegion, OverflowError> {
+        if capacity == 0 {
+            return Err(OverflowError::ZeroCapacity);
+        }
+        let capacity = capacity
+            .checked_next_multiple_of(PAGE)
+            .ok_or(OverflowError::Exhausted {
+                requested: capacity,
+                capacity: usize::MAX,
+            })?;
+        let cdir = CString::new(dir.as_os_str().as_bytes()).map_err(|_| OverflowError::Os {
+            op: "overflow directory path",
+            errno: libc::EINVAL,
+        })?;
+        if !allow_tmpfs && is_tmpfs(&cdir)? {
+            return Err(OverflowError::Tmpfs);
+        }
+        let file = open_unnamed(&cdir, dir)?;
+        // SAFETY: a fresh anonymous reservation at an address of the kernel's choice; no
+        // existing mapping is affected.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                capacity,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(last_errno("reserving the overflow range"));
+        }
+        Ok(OverflowRegion {
+            file,
+            base: base.cast(),
+            capacity,
+            len: AtomicUsize::new(0),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Start of the region.
+    pub fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// Bytes mapped so far.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Whether nothing is mapped yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most the region can grow to.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The directory holding the (unnamed) backing file.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The backing file's descriptor (for inspection: `fstat`, `/proc/self/fd`).
+    pub fn file(&self) -> &OwnedFd {
+        &self.file
+    }
+
+    /// Whether `ptr` lies in the region's range.
+    pub fn contains(&self, ptr: *const u8) -> bool {
+        (ptr as usize).wrapping_sub(self.base as usize) < self.capacity
+    }
+
+    /// Grows the backing file to `len` bytes (rounded up to pages) and maps the new part,
+    /// readable and writable, `MAP_SHARED`, excluded from `fork` children. Returns the new
+    /// length. Never shrinks. Concurrent callers must be serialised by the caller (the
+    /// allocator's hooks run under jemalloc's arena lock).
+    pub fn grow_to(&self, len: usize) -> Result<usize, OverflowError> {
+        let len = len.checked_next_multiple_of(PAGE).unwrap_or(usize::MAX);
+        let old = self.len();
+        if len <= old {
+            return Ok(old);
+        }
+        if len > self.capacity {
+            return Err(OverflowError::Exhausted {
+                requested: len,
+                capacity: self.capacity,
+            });
+        }
+        let size = libc::off_t::try_from(len).map_err(|_| OverflowError::Os {
+            op: "sizing the overflow file",
+            errno: libc::EFBIG,
+        })?;
+        fault::check("growing the overflow file")?;
+        // SAFETY: `file` is our open descriptor; ftruncate only changes the file's size.
+        if unsafe { libc::ftruncate(self.file.as_raw_fd(), size) } != 0 {
+            return Err(last_errno("growing the overflow file"));
+        }
+        fault::check("mapping the overflow file")?;
+        // SAFETY: `[base + old, base + len)` lies inside our reservation (len <= capacity) and
+        // holds nothing mapped by anyone else (it is `PROT_NONE` reservation beyond `len`);
+        // MAP_FIXED replaces exactly that part with the file's pages at the same offset.
+        let p = unsafe {
+            libc::mmap(
+                self.base.add(old).cast(),
+                len - old,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                self.file.as_raw_fd(),
+                old as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_errno("mapping the overflow file"));
+        }
+        // A `fork` child sharing these pages would corrupt the parent's heap: children do not
+        // inherit them (they must `exec`, or start fresh overflow state).
+        // SAFETY: the range was just mapped by us.
+        unsafe { libc::madvise(p, len - old, libc::MADV_DONTFORK) };
+        self.len.store(len, Ordering::Release);
+        Ok(len)
+    }
+
+    /// Pushes the pages of `[offset, offset + len)` out of memory: `MADV_PAGEOUT` where the
+    /// kernel has it, else write-back and drop. The data stays intact (it is read back from the
+    /// file on the next touch).
+    pub fn page_out(&self, offset: usize, len: usize) -> Result<PageOutMethod, OverflowError> {
+        let (addr, len) = self.span(offset, len)?;
+        // SAFETY: `[addr, addr + len)` is a mapped part of the region (checked by `span`).
+        if unsafe { libc::madvise(addr, len, MADV_PAGEOUT) } == 0 {
+            return Ok(PageOutMethod::Pageout);
+        }
+        // SAFETY: as above; msync writes the shared pages back to the file, MADV_DONTNEED
+        // drops this mapping's view of them (the file keeps the data), and POSIX_FADV_DONTNEED
+        // asks the page cache to drop the clean pages.
+        unsafe {
+            if libc::msync(addr, len, libc::MS_SYNC) != 0 {
+                return Err(last_errno("writing overflow pages back"));
+            }
+            libc::madvise(addr, len, libc::MADV_DONTNEED);
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+        Ok(PageOutMethod::SyncAndDrop)
+    }
+
+    /// Frees the file blocks behind `[offset, offset + len)`: the pages read back as zeros
+    /// afterwards (what jemalloc's forced purge promises; `MADV_DONTNEED` alone would leave
+    /// the file's bytes).
+    pub fn punch_hole(&self, offset: usize, len: usize) -> Result<(), OverflowError> {
+        let (addr, len) = self.span(offset, len)?;
+        // SAFETY: `[addr, addr + len)` is a mapped, shared part of the region; MADV_REMOVE
+        // frees the backing store of exactly that range.
+        if unsafe { libc::madvise(addr, len, libc::MADV_REMOVE) } != 0 {
+            return Err(last_errno("punching a hole in the overflow file"));
+        }
+        Ok(())
+    }
+
+    fn span(&self, offset: usize, len: usize) -> Result<(*mut libc::c_void, usize), OverflowError> {
+        let end = offset.saturating_add(len);
+        if !offset.is_multiple_of(PAGE) || end > self.len() {
+            return Err(OverflowError::Os {
+                op: "selecting overflow pages",
+                errno: libc::EINVAL,
+            });
+        }
+        // SAFETY: `offset < len() <= capacity`, so the pointer stays inside the reservation.
+        Ok((unsafe { self.base.add(offset) }.cast(), len))
+    }
+}
+
+impl Drop for OverflowRegion {
+    fn drop(&mut self) {
+        // SAFETY: the reservation (and every file mapping placed in it) is ours and nothing
+        // refers to it once the region is dropped.
+        unsafe { libc::munmap(self.base.cast(), self.capacity) };
+    }
+}
+
+fn is_tmpfs(dir: &CString) -> Result<bool, OverflowError> {
+    // SAFETY: `statfs` fills the zeroed struct for the NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(dir.as_ptr(), &mut st) } != 0 {
+        return Err(last_errno("inspecting the overflow directory"));
+    }
+    Ok(st.f_type as i64 == TMPFS_MAGIC)
+}
+
+/// An unnamed file in `dir`: `O_TMPFILE` where the filesystem supports it, else a fresh `0600`
+/// file unlinked as soon as it is open.
+fn open_unnamed(cdir: &CString, dir: &Path) -> Result<OwnedFd, OverflowError> {
+    // SAFETY: a NUL-terminated path, flags and a mode: open has no other preconditions.
+    let fd = unsafe {
+        libc::open(
+            cdir.as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    for attempt in 0..16u32 {
+        let name = dir.join(format!(
+            ".nodedb-mem-overflow-{}-{}-{attempt}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        ));
+        let cname = CString::new(name.as_os_str().as_bytes()).map_err(|_| OverflowError::Os {
+            op: "overflow file name",
+            errno: libc::EINVAL,
+        })?;
+        // SAFETY: as above.
+        let fd = unsafe {
+            libc::open(
+                cname.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: `fd` was just opened; unlinking the name leaves the open file alive.
+            let file = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: a NUL-terminated path we just created.
+            unsafe { libc::unlink(cname.as_ptr()) };
+            return Ok(file);
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            return Err(last_errno("creating the overflow file"));
+        }
+    }
+    Err(last_errno("creating the overflow file"))
+}
+
+/// Fault injection for tests: make the next growth steps fail with a chosen `errno`.
+pub mod fault {
+    use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+    use super::OverflowError;
+
+    static SKIP: AtomicU32 = AtomicU32::new(0);
+    static ERRNO: AtomicI32 = AtomicI32::new(0);
+
+    /// After `skip` more growth steps succeed (each growth is two steps: sizing the file, then
+    /// mapping it), the next one fails with `errno` (`ENOSPC`, `EIO`, `ENOMEM`, ...), once.
+    pub fn fail_after(skip: u32, errno: i32) {
+        SKIP.store(skip, Ordering::SeqCst);
+        ERRNO.store(errno, Ordering::SeqCst);
+    }
+
+    /// Cancels a pending injected failure.
+    pub fn clear() {
+        ERRNO.store(0, Ordering::SeqCst);
+    }
+
+    pub(super) fn check(op: &'static str) -> Result<(), OverflowError> {
+        if ERRNO.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        if SKIP
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| s.checked_sub(1))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let errno = ERRNO.swap(0, Ordering::SeqCst);
+        if errno == 0 {
+            return Ok(());
+        }
+        Err(OverflowError::Os { op, errno })
+    }
+}
