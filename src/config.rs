@@ -18,6 +18,10 @@ pub const MAX_CEILING: u64 = 1 << 50;
 /// fragmentation, thread caches) and memory outside the governor's view.
 pub const DEFAULT_OVERHEAD_RESERVE: f64 = 0.10;
 
+/// Default margin kept between the process's resident memory and the ceiling: when resident
+/// memory comes closer than this, the governor purges dirty pages and counts the excess.
+pub const DEFAULT_RSS_MARGIN: f64 = 0.05;
+
 /// Default split of the assignable ceiling, in percent, by [`EngineId::index`].
 const DEFAULT_WEIGHTS: [u64; EngineId::COUNT] = [30, 10, 10, 20, 25, 5];
 
@@ -113,6 +117,8 @@ pub struct GovernorBuilder {
     thresholds: PressureThresholds,
     rebalance: RebalanceConfig,
     env: EnvSource,
+    rss_margin: Size,
+    proc_status: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -132,6 +138,8 @@ pub(crate) struct Config {
     pub(crate) budgets: [EngineLimits; EngineId::COUNT],
     pub(crate) thresholds: PressureThresholds,
     pub(crate) rebalance: RebalanceConfig,
+    pub(crate) rss_margin: u64,
+    pub(crate) proc_status: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +160,8 @@ impl Default for GovernorBuilder {
             thresholds: PressureThresholds::default(),
             rebalance: RebalanceConfig::default(),
             env: EnvSource::Process,
+            rss_margin: Size::Fraction(DEFAULT_RSS_MARGIN),
+            proc_status: PathBuf::from("/proc/self/status"),
         }
     }
 }
@@ -204,6 +214,20 @@ impl GovernorBuilder {
     /// Sets how rebalancing chooses lenders and borrowers.
     pub fn rebalance(mut self, config: RebalanceConfig) -> Self {
         self.rebalance = config;
+        self
+    }
+
+    /// Sets the margin kept between resident memory and the ceiling (default 5 % of the
+    /// ceiling); see [`MemoryGovernor::check_resident`].
+    pub fn rss_margin(mut self, margin: impl Into<Size>) -> Self {
+        self.rss_margin = margin.into();
+        self
+    }
+
+    /// Reads resident memory from this `/proc/<pid>/status`-format file instead of
+    /// `/proc/self/status`. For tests.
+    pub fn proc_status_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.proc_status = path.into();
         self
     }
 
@@ -306,6 +330,26 @@ impl GovernorBuilder {
             }
         };
 
+        let rss_margin = match self.rss_margin {
+            Size::Fraction(f) if !(f > 0.0 && f < 1.0) => {
+                return Err(MemError::config(
+                    "rss_margin",
+                    f,
+                    "a fraction of the ceiling must be above 0 and below 1",
+                ));
+            }
+            s => s.resolve(ceiling),
+        };
+        if rss_margin == 0 || rss_margin >= ceiling {
+            return Err(MemError::config(
+                "rss_margin",
+                ByteSize(rss_margin),
+                format!(
+                    "must be above zero and below the ceiling ({})",
+                    ByteSize(ceiling)
+                ),
+            ));
+        }
         let assignable = ceiling - fraction_of(ceiling, self.overhead);
         let mut explicit = [None; EngineId::COUNT];
         for e in EngineId::ALL {
@@ -392,6 +436,8 @@ impl GovernorBuilder {
             budgets,
             thresholds: self.thresholds,
             rebalance: self.rebalance,
+            rss_margin,
+            proc_status: self.proc_status,
         })
     }
 }

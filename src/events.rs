@@ -64,6 +64,16 @@ pub enum EventKind {
         /// Level after.
         to: PressureLevel,
     },
+    /// The process's resident memory came within the RSS margin of the ceiling; the governor
+    /// purged the arenas' dirty pages.
+    ResidentNearCeiling {
+        /// Resident bytes when it was seen.
+        resident: u64,
+        /// Resident bytes after purging.
+        after_purge: u64,
+        /// The ceiling.
+        ceiling: u64,
+    },
     /// The governor asked an engine's reclaimers for memory back.
     Reclaim {
         /// The engine asked.
@@ -210,6 +220,18 @@ fn emit(e: &BreachEvent) {
             from = from.name(),
             to = to.name(),
             "pressure level changed"
+        ),
+        EventKind::ResidentNearCeiling {
+            resident,
+            after_purge,
+            ceiling,
+        } => tracing::warn!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            resident,
+            after_purge,
+            ceiling,
+            "resident memory near the ceiling: purged dirty pages"
         ),
         EventKind::Reclaim {
             engine,

@@ -11,6 +11,7 @@ use crate::config::{Config, GovernorBuilder, RebalanceConfig};
 use crate::error::{MemError, Result};
 use crate::events::{EventKind, EventLog};
 use crate::pressure::{PressureLevel, PressureThresholds, ThresholdsPpm, ratio_ppm};
+use crate::rss::RssSample;
 use crate::spill::{Reclaimer, SpillConfig, SpillController};
 use crate::sync::{Arc, AtomicI64, AtomicU8, AtomicU64, Mutex, Ordering, lock};
 
@@ -57,6 +58,9 @@ struct Inner {
     ceiling_source: CeilingSource,
     reclaimers: Mutex<Vec<Registered>>,
     next_reclaimer: AtomicU64,
+    rss_margin: u64,
+    proc_status: std::path::PathBuf,
+    last_rss: Mutex<RssSample>,
 }
 
 struct Registered {
@@ -77,6 +81,9 @@ struct GlobalLedger {
     transitions: AtomicU64,
     /// Whether the global allocator's ledger counts (see `Budget::allocator_bytes`).
     from_allocator: bool,
+    /// Resident memory beyond the governed usage at the last sample (allocator overhead,
+    /// fragmentation, code, stacks): counted against the ceiling by admission and pressure.
+    rss_excess: AtomicU64,
 }
 
 impl GlobalLedger {
@@ -97,7 +104,7 @@ impl GlobalLedger {
     }
 
     fn take_headroom(&self, bytes: u64) -> std::result::Result<(), (i64, u64)> {
-        let ext = self.allocator_bytes();
+        let ext = self.allocator_bytes() + self.rss_excess.load(Ordering::Acquire);
         let want = to_i64(bytes).saturating_add(to_i64(ext));
         let mut h = self.headroom.load(Ordering::Acquire);
         loop {
@@ -162,6 +169,7 @@ impl MemoryGovernor {
                     level: AtomicU8::new(PressureLevel::Normal as u8),
                     transitions: AtomicU64::new(0),
                     from_allocator,
+                    rss_excess: AtomicU64::new(0),
                 }),
                 thresholds: c.thresholds,
                 ppm: c.thresholds.to_ppm(),
@@ -171,6 +179,9 @@ impl MemoryGovernor {
                 ceiling_source: c.ceiling_source,
                 reclaimers: Mutex::new(Vec::new()),
                 next_reclaimer: AtomicU64::new(0),
+                rss_margin: c.rss_margin,
+                proc_status: c.proc_status,
+                last_rss: Mutex::new(RssSample::default()),
             }),
         }
     }
@@ -348,7 +359,7 @@ impl MemoryGovernor {
             &g.level,
             &g.transitions,
             &self.inner.ppm,
-            self.global_usage(),
+            self.global_usage() + g.rss_excess.load(Ordering::Acquire),
             g.ceiling,
         );
         if let Some(from) = changed {
@@ -490,6 +501,65 @@ impl MemoryGovernor {
         RebalanceReport { moves, reclaimed }
     }
 
+    /// Samples the process's resident memory (`VmRSS`, `VmHWM`, jemalloc's `stats.resident`)
+    /// and feeds it back: resident memory beyond the governed usage (allocator overhead,
+    /// fragmentation, dirty pages, code and stacks) is counted against the ceiling by
+    /// reservations and global pressure until the next sample; and when resident memory comes
+    /// within the RSS margin of the ceiling (default 5 %), the arenas' dirty pages are purged
+    /// at once and a breach event is recorded. The background rebalancer does this on every
+    /// tick; call it yourself if you drive `rebalance` by hand.
+    ///
+    /// The kernel's peak (`VmHWM`) never comes down, so the margin must be kept *before* the
+    /// ceiling is reached: sample often enough that the process cannot grow by more than the
+    /// margin between two samples.
+    pub fn check_resident(&self) -> Result<RssSample> {
+        let inner = &*self.inner;
+        let read = || {
+            crate::rss::read_status(&inner.proc_status).map_err(|source| MemError::Io {
+                what: format!("reading {}", inner.proc_status.display()),
+                source,
+            })
+        };
+        let (mut resident, peak) = read()?;
+        let ceiling = self.ceiling();
+        if resident.saturating_add(inner.rss_margin) >= ceiling {
+            let before = resident;
+            if self.is_installed() {
+                nodedb_mem_alloc::purge_all_arenas();
+                resident = read()?.0;
+            }
+            inner.events.record(EventKind::ResidentNearCeiling {
+                resident: before,
+                after_purge: resident,
+                ceiling,
+            });
+        }
+        let allocator_resident = if self.is_installed() {
+            nodedb_mem_alloc::allocator_resident().unwrap_or(0)
+        } else {
+            0
+        };
+        let sample = RssSample {
+            resident,
+            peak,
+            allocator_resident,
+        };
+        let excess = resident.saturating_sub(self.global_usage());
+        inner.global.rss_excess.store(excess, Ordering::Release);
+        *lock(&inner.last_rss) = sample;
+        self.global_pressure();
+        Ok(sample)
+    }
+
+    /// The last [`check_resident`](Self::check_resident) sample, and the resident bytes beyond
+    /// the governed usage it found.
+    pub fn last_resident(&self) -> (RssSample, u64) {
+        (
+            *lock(&self.inner.last_rss),
+            self.inner.global.rss_excess.load(Ordering::Acquire),
+        )
+    }
+
     /// A spill controller for `engine` (see [`SpillController`]).
     pub fn spill_controller(
         &self,
@@ -599,6 +669,8 @@ impl MemoryGovernor {
             events: inner.events.history(),
             events_recorded: inner.events.recorded(),
             events_dropped: inner.events.dropped(),
+            resident: *lock(&inner.last_rss),
+            resident_unaccounted: g.rss_excess.load(Ordering::Acquire),
         }
     }
 

@@ -26,6 +26,7 @@ mod metrics;
 mod pressure;
 #[cfg(not(nodedb_mem_loom))]
 mod rebalancer;
+mod rss;
 mod size;
 mod spill;
 mod sync;
@@ -33,7 +34,8 @@ mod sync;
 pub use budget::Budget;
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use config::{
-    DEFAULT_OVERHEAD_RESERVE, GovernorBuilder, MAX_CEILING, MIN_CEILING, RebalanceConfig,
+    DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, GovernorBuilder, MAX_CEILING, MIN_CEILING,
+    RebalanceConfig,
 };
 pub use error::{MemError, Result};
 pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
@@ -46,12 +48,12 @@ pub use governor::{MemoryGovernor, RebalanceMove, RebalanceReport, ReclaimerHand
 pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
-    OverflowError, OverflowRegion, PageOutMethod,
-    ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, UnknownEngine,
-    current_engine, flush_thread, home_engine, owner,
+    ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, OverflowError,
+    OverflowRegion, PageOutMethod, UnknownEngine, current_engine, flush_thread, home_engine, owner,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]
 pub use rebalancer::Rebalancer;
+pub use rss::RssSample;
 pub use size::{ByteSize, Size, SizeError};
 pub use spill::{Reclaimer, SpillAction, SpillConfig, SpillController};

@@ -99,6 +99,10 @@ pub struct Snapshot {
     pub events_recorded: u64,
     /// Events lost because nobody collected them in time.
     pub events_dropped: u64,
+    /// The last resident-memory sample (all zero before the first).
+    pub resident: crate::RssSample,
+    /// Resident bytes beyond the governed usage at that sample, counted against the ceiling.
+    pub resident_unaccounted: u64,
 }
 
 impl Snapshot {
@@ -162,6 +166,30 @@ impl Snapshot {
             "counter",
             "Breach events lost before collection.",
             self.events_dropped,
+        );
+        global(
+            "process_resident_bytes",
+            "gauge",
+            "Resident memory of the process at the last sample (VmRSS).",
+            self.resident.resident,
+        );
+        global(
+            "process_peak_resident_bytes",
+            "gauge",
+            "Peak resident memory of the process (VmHWM).",
+            self.resident.peak,
+        );
+        global(
+            "allocator_resident_bytes",
+            "gauge",
+            "jemalloc's resident bytes (stats.resident).",
+            self.resident.allocator_resident,
+        );
+        global(
+            "resident_unaccounted_bytes",
+            "gauge",
+            "Resident bytes beyond the governed usage, counted against the ceiling.",
+            self.resident_unaccounted,
         );
 
         type Field = fn(&EngineSnapshot) -> i128;

@@ -477,3 +477,46 @@ pub fn owner(ptr: *const u8) -> EngineId {
 pub fn arena_index(engine: EngineId) -> Option<u32> {
     arena_of(engine.index())
 }
+
+/// Returns every arena's dirty and muzzy pages to the system now (`arena.<all>.purge`).
+/// Takes milliseconds when there is much to purge; call it from a background thread.
+pub fn purge_all_arenas() -> bool {
+    // SAFETY: `arena.4096.purge` (MALLCTL_ARENAS_ALL) takes and returns nothing.
+    let rc = unsafe {
+        jem::mallctl(
+            c"arena.4096.purge".as_ptr(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    rc == 0
+}
+
+/// jemalloc's `stats.resident` after refreshing its statistics: bytes of physical memory in
+/// pages jemalloc holds (data, metadata, dirty pages). `None` if statistics are unavailable.
+pub fn allocator_resident() -> Option<u64> {
+    let mut epoch: u64 = 1;
+    let mut value: usize = 0;
+    let mut len = size_of::<usize>();
+    // SAFETY: `epoch` takes a u64; `stats.resident` returns a size_t into `value` (`len` is its
+    // size).
+    let rc = unsafe {
+        jem::mallctl(
+            c"epoch".as_ptr(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::from_mut(&mut epoch).cast(),
+            size_of::<u64>(),
+        );
+        jem::mallctl(
+            c"stats.resident".as_ptr(),
+            ptr::from_mut(&mut value).cast(),
+            &mut len,
+            ptr::null_mut(),
+            0,
+        )
+    };
+    (rc == 0).then_some(value as u64)
+}

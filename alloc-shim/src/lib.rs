@@ -29,7 +29,8 @@ mod thread;
 
 pub use alloc::{GovernedAlloc, detached_operations, is_active, unrouted_allocations};
 pub use arena::{
-    ArenaStats, arena_index, arena_stats, arenas_ready, owner, range_bytes, range_exhaustions,
+    ArenaStats, allocator_resident, arena_index, arena_stats, arenas_ready, owner,
+    purge_all_arenas, range_bytes, range_exhaustions,
 };
 pub use ledger::{BATCH, DIRECT_THRESHOLD, charged, charged_peak, take_window_peak};
 pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};
