@@ -95,9 +95,12 @@ pub struct OverflowRegion {
     file: OwnedFd,
     base: *mut u8,
     capacity: usize,
-    /// Bytes mapped (and the file's size): grows only.
+    /// Bytes backed by file blocks (and the file's size): grows only.
     len: AtomicUsize,
     dir: PathBuf,
+    /// Whether `base..base + capacity` was reserved by the region itself (unmapped on drop)
+    /// or lent to it by the allocator (left to the allocator).
+    owns_range: bool,
 }
 
 // SAFETY: the region's memory is shared by design; `base` and `capacity` never change and
@@ -121,12 +124,25 @@ impl fmt::Debug for OverflowRegion {
 impl OverflowRegion {
     /// Creates a region of up to `capacity` bytes (rounded up to whole pages), backed by a
     /// file in `dir` that has no name (`O_TMPFILE`, or created `0600` and unlinked at once), so
-    /// it disappears with the process. Nothing is mapped until [`grow_to`](Self::grow_to).
-    /// Refuses a directory on tmpfs unless `allow_tmpfs`.
+    /// it disappears with the process. The whole capacity is mapped `MAP_SHARED` at once (a
+    /// shared file mapping costs no commit charge), but the file is empty: only the part
+    /// grown with [`grow_to`](Self::grow_to) is backed and may be touched. Refuses a directory
+    /// on tmpfs unless `allow_tmpfs`.
     pub fn create(
         dir: &Path,
         capacity: usize,
         allow_tmpfs: bool,
+    ) -> Result<OverflowRegion, OverflowError> {
+        Self::create_at(dir, capacity, allow_tmpfs, None)
+    }
+
+    /// As [`create`](Self::create), mapped over `at`, a reserved range of at least `capacity`
+    /// bytes that the caller owns and keeps reserved after the region is dropped.
+    pub(crate) fn create_at(
+        dir: &Path,
+        capacity: usize,
+        allow_tmpfs: bool,
+        at: Option<*mut u8>,
     ) -> Result<OverflowRegion, OverflowError> {
         if capacity == 0 {
             return Err(OverflowError::ZeroCapacity);
@@ -145,27 +161,37 @@ impl OverflowRegion {
             return Err(OverflowError::Tmpfs);
         }
         let file = open_unnamed(&cdir, dir)?;
-        // SAFETY: a fresh anonymous reservation at an address of the kernel's choice; no
-        // existing mapping is affected.
+        fault::check("mapping the overflow file")?;
+        let (hint, fixed) = match at {
+            Some(p) => (p.cast::<libc::c_void>(), libc::MAP_FIXED),
+            None => (ptr::null_mut(), 0),
+        };
+        // SAFETY: either an address of the kernel's choice, or (MAP_FIXED) `at`, a range the
+        // caller reserved for this region and that holds nothing else; the file is ours.
         let base = unsafe {
             libc::mmap(
-                ptr::null_mut(),
+                hint,
                 capacity,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | fixed,
+                file.as_raw_fd(),
                 0,
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(last_errno("reserving the overflow range"));
+            return Err(last_errno("mapping the overflow file"));
         }
+        // A `fork` child sharing these pages would corrupt the parent's heap: children do not
+        // inherit them (they must `exec`, or start fresh overflow state).
+        // SAFETY: the range was just mapped by us.
+        unsafe { libc::madvise(base, capacity, libc::MADV_DONTFORK) };
         Ok(OverflowRegion {
             file,
             base: base.cast(),
             capacity,
             len: AtomicUsize::new(0),
             dir: dir.to_path_buf(),
+            owns_range: at.is_none(),
         })
     }
 
@@ -204,10 +230,10 @@ impl OverflowRegion {
         (ptr as usize).wrapping_sub(self.base as usize) < self.capacity
     }
 
-    /// Grows the backing file to `len` bytes (rounded up to pages) and maps the new part,
-    /// readable and writable, `MAP_SHARED`, excluded from `fork` children. Returns the new
-    /// length. Never shrinks. Concurrent callers must be serialised by the caller (the
-    /// allocator's hooks run under jemalloc's arena lock).
+    /// Backs the first `len` bytes (rounded up to pages) with file blocks, so they may be
+    /// touched; returns the backed length. Never shrinks. Safe to call concurrently: the
+    /// blocks are allocated with `fallocate`, which never shrinks the file, and the length only
+    /// grows. Disk exhaustion shows here (`ENOSPC`), not later as a fault on first touch.
     pub fn grow_to(&self, len: usize) -> Result<usize, OverflowError> {
         let len = len.checked_next_multiple_of(PAGE).unwrap_or(usize::MAX);
         let old = self.len();
@@ -220,38 +246,23 @@ impl OverflowRegion {
                 capacity: self.capacity,
             });
         }
-        let size = libc::off_t::try_from(len).map_err(|_| OverflowError::Os {
-            op: "sizing the overflow file",
-            errno: libc::EFBIG,
-        })?;
         fault::check("growing the overflow file")?;
-        // SAFETY: `file` is our open descriptor; ftruncate only changes the file's size.
-        if unsafe { libc::ftruncate(self.file.as_raw_fd(), size) } != 0 {
-            return Err(last_errno("growing the overflow file"));
-        }
-        fault::check("mapping the overflow file")?;
-        // SAFETY: `[base + old, base + len)` lies inside our reservation (len <= capacity) and
-        // holds nothing mapped by anyone else (it is `PROT_NONE` reservation beyond `len`);
-        // MAP_FIXED replaces exactly that part with the file's pages at the same offset.
-        let p = unsafe {
-            libc::mmap(
-                self.base.add(old).cast(),
-                len - old,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
+        // SAFETY: `file` is our open descriptor; fallocate(mode 0) allocates blocks for the
+        // range and extends the file's size if needed, never shrinking it. Both values fit
+        // `off_t` because `len <= capacity`, itself a mapped length.
+        let rc = unsafe {
+            libc::fallocate(
                 self.file.as_raw_fd(),
+                0,
                 old as libc::off_t,
+                (len - old) as libc::off_t,
             )
         };
-        if p == libc::MAP_FAILED {
-            return Err(last_errno("mapping the overflow file"));
+        if rc != 0 {
+            return Err(last_errno("growing the overflow file"));
         }
-        // A `fork` child sharing these pages would corrupt the parent's heap: children do not
-        // inherit them (they must `exec`, or start fresh overflow state).
-        // SAFETY: the range was just mapped by us.
-        unsafe { libc::madvise(p, len - old, libc::MADV_DONTFORK) };
-        self.len.store(len, Ordering::Release);
-        Ok(len)
+        self.len.fetch_max(len, Ordering::AcqRel);
+        Ok(len.max(self.len()))
     }
 
     /// Pushes the pages of `[offset, offset + len)` out of memory: `MADV_PAGEOUT` where the
@@ -309,9 +320,10 @@ impl OverflowRegion {
 
 impl Drop for OverflowRegion {
     fn drop(&mut self) {
-        // SAFETY: the reservation (and every file mapping placed in it) is ours and nothing
-        // refers to it once the region is dropped.
-        unsafe { libc::munmap(self.base.cast(), self.capacity) };
+        if self.owns_range {
+            // SAFETY: the mapping is ours and nothing refers to it once the region is dropped.
+            unsafe { libc::munmap(self.base.cast(), self.capacity) };
+        }
     }
 }
 
@@ -383,8 +395,8 @@ pub mod fault {
     static SKIP: AtomicU32 = AtomicU32::new(0);
     static ERRNO: AtomicI32 = AtomicI32::new(0);
 
-    /// After `skip` more growth steps succeed (each growth is two steps: sizing the file, then
-    /// mapping it), the next one fails with `errno` (`ENOSPC`, `EIO`, `ENOMEM`, ...), once.
+    /// After `skip` more steps succeed (creating a region maps it; growing one allocates file
+    /// blocks), the next one fails with `errno` (`ENOSPC`, `EIO`, `ENOMEM`, ...), once.
     pub fn fail_after(skip: u32, errno: i32) {
         SKIP.store(skip, Ordering::SeqCst);
         ERRNO.store(errno, Ordering::SeqCst);
