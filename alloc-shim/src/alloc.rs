@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tikv_jemalloc_sys as jem;
 
-use crate::arena::owner_of;
+use crate::arena::{self, owner_of};
 use crate::ledger;
 use crate::size_class::usable_size;
 use crate::thread::{THREAD, ThreadState};
@@ -88,6 +88,43 @@ impl ThreadState {
         if self.is_detached() {
             DETACHED.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// An allocation off the fast path: for an engine over its limit (its overflow arena), or
+    /// for an engine other than home (a visit).
+    #[inline(never)]
+    unsafe fn slow_alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
+        let engine = self.current();
+        if arena::is_over(engine)
+            && let Some(overflow) = arena::overflow_arena(engine)
+        {
+            ACTIVE.store(true, Ordering::Relaxed);
+            let z = if zero { jem::MALLOCX_ZERO } else { 0 };
+            let f = flags | z | jem::MALLOCX_TCACHE_NONE | jem::MALLOCX_ARENA(overflow as usize);
+            // SAFETY: size > 0; flags name the engine's overflow arena, no cache, an alignment.
+            let p = unsafe { jem::mallocx(size, f) }.cast::<u8>();
+            if !p.is_null() {
+                self.on_alloc(owner_of(p), usable);
+                return p;
+            }
+            match arena::overflow_policy() {
+                arena::OverflowPolicy::FailAllocation => {
+                    arena::count_refusal();
+                    return p;
+                }
+                arena::OverflowPolicy::FallBack => arena::count_breach(),
+            }
+        }
+        if engine == self.home() {
+            // SAFETY: as in `alloc_impl`.
+            let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
+            if !p.is_null() {
+                self.on_alloc(owner_of(p), usable);
+            }
+            return p;
+        }
+        // SAFETY: as in `alloc_impl`.
+        unsafe { self.visit_alloc(size, flags, usable, zero) }
     }
 
     /// An allocation for an engine other than home: that engine's arena, no cache.
@@ -190,9 +227,9 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     // SAFETY: the pointer is to this thread's own state, alive for the thread's whole life and
     // only ever touched by this thread.
     let t = unsafe { &*t };
-    if t.current() != t.home() {
+    if t.current() != t.home() || arena::is_over(t.home()) {
         // SAFETY: as above.
-        return unsafe { t.visit_alloc(size, flags, usable, zero) };
+        return unsafe { t.slow_alloc(size, flags, usable, zero) };
     }
     // SAFETY: as above.
     let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();

@@ -18,6 +18,14 @@ use crate::EngineId;
 /// jemalloc's automatic arenas (its memory is whatever lies outside the engines' ranges).
 pub(crate) const ARENA_ENGINES: usize = EngineId::COUNT - 1;
 
+/// The slot of engine `e`'s overflow range and arena: `OVERFLOW_SLOT + e`.
+pub(crate) const OVERFLOW_SLOT: usize = EngineId::COUNT;
+
+/// Ranges reserved: one per engine with an arena, one unused for `Unattributed` (so its index
+/// is never a real owner), one overflow range per engine. The owner of a pointer is its range's
+/// index, a *slot*: `0..5` an engine, `5` Unattributed, `6..11` an engine's overflow.
+pub(crate) const SLOTS: usize = OVERFLOW_SLOT + ARENA_ENGINES;
+
 /// log2 of the virtual range reserved per engine: 64 GiB. A constant, so finding a pointer's
 /// owner is one load, a subtraction, a shift and a compare.
 const RANGE_SHIFT: u32 = 36;
@@ -71,23 +79,36 @@ static HOOKS: [EngineHooks; ARENA_ENGINES] = [
     engine_hooks(4),
 ];
 
-/// The engine that owns `ptr`: the engine whose range holds it, else `Unattributed`.
+/// The slot that owns `ptr` (see [`SLOTS`]): the range holding it, else `Unattributed`.
 #[inline(always)]
 pub(crate) fn owner_of(ptr: *const u8) -> usize {
     let base = BASE.load(Ordering::Relaxed);
-    let engine = (ptr as usize).wrapping_sub(base) >> RANGE_SHIFT;
-    // Before the ranges exist `base` is 0 and a heap pointer's "engine" is far above the count.
-    if engine < ARENA_ENGINES && base != 0 {
-        engine
+    let slot = (ptr as usize).wrapping_sub(base) >> RANGE_SHIFT;
+    // Before the ranges exist `base` is 0 and a heap pointer's "slot" is far above the count.
+    if slot < SLOTS && base != 0 {
+        slot
     } else {
         EngineId::Unattributed as usize
     }
+}
+
+/// The engine a slot belongs to (an overflow slot belongs to its engine).
+pub(crate) fn engine_of_slot(slot: usize) -> EngineId {
+    let e = if slot >= OVERFLOW_SLOT {
+        slot - OVERFLOW_SLOT
+    } else {
+        slot
+    };
+    EngineId::from_index(e).unwrap_or(EngineId::Unattributed)
 }
 
 /// The arena of `engine`, once the arenas exist; `None` for `Unattributed`, before
 /// initialisation, and if it failed.
 #[inline(always)]
 pub(crate) fn arena_of(engine: usize) -> Option<c_uint> {
+    if engine >= OVERFLOW_SLOT {
+        return overflow_arena(engine - OVERFLOW_SLOT);
+    }
     if engine >= ARENA_ENGINES {
         return None;
     }
@@ -149,7 +170,7 @@ fn init() {
 /// `vm.overcommit_memory = 2`; the extent hook makes each extent readable and writable when it
 /// hands it out.
 fn reserve_ranges() -> bool {
-    let len = ARENA_ENGINES << RANGE_SHIFT;
+    let len = SLOTS << RANGE_SHIFT;
     // SAFETY: a fresh anonymous private mapping at an address of the kernel's choice: no
     // existing memory is affected.
     let p = unsafe {
@@ -218,6 +239,10 @@ unsafe extern "C" fn hook_alloc(
     }
     // SAFETY: jemalloc passes back the hooks pointer it was given at `arenas.create`.
     let engine = unsafe { engine_of(hooks) };
+    if engine >= OVERFLOW_SLOT {
+        // SAFETY: forwarded from jemalloc (valid `zero` and `commit` pointers).
+        return unsafe { overflow_extent(engine - OVERFLOW_SLOT, size, alignment, zero, commit) };
+    }
     let base = BASE.load(Ordering::Acquire);
     let range = 1usize << RANGE_SHIFT;
     let Some(next) = NEXT.get(engine) else {
@@ -314,26 +339,36 @@ fn madvise(addr: *mut c_void, offset: usize, length: usize, advice: libc::c_int)
 }
 
 unsafe extern "C" fn hook_purge_lazy(
-    _hooks: *mut extent_hooks_t,
+    hooks: *mut extent_hooks_t,
     addr: *mut c_void,
     _size: usize,
     offset: usize,
     length: usize,
     _arena: c_uint,
 ) -> bool {
+    // SAFETY: jemalloc passes back the hooks pointer it was given at `arenas.create`.
+    if unsafe { engine_of(hooks) } >= OVERFLOW_SLOT {
+        // `MADV_FREE` is for private anonymous memory: opt out for the shared file mapping.
+        return true;
+    }
     madvise(addr, offset, length, libc::MADV_FREE)
 }
 
 /// Private anonymous memory reads back as zeros after `MADV_DONTNEED`, as a forced purge
 /// promises.
 unsafe extern "C" fn hook_purge_forced(
-    _hooks: *mut extent_hooks_t,
+    hooks: *mut extent_hooks_t,
     addr: *mut c_void,
     _size: usize,
     offset: usize,
     length: usize,
     _arena: c_uint,
 ) -> bool {
+    // SAFETY: jemalloc passes back the hooks pointer it was given at `arenas.create`.
+    if unsafe { engine_of(hooks) } >= OVERFLOW_SLOT {
+        // On a shared file mapping only a punched hole reads back as zeros.
+        return madvise(addr, offset, length, libc::MADV_REMOVE);
+    }
     madvise(addr, offset, length, libc::MADV_DONTNEED)
 }
 
@@ -468,9 +503,14 @@ pub fn arena_stats() -> [ArenaStats; EngineId::COUNT] {
 }
 
 /// The engine that owns the heap block at `ptr`, judged by its address alone: the engine
-/// whose range holds it, or `Unattributed` for memory outside every engine's range.
+/// whose range (or overflow range) holds it, or `Unattributed` for memory outside them all.
 pub fn owner(ptr: *const u8) -> EngineId {
-    EngineId::from_index(owner_of(ptr)).unwrap_or(EngineId::Unattributed)
+    engine_of_slot(owner_of(ptr))
+}
+
+/// Whether the heap block at `ptr` lives in an engine's overflow range.
+pub fn is_overflow(ptr: *const u8) -> bool {
+    owner_of(ptr) >= OVERFLOW_SLOT
 }
 
 /// The arena index of `engine`, for callers that want to inspect it with `mallctl`.
@@ -519,4 +559,265 @@ pub fn allocator_resident() -> Option<u64> {
         )
     };
     (rc == 0).then_some(value as u64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overflow: where an engine's implicit allocations go while it is over its limit.
+
+/// What happens when an engine's overflow region cannot take an allocation (full, or its
+/// file cannot grow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OverflowPolicy {
+    /// Serve it from the engine's normal arena and count a breach (the default: nothing
+    /// fails, the budget is exceeded and says so).
+    #[default]
+    FallBack,
+    /// Return null, so fallible allocations (`try_reserve`) fail; infallible ones abort.
+    FailAllocation,
+}
+
+const OVERFLOW_OFF: u8 = 0;
+const OVERFLOW_ON: u8 = 1;
+
+static OVERFLOW_STATE: AtomicU8 = AtomicU8::new(OVERFLOW_OFF);
+static OVERFLOW_POLICY: AtomicU8 = AtomicU8::new(0);
+static OVERFLOW_ARENA: [AtomicU32; ARENA_ENGINES] = [const { AtomicU32::new(0) }; ARENA_ENGINES];
+static OVERFLOW_NEXT: [AtomicUsize; ARENA_ENGINES] = [const { AtomicUsize::new(0) }; ARENA_ENGINES];
+static OVERFLOW_REGIONS: [std::sync::OnceLock<crate::OverflowRegion>; ARENA_ENGINES] =
+    [const { std::sync::OnceLock::new() }; ARENA_ENGINES];
+/// Allocations that overflow could not take and that were served normally instead.
+static BREACHES: AtomicU64 = AtomicU64::new(0);
+/// Allocations refused (null) because overflow could not take them.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Extents the overflow hook could not provide (region full or file growth failed).
+static OVERFLOW_EXTENT_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Per-engine limit on the allocator's ledger; above it, new allocations overflow.
+static LIMIT: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(u64::MAX) }; ARENA_ENGINES];
+/// Whether an engine is over its limit (set above it, cleared below 95 % of it).
+static OVER: [std::sync::atomic::AtomicBool; ARENA_ENGINES] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; ARENA_ENGINES];
+
+static OVERFLOW_HOOKS: [EngineHooks; ARENA_ENGINES] = [
+    engine_hooks(OVERFLOW_SLOT),
+    engine_hooks(OVERFLOW_SLOT + 1),
+    engine_hooks(OVERFLOW_SLOT + 2),
+    engine_hooks(OVERFLOW_SLOT + 3),
+    engine_hooks(OVERFLOW_SLOT + 4),
+];
+
+/// Whether `engine`'s new allocations should go to its overflow arena now.
+#[inline(always)]
+pub(crate) fn is_over(engine: usize) -> bool {
+    match OVER.get(engine) {
+        Some(flag) => flag.load(Ordering::Relaxed),
+        None => false,
+    }
+}
+
+/// Re-evaluates `engine`'s over-limit flag after its ledger moved to `charged`: set at the
+/// limit, cleared below 95 % of it (hysteresis, so the flag does not flap on one block).
+#[inline]
+pub(crate) fn update_over(engine: usize, charged: u64) {
+    let (Some(limit), Some(flag)) = (LIMIT.get(engine), OVER.get(engine)) else {
+        return;
+    };
+    let limit = limit.load(Ordering::Relaxed);
+    if charged >= limit {
+        if !flag.load(Ordering::Relaxed) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    } else if flag.load(Ordering::Relaxed) && charged < limit / 20 * 19 {
+        flag.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The overflow arena of engine `e`, when overflow is enabled.
+pub(crate) fn overflow_arena(e: usize) -> Option<c_uint> {
+    if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
+        return None;
+    }
+    OVERFLOW_ARENA.get(e).map(|a| a.load(Ordering::Relaxed))
+}
+
+/// The configured policy for allocations overflow cannot take.
+pub(crate) fn overflow_policy() -> OverflowPolicy {
+    if OVERFLOW_POLICY.load(Ordering::Relaxed) == 1 {
+        OverflowPolicy::FailAllocation
+    } else {
+        OverflowPolicy::FallBack
+    }
+}
+
+pub(crate) fn count_breach() {
+    BREACHES.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn count_refusal() {
+    REFUSED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// # Safety
+/// `zero` and `commit` must be valid pointers (jemalloc's hook arguments).
+unsafe fn overflow_extent(
+    e: usize,
+    size: usize,
+    alignment: usize,
+    zero: *mut bool,
+    commit: *mut bool,
+) -> *mut c_void {
+    let (Some(region), Some(next)) = (
+        OVERFLOW_REGIONS.get(e).and_then(std::sync::OnceLock::get),
+        OVERFLOW_NEXT.get(e),
+    ) else {
+        return ptr::null_mut();
+    };
+    let base = region.base() as usize;
+    let mut cur = next.load(Ordering::Relaxed);
+    loop {
+        let start = (base + cur).next_multiple_of(alignment) - base;
+        let end = start.saturating_add(size);
+        if end > region.capacity() {
+            OVERFLOW_EXTENT_FAILURES.fetch_add(1, Ordering::Relaxed);
+            return ptr::null_mut();
+        }
+        match next.compare_exchange_weak(cur, end, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => {
+                if region.grow_to(end).is_err() {
+                    // The range stays unused (the bump pointer never goes back); the file
+                    // could not back it.
+                    OVERFLOW_EXTENT_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    return ptr::null_mut();
+                }
+                // SAFETY: valid pointers per the contract. Fresh file blocks read as zeros and
+                // the mapping is readable and writable.
+                unsafe {
+                    *zero = true;
+                    *commit = true;
+                }
+                return (base + start) as *mut c_void;
+            }
+            Err(seen) => cur = seen,
+        }
+    }
+}
+
+/// Creates every engine's overflow region in `dir` (`capacity` bytes each, at most 64 GiB)
+/// over its reserved overflow range, and the overflow arenas. Once per process.
+pub fn enable_overflow(
+    dir: &std::path::Path,
+    capacity: usize,
+    allow_tmpfs: bool,
+    policy: OverflowPolicy,
+) -> Result<(), crate::OverflowError> {
+    let err = |op: &'static str, errno: i32| crate::OverflowError::Os { op, errno };
+    if arena_of(0).is_none() {
+        return Err(err("creating the engine arenas", libc::ENOMEM));
+    }
+    if capacity > 1usize << RANGE_SHIFT {
+        return Err(crate::OverflowError::Exhausted {
+            requested: capacity,
+            capacity: 1usize << RANGE_SHIFT,
+        });
+    }
+    if OVERFLOW_REGIONS.iter().any(|r| r.get().is_some()) {
+        return Err(err("enabling overflow (already enabled)", libc::EEXIST));
+    }
+    let base = BASE.load(Ordering::Acquire);
+    for (e, slot) in OVERFLOW_REGIONS.iter().enumerate() {
+        let at = (base + ((OVERFLOW_SLOT + e) << RANGE_SHIFT)) as *mut u8;
+        let region =
+            crate::overflow::OverflowRegion::create_at(dir, capacity, allow_tmpfs, Some(at))?;
+        if slot.set(region).is_err() {
+            return Err(err("enabling overflow (already enabled)", libc::EEXIST));
+        }
+    }
+    for (e, hooks) in OVERFLOW_HOOKS.iter().enumerate() {
+        let mut arena: c_uint = 0;
+        let mut len = size_of::<c_uint>();
+        let mut new_hooks = ptr::from_ref(&hooks.hooks).cast_mut();
+        // SAFETY: as in `create_arenas`.
+        let rc = unsafe {
+            jem::mallctl(
+                c"arenas.create".as_ptr(),
+                ptr::from_mut(&mut arena).cast(),
+                &mut len,
+                ptr::from_mut(&mut new_hooks).cast(),
+                size_of::<*mut extent_hooks_t>(),
+            )
+        };
+        if rc != 0 {
+            return Err(err("creating an overflow arena", rc));
+        }
+        OVERFLOW_ARENA[e].store(arena, Ordering::Relaxed);
+    }
+    OVERFLOW_POLICY.store(
+        u8::from(policy == OverflowPolicy::FailAllocation),
+        Ordering::Relaxed,
+    );
+    OVERFLOW_STATE.store(OVERFLOW_ON, Ordering::Release);
+    Ok(())
+}
+
+/// Changes what happens when overflow cannot take an allocation.
+pub fn set_overflow_policy(policy: OverflowPolicy) {
+    OVERFLOW_POLICY.store(
+        u8::from(policy == OverflowPolicy::FailAllocation),
+        Ordering::Relaxed,
+    );
+}
+
+/// Sets the limit above which `engine`'s new allocations go to its overflow region (`None`:
+/// no limit). The governor publishes each engine's limit here.
+pub fn set_overflow_limit(engine: EngineId, limit: Option<u64>) {
+    let e = engine.index();
+    if let Some(slot) = LIMIT.get(e) {
+        slot.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+        update_over(e, crate::charged(engine));
+    }
+}
+
+/// Whether `engine`'s new allocations currently go to its overflow region.
+pub fn is_overflowing(engine: EngineId) -> bool {
+    is_over(engine.index()) && overflow_arena(engine.index()).is_some()
+}
+
+/// Counters of the overflow path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverflowStats {
+    /// Allocations served normally because overflow could not take them (policy `FallBack`).
+    pub breaches: u64,
+    /// Allocations refused because overflow could not take them (policy `FailAllocation`).
+    pub refused: u64,
+    /// Extents the overflow regions could not provide.
+    pub extent_failures: u64,
+}
+
+/// The overflow path's counters.
+pub fn overflow_stats() -> OverflowStats {
+    OverflowStats {
+        breaches: BREACHES.load(Ordering::Relaxed),
+        refused: REFUSED.load(Ordering::Relaxed),
+        extent_failures: OVERFLOW_EXTENT_FAILURES.load(Ordering::Relaxed),
+    }
+}
+
+/// Pushes every overflow region's pages out of memory (see [`crate::OverflowRegion::page_out`]).
+/// Returns the bytes paged out.
+pub fn page_out_overflow() -> u64 {
+    let mut total = 0u64;
+    for region in OVERFLOW_REGIONS.iter().filter_map(std::sync::OnceLock::get) {
+        let len = region.len();
+        if len > 0 && region.page_out(0, len).is_ok() {
+            total += len as u64;
+        }
+    }
+    total
+}
+
+/// The overflow region of `engine`, once enabled.
+pub fn overflow_region(engine: EngineId) -> Option<&'static crate::OverflowRegion> {
+    OVERFLOW_REGIONS
+        .get(engine.index())
+        .and_then(std::sync::OnceLock::get)
 }

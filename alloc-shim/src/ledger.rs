@@ -21,6 +21,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::EngineId;
+use crate::arena::{ARENA_ENGINES, OVERFLOW_SLOT, SLOTS, update_over};
 
 /// The per-thread batch bound: a thread's prepaid credit for its home engine plus its pending
 /// credit for other engines' blocks never exceed `BATCH`, so the ledger is never more than
@@ -54,7 +55,8 @@ const EMPTY: EngineLedger = EngineLedger {
     window_peak: AtomicU64::new(0),
 };
 
-static LEDGER: [EngineLedger; EngineId::COUNT] = [EMPTY; EngineId::COUNT];
+/// One ledger per slot: the engines, Unattributed, and each engine's overflow.
+static LEDGER: [EngineLedger; SLOTS] = [EMPTY; SLOTS];
 
 #[inline(always)]
 fn ledger(engine: usize) -> &'static EngineLedger {
@@ -79,19 +81,39 @@ pub(crate) fn charge(engine: usize, bytes: u64) {
     if l.window_peak.load(Ordering::Relaxed) < now {
         l.window_peak.fetch_max(now, Ordering::AcqRel);
     }
+    if engine < ARENA_ENGINES {
+        update_over(engine, now);
+    }
 }
 
 /// Gives back `bytes`; the caller holds them (as live bytes of an object being freed, or as
 /// its own prepaid credit), so the counter cannot go below zero.
 #[inline(always)]
 pub(crate) fn credit(engine: usize, bytes: u64) {
-    ledger(engine).charged.fetch_sub(bytes, Ordering::AcqRel);
+    let now = ledger(engine)
+        .charged
+        .fetch_sub(bytes, Ordering::AcqRel)
+        .wrapping_sub(bytes);
+    if engine < ARENA_ENGINES {
+        update_over(engine, now);
+    }
 }
 
 /// Bytes charged to `engine` by the global allocator: its live heap bytes plus the prepaid
 /// credit of threads that have not flushed (at most [`BATCH`] per thread).
 pub fn charged(engine: EngineId) -> u64 {
     ledger(engine.index()).charged.load(Ordering::Acquire)
+}
+
+/// Bytes of `engine`'s live blocks in its overflow region (plus pending credits of threads
+/// that have not flushed, as for [`charged`]). Zero for `Unattributed`, which never overflows.
+pub fn overflow_charged(engine: EngineId) -> u64 {
+    if engine.index() >= ARENA_ENGINES {
+        return 0;
+    }
+    ledger(OVERFLOW_SLOT + engine.index())
+        .charged
+        .load(Ordering::Acquire)
 }
 
 /// The highest value [`charged`] has reached for `engine`.

@@ -29,10 +29,14 @@ mod thread;
 
 pub use alloc::{GovernedAlloc, detached_operations, is_active, unrouted_allocations};
 pub use arena::{
-    ArenaStats, allocator_resident, arena_index, arena_stats, arenas_ready, owner,
-    purge_all_arenas, range_bytes, range_exhaustions,
+    ArenaStats, OverflowPolicy, OverflowStats, allocator_resident, arena_index, arena_stats,
+    arenas_ready, enable_overflow, is_overflow, is_overflowing, overflow_region, overflow_stats,
+    owner, page_out_overflow, purge_all_arenas, range_bytes, range_exhaustions, set_overflow_limit,
+    set_overflow_policy,
 };
-pub use ledger::{BATCH, DIRECT_THRESHOLD, charged, charged_peak, take_window_peak};
+pub use ledger::{
+    BATCH, DIRECT_THRESHOLD, charged, charged_peak, overflow_charged, take_window_peak,
+};
 pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};
 pub use thread::{
     EngineGuard, HOME_SWITCH_AFTER, current_engine, explicit_caches_created, flush_thread,

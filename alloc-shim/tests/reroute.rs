@@ -1,0 +1,183 @@
+//! Allocations of an engine over its limit go to its file-backed overflow region, and come
+//! back once it is under again; failures follow the configured policy. This binary installs
+//! `GovernedAlloc` and enables overflow once, for all its tests.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use nodedb_mem_alloc::{
+    EngineGuard, EngineId, GovernedAlloc, OverflowPolicy, charged, enable_overflow, flush_thread,
+    is_overflow, is_overflowing, overflow_charged, overflow_fault, overflow_region, overflow_stats,
+    owner, set_overflow_limit,
+};
+
+#[global_allocator]
+static ALLOC: GovernedAlloc = GovernedAlloc::new();
+
+const MIB: usize = 1 << 20;
+
+fn setup() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    static ENABLED: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    ENABLED.get_or_init(|| {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        enable_overflow(dir.path(), 32 * MIB, false, OverflowPolicy::FallBack).unwrap();
+        dir
+    });
+    guard
+}
+
+fn settled(engine: EngineId) -> (usize, usize) {
+    flush_thread();
+    (charged(engine) as usize, overflow_charged(engine) as usize)
+}
+
+#[test]
+fn an_engine_over_its_limit_allocates_in_overflow_and_comes_back() {
+    let _s = setup();
+    let e = EngineId::Timeseries;
+    let (base, base_over) = settled(e);
+    set_overflow_limit(e, Some((base + 4 * MIB) as u64));
+    let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(10_000);
+    {
+        let _g = EngineGuard::enter(e);
+        for i in 0..8 * 256 {
+            // 8 MiB of 4 KiB blocks: the first ~4 MiB in the arena, the rest in overflow.
+            blocks.push(vec![i as u8; 4096]);
+        }
+    }
+    assert!(is_overflowing(e));
+    let (now, over) = settled(e);
+    let in_overflow = blocks.iter().filter(|b| is_overflow(b.as_ptr())).count();
+    assert!(in_overflow > 900, "{in_overflow} blocks in overflow");
+    assert!(blocks.iter().all(|b| owner(b.as_ptr()) == e));
+    assert_eq!(over - base_over, in_overflow * 4096);
+    // Resident usage stayed at the limit (give or take one block and a thread's batch).
+    assert!(
+        now - base <= 4 * MIB + 64 * 1024 + 4096,
+        "{} over the base",
+        now - base
+    );
+    // The data in overflow is intact.
+    assert!(
+        blocks
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.iter().all(|&x| x == i as u8))
+    );
+    // The overflow file grew to hold it.
+    assert!(overflow_region(e).unwrap().len() >= in_overflow * 4096);
+    // Freeing the arena blocks brings the engine under its limit: allocations come back.
+    blocks.retain(|b| is_overflow(b.as_ptr()));
+    flush_thread();
+    assert!(!is_overflowing(e));
+    let back = {
+        let _g = EngineGuard::enter(e);
+        vec![1u8; 4096]
+    };
+    assert!(!is_overflow(back.as_ptr()));
+    drop(back);
+    drop(blocks);
+    assert_eq!(settled(e), (base, base_over));
+    set_overflow_limit(e, None);
+}
+
+#[test]
+fn paging_out_overflow_keeps_the_data() {
+    let _s = setup();
+    let e = EngineId::Crdt;
+    let (base, _) = settled(e);
+    set_overflow_limit(e, Some(base as u64)); // everything new overflows
+    let blocks: Vec<Vec<u8>> = {
+        let _g = EngineGuard::enter(e);
+        (0..1024).map(|i| vec![(i % 251) as u8; 8192]).collect()
+    };
+    assert!(blocks.iter().all(|b| is_overflow(b.as_ptr())));
+    assert!(nodedb_mem_alloc::page_out_overflow() >= 8 * MIB as u64);
+    assert!(
+        blocks
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.iter().all(|&x| x == (i % 251) as u8))
+    );
+    drop(blocks);
+    set_overflow_limit(e, None);
+}
+
+#[test]
+fn when_overflow_cannot_grow_the_policy_decides() {
+    let _s = setup();
+    let e = EngineId::Sparse;
+    let (base, base_over) = settled(e);
+    set_overflow_limit(e, Some(base as u64));
+    // The overflow file cannot grow (disk full): the allocation is served normally and counted.
+    let before = overflow_stats();
+    overflow_fault::fail_after(0, libc::ENOSPC);
+    let layout = Layout::from_size_align(16 * MIB, 8).unwrap(); // needs a new extent
+    let p = {
+        let _g = EngineGuard::enter(e);
+        // SAFETY: non-zero size; freed below.
+        unsafe { ALLOC.alloc(layout) }
+    };
+    overflow_fault::clear();
+    assert!(!p.is_null());
+    assert!(!is_overflow(p), "served from the normal arena");
+    let after = overflow_stats();
+    assert_eq!(after.breaches, before.breaches + 1);
+    assert!(after.extent_failures > before.extent_failures);
+    assert_eq!(
+        settled(e),
+        (base + 16 * MIB, base_over),
+        "charged where it lives"
+    );
+    // SAFETY: allocated above with this layout.
+    unsafe { ALLOC.dealloc(p, layout) };
+    assert_eq!(settled(e), (base, base_over));
+    set_overflow_limit(e, None);
+}
+
+#[test]
+fn a_full_overflow_region_refuses_under_the_fail_policy() {
+    let _s = setup();
+    let e = EngineId::Vector;
+    let (base, base_over) = settled(e);
+    set_overflow_limit(e, Some(base as u64));
+    nodedb_mem_alloc::set_overflow_policy(OverflowPolicy::FailAllocation);
+    // Bigger than the whole 32 MiB region: it cannot take it.
+    let layout = Layout::from_size_align(40 * MIB, 8).unwrap();
+    let before = overflow_stats();
+    let p = {
+        let _g = EngineGuard::enter(e);
+        // SAFETY: non-zero size.
+        unsafe { ALLOC.alloc(layout) }
+    };
+    assert!(p.is_null(), "refused");
+    assert_eq!(overflow_stats().refused, before.refused + 1);
+    // Fallible collections see a clean error.
+    let mut v: Vec<u8> = Vec::new();
+    {
+        let _g = EngineGuard::enter(e);
+        assert!(v.try_reserve_exact(40 * MIB).is_err());
+    }
+    assert_eq!(
+        settled(e),
+        (base, base_over),
+        "nothing charged for refused requests"
+    );
+    nodedb_mem_alloc::set_overflow_policy(OverflowPolicy::FallBack);
+    let p = {
+        let _g = EngineGuard::enter(e);
+        // SAFETY: non-zero size; freed below.
+        unsafe { ALLOC.alloc(layout) }
+    };
+    assert!(
+        !p.is_null() && !is_overflow(p),
+        "served normally, counted as a breach"
+    );
+    assert_eq!(overflow_stats().breaches, before.breaches + 1);
+    // SAFETY: allocated above with this layout.
+    unsafe { ALLOC.dealloc(p, layout) };
+    assert_eq!(settled(e), (base, base_over));
+    set_overflow_limit(e, None);
+}
