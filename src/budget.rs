@@ -50,8 +50,6 @@ pub struct Budget {
     window_peak: AtomicU64,
     /// Reservations refused by this engine's limit or by the ceiling.
     rejections: AtomicU64,
-    /// Bytes of this engine that live in overflow extents.
-    overflow: AtomicU64,
     /// Releases refused because they exceeded the charge (caller bugs).
     over_releases: AtomicU64,
     /// Last pressure level reported, the state the hysteresis needs.
@@ -98,7 +96,6 @@ impl Budget {
             peak: AtomicU64::new(0),
             window_peak: AtomicU64::new(0),
             rejections: AtomicU64::new(0),
-            overflow: AtomicU64::new(0),
             over_releases: AtomicU64::new(0),
             level: AtomicU8::new(PressureLevel::Normal as u8),
             transitions: AtomicU64::new(0),
@@ -184,9 +181,13 @@ impl Budget {
     pub fn rejections(&self) -> u64 {
         self.rejections.load(Ordering::Relaxed)
     }
-    /// Bytes of this engine currently held in overflow extents.
+    /// Bytes of this engine currently held in its overflow region (installed governors only).
     pub fn overflow_bytes(&self) -> u64 {
-        self.overflow.load(Ordering::Acquire)
+        #[cfg(not(nodedb_mem_loom))]
+        if self.from_allocator {
+            return nodedb_mem_alloc::overflow_charged(self.engine);
+        }
+        0
     }
     /// Releases refused because they exceeded what was charged.
     pub fn over_releases(&self) -> u64 {

@@ -22,6 +22,50 @@ pub const DEFAULT_OVERHEAD_RESERVE: f64 = 0.10;
 /// memory comes closer than this, the governor purges dirty pages and counts the excess.
 pub const DEFAULT_RSS_MARGIN: f64 = 0.05;
 
+/// The most an engine's overflow region can hold: its reserved range, 64 GiB.
+pub const MAX_OVERFLOW_CAPACITY: u64 = 1 << 36;
+
+/// Where and how much an engine over its limit may overflow to.
+///
+/// Each engine (but `Unattributed`) gets a region of `capacity` bytes, backed by an unnamed
+/// file in `dir`: pageable memory the kernel can write back and evict, so an engine over its
+/// budget slows down instead of taking the process's resident memory past the ceiling.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OverflowConfig {
+    /// Directory of the backing files (default: the OS temp directory). Must not be on tmpfs
+    /// (its pages cannot be evicted without swap) unless `allow_tmpfs`.
+    pub dir: PathBuf,
+    /// Capacity of each engine's region, in bytes or as a fraction of the ceiling (default:
+    /// the ceiling, at most [`MAX_OVERFLOW_CAPACITY`]). Disk space is used only as regions
+    /// grow.
+    pub capacity: Size,
+    /// What happens when a region cannot take an allocation.
+    pub policy: nodedb_mem_alloc::OverflowPolicy,
+    /// Accept a tmpfs directory.
+    pub allow_tmpfs: bool,
+}
+
+impl Default for OverflowConfig {
+    fn default() -> Self {
+        OverflowConfig {
+            dir: std::env::temp_dir(),
+            capacity: Size::Fraction(1.0),
+            policy: nodedb_mem_alloc::OverflowPolicy::FallBack,
+            allow_tmpfs: false,
+        }
+    }
+}
+
+impl OverflowConfig {
+    /// The defaults, with the backing files in `dir`.
+    pub fn in_dir(dir: impl Into<PathBuf>) -> OverflowConfig {
+        OverflowConfig {
+            dir: dir.into(),
+            ..OverflowConfig::default()
+        }
+    }
+}
+
 /// Default split of the assignable ceiling, in percent, by [`EngineId::index`].
 const DEFAULT_WEIGHTS: [u64; EngineId::COUNT] = [30, 10, 10, 20, 25, 5];
 
@@ -119,6 +163,7 @@ pub struct GovernorBuilder {
     env: EnvSource,
     rss_margin: Size,
     proc_status: PathBuf,
+    overflow: Option<OverflowConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -140,6 +185,13 @@ pub(crate) struct Config {
     pub(crate) rebalance: RebalanceConfig,
     pub(crate) rss_margin: u64,
     pub(crate) proc_status: PathBuf,
+    /// Overflow settings, and whether they were given explicitly (a default that cannot be
+    /// honoured disables overflow with a warning; an explicit one is an error).
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models never install a governor")
+    )]
+    pub(crate) overflow: Option<(OverflowConfig, u64, bool)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,6 +214,7 @@ impl Default for GovernorBuilder {
             env: EnvSource::Process,
             rss_margin: Size::Fraction(DEFAULT_RSS_MARGIN),
             proc_status: PathBuf::from("/proc/self/status"),
+            overflow: None,
         }
     }
 }
@@ -221,6 +274,14 @@ impl GovernorBuilder {
     /// ceiling); see [`MemoryGovernor::check_resident`].
     pub fn rss_margin(mut self, margin: impl Into<Size>) -> Self {
         self.rss_margin = margin.into();
+        self
+    }
+
+    /// Configures overflow (see [`OverflowConfig`]); `install` enables it. Without this call,
+    /// `install` enables overflow with [`OverflowConfig::default`] when it can (and logs a
+    /// warning and goes without when the temp directory is on tmpfs).
+    pub fn overflow(mut self, config: OverflowConfig) -> Self {
+        self.overflow = Some(config);
         self
     }
 
@@ -350,6 +411,47 @@ impl GovernorBuilder {
                 ),
             ));
         }
+        let overflow = {
+            let explicit = self.overflow.is_some();
+            let c = self.overflow.unwrap_or_default();
+            let capacity = match c.capacity {
+                Size::Bytes(0) => {
+                    return Err(MemError::config(
+                        "overflow.capacity",
+                        "0 B",
+                        "must be above zero",
+                    ));
+                }
+                Size::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+                    return Err(MemError::config(
+                        "overflow.capacity",
+                        f,
+                        "a fraction of the ceiling must be above 0 and at most 1",
+                    ));
+                }
+                // The default (the whole ceiling) is capped at what a range holds.
+                s if !explicit => s.resolve(ceiling).min(MAX_OVERFLOW_CAPACITY),
+                s => s.resolve(ceiling),
+            };
+            if capacity > MAX_OVERFLOW_CAPACITY {
+                return Err(MemError::config(
+                    "overflow.capacity",
+                    ByteSize(capacity),
+                    format!(
+                        "above the {} an engine's overflow range holds",
+                        ByteSize(MAX_OVERFLOW_CAPACITY)
+                    ),
+                ));
+            }
+            if explicit && !c.dir.is_dir() {
+                return Err(MemError::config(
+                    "overflow.dir",
+                    c.dir.display(),
+                    "not a directory",
+                ));
+            }
+            Some((c, capacity, explicit))
+        };
         let assignable = ceiling - fraction_of(ceiling, self.overhead);
         let mut explicit = [None; EngineId::COUNT];
         for e in EngineId::ALL {
@@ -438,6 +540,7 @@ impl GovernorBuilder {
             rebalance: self.rebalance,
             rss_margin,
             proc_status: self.proc_status,
+            overflow,
         })
     }
 }

@@ -109,6 +109,9 @@ pub enum MemError {
         "GovernedAlloc is not the global allocator: declare `#[global_allocator] static ALLOC: nodedb_mem::GovernedAlloc = nodedb_mem::GovernedAlloc::new();`"
     )]
     AllocatorNotGlobal,
+    /// The overflow regions could not be set up.
+    #[error("overflow: {0}")]
+    Overflow(#[from] nodedb_mem_alloc::OverflowError),
     /// An operating-system call failed.
     #[error("{what}: {source}")]
     Io {

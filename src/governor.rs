@@ -186,6 +186,17 @@ impl MemoryGovernor {
         }
     }
 
+    /// Tells the allocator each engine's current limit, above which its new allocations go
+    /// to its overflow region (installed governors only).
+    pub(crate) fn publish_limits(&self) {
+        #[cfg(not(nodedb_mem_loom))]
+        if self.is_installed() {
+            for e in EngineId::ALL {
+                nodedb_mem_alloc::set_overflow_limit(e, Some(self.limit(e)));
+            }
+        }
+    }
+
     /// Whether this governor is bound to the global allocator (made by
     /// [`GovernorBuilder::install`]), so heap allocations count against its budgets.
     pub fn is_installed(&self) -> bool {
@@ -395,7 +406,8 @@ impl MemoryGovernor {
             let window_peak = b.take_window_peak();
             let busy = self.pressure(e) >= PressureLevel::Warning;
             Seen {
-                usage: b.usage(),
+                // Demand includes what overflowed: a borrower asks for enough to hold it again.
+                usage: b.usage() + b.overflow_bytes(),
                 window_peak,
                 busy,
                 idle: !busy && ratio_ppm(window_peak, b.limit()) < idle_ppm,
@@ -465,6 +477,9 @@ impl MemoryGovernor {
             }
         }
         drop(_serial);
+        if !moves.is_empty() {
+            self.publish_limits();
+        }
         // Engines left above their limit (a lender took its headroom back) are asked to free
         // down to the target utilisation; at critical global pressure, everyone is.
         let mut reclaimed = Vec::new();
@@ -526,6 +541,7 @@ impl MemoryGovernor {
             let before = resident;
             if self.is_installed() {
                 nodedb_mem_alloc::purge_all_arenas();
+                nodedb_mem_alloc::page_out_overflow();
                 resident = read()?.0;
             }
             inner.events.record(EventKind::ResidentNearCeiling {

@@ -16,10 +16,26 @@ pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
     if !allocator_is_global() {
         return Err(MemError::AllocatorNotGlobal);
     }
+    let overflow = config.overflow.clone();
+    if let Some((c, capacity, explicit)) = overflow {
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
+        match nodedb_mem_alloc::enable_overflow(&c.dir, capacity, c.allow_tmpfs, c.policy) {
+            Ok(()) => {}
+            Err(e) if !explicit => tracing::warn!(
+                target: "nodedb_mem",
+                dir = %c.dir.display(),
+                error = %e,
+                "overflow disabled: the default overflow directory cannot be used; configure one with GovernorBuilder::overflow"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
     INSTALLED
         .set(MemoryGovernor::from_config(config, true))
         .map_err(|_| MemError::AlreadyInstalled)?;
-    INSTALLED.get().ok_or(MemError::AlreadyInstalled)
+    let gov = INSTALLED.get().ok_or(MemError::AlreadyInstalled)?;
+    gov.publish_limits();
+    Ok(gov)
 }
 
 /// The governor bound to the global allocator by

@@ -34,8 +34,8 @@ mod sync;
 pub use budget::Budget;
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use config::{
-    DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, GovernorBuilder, MAX_CEILING, MIN_CEILING,
-    RebalanceConfig,
+    DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, GovernorBuilder, MAX_CEILING,
+    MAX_OVERFLOW_CAPACITY, MIN_CEILING, OverflowConfig, RebalanceConfig,
 };
 pub use error::{MemError, Result};
 pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
@@ -49,7 +49,8 @@ pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
     ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, OverflowError,
-    OverflowRegion, PageOutMethod, UnknownEngine, current_engine, flush_thread, home_engine, owner,
+    OverflowRegion, PageOutMethod, UnknownEngine, current_engine, flush_thread, home_engine,
+    is_overflow, is_overflowing, overflow_stats, owner,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]
