@@ -49,8 +49,9 @@ pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
     ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, OverflowError,
-    OverflowRegion, PageOutMethod, UnknownEngine, current_engine, flush_thread, home_engine,
-    is_overflow, is_overflowing, overflow_stats, owner,
+    OverflowPolicy, OverflowRegion, OverflowStats, PageOutMethod, UnknownEngine, current_engine,
+    enable_overflow, flush_thread, home_engine, is_overflow, is_overflowing, overflow_stats, owner,
+    set_overflow_limit,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]

@@ -28,11 +28,23 @@ fn an_engine_past_its_budget_overflows_and_recovers() {
     flush_thread();
     let base = gov.usage(q);
 
-    // 32 MiB of ordinary Vec<u8> allocations, 4 KiB each, past a 16 MiB budget.
-    let rows: Vec<Vec<u8>> = {
-        let _g = EngineGuard::enter(q);
-        (0..8192).map(|i| vec![(i % 256) as u8; 4096]).collect()
-    };
+    // 32 MiB of ordinary Vec<u8> allocations, 4 KiB each, past a 16 MiB budget; resident
+    // usage is checked all along the way, not only at the end.
+    let mut rows: Vec<Vec<u8>> = Vec::with_capacity(8192);
+    for i in 0..8192 {
+        {
+            let _g = EngineGuard::enter(q);
+            rows.push(vec![(i % 256) as u8; 4096]);
+        }
+        if i % 128 == 0 {
+            flush_thread();
+            let resident = gov.usage(q) - base;
+            assert!(
+                resident <= 16 * MIB + 4096,
+                "resident {resident} above the limit at {i}"
+            );
+        }
+    }
     flush_thread();
     let resident = gov.usage(q) - base;
     let overflow = gov.budget(q).overflow_bytes();

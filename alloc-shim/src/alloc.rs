@@ -100,8 +100,10 @@ impl ThreadState {
         {
             ACTIVE.store(true, Ordering::Relaxed);
             let z = if zero { jem::MALLOCX_ZERO } else { 0 };
-            let f = flags | z | jem::MALLOCX_TCACHE_NONE | jem::MALLOCX_ARENA(overflow as usize);
-            // SAFETY: size > 0; flags name the engine's overflow arena, no cache, an alignment.
+            let cache = self.cache_flag(arena::OVERFLOW_SLOT + engine);
+            let f = flags | z | cache | jem::MALLOCX_ARENA(overflow as usize);
+            // SAFETY: size > 0; flags name the engine's overflow arena, this thread's cache for
+            // that overflow slot (or none), and an alignment.
             let p = unsafe { jem::mallocx(size, f) }.cast::<u8>();
             if !p.is_null() {
                 self.on_alloc(owner_of(p), usable);

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tikv_jemalloc_sys as jem;
 
 use crate::EngineId;
-use crate::arena::arena_of;
+use crate::arena::{SLOTS, arena_of};
 use crate::ledger::{self, DIRECT_THRESHOLD, FOREIGN_MAX, HOME_MAX, REFILL};
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
@@ -113,9 +113,10 @@ pub(crate) struct ThreadState {
     visits: Cell<u32>,
     /// The automatic arena jemalloc gave this thread, learnt at the first move of home.
     auto_arena: Cell<u32>,
-    /// This thread's explicit jemalloc cache for each engine it visits or frees foreign blocks
-    /// of (`NO_TCACHE` until first needed, `NO_TCACHE - 1` if creating one failed).
-    tcaches: [Cell<u32>; EngineId::COUNT],
+    /// This thread's explicit jemalloc cache for each slot (engine, or engine's overflow) it
+    /// visits or frees foreign blocks of (`NO_TCACHE` until first needed, `TCACHE_FAILED` if
+    /// creating one failed).
+    tcaches: [Cell<u32>; SLOTS],
 }
 
 const NO_TCACHE: u32 = u32::MAX;
@@ -138,7 +139,7 @@ impl ThreadState {
             pending_owner: Cell::new(UNATTRIBUTED),
             visits: Cell::new(0),
             auto_arena: Cell::new(NO_ARENA),
-            tcaches: [const { Cell::new(NO_TCACHE) }; EngineId::COUNT],
+            tcaches: [const { Cell::new(NO_TCACHE) }; SLOTS],
         }
     }
 

@@ -269,8 +269,35 @@ fn engine_switch(c: &mut Criterion) {
     g.finish();
 }
 
+fn overflow(c: &mut Criterion) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    nodedb_mem::enable_overflow(dir, 1 << 30, false, nodedb_mem::OverflowPolicy::FallBack)
+        .expect("overflow regions in the target directory");
+    let mut g = c.benchmark_group("overflow");
+    let layout = Layout::from_size_align(4096, 8).unwrap();
+    for (name, limit) in [
+        ("normal_alloc_free_4KiB", None),
+        ("overflow_alloc_free_4KiB", Some(0)),
+    ] {
+        nodedb_mem::set_overflow_limit(EngineId::Crdt, limit);
+        g.bench_function(name, |b| {
+            let _g = EngineGuard::enter(EngineId::Crdt);
+            for _ in 0..1024 {
+                drop(black_box(Box::new(0u64))); // Crdt becomes this thread's home
+            }
+            b.iter(|| {
+                // SAFETY: non-zero size, freed at once with the same layout.
+                unsafe { GOVERNED.dealloc(black_box(GOVERNED.alloc(layout)), layout) }
+            })
+        });
+    }
+    nodedb_mem::set_overflow_limit(EngineId::Crdt, None);
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    overflow,
     small_and_mixed,
     producer_consumer,
     vec_growth,
