@@ -687,6 +687,11 @@ impl MemoryGovernor {
             events_dropped: inner.events.dropped(),
             resident: *lock(&inner.last_rss),
             resident_unaccounted: g.rss_excess.load(Ordering::Acquire),
+            overflow: if self.is_installed() {
+                nodedb_mem_alloc::overflow_stats()
+            } else {
+                Default::default()
+            },
         }
     }
 

@@ -103,6 +103,8 @@ pub struct Snapshot {
     pub resident: crate::RssSample,
     /// Resident bytes beyond the governed usage at that sample, counted against the ceiling.
     pub resident_unaccounted: u64,
+    /// The overflow path's counters (all zero without an installed governor).
+    pub overflow: crate::OverflowStats,
 }
 
 impl Snapshot {
@@ -184,6 +186,18 @@ impl Snapshot {
             "gauge",
             "jemalloc's resident bytes (stats.resident).",
             self.resident.allocator_resident,
+        );
+        global(
+            "overflow_breaches_total",
+            "counter",
+            "Allocations overflow could not take, served from the normal arena instead.",
+            self.overflow.breaches,
+        );
+        global(
+            "overflow_refused_total",
+            "counter",
+            "Allocations overflow could not take, refused (policy FailAllocation).",
+            self.overflow.refused,
         );
         global(
             "resident_unaccounted_bytes",

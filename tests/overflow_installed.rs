@@ -64,7 +64,9 @@ fn an_engine_past_its_budget_overflows_and_recovers() {
     let snap = gov.snapshot();
     assert_eq!(snap.engine(q).overflow_bytes, overflow);
     let line = format!("nodedb_mem_engine_overflow_bytes{{engine=\"query\"}} {overflow}");
-    assert!(gov.prometheus().contains(&line), "{line}");
+    let text = gov.prometheus();
+    assert!(text.contains(&line), "{line}");
+    assert!(text.contains("nodedb_mem_overflow_breaches_total 0"));
 
     // Rebalancing raises Query's limit (idle engines lend): new allocations are resident again.
     gov.rebalance();

@@ -181,3 +181,61 @@ fn a_full_overflow_region_refuses_under_the_fail_policy() {
     assert_eq!(settled(e), (base, base_over));
     set_overflow_limit(e, None);
 }
+
+#[test]
+fn failing_growth_at_each_point_of_a_sequence_loses_no_byte() {
+    // In the spirit of Seastar's exhaustive failure tests: an engine keeps allocating into
+    // overflow (nothing is freed, so the file has to keep growing), and round i lets the next
+    // growth of the file fail. Whatever fails, every block is charged exactly where it lives.
+    let _s = setup();
+    let e = EngineId::Query;
+    let (base, base_over) = settled(e);
+    set_overflow_limit(e, Some(base as u64));
+    let mut kept: Vec<Vec<u8>> = Vec::with_capacity(64); // outside the engine
+    let mut rounds_with_a_failure = 0;
+    let breaches0 = overflow_stats().breaches;
+    for i in 0..6 {
+        let before = overflow_stats();
+        overflow_fault::fail_after(0, if i % 2 == 0 { libc::EIO } else { libc::ENOSPC });
+        {
+            let _g = EngineGuard::enter(e);
+            for k in 0..4 {
+                kept.push(vec![(i * 4 + k) as u8; 1 << 20]);
+            }
+        }
+        overflow_fault::clear();
+        let after = overflow_stats();
+        rounds_with_a_failure += usize::from(after.extent_failures > before.extent_failures);
+        let (now, over) = settled(e);
+        let in_arena: usize = kept
+            .iter()
+            .filter(|b| !is_overflow(b.as_ptr()))
+            .map(Vec::capacity)
+            .sum();
+        let in_overflow: usize = kept
+            .iter()
+            .filter(|b| is_overflow(b.as_ptr()))
+            .map(Vec::capacity)
+            .sum();
+        assert_eq!(now - base, in_arena, "round {i}");
+        assert_eq!(over - base_over, in_overflow, "round {i}");
+        assert_eq!(
+            overflow_stats().breaches,
+            breaches0 + kept.iter().filter(|b| !is_overflow(b.as_ptr())).count() as u64,
+            "round {i}"
+        );
+    }
+    assert!(
+        kept.iter()
+            .enumerate()
+            .all(|(k, b)| b.iter().all(|&x| x == k as u8))
+    );
+    eprintln!("{rounds_with_a_failure} of 6 rounds hit an injected failure");
+    assert!(
+        rounds_with_a_failure >= 2,
+        "the injected failures were rarely reached"
+    );
+    drop(kept);
+    assert_eq!(settled(e), (base, base_over));
+    set_overflow_limit(e, None);
+}
