@@ -8,29 +8,8 @@ use nodedb_mem::{
     Size,
 };
 
-const MIB: u64 = 1 << 20;
-
-/// 100 MiB ceiling, no overhead reserve, Query 40 MiB (floor 10), Vector 40 MiB (floor 10),
-/// the other four engines 5 MiB each.
-fn gov() -> MemoryGovernor {
-    MemoryGovernor::builder()
-        .global_ceiling(100 * MIB)
-        .overhead_reserve(0.0)
-        .budget(EngineId::Query, 40 * MIB)
-        .floor(EngineId::Query, 10 * MIB)
-        .budget(EngineId::Vector, 40 * MIB)
-        .floor(EngineId::Vector, 10 * MIB)
-        .budget(EngineId::Sparse, 5 * MIB)
-        .budget(EngineId::Crdt, 5 * MIB)
-        .budget(EngineId::Timeseries, 5 * MIB)
-        .budget(EngineId::Unattributed, 5 * MIB)
-        .rebalance(RebalanceConfig {
-            min_move: 1,
-            ..Default::default()
-        })
-        .build()
-        .unwrap()
-}
+mod common;
+use common::{MIB, two_big_engines as gov};
 
 #[test]
 fn every_engine_has_a_budget_from_the_first_instant() {

@@ -7,23 +7,8 @@ use nodedb_mem::{
     SpillConfig,
 };
 
-const MIB: u64 = 1 << 20;
-
-fn gov() -> MemoryGovernor {
-    MemoryGovernor::builder()
-        .global_ceiling(100 * MIB)
-        .overhead_reserve(0.0)
-        .budget(EngineId::Query, 40 * MIB)
-        .floor(EngineId::Query, 10 * MIB)
-        .budget(EngineId::Vector, 40 * MIB)
-        .floor(EngineId::Vector, 10 * MIB)
-        .rebalance(RebalanceConfig {
-            min_move: 1,
-            ..Default::default()
-        })
-        .build()
-        .unwrap()
-}
+mod common;
+use common::{MIB, two_big_engines as gov};
 
 #[test]
 fn spilling_begins_at_90_and_restores_below_75_percent() {

@@ -190,27 +190,33 @@ fn reserve_ranges() -> bool {
     true
 }
 
+/// Creates one jemalloc arena whose extents come from `hooks`; returns its index, or
+/// jemalloc's error code.
+fn create_arena(hooks: &'static EngineHooks) -> Result<c_uint, i32> {
+    let mut arena: c_uint = 0;
+    let mut len = size_of::<c_uint>();
+    let mut new_hooks = ptr::from_ref(&hooks.hooks).cast_mut();
+    // SAFETY: `arenas.create` reads an `extent_hooks_t *` from `newp` (size matches) and
+    // writes an `unsigned` to `oldp` (`len` is its size). The hooks are a `static`, valid for
+    // the life of the process as jemalloc requires, and never written through.
+    let rc = unsafe {
+        jem::mallctl(
+            c"arenas.create".as_ptr(),
+            ptr::from_mut(&mut arena).cast(),
+            &mut len,
+            ptr::from_mut(&mut new_hooks).cast(),
+            size_of::<*mut extent_hooks_t>(),
+        )
+    };
+    if rc == 0 { Ok(arena) } else { Err(rc) }
+}
+
 fn create_arenas() -> bool {
-    for (engine, hooks) in HOOKS.iter().enumerate() {
-        let mut arena: c_uint = 0;
-        let mut len = size_of::<c_uint>();
-        let mut new_hooks = ptr::from_ref(&hooks.hooks).cast_mut();
-        // SAFETY: `arenas.create` reads an `extent_hooks_t *` from `newp` (size matches) and
-        // writes an `unsigned` to `oldp` (`len` is its size). The hooks are a `static`, valid
-        // for the life of the process as jemalloc requires, and never written through.
-        let rc = unsafe {
-            jem::mallctl(
-                c"arenas.create".as_ptr(),
-                ptr::from_mut(&mut arena).cast(),
-                &mut len,
-                ptr::from_mut(&mut new_hooks).cast(),
-                size_of::<*mut extent_hooks_t>(),
-            )
-        };
-        if rc != 0 {
-            return false;
+    for (slot, hooks) in ARENA.iter().zip(&HOOKS) {
+        match create_arena(hooks) {
+            Ok(arena) => slot.store(arena, Ordering::Relaxed),
+            Err(_) => return false,
         }
-        ARENA[engine].store(arena, Ordering::Relaxed);
     }
     true
 }
@@ -732,29 +738,11 @@ pub fn enable_overflow(
             return Err(err("enabling overflow (already enabled)", libc::EEXIST));
         }
     }
-    for (e, hooks) in OVERFLOW_HOOKS.iter().enumerate() {
-        let mut arena: c_uint = 0;
-        let mut len = size_of::<c_uint>();
-        let mut new_hooks = ptr::from_ref(&hooks.hooks).cast_mut();
-        // SAFETY: as in `create_arenas`.
-        let rc = unsafe {
-            jem::mallctl(
-                c"arenas.create".as_ptr(),
-                ptr::from_mut(&mut arena).cast(),
-                &mut len,
-                ptr::from_mut(&mut new_hooks).cast(),
-                size_of::<*mut extent_hooks_t>(),
-            )
-        };
-        if rc != 0 {
-            return Err(err("creating an overflow arena", rc));
-        }
-        OVERFLOW_ARENA[e].store(arena, Ordering::Relaxed);
+    for (slot, hooks) in OVERFLOW_ARENA.iter().zip(&OVERFLOW_HOOKS) {
+        let arena = create_arena(hooks).map_err(|rc| err("creating an overflow arena", rc))?;
+        slot.store(arena, Ordering::Relaxed);
     }
-    OVERFLOW_POLICY.store(
-        u8::from(policy == OverflowPolicy::FailAllocation),
-        Ordering::Relaxed,
-    );
+    set_overflow_policy(policy);
     OVERFLOW_STATE.store(OVERFLOW_ON, Ordering::Release);
     Ok(())
 }
