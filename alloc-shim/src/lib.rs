@@ -23,6 +23,7 @@
 mod alloc;
 mod arena;
 mod ledger;
+mod numa;
 mod overflow;
 mod size_class;
 mod thread;
@@ -37,6 +38,7 @@ pub use arena::{
 pub use ledger::{
     BATCH, DIRECT_THRESHOLD, charged, charged_peak, overflow_charged, take_window_peak,
 };
+pub use numa::{MAX_CPUS, MAX_NODES, Topology};
 pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};
 pub use thread::{
     EngineGuard, HOME_SWITCH_AFTER, current_engine, explicit_caches_created, flush_thread,
