@@ -13,6 +13,7 @@ use tikv_jemalloc_sys as jem;
 use tikv_jemalloc_sys::extent_hooks_t;
 
 use crate::EngineId;
+use crate::numa::{MAX_NODES, Topology};
 
 /// Engines with an arena of their own: every engine but `Unattributed`, which is served by
 /// jemalloc's automatic arenas (its memory is whatever lies outside the engines' ranges).
@@ -38,22 +39,39 @@ const FAILED: u8 = 3;
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
 /// Start of the reservation; 0 until it exists, so `owner_of` finds nothing before then.
 static BASE: AtomicUsize = AtomicUsize::new(0);
-/// Bump offset of each engine's range.
-static NEXT: [AtomicUsize; ARENA_ENGINES] = [const { AtomicUsize::new(0) }; ARENA_ENGINES];
-/// Arena index of each engine (valid once `STATE` is `READY`).
-static ARENA: [AtomicU32; ARENA_ENGINES] = [const { AtomicU32::new(0) }; ARENA_ENGINES];
+/// log2 of one node's part of an engine's range (8 GiB): engine ranges are split into
+/// `MAX_NODES` node sub-ranges, each served by the (engine, node) arena and bound to the node.
+const NODE_SHIFT: u32 = RANGE_SHIFT - MAX_NODES.trailing_zeros();
+
+/// Bump offset of each (engine, node) sub-range.
+static NEXT: [[AtomicUsize; MAX_NODES]; ARENA_ENGINES] =
+    [const { [const { AtomicUsize::new(0) }; MAX_NODES] }; ARENA_ENGINES];
+/// Arena index of each (engine, node) (valid once `STATE` is `READY`; 0, an automatic arena
+/// and so never ours, where the node has no arena).
+static ARENA: [[AtomicU32; MAX_NODES]; ARENA_ENGINES] =
+    [const { [const { AtomicU32::new(0) }; MAX_NODES] }; ARENA_ENGINES];
+/// The machine's topology, read once when the arenas are created.
+static TOPOLOGY: std::sync::OnceLock<Topology> = std::sync::OnceLock::new();
+/// `MPOL_PREFERRED` (1, the default) or `MPOL_BIND` (2) for engine extents.
+static MBIND_MODE: AtomicU8 = AtomicU8::new(MPOL_PREFERRED);
+const MPOL_PREFERRED: u8 = 1;
+const MPOL_BIND: u8 = 2;
+/// Extents whose `mbind` failed (they are used anyway, unbound).
+static MBIND_FAILURES: AtomicU64 = AtomicU64::new(0);
 /// Extents refused because an engine's range was exhausted.
 static RANGE_EXHAUSTED: AtomicU64 = AtomicU64::new(0);
 
-/// The hooks of one engine's arena; jemalloc passes a pointer to `hooks` back to every hook,
-/// and `repr(C)` with `hooks` first lets the hook recover `engine` from it.
+/// The hooks of one arena; jemalloc passes a pointer to `hooks` back to every hook, and
+/// `repr(C)` with `hooks` first lets the hook recover the slot and node from it.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct EngineHooks {
     hooks: extent_hooks_t,
     engine: usize,
+    node: usize,
 }
 
-const fn engine_hooks(engine: usize) -> EngineHooks {
+const fn engine_hooks(engine: usize, node: usize) -> EngineHooks {
     EngineHooks {
         hooks: extent_hooks_t {
             alloc: Some(hook_alloc),
@@ -67,17 +85,24 @@ const fn engine_hooks(engine: usize) -> EngineHooks {
             merge: Some(hook_merge),
         },
         engine,
+        node,
     }
 }
 
 /// jemalloc reads these but never writes through the pointer it is given.
-static HOOKS: [EngineHooks; ARENA_ENGINES] = [
-    engine_hooks(0),
-    engine_hooks(1),
-    engine_hooks(2),
-    engine_hooks(3),
-    engine_hooks(4),
-];
+static HOOKS: [[EngineHooks; MAX_NODES]; ARENA_ENGINES] = {
+    let mut all = [[engine_hooks(0, 0); MAX_NODES]; ARENA_ENGINES];
+    let mut e = 0;
+    while e < ARENA_ENGINES {
+        let mut n = 0;
+        while n < MAX_NODES {
+            all[e][n] = engine_hooks(e, n);
+            n += 1;
+        }
+        e += 1;
+    }
+    all
+};
 
 /// The slot that owns `ptr` (see [`SLOTS`]): the range holding it, else `Unattributed`.
 #[inline(always)]
@@ -102,27 +127,98 @@ pub(crate) fn engine_of_slot(slot: usize) -> EngineId {
     EngineId::from_index(e).unwrap_or(EngineId::Unattributed)
 }
 
-/// The arena of `engine`, once the arenas exist; `None` for `Unattributed`, before
-/// initialisation, and if it failed.
+/// The arena of `engine` on `node` (the node a thread's memory should come from), once the
+/// arenas exist; `None` for `Unattributed`, before initialisation, and if it failed.
 #[inline(always)]
-pub(crate) fn arena_of(engine: usize) -> Option<c_uint> {
+pub(crate) fn arena_of(engine: usize, node: usize) -> Option<c_uint> {
     if engine >= OVERFLOW_SLOT {
         return overflow_arena(engine - OVERFLOW_SLOT);
     }
     if engine >= ARENA_ENGINES {
         return None;
     }
-    match STATE.load(Ordering::Acquire) {
-        READY => ARENA.get(engine).map(|a| a.load(Ordering::Relaxed)),
-        UNINIT | RUNNING => {
-            init();
-            if STATE.load(Ordering::Acquire) == READY {
-                ARENA.get(engine).map(|a| a.load(Ordering::Relaxed))
-            } else {
-                None
-            }
+    if STATE.load(Ordering::Acquire) != READY {
+        init();
+        if STATE.load(Ordering::Acquire) != READY {
+            return None;
         }
-        _ => None,
+    }
+    let row = ARENA.get(engine)?;
+    match row.get(node).map(|a| a.load(Ordering::Relaxed)) {
+        Some(a) if a != 0 => Some(a),
+        // A node without an arena of its own (no memory): its nearest node's, which `init`
+        // always creates for node `topology().memory_node_for(node)`.
+        _ => row
+            .get(topology().memory_node_for(node))
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|&a| a != 0),
+    }
+}
+
+/// The topology the arenas were laid out for (one node before they exist).
+pub(crate) fn topology() -> &'static Topology {
+    static SINGLE: Topology = Topology::single();
+    TOPOLOGY.get().unwrap_or(&SINGLE)
+}
+
+/// The node a pointer's memory was placed on (0 outside the engines' ranges).
+pub fn node_of(ptr: *const u8) -> usize {
+    let base = BASE.load(Ordering::Relaxed);
+    if owner_of(ptr) >= ARENA_ENGINES {
+        return 0;
+    }
+    ((ptr as usize).wrapping_sub(base) >> NODE_SHIFT) & (MAX_NODES - 1)
+}
+
+/// How engine extents are bound to their node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NumaPolicy {
+    /// `MPOL_PREFERRED`: the node first, others when it is full (the default).
+    #[default]
+    Preferred,
+    /// `MPOL_BIND`: only the node; allocation faults fail when it is full.
+    Strict,
+}
+
+/// Sets how extents created from now on are bound to their node.
+pub fn set_numa_policy(policy: NumaPolicy) {
+    let mode = match policy {
+        NumaPolicy::Preferred => MPOL_PREFERRED,
+        NumaPolicy::Strict => MPOL_BIND,
+    };
+    MBIND_MODE.store(mode, Ordering::Relaxed);
+}
+
+/// Extents whose `mbind` failed (they are used anyway, unbound).
+pub fn mbind_failures() -> u64 {
+    MBIND_FAILURES.load(Ordering::Relaxed)
+}
+
+/// The machine's NUMA topology as the allocator uses it.
+pub fn machine_topology() -> Topology {
+    let _ = arena_of(0, 0);
+    *topology()
+}
+
+/// Binds `[addr, addr + len)` to `node` with the configured policy.
+fn bind_to_node(addr: *mut c_void, len: usize, node: usize) {
+    let mask: u64 = 1 << node;
+    let mode = libc::c_long::from(MBIND_MODE.load(Ordering::Relaxed));
+    // SAFETY: mbind only sets the memory policy of our own mapping `[addr, addr + len)`;
+    // `mask` outlives the call and `maxnode` (64) is its size in bits.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            addr,
+            len,
+            mode,
+            &mask as *const u64,
+            64 as libc::c_ulong,
+            0 as libc::c_uint,
+        )
+    };
+    if rc != 0 {
+        MBIND_FAILURES.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -162,6 +258,7 @@ fn init() {
         }
         return;
     }
+    let _ = TOPOLOGY.set(Topology::read(b"/"));
     let ok = reserve_ranges() && create_arenas() && crate::thread::lookup_mibs();
     STATE.store(if ok { READY } else { FAILED }, Ordering::Release);
 }
@@ -211,23 +308,39 @@ fn create_arena(hooks: &'static EngineHooks) -> Result<c_uint, i32> {
     if rc == 0 { Ok(arena) } else { Err(rc) }
 }
 
+/// One arena per engine and node with memory (the node threads of a memoryless node use).
 fn create_arenas() -> bool {
-    for (slot, hooks) in ARENA.iter().zip(&HOOKS) {
-        match create_arena(hooks) {
-            Ok(arena) => slot.store(arena, Ordering::Relaxed),
-            Err(_) => return false,
+    let topo = topology();
+    for (row, hooks) in ARENA.iter().zip(&HOOKS) {
+        for node in 0..MAX_NODES {
+            if !topo.has_node(node) || topo.memory_node_for(node) != node {
+                continue;
+            }
+            match create_arena(&hooks[node]) {
+                Ok(arena) => row[node].store(arena, Ordering::Relaxed),
+                Err(_) => return false,
+            }
         }
     }
     true
 }
 
 /// # Safety
-/// `hooks` must be a pointer jemalloc got from `create_arenas`, i.e. into `HOOKS`.
+/// `hooks` must be a pointer jemalloc got from `create_arena`, i.e. into `HOOKS` or
+/// `OVERFLOW_HOOKS`.
 #[inline(always)]
 unsafe fn engine_of(hooks: *mut extent_hooks_t) -> usize {
     // SAFETY: per the contract, `hooks` points at the `hooks` field, the first field of a
-    // `repr(C)` `EngineHooks` in the `HOOKS` static, so the cast pointer is valid to read.
+    // `repr(C)` `EngineHooks` in a static, so the cast pointer is valid to read.
     unsafe { (*hooks.cast::<EngineHooks>()).engine }
+}
+
+/// # Safety
+/// As for [`engine_of`].
+#[inline(always)]
+unsafe fn node_of_hooks(hooks: *mut extent_hooks_t) -> usize {
+    // SAFETY: as in `engine_of`.
+    unsafe { (*hooks.cast::<EngineHooks>()).node }
 }
 
 unsafe extern "C" fn hook_alloc(
@@ -249,12 +362,14 @@ unsafe extern "C" fn hook_alloc(
         // SAFETY: forwarded from jemalloc (valid `zero` and `commit` pointers).
         return unsafe { overflow_extent(engine - OVERFLOW_SLOT, size, alignment, zero, commit) };
     }
+    // SAFETY: as above.
+    let node = unsafe { node_of_hooks(hooks) };
     let base = BASE.load(Ordering::Acquire);
-    let range = 1usize << RANGE_SHIFT;
-    let Some(next) = NEXT.get(engine) else {
+    let range = 1usize << NODE_SHIFT;
+    let Some(next) = NEXT.get(engine).and_then(|row| row.get(node)) else {
         return ptr::null_mut();
     };
-    let start_of_range = base + engine * range;
+    let start_of_range = base + (engine << RANGE_SHIFT) + (node << NODE_SHIFT);
     let mut cur = next.load(Ordering::Relaxed);
     loop {
         // Align the absolute address (the range start is page-aligned, alignment may be more).
@@ -279,6 +394,7 @@ unsafe extern "C" fn hook_alloc(
                 if rc != 0 {
                     return ptr::null_mut();
                 }
+                bind_to_node(addr as *mut c_void, size, node);
                 // SAFETY: jemalloc passes valid pointers to two bools. The pages have never been
                 // touched: anonymous memory reads as zeros; it is now readable and writable.
                 unsafe {
@@ -465,14 +581,23 @@ fn read_mib(mib: &[usize; 4], arena: usize) -> u64 {
     if rc == 0 { value as u64 } else { 0 }
 }
 
-/// Refreshes jemalloc's statistics (`epoch`) and reads every engine's arena figures.
-/// `Unattributed` gets the automatic arenas' share: all arenas minus the engines'. All zero
-/// before the engine arenas exist. Costs tens of microseconds: sample it, never call it per
-/// allocation.
+/// Refreshes jemalloc's statistics (`epoch`) and reads every engine's arena figures (summed
+/// over its nodes). `Unattributed` gets the automatic arenas' share: all arenas minus the
+/// engines' and their overflow arenas'. All zero before the engine arenas exist. Costs tens of
+/// microseconds: sample it, never call it per allocation.
 pub fn arena_stats() -> [ArenaStats; EngineId::COUNT] {
+    arena_stats_by_node().0
+}
+
+/// Per-engine figures for each node, indexed `[engine][node]` (zero where there is no arena).
+pub type ArenaStatsByNode = [[ArenaStats; MAX_NODES]; EngineId::COUNT];
+
+/// As [`arena_stats`], and the same figures per node.
+pub fn arena_stats_by_node() -> ([ArenaStats; EngineId::COUNT], ArenaStatsByNode) {
     let mut out = [ArenaStats::default(); EngineId::COUNT];
+    let mut by_node = [[ArenaStats::default(); MAX_NODES]; EngineId::COUNT];
     let Some(mibs) = stat_mibs().filter(|_| arenas_ready()) else {
-        return out;
+        return (out, by_node);
     };
     let mut epoch: u64 = 1;
     // SAFETY: writing `epoch` takes a u64; we pass one and its size, and read nothing back.
@@ -496,16 +621,39 @@ pub fn arena_stats() -> [ArenaStats; EngineId::COUNT] {
     const ALL_ARENAS: usize = 4096;
     let all = read(ALL_ARENAS);
     let mut rest = all;
-    for (engine, arena) in ARENA.iter().enumerate() {
-        let s = read(arena.load(Ordering::Relaxed) as usize);
-        out[engine] = s;
+    let mut subtract = |s: &ArenaStats| {
         rest.resident = rest.resident.saturating_sub(s.resident);
         rest.active = rest.active.saturating_sub(s.active);
         rest.dirty = rest.dirty.saturating_sub(s.dirty);
         rest.mapped = rest.mapped.saturating_sub(s.mapped);
+    };
+    for (engine, row) in ARENA.iter().enumerate() {
+        for (node, arena) in row.iter().enumerate() {
+            let a = arena.load(Ordering::Relaxed);
+            if a == 0 {
+                continue;
+            }
+            let s = read(a as usize);
+            subtract(&s);
+            by_node[engine][node] = s;
+            let total = &mut out[engine];
+            total.resident += s.resident;
+            total.active += s.active;
+            total.dirty += s.dirty;
+            total.mapped += s.mapped;
+        }
+    }
+    if let Some(arenas) = OVERFLOW_STATE
+        .load(Ordering::Acquire)
+        .eq(&OVERFLOW_ON)
+        .then_some(&OVERFLOW_ARENA)
+    {
+        for a in arenas {
+            subtract(&read(a.load(Ordering::Relaxed) as usize));
+        }
     }
     out[EngineId::Unattributed.index()] = rest;
-    out
+    (out, by_node)
 }
 
 /// The engine that owns the heap block at `ptr`, judged by its address alone: the engine
@@ -521,7 +669,7 @@ pub fn is_overflow(ptr: *const u8) -> bool {
 
 /// The arena index of `engine`, for callers that want to inspect it with `mallctl`.
 pub fn arena_index(engine: EngineId) -> Option<u32> {
-    arena_of(engine.index())
+    arena_of(engine.index(), 0)
 }
 
 /// Returns every arena's dirty and muzzy pages to the system now (`arena.<all>.purge`).
@@ -605,11 +753,11 @@ static OVER: [std::sync::atomic::AtomicBool; ARENA_ENGINES] =
     [const { std::sync::atomic::AtomicBool::new(false) }; ARENA_ENGINES];
 
 static OVERFLOW_HOOKS: [EngineHooks; ARENA_ENGINES] = [
-    engine_hooks(OVERFLOW_SLOT),
-    engine_hooks(OVERFLOW_SLOT + 1),
-    engine_hooks(OVERFLOW_SLOT + 2),
-    engine_hooks(OVERFLOW_SLOT + 3),
-    engine_hooks(OVERFLOW_SLOT + 4),
+    engine_hooks(OVERFLOW_SLOT, 0),
+    engine_hooks(OVERFLOW_SLOT + 1, 0),
+    engine_hooks(OVERFLOW_SLOT + 2, 0),
+    engine_hooks(OVERFLOW_SLOT + 3, 0),
+    engine_hooks(OVERFLOW_SLOT + 4, 0),
 ];
 
 /// Whether `engine`'s new allocations should go to its overflow arena now.
@@ -717,7 +865,7 @@ pub fn enable_overflow(
     policy: OverflowPolicy,
 ) -> Result<(), crate::OverflowError> {
     let err = |op: &'static str, errno: i32| crate::OverflowError::Os { op, errno };
-    if arena_of(0).is_none() {
+    if arena_of(0, 0).is_none() {
         return Err(err("creating the engine arenas", libc::ENOMEM));
     }
     if capacity > 1usize << RANGE_SHIFT {

@@ -30,10 +30,11 @@ mod thread;
 
 pub use alloc::{GovernedAlloc, detached_operations, is_active, unrouted_allocations};
 pub use arena::{
-    ArenaStats, OverflowPolicy, OverflowStats, allocator_resident, arena_index, arena_stats,
-    arenas_ready, enable_overflow, is_overflow, is_overflowing, overflow_region, overflow_stats,
-    owner, page_out_overflow, purge_all_arenas, range_bytes, range_exhaustions, set_overflow_limit,
-    set_overflow_policy,
+    ArenaStats, ArenaStatsByNode, NumaPolicy, OverflowPolicy, OverflowStats, allocator_resident,
+    arena_index, arena_stats, arena_stats_by_node, arenas_ready, enable_overflow, is_overflow,
+    is_overflowing, machine_topology, mbind_failures, node_of, overflow_region, overflow_stats,
+    owner, page_out_overflow, purge_all_arenas, range_bytes, range_exhaustions, set_numa_policy,
+    set_overflow_limit, set_overflow_policy,
 };
 pub use ledger::{
     BATCH, DIRECT_THRESHOLD, charged, charged_peak, overflow_charged, take_window_peak,
@@ -44,6 +45,7 @@ pub use thread::{
     EngineGuard, HOME_SWITCH_AFTER, current_engine, explicit_caches_created, flush_thread,
     home_engine, home_switches,
 };
+pub use thread::{NumaError, bind_thread_to_local_numa, pin_thread_arena, thread_node};
 
 use core::fmt;
 use core::str::FromStr;

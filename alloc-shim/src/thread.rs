@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tikv_jemalloc_sys as jem;
 
 use crate::EngineId;
-use crate::arena::{SLOTS, arena_of};
+use crate::arena::{SLOTS, arena_of, topology};
 use crate::ledger::{self, DIRECT_THRESHOLD, FOREIGN_MAX, HOME_MAX, REFILL};
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
@@ -36,6 +36,7 @@ const UNATTRIBUTED: u8 = EngineId::Unattributed as u8;
 /// immediate (unbatched) path and names its arena explicitly.
 const DETACHED: u8 = u8::MAX;
 const NO_ARENA: u32 = u32::MAX;
+const NO_NODE: u8 = u8::MAX;
 
 static MIB_THREAD_ARENA: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
 static MIB_TCACHE_FLUSH: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
@@ -113,6 +114,9 @@ pub(crate) struct ThreadState {
     visits: Cell<u32>,
     /// The automatic arena jemalloc gave this thread, learnt at the first move of home.
     auto_arena: Cell<u32>,
+    /// The NUMA node whose arenas serve this thread (`NO_NODE` until first needed: sampled
+    /// with `sched_getcpu` then, and set again when the thread is pinned).
+    node: Cell<u8>,
     /// This thread's explicit jemalloc cache for each slot (engine, or engine's overflow) it
     /// visits or frees foreign blocks of (`NO_TCACHE` until first needed, `TCACHE_FAILED` if
     /// creating one failed).
@@ -139,6 +143,7 @@ impl ThreadState {
             pending_owner: Cell::new(UNATTRIBUTED),
             visits: Cell::new(0),
             auto_arena: Cell::new(NO_ARENA),
+            node: Cell::new(NO_NODE),
             tcaches: [const { Cell::new(NO_TCACHE) }; SLOTS],
         }
     }
@@ -163,7 +168,33 @@ impl ThreadState {
                 a => a,
             })
         } else {
-            arena_of(engine)
+            arena_of(engine, self.node())
+        }
+    }
+
+    /// The node this thread's engine memory comes from.
+    pub(crate) fn node(&self) -> usize {
+        match self.node.get() {
+            NO_NODE => {
+                // SAFETY: sched_getcpu has no preconditions (-1 on failure).
+                let cpu = unsafe { libc::sched_getcpu() };
+                let node = topology().placement_for_cpu(usize::try_from(cpu).unwrap_or(0));
+                self.node.set(node as u8);
+                node
+            }
+            n => n as usize,
+        }
+    }
+
+    /// Moves this thread's engine memory to `node`'s arenas (rebinding home if it is an
+    /// engine).
+    fn set_node(&self, node: usize) {
+        self.node.set(node as u8);
+        let home = self.home();
+        if home < crate::arena::ARENA_ENGINES
+            && let Some(arena) = arena_of(home, node)
+        {
+            bind_thread_arena(arena);
         }
     }
 
@@ -485,4 +516,109 @@ impl Drop for EngineGuard {
             });
         }
     }
+}
+
+/// Why a thread could not be pinned. The thread is left as it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NumaError {
+    /// The machine has no such CPU.
+    NoSuchCore {
+        /// The CPU asked for.
+        core: usize,
+        /// CPUs the machine has.
+        cores: usize,
+    },
+    /// A system call failed (`EPERM`: not allowed to run there; `EINVAL`: outside the
+    /// thread's allowed CPUs, e.g. a container's cpuset).
+    Os {
+        /// What was being done.
+        op: &'static str,
+        /// `errno`.
+        errno: i32,
+    },
+}
+
+impl std::fmt::Display for NumaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NumaError::NoSuchCore { core, cores } => {
+                write!(
+                    f,
+                    "no CPU {core}: this machine has {cores} (0 to {})",
+                    cores.saturating_sub(1)
+                )
+            }
+            NumaError::Os { op, errno } => write!(
+                f,
+                "{op} failed: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for NumaError {}
+
+fn set_affinity(cpus: impl Iterator<Item = usize>) -> Result<(), NumaError> {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in cpus {
+        // SAFETY: CPU_SET bounds-checks against the set's size.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(NumaError::Os {
+            op: "sched_setaffinity",
+            errno: std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL),
+        });
+    }
+    Ok(())
+}
+
+fn configured_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
+/// Pins the calling thread to CPU `core` and its engine allocations to that core's NUMA node's
+/// arenas (for thread-per-core runtimes). Returns the node. On error the thread keeps its
+/// affinity and arenas.
+pub fn pin_thread_arena(core: usize) -> Result<usize, NumaError> {
+    let cores = configured_cpus();
+    if core >= cores || core >= crate::numa::MAX_CPUS {
+        return Err(NumaError::NoSuchCore { core, cores });
+    }
+    set_affinity(std::iter::once(core))?;
+    let node = topology().placement_for_cpu(core);
+    let _ = THREAD.try_with(|t| t.set_node(node));
+    Ok(node)
+}
+
+/// Restricts the calling thread to the CPUs of the NUMA node it runs on now, and its engine
+/// allocations to that node's arenas. Returns the node. On error the thread is unchanged.
+pub fn bind_thread_to_local_numa() -> Result<usize, NumaError> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    let cpu = usize::try_from(cpu).map_err(|_| NumaError::Os {
+        op: "sched_getcpu",
+        errno: std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::ENOSYS),
+    })?;
+    let topo = topology();
+    let node = topo.node_of_cpu(cpu);
+    set_affinity(topo.cpus_of(node).filter(|&c| c < configured_cpus()))?;
+    let place = topo.memory_node_for(node);
+    let _ = THREAD.try_with(|t| t.set_node(place));
+    Ok(place)
+}
+
+/// The NUMA node the calling thread's engine allocations come from.
+pub fn thread_node() -> usize {
+    THREAD.try_with(ThreadState::node).unwrap_or(0)
 }
