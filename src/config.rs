@@ -164,6 +164,7 @@ pub struct GovernorBuilder {
     rss_margin: Size,
     proc_status: PathBuf,
     overflow: Option<OverflowConfig>,
+    numa_policy: nodedb_mem_alloc::NumaPolicy,
 }
 
 #[derive(Clone, Debug)]
@@ -192,6 +193,11 @@ pub(crate) struct Config {
         expect(dead_code, reason = "loom models never install a governor")
     )]
     pub(crate) overflow: Option<(OverflowConfig, u64, bool)>,
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models never install a governor")
+    )]
+    pub(crate) numa_policy: nodedb_mem_alloc::NumaPolicy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,6 +221,7 @@ impl Default for GovernorBuilder {
             rss_margin: Size::Fraction(DEFAULT_RSS_MARGIN),
             proc_status: PathBuf::from("/proc/self/status"),
             overflow: None,
+            numa_policy: nodedb_mem_alloc::NumaPolicy::Preferred,
         }
     }
 }
@@ -282,6 +289,13 @@ impl GovernorBuilder {
     /// warning and goes without when the temp directory is on tmpfs).
     pub fn overflow(mut self, config: OverflowConfig) -> Self {
         self.overflow = Some(config);
+        self
+    }
+
+    /// Sets how engine memory is bound to its NUMA node (default: preferred, so a full node
+    /// spills to others; strict binds it to the node). Takes effect at `install`.
+    pub fn numa_policy(mut self, policy: nodedb_mem_alloc::NumaPolicy) -> Self {
+        self.numa_policy = policy;
         self
     }
 
@@ -541,6 +555,7 @@ impl GovernorBuilder {
             rss_margin,
             proc_status: self.proc_status,
             overflow,
+            numa_policy: self.numa_policy,
         })
     }
 }

@@ -658,8 +658,8 @@ impl MemoryGovernor {
     pub fn snapshot(&self) -> crate::Snapshot {
         let inner = &*self.inner;
         let global_pressure = self.global_pressure();
-        let arenas = if inner.global.from_allocator {
-            nodedb_mem_alloc::arena_stats()
+        let (arenas, by_node) = if inner.global.from_allocator {
+            nodedb_mem_alloc::arena_stats_by_node()
         } else {
             Default::default()
         };
@@ -669,7 +669,12 @@ impl MemoryGovernor {
             let _serial = lock(&inner.rebalance_lock);
             EngineId::ALL.map(|e| {
                 let pressure = self.pressure(e);
-                crate::metrics::EngineSnapshot::read(self.budget(e), pressure, arenas[e.index()])
+                crate::metrics::EngineSnapshot::read(
+                    self.budget(e),
+                    pressure,
+                    arenas[e.index()],
+                    by_node[e.index()],
+                )
             })
         };
         let g = &inner.global;

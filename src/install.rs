@@ -16,6 +16,7 @@ pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
     if !allocator_is_global() {
         return Err(MemError::AllocatorNotGlobal);
     }
+    nodedb_mem_alloc::set_numa_policy(config.numa_policy);
     let overflow = config.overflow.clone();
     if let Some((c, capacity, explicit)) = overflow {
         let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);

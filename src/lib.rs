@@ -48,10 +48,11 @@ pub use governor::{MemoryGovernor, RebalanceMove, RebalanceReport, ReclaimerHand
 pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
-    ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, OverflowError,
-    OverflowPolicy, OverflowRegion, OverflowStats, PageOutMethod, UnknownEngine, current_engine,
-    enable_overflow, flush_thread, home_engine, is_overflow, is_overflowing, overflow_stats, owner,
-    set_overflow_limit,
+    ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, MAX_NODES,
+    NumaError, NumaPolicy, OverflowError, OverflowPolicy, OverflowRegion, OverflowStats,
+    PageOutMethod, Topology, UnknownEngine, bind_thread_to_local_numa, current_engine,
+    enable_overflow, flush_thread, home_engine, is_overflow, is_overflowing, machine_topology,
+    node_of, overflow_stats, owner, pin_thread_arena, set_overflow_limit, thread_node,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]

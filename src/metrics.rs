@@ -45,12 +45,20 @@ pub struct EngineSnapshot {
     pub lent_total: u64,
     /// Limit borrowed from other engines, in total.
     pub borrowed_total: u64,
-    /// jemalloc's figures for the engine's arena (zero for a standalone governor).
+    /// jemalloc's figures for the engine's arenas, summed over nodes (zero for a standalone
+    /// governor).
     pub arena: ArenaStats,
+    /// The same figures per NUMA node (index = node; zero where the engine has no arena).
+    pub arena_by_node: [ArenaStats; crate::MAX_NODES],
 }
 
 impl EngineSnapshot {
-    pub(crate) fn read(b: &Budget, pressure: PressureLevel, arena: ArenaStats) -> EngineSnapshot {
+    pub(crate) fn read(
+        b: &Budget,
+        pressure: PressureLevel,
+        arena: ArenaStats,
+        arena_by_node: [ArenaStats; crate::MAX_NODES],
+    ) -> EngineSnapshot {
         EngineSnapshot {
             engine: b.engine(),
             base: b.base(),
@@ -70,6 +78,7 @@ impl EngineSnapshot {
             lent_total: b.lent_total(),
             borrowed_total: b.borrowed_total(),
             arena,
+            arena_by_node,
         }
     }
 }
@@ -335,6 +344,23 @@ impl Snapshot {
                 |e| i128::from(e.limit) - i128::from(e.base),
             ),
         ];
+        header(
+            &mut out,
+            "engine_node_resident_bytes",
+            "gauge",
+            "Physical memory of the engine's arena on each NUMA node.",
+        );
+        for e in &self.engines {
+            for (node, s) in e.arena_by_node.iter().enumerate() {
+                if s.mapped > 0 || s.resident > 0 {
+                    let _ = writeln!(
+                        out,
+                        "nodedb_mem_engine_node_resident_bytes{{engine=\"{}\",node=\"{node}\"}} {}",
+                        e.engine, s.resident
+                    );
+                }
+            }
+        }
         for (name, kind, help, field) in per_engine {
             header(&mut out, name, kind, help);
             for e in &self.engines {

@@ -108,6 +108,12 @@ fn snapshot_and_prometheus_carry_arena_figures() {
         .unwrap();
     let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(value >= 8 << 20);
+    // Per NUMA node: the block's node holds it.
+    let node = nodedb_mem::node_of(block.as_ptr());
+    assert!(v.arena_by_node[node].resident >= 8 << 20);
+    let label =
+        format!("nodedb_mem_engine_node_resident_bytes{{engine=\"vector\",node=\"{node}\"}} ");
+    assert!(text.contains(&label), "{label}");
     drop(block);
 }
 
