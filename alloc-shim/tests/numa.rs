@@ -43,9 +43,13 @@ fn engine_memory_is_bound_to_its_node() {
     assert_eq!(policy_of(block.as_ptr()), (MPOL_PREFERRED, 1 << node));
     assert_eq!(mbind_failures(), 0);
 
-    // The kernel's own view: the mapping holding the block prefers the node.
+    assert_kernel_prefers(block.as_ptr(), node);
+}
+
+/// The kernel's own view: the mapping holding `ptr` in `/proc/self/numa_maps` prefers `node`.
+fn assert_kernel_prefers(ptr: *const u8, node: usize) {
     let maps = std::fs::read_to_string("/proc/self/numa_maps").unwrap();
-    let addr = block.as_ptr() as usize;
+    let addr = ptr as usize;
     let line = maps
         .lines()
         .filter_map(|l| {
@@ -102,6 +106,13 @@ fn pinning_moves_the_thread_and_fails_cleanly() {
                 .all(|b| owner(b.as_ptr()) == EngineId::Query)
         );
         assert!(after_pin.iter().all(|b| node_of(b.as_ptr()) == node));
+        let big = {
+            let _g = EngineGuard::enter(EngineId::Query);
+            vec![1u8; 4 << 20]
+        };
+        assert_eq!(node_of(big.as_ptr()), node);
+        assert_eq!(policy_of(big.as_ptr()), (MPOL_PREFERRED, 1 << node));
+        assert_kernel_prefers(big.as_ptr(), node);
 
         let local = bind_thread_to_local_numa().unwrap();
         assert_eq!(local, machine_topology().placement_for_cpu(last));
