@@ -165,6 +165,7 @@ pub struct GovernorBuilder {
     proc_status: PathBuf,
     overflow: Option<OverflowConfig>,
     numa_policy: nodedb_mem_alloc::NumaPolicy,
+    cap_to_node_memory: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -222,6 +223,7 @@ impl Default for GovernorBuilder {
             proc_status: PathBuf::from("/proc/self/status"),
             overflow: None,
             numa_policy: nodedb_mem_alloc::NumaPolicy::Preferred,
+            cap_to_node_memory: false,
         }
     }
 }
@@ -296,6 +298,15 @@ impl GovernorBuilder {
     /// spills to others; strict binds it to the node). Takes effect at `install`.
     pub fn numa_policy(mut self, policy: nodedb_mem_alloc::NumaPolicy) -> Self {
         self.numa_policy = policy;
+        self
+    }
+
+    /// Caps every engine's limit at the memory of the largest NUMA node (for thread-per-core
+    /// deployments with strict binding, where an engine's memory sits on one node): caps and
+    /// default budgets are lowered to it, and an explicit budget above it is refused. No effect
+    /// where the topology is unknown.
+    pub fn cap_to_node_memory(mut self, on: bool) -> Self {
+        self.cap_to_node_memory = on;
         self
     }
 
@@ -466,6 +477,19 @@ impl GovernorBuilder {
             }
             Some((c, capacity, explicit))
         };
+        let node_memory = self.cap_to_node_memory.then(|| {
+            let root = match &self.env {
+                EnvSource::Fixed { root, .. } => root.clone(),
+                EnvSource::Process => PathBuf::from("/"),
+            };
+            let topo = nodedb_mem_alloc::Topology::read(root.as_os_str().as_encoded_bytes());
+            (0..nodedb_mem_alloc::MAX_NODES)
+                .filter(|&n| topo.has_node(n))
+                .map(|n| topo.node_memory(n))
+                .max()
+                .unwrap_or(u64::MAX)
+        });
+        let node_memory = node_memory.filter(|&m| m != u64::MAX);
         let assignable = ceiling - fraction_of(ceiling, self.overhead);
         let mut explicit = [None; EngineId::COUNT];
         for e in EngineId::ALL {
@@ -521,8 +545,24 @@ impl GovernorBuilder {
                     share
                 }
             };
+            // A default budget is lowered to what a node holds; an explicit one is refused below.
+            let base = match node_memory {
+                Some(node) if explicit[i].is_none() => base.min(node),
+                _ => base,
+            };
             let floor = resolve("floor", e, self.floors[i])?.unwrap_or(base / 2);
             let cap = resolve("cap", e, self.caps[i])?.unwrap_or(assignable.max(base));
+            let cap = match node_memory {
+                Some(node) if base > node => {
+                    return Err(MemError::config(
+                        format!("budget.{e}"),
+                        ByteSize(base),
+                        format!("above the largest NUMA node's memory ({})", ByteSize(node)),
+                    ));
+                }
+                Some(node) => cap.min(node),
+                None => cap,
+            };
             if floor > cap {
                 return Err(MemError::config(
                     format!("floor.{e}"),
@@ -722,6 +762,41 @@ mod tests {
             err(ceiling(GIB).rebalance(r)),
             "invalid configuration `rebalance.min_move` = 0: must be above zero"
         );
+    }
+
+    #[test]
+    fn node_memory_caps_the_limits_when_asked() {
+        let root = tempfile::tempdir().unwrap();
+        for (n, kib) in [(0, 1 << 20), (1, 2 << 20)] {
+            let dir = root.path().join(format!("sys/devices/system/node/node{n}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("cpulist"), format!("{n}\n")).unwrap();
+            std::fs::write(
+                dir.join("meminfo"),
+                format!("Node {n} MemTotal: {kib} kB\n"),
+            )
+            .unwrap();
+        }
+        let b = || {
+            GovernorBuilder::default()
+                .global_ceiling(8 * GIB)
+                .ceiling_environment(None, root.path())
+                .cap_to_node_memory(true)
+        };
+        let c = b().budget(Query, GIB).validate().unwrap();
+        assert_eq!(
+            c.budgets[Query.index()].cap,
+            2 * GIB,
+            "the largest node holds 2 GiB"
+        );
+        assert!(c.budgets.iter().all(|l| l.cap <= 2 * GIB));
+        assert_eq!(
+            err(b().budget(Query, 3 * GIB)),
+            "invalid configuration `budget.query` = 3 GiB: above the largest NUMA node's memory (2 GiB)"
+        );
+        // Without the option, or without a topology, nothing changes.
+        let c = ceiling(8 * GIB).budget(Query, 3 * GIB).validate().unwrap();
+        assert!(c.budgets[Query.index()].cap > 2 * GIB);
     }
 
     #[test]
