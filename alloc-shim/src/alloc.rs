@@ -129,7 +129,8 @@ impl ThreadState {
         unsafe { self.visit_alloc(size, flags, usable, zero) }
     }
 
-    /// An allocation for an engine other than home: that engine's arena, no cache.
+    /// An allocation for an engine other than home: that engine's arena (on this thread's
+    /// node), through this thread's explicit cache for it.
     #[inline(never)]
     unsafe fn visit_alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
         self.count_detached();

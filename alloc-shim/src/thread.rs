@@ -7,10 +7,11 @@
 //! is bound to, through its thread cache. The thread cache is per thread, not per arena, so
 //! rebinding a thread to another arena needs a cache flush (~0.4–5.5 µs). So a thread has a
 //! *home* engine, whose allocations take the fast path, and *visits* other engines: a visit
-//! allocates with `MALLOCX_ARENA(engine) | MALLOCX_TCACHE_NONE`, and frees of objects owned by
-//! any engine but home bypass the cache too, so the cache only ever holds home objects. After
-//! [`HOME_SWITCH_AFTER`] consecutive allocations visiting the same engine, the thread makes it
-//! home (rebind + flush). Entering or leaving a guard is two thread-local writes.
+//! allocates with `MALLOCX_ARENA(engine) | MALLOCX_TCACHE(this thread's cache for engine)`,
+//! and frees of blocks owned by any engine but home go to the owner's explicit cache, never the
+//! default one, so the default cache only ever holds home blocks. After [`HOME_SWITCH_AFTER`]
+//! allocations visiting the current engine within one guard scope, the thread makes it home
+//! (rebind + flush). Entering or leaving a guard is a few thread-local writes.
 //!
 //! Whatever the cache or the binding does, charges and credits go to the engine that owns the
 //! pointer by address, so the ledger stays exact even when an allocation lands elsewhere.
