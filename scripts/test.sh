@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check of the workspace, in the order a failure is cheapest to find:
 # formatting, clippy (all targets, benches included, -D warnings), the tests (nextest),
-# the doc tests, and the loom models (built with --cfg nodedb_mem_loom in their own target
+# the doc tests, rustdoc with warnings denied, and the loom models (built with --cfg nodedb_mem_loom in their own target
 # directory so the normal build cache is not invalidated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,9 @@ cargo nextest run --workspace --locked --no-fail-fast
 
 step "doc tests"
 cargo test --workspace --doc --locked
+
+step "rustdoc -D warnings (no broken links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 step "loom models (preemption bound ${LOOM_MAX_PREEMPTIONS:-2})"
 RUSTFLAGS="--cfg nodedb_mem_loom -C debug-assertions" \
