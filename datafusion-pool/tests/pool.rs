@@ -1,0 +1,75 @@
+//! The pool's admission follows the governor's budget, including what the allocator charged,
+//! and nothing stays reserved in the governor.
+
+use std::sync::Arc;
+
+use datafusion_common::DataFusionError;
+use datafusion_execution::memory_pool::{MemoryConsumer, MemoryLimit, MemoryPool};
+use nodedb_mem::{EngineId, MemoryGovernor};
+use nodedb_mem_datafusion::GovernorPool;
+
+const MIB: usize = 1 << 20;
+
+fn pool() -> (MemoryGovernor, Arc<dyn MemoryPool>) {
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .budget(EngineId::Query, (64 * MIB) as u64)
+        .build()
+        .unwrap();
+    let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(gov.clone(), EngineId::Query));
+    (gov, pool)
+}
+
+#[test]
+fn grants_within_the_budget_and_refuses_past_it() {
+    let (gov, pool) = pool();
+    let a = MemoryConsumer::new("agg")
+        .with_can_spill(true)
+        .register(&pool);
+    a.try_grow(40 * MIB).unwrap();
+    assert_eq!(pool.reserved(), 40 * MIB);
+    // Admission only: nothing stays reserved in the governor.
+    assert_eq!(gov.usage(EngineId::Query), 0);
+    assert_eq!(gov.budget(EngineId::Query).reserved(), 0);
+
+    // The operator allocates what it reserved; the allocator (here: `charge`) counts it.
+    gov.charge(EngineId::Query, (40 * MIB) as u64);
+    let b = MemoryConsumer::new("sort").register(&pool);
+    let err = b.try_grow(30 * MIB).unwrap_err();
+    assert!(
+        matches!(err, DataFusionError::ResourcesExhausted(_)),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(
+            "cannot reserve 30 MiB for engine query: 40 MiB already used of its 64 MiB limit, 24 MiB available (consumer sort, holding 0 bytes)"
+        ),
+        "{err}"
+    );
+    b.try_grow(20 * MIB).unwrap();
+    let p = pool.downcast_ref::<GovernorPool>().unwrap();
+    assert_eq!(p.refusals(), 1);
+    assert_eq!(pool.reserved(), 60 * MIB);
+
+    drop((a, b));
+    assert_eq!(pool.reserved(), 0);
+    gov.credit(EngineId::Query, (40 * MIB) as u64).unwrap();
+    assert!(matches!(pool.memory_limit(), MemoryLimit::Finite(l) if l == 64 * MIB));
+}
+
+#[test]
+fn infallible_growth_is_recorded_and_shrinks_back() {
+    let (_gov, pool) = pool();
+    let r = MemoryConsumer::new("scan").register(&pool);
+    r.grow(100 * MIB); // past the budget: DataFusion's infallible path is recorded, not refused
+    assert_eq!(pool.reserved(), 100 * MIB);
+    r.shrink(60 * MIB);
+    assert_eq!(pool.reserved(), 40 * MIB);
+    r.free();
+    assert_eq!(pool.reserved(), 0);
+    assert_eq!(
+        pool.to_string(),
+        "nodedb-mem governor pool (query engine budget)"
+    );
+    assert_eq!(pool.name(), "nodedb-mem governor pool");
+}
