@@ -189,8 +189,10 @@ impl MemoryGovernor {
     /// Tells the allocator each engine's current limit, above which its new allocations go
     /// to its overflow region (installed governors only).
     pub(crate) fn publish_limits(&self) {
+        // Without overflow regions there is nowhere to reroute to: publishing limits would only
+        // send the over-limit engines' allocations down the slow path for nothing.
         #[cfg(not(nodedb_mem_loom))]
-        if self.is_installed() {
+        if self.is_installed() && nodedb_mem_alloc::overflow_region(EngineId::Vector).is_some() {
             for e in EngineId::ALL {
                 nodedb_mem_alloc::set_overflow_limit(e, Some(self.limit(e)));
             }
