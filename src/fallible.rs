@@ -138,6 +138,46 @@ unsafe impl Allocator for EngineAllocator {
         Ok(NonNull::slice_from_raw_parts(q, new.size()))
     }
 
+    /// Shrinking never asks for admission (it gives memory back), so it succeeds even when the
+    /// engine is over its budget.
+    unsafe fn shrink(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        if new.size() == 0 || old.align() != new.align() {
+            // SAFETY: `ptr` is live for `old`; the new block is at least `new.size()` long.
+            unsafe {
+                let fresh = if new.size() == 0 {
+                    self.allocate(new)?
+                } else {
+                    let _guard = EngineGuard::enter(self.engine);
+                    let p = NonNull::new(std::alloc::alloc(new)).ok_or(AllocError)?;
+                    if !self.allocator_charges() {
+                        self.gov.charge(self.engine, new.size() as u64);
+                    }
+                    NonNull::slice_from_raw_parts(p, new.size())
+                };
+                std::ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.cast().as_ptr(), new.size());
+                self.deallocate(ptr, old);
+                return Ok(fresh);
+            }
+        }
+        // SAFETY: `ptr` is live for `old` (the caller's contract); `new.size()` is non-zero,
+        // not larger than `old.size()`, with the same alignment.
+        let q = unsafe { std::alloc::realloc(ptr.as_ptr(), old, new.size()) };
+        let q = NonNull::new(q).ok_or(AllocError)?;
+        if !self.allocator_charges() {
+            // What `allocate`/`grow` charged for the released part: cannot be refused.
+            let credited = self
+                .gov
+                .credit(self.engine, (old.size() - new.size()) as u64);
+            debug_assert!(credited.is_ok(), "{credited:?}");
+        }
+        Ok(NonNull::slice_from_raw_parts(q, new.size()))
+    }
+
     unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
         if layout.size() == 0 {
             return;

@@ -478,6 +478,14 @@ fn the_fallible_allocator_refuses_past_the_budget_and_counts_exactly() {
     );
     let used = gov.usage(EngineId::Query);
     assert!(used > 30 * MIB && used <= 40 * MIB);
+    // Over budget (the allocator-free `charge` pushes Query past its limit), shrinking still
+    // works: it only gives memory back.
+    gov.charge(EngineId::Query, 40 * MIB);
+    v.extend_from_slice(&[1, 2, 3]);
+    v.shrink_to_fit();
+    assert_eq!(v.capacity(), 3);
+    assert_eq!(&v[..], &[1, 2, 3]);
+    gov.credit(EngineId::Query, 40 * MIB).unwrap();
     drop((v, map));
     assert_eq!(gov.usage(EngineId::Query), 0);
     gov.check_consistency().unwrap();
