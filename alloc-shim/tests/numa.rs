@@ -66,7 +66,7 @@ fn assert_kernel_prefers(ptr: *const u8, node: usize) {
 #[test]
 fn pinning_moves_the_thread_and_fails_cleanly() {
     std::thread::spawn(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = libc::CPU_SETSIZE as usize;
         // SAFETY: an all-zero cpu_set_t is a valid value to fill.
         let affinity = || unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -89,7 +89,8 @@ fn pinning_moves_the_thread_and_fails_cleanly() {
             "a failed pin leaves the thread as it was"
         );
 
-        let last = cores - 1;
+        // The last CPU this thread may run on (a container's cpuset may not start at 0).
+        let last = *before.last().expect("at least one allowed CPU");
         let node = pin_thread_arena(last).unwrap();
         assert_eq!(affinity(), vec![last]);
         assert_eq!(thread_node(), node);
