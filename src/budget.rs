@@ -209,23 +209,7 @@ impl Budget {
     /// Takes `bytes` of headroom if what is left still covers the allocator's bytes. The only
     /// admission decision. On refusal returns the headroom seen and the allocator bytes read.
     fn take_headroom(&self, bytes: u64) -> std::result::Result<(), (i64, u64)> {
-        let ext = self.allocator_bytes();
-        let want = to_i64(bytes).saturating_add(to_i64(ext));
-        let mut h = self.headroom.load(Ordering::Acquire);
-        loop {
-            if h < want {
-                return Err((h, ext));
-            }
-            match self.headroom.compare_exchange_weak(
-                h,
-                h - to_i64(bytes),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(seen) => h = seen,
-            }
-        }
+        take_headroom(&self.headroom, bytes, self.allocator_bytes())
     }
 
     fn raise_usage(&self, bytes: u64) {
@@ -354,6 +338,33 @@ impl Budget {
     /// `headroom` as stored, for consistency checks.
     pub(crate) fn raw_headroom(&self) -> i64 {
         self.headroom.load(Ordering::Acquire)
+    }
+}
+
+/// The admission decision on a headroom word (`limit - own usage`): takes `bytes` by one
+/// compare-and-swap if what is left still covers `ext` (usage counted outside the word: the
+/// allocator's bytes, unaccounted resident memory). On refusal returns the headroom seen and
+/// `ext`, and changes nothing.
+pub(crate) fn take_headroom(
+    headroom: &AtomicI64,
+    bytes: u64,
+    ext: u64,
+) -> std::result::Result<(), (i64, u64)> {
+    let want = to_i64(bytes).saturating_add(to_i64(ext));
+    let mut h = headroom.load(Ordering::Acquire);
+    loop {
+        if h < want {
+            return Err((h, ext));
+        }
+        match headroom.compare_exchange_weak(
+            h,
+            h - to_i64(bytes),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(seen) => h = seen,
+        }
     }
 }
 

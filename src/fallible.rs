@@ -73,6 +73,57 @@ impl EngineAllocator {
     fn allocator_charges(&self) -> bool {
         self.gov.is_installed()
     }
+
+    /// Allocates `layout` for the engine without admission (zero-sized requests get a dangling,
+    /// aligned pointer) and charges it when the global allocator does not.
+    fn place(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if layout.size() == 0 {
+            let dangling = NonNull::new(layout.align() as *mut u8).ok_or(AllocError)?;
+            return Ok(NonNull::slice_from_raw_parts(dangling, 0));
+        }
+        let ptr = {
+            let _guard = EngineGuard::enter(self.engine);
+            // SAFETY: non-zero size (checked above). This is the global allocator (the governed
+            // one when installed), which charges the block to the guard's engine.
+            unsafe { std::alloc::alloc(layout) }
+        };
+        let ptr = NonNull::new(ptr).ok_or(AllocError)?;
+        if !self.allocator_charges() {
+            self.gov.charge(self.engine, layout.size() as u64);
+        }
+        Ok(NonNull::slice_from_raw_parts(ptr, layout.size()))
+    }
+
+    /// Copies `len` bytes of the block at `ptr` into `fresh`, frees the old block, returns
+    /// `fresh`.
+    ///
+    /// # Safety
+    /// `ptr` is live for `old` and was allocated by this handle; `fresh` is a distinct block of
+    /// at least `len` bytes; `len <= old.size()`.
+    unsafe fn move_block(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        fresh: NonNull<[u8]>,
+        len: usize,
+    ) -> NonNull<[u8]> {
+        // SAFETY: per the contract, both blocks are valid for `len` bytes and do not overlap,
+        // and `ptr` may be deallocated with `old`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.cast().as_ptr(), len);
+            self.deallocate(ptr, old);
+        }
+        fresh
+    }
+
+    /// Credits memory this handle charged itself (standalone governors only): exactly what was
+    /// charged for it, so it cannot be refused.
+    fn uncharge(&self, bytes: u64) {
+        if !self.allocator_charges() {
+            let credited = self.gov.credit(self.engine, bytes);
+            debug_assert!(credited.is_ok(), "{credited:?}");
+        }
+    }
 }
 
 // SAFETY: `allocate` returns blocks from the global allocator with exactly the requested
@@ -82,27 +133,13 @@ impl EngineAllocator {
 // them.
 unsafe impl Allocator for EngineAllocator {
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        if layout.size() == 0 {
-            let dangling = NonNull::new(layout.align() as *mut u8).ok_or(AllocError)?;
-            return Ok(NonNull::slice_from_raw_parts(dangling, 0));
-        }
-        let bytes = layout.size() as u64;
         let admission = self
             .gov
-            .reserve(self.engine, bytes)
+            .reserve(self.engine, layout.size() as u64)
             .map_err(|_| AllocError)?;
-        let ptr = {
-            let _guard = EngineGuard::enter(self.engine);
-            // SAFETY: non-zero size (checked above). This is the global allocator (the governed
-            // one when installed), which charges the block to the guard's engine.
-            unsafe { std::alloc::alloc(layout) }
-        };
-        let ptr = NonNull::new(ptr).ok_or(AllocError)?;
-        if !self.allocator_charges() {
-            self.gov.charge(self.engine, bytes);
-        }
+        let block = self.place(layout);
         drop(admission);
-        Ok(NonNull::slice_from_raw_parts(ptr, layout.size()))
+        block
     }
 
     unsafe fn grow(
@@ -113,13 +150,9 @@ unsafe impl Allocator for EngineAllocator {
     ) -> Result<NonNull<[u8]>, AllocError> {
         if old.size() == 0 || old.align() != new.align() {
             let fresh = self.allocate(new)?;
-            // SAFETY: both blocks are valid for `old.size()` bytes and do not overlap; the old
-            // one was allocated here with `old`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.cast().as_ptr(), old.size());
-                self.deallocate(ptr, old);
-            }
-            return Ok(fresh);
+            // SAFETY: `ptr` is live for `old` (the caller's contract); `fresh` holds at least
+            // `old.size()` bytes.
+            return Ok(unsafe { self.move_block(ptr, old, fresh, old.size()) });
         }
         // Admission for the growth only; `realloc` keeps the block's owner.
         let extra = (new.size() - old.size()) as u64;
@@ -147,34 +180,16 @@ unsafe impl Allocator for EngineAllocator {
         new: Layout,
     ) -> Result<NonNull<[u8]>, AllocError> {
         if new.size() == 0 || old.align() != new.align() {
-            // SAFETY: `ptr` is live for `old`; the new block is at least `new.size()` long.
-            unsafe {
-                let fresh = if new.size() == 0 {
-                    self.allocate(new)?
-                } else {
-                    let _guard = EngineGuard::enter(self.engine);
-                    let p = NonNull::new(std::alloc::alloc(new)).ok_or(AllocError)?;
-                    if !self.allocator_charges() {
-                        self.gov.charge(self.engine, new.size() as u64);
-                    }
-                    NonNull::slice_from_raw_parts(p, new.size())
-                };
-                std::ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.cast().as_ptr(), new.size());
-                self.deallocate(ptr, old);
-                return Ok(fresh);
-            }
+            let fresh = self.place(new)?;
+            // SAFETY: `ptr` is live for `old` (the caller's contract); `fresh` holds
+            // `new.size()` bytes, no more than `old.size()`.
+            return Ok(unsafe { self.move_block(ptr, old, fresh, new.size()) });
         }
         // SAFETY: `ptr` is live for `old` (the caller's contract); `new.size()` is non-zero,
         // not larger than `old.size()`, with the same alignment.
         let q = unsafe { std::alloc::realloc(ptr.as_ptr(), old, new.size()) };
         let q = NonNull::new(q).ok_or(AllocError)?;
-        if !self.allocator_charges() {
-            // What `allocate`/`grow` charged for the released part: cannot be refused.
-            let credited = self
-                .gov
-                .credit(self.engine, (old.size() - new.size()) as u64);
-            debug_assert!(credited.is_ok(), "{credited:?}");
-        }
+        self.uncharge((old.size() - new.size()) as u64);
         Ok(NonNull::slice_from_raw_parts(q, new.size()))
     }
 
@@ -185,10 +200,6 @@ unsafe impl Allocator for EngineAllocator {
         // SAFETY: `ptr` was allocated by `allocate` above, through the global allocator, with
         // this layout.
         unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
-        if !self.allocator_charges() {
-            // Exactly what `allocate` charged for this block: cannot be refused.
-            let credited = self.gov.credit(self.engine, layout.size() as u64);
-            debug_assert!(credited.is_ok(), "{credited:?}");
-        }
+        self.uncharge(layout.size() as u64);
     }
 }

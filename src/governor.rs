@@ -5,7 +5,7 @@ use std::fmt;
 use crossbeam_utils::CachePadded;
 
 use crate::EngineId;
-use crate::budget::{Budget, checked_sub, raise_max, to_i64, update_level};
+use crate::budget::{Budget, checked_sub, raise_max, take_headroom, to_i64, update_level};
 use crate::ceiling::CeilingSource;
 use crate::config::{Config, GovernorBuilder, RebalanceConfig};
 use crate::error::{MemError, Result};
@@ -105,22 +105,7 @@ impl GlobalLedger {
 
     fn take_headroom(&self, bytes: u64) -> std::result::Result<(), (i64, u64)> {
         let ext = self.allocator_bytes() + self.rss_excess.load(Ordering::Acquire);
-        let want = to_i64(bytes).saturating_add(to_i64(ext));
-        let mut h = self.headroom.load(Ordering::Acquire);
-        loop {
-            if h < want {
-                return Err((h, ext));
-            }
-            match self.headroom.compare_exchange_weak(
-                h,
-                h - to_i64(bytes),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(seen) => h = seen,
-            }
-        }
+        take_headroom(&self.headroom, bytes, ext)
     }
 
     fn raise(&self, bytes: u64) {
