@@ -271,9 +271,7 @@ impl ThreadState {
             ledger::credit(owner, bytes);
             return;
         }
-        if EXIT_FLUSH.try_with(|_| ()).is_err() {
-            // The exit flush has run already: this thread is tearing down.
-            self.detach();
+        if !self.exit_flush_registered() {
             ledger::credit(owner, bytes);
             return;
         }
@@ -300,14 +298,22 @@ impl ThreadState {
     /// exit flush is registered first (holding credit without it would strand it at exit).
     #[cold]
     fn refill(&self, owner: usize, missing: u64) {
-        if EXIT_FLUSH.try_with(|_| ()).is_err() {
-            // The exit flush has run already: this thread is tearing down.
-            self.detach();
+        if !self.exit_flush_registered() {
             ledger::charge(owner, missing);
             return;
         }
         ledger::charge(owner, missing + REFILL);
         self.credit.set(REFILL);
+    }
+
+    /// Registers the thread's exit flush (before the thread may hold credit or caches) and says
+    /// whether that worked; if it has already run, the thread is tearing down: detach it.
+    fn exit_flush_registered(&self) -> bool {
+        if EXIT_FLUSH.try_with(|_| ()).is_ok() {
+            return true;
+        }
+        self.detach();
+        false
     }
 
     /// Flushes, destroys the thread's explicit caches (returning their blocks to their
@@ -352,7 +358,7 @@ impl ThreadState {
             return jem::MALLOCX_TCACHE_NONE;
         };
         // The exit flush destroys the caches: it must be registered before one exists.
-        if self.is_detached() || EXIT_FLUSH.try_with(|_| ()).is_err() {
+        if self.is_detached() || !self.exit_flush_registered() {
             slot.set(TCACHE_FAILED);
             return jem::MALLOCX_TCACHE_NONE;
         }
