@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tikv_jemalloc_sys as jem;
 
 use crate::arena::{self, owner_of};
-use crate::ledger;
+use crate::ledger::{self, DIRECT_THRESHOLD};
 use crate::size_class::usable_size;
 use crate::thread::{THREAD, ThreadState};
 
@@ -95,7 +95,7 @@ impl ThreadState {
     #[inline(never)]
     unsafe fn slow_alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
         let engine = self.current();
-        if arena::is_over(engine)
+        if arena::wants_overflow(engine, usable)
             && let Some(overflow) = arena::overflow_arena(engine)
         {
             ACTIVE.store(true, Ordering::Relaxed);
@@ -178,10 +178,13 @@ impl ThreadState {
         self.on_free(owner, usable);
     }
 
+    /// Resizes a block. `old` is its size and alignment flags, `new_size`/`flags` the new
+    /// size and its alignment flags.
     #[inline(never)]
     unsafe fn realloc(
         &self,
         ptr: *mut u8,
+        old: (usize, c_int),
         new_size: usize,
         flags: c_int,
         old_usable: u64,
@@ -189,6 +192,44 @@ impl ThreadState {
     ) -> *mut u8 {
         self.count_detached();
         let owner = owner_of(ptr);
+        // A large block growing past its engine's limit moves to the engine's overflow region,
+        // as a new block of that size would go there.
+        if new_usable > old_usable
+            && new_usable >= DIRECT_THRESHOLD
+            && owner < arena::ARENA_ENGINES
+            && (arena::is_over(owner) || arena::would_cross(owner, new_usable - old_usable))
+            && let Some(overflow) = arena::overflow_arena(owner)
+        {
+            let cache = self.cache_flag(arena::OVERFLOW_SLOT + owner);
+            let f = flags | cache | jem::MALLOCX_ARENA(overflow as usize);
+            // SAFETY: new_size > 0 (GlobalAlloc contract); flags name the engine's overflow
+            // arena, this thread's cache for that overflow slot (or none), and an alignment.
+            let q = unsafe { jem::mallocx(new_size, f) }.cast::<u8>();
+            if !q.is_null() {
+                // SAFETY: `ptr` is live for `old.0` bytes (GlobalAlloc contract), `q` is a
+                // fresh block of `new_size > old_usable >= old.0` bytes: both ranges are
+                // valid and cannot overlap.
+                unsafe { std::ptr::copy_nonoverlapping(ptr, q, old.0) };
+                if owner == self.home() {
+                    // SAFETY: `ptr` is live with size `old.0` and alignment flags `old.1`.
+                    unsafe { jem::sdallocx(ptr.cast(), old.0, old.1) };
+                    self.on_free(owner, old_usable);
+                } else {
+                    // SAFETY: as above.
+                    unsafe { self.foreign_free(ptr, owner, old.0, old.1, old_usable) };
+                }
+                self.on_alloc(owner_of(q), new_usable);
+                return q;
+            }
+            match arena::overflow_policy() {
+                arena::OverflowPolicy::FailAllocation => {
+                    arena::count_refusal();
+                    // The old block stays valid, as a failed realloc requires.
+                    return std::ptr::null_mut();
+                }
+                arena::OverflowPolicy::FallBack => arena::count_breach(),
+            }
+        }
         // The new block keeps the owner: away from home, name the owner's arena explicitly.
         let flags = if owner == self.home() {
             flags
@@ -230,7 +271,10 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     // SAFETY: the pointer is to this thread's own state, alive for the thread's whole life and
     // only ever touched by this thread.
     let t = unsafe { &*t };
-    if t.current() != t.home() || arena::is_over(t.home()) {
+    if t.current() != t.home()
+        || arena::is_over(t.home())
+        || (usable >= DIRECT_THRESHOLD && arena::would_cross(t.home(), usable))
+    {
         // SAFETY: as above.
         return unsafe { t.slow_alloc(size, flags, usable, zero) };
     }
@@ -342,11 +386,12 @@ unsafe impl GlobalAlloc for GovernedAlloc {
             return std::ptr::null_mut();
         };
         let flags = align_flags(new_size, align);
+        let old = (layout.size(), align_flags(layout.size(), align));
         match thread_state() {
             // SAFETY: this thread's own state (as in `alloc_impl`); `ptr` is live for `layout`;
             // `new_size` is non-zero and, rounded to `align`, does not overflow (GlobalAlloc
             // contract).
-            Some(t) => unsafe { (*t).realloc(ptr, new_size, flags, old_usable, new_usable) },
+            Some(t) => unsafe { (*t).realloc(ptr, old, new_size, flags, old_usable, new_usable) },
             // SAFETY: as above.
             None => unsafe { detached_realloc(ptr, new_size, flags, old_usable, new_usable) },
         }

@@ -786,6 +786,28 @@ pub(crate) fn update_over(engine: usize, charged: u64) {
     }
 }
 
+/// Whether charging `bytes` more would take `engine` past its published limit. Only asked for
+/// large blocks (at least [`crate::DIRECT_THRESHOLD`]), before they are placed, so that one
+/// block cannot carry an engine far past its limit before the over flag is set; small blocks
+/// overshoot by at most a thread's batch.
+#[inline]
+pub(crate) fn would_cross(engine: usize, bytes: u64) -> bool {
+    match LIMIT.get(engine) {
+        Some(limit) => {
+            let limit = limit.load(Ordering::Relaxed);
+            limit != u64::MAX && crate::ledger::charged_at(engine).saturating_add(bytes) > limit
+        }
+        None => false,
+    }
+}
+
+/// Whether a new block of `usable` bytes for `engine` belongs in its overflow region: the
+/// engine is over its limit, or the block is large and would take it over.
+#[inline]
+pub(crate) fn wants_overflow(engine: usize, usable: u64) -> bool {
+    is_over(engine) || (usable >= crate::DIRECT_THRESHOLD && would_cross(engine, usable))
+}
+
 /// The overflow arena of engine `e`, when overflow is enabled.
 pub(crate) fn overflow_arena(e: usize) -> Option<c_uint> {
     if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {

@@ -105,6 +105,12 @@ pub fn charged(engine: EngineId) -> u64 {
     ledger(engine.index()).charged.load(Ordering::Acquire)
 }
 
+/// [`charged`] by slot index, for the allocator's limit checks.
+#[inline]
+pub(crate) fn charged_at(slot: usize) -> u64 {
+    ledger(slot).charged.load(Ordering::Relaxed)
+}
+
 /// Bytes of `engine`'s live blocks in its overflow region (plus pending credits of threads
 /// that have not flushed, as for [`charged`]). Zero for `Unattributed`, which never overflows.
 pub fn overflow_charged(engine: EngineId) -> u64 {

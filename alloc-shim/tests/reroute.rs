@@ -239,3 +239,50 @@ fn failing_growth_at_each_point_of_a_sequence_loses_no_byte() {
     assert_eq!(settled(e), (base, base_over));
     set_overflow_limit(e, None);
 }
+
+#[test]
+fn a_large_block_that_would_cross_the_limit_goes_to_overflow_at_once() {
+    let _s = setup();
+    let e = EngineId::Vector;
+    let (base, base_over) = settled(e);
+    // 3 MiB of room: a 2 MiB block fits, a second one would cross the limit.
+    set_overflow_limit(e, Some((base + 3 * MIB) as u64));
+    let (a, b) = {
+        let _g = EngineGuard::enter(e);
+        (vec![1u8; 2 * MIB], vec![2u8; 2 * MIB])
+    };
+    assert!(!is_overflow(a.as_ptr()));
+    assert!(is_overflow(b.as_ptr()), "the crossing block was placed in the arena");
+    let (now, over) = settled(e);
+    assert_eq!(now - base, 2 * MIB);
+    assert_eq!(over - base_over, 2 * MIB);
+    drop((a, b));
+    assert_eq!(settled(e), (base, base_over));
+    set_overflow_limit(e, None);
+}
+
+#[test]
+fn a_large_block_growing_past_the_limit_moves_to_overflow_with_its_data() {
+    let _s = setup();
+    let e = EngineId::Query;
+    let (base, base_over) = settled(e);
+    set_overflow_limit(e, Some((base + 4 * MIB + MIB / 2) as u64));
+    let mut v: Vec<u64> = {
+        let _g = EngineGuard::enter(e);
+        (0..(MIB / 8) as u64).collect() // 1 MiB, in the arena
+    };
+    assert!(!is_overflow(v.as_ptr().cast()));
+    // Growth to 4 MiB fits; to 5 MiB it would cross: the block moves, the data with it.
+    v.reserve_exact(3 * MIB / 8);
+    assert!(!is_overflow(v.as_ptr().cast()));
+    assert_eq!(settled(e).0 - base, 4 * MIB);
+    v.reserve_exact(4 * MIB / 8);
+    assert!(is_overflow(v.as_ptr().cast()), "grew in place past the limit");
+    assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));
+    let (now, over) = settled(e);
+    assert_eq!((now - base, over - base_over), (0, 5 * MIB));
+    // The thread freeing it is not the engine's: the credit still reaches overflow.
+    std::thread::spawn(move || drop(v)).join().unwrap();
+    assert_eq!(settled(e), (base, base_over));
+    set_overflow_limit(e, None);
+}
