@@ -95,6 +95,7 @@ impl ThreadState {
     #[inline(never)]
     unsafe fn slow_alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
         let engine = self.current();
+        let mut fell_back = false;
         if arena::wants_overflow(engine, usable)
             && let Some(overflow) = arena::overflow_arena(engine)
         {
@@ -106,33 +107,71 @@ impl ThreadState {
             // that overflow slot (or none), and an alignment.
             let p = unsafe { jem::mallocx(size, f) }.cast::<u8>();
             if !p.is_null() {
-                self.on_alloc(owner_of(p), usable);
-                return p;
+                // SAFETY: `p` was just allocated with `size` and alignment flags `flags`.
+                return unsafe { self.account(p, owner_of(p), size, flags, usable, zero, 0) };
             }
             match arena::overflow_policy() {
                 arena::OverflowPolicy::FailAllocation => {
                     arena::count_refusal();
                     return p;
                 }
-                arena::OverflowPolicy::FallBack => arena::count_breach(),
+                arena::OverflowPolicy::FallBack => {
+                    arena::count_breach();
+                    fell_back = true;
+                }
             }
         }
         if engine == self.home() {
             // SAFETY: as in `alloc_impl`.
             let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
-            if !p.is_null() {
-                self.on_alloc(owner_of(p), usable);
+            // SAFETY: `p` (unless null) was just allocated with `size` and alignment `flags`.
+            return unsafe { self.placed(p, size, flags, usable, zero, fell_back) };
+        }
+        // SAFETY: as in `alloc_impl`.
+        unsafe { self.visit_alloc(size, flags, usable, zero, fell_back) }
+    }
+
+    /// Charges a block just placed in an engine arena off the fast path. After overflow has
+    /// already failed to take it (`fell_back`, a breach counted), it is charged where it is
+    /// even past the limit; otherwise as [`ThreadState::account`] decides.
+    ///
+    /// # Safety
+    /// `p` is null, or as for [`ThreadState::account`] with `keep = 0`.
+    #[inline(always)]
+    unsafe fn placed(
+        &self,
+        p: *mut u8,
+        size: usize,
+        flags: c_int,
+        usable: u64,
+        zero: bool,
+        fell_back: bool,
+    ) -> *mut u8 {
+        if p.is_null() {
+            return p;
+        }
+        let owner = owner_of(p);
+        if fell_back {
+            if !self.on_alloc(owner, usable) {
+                ledger::charge(owner, usable);
             }
             return p;
         }
-        // SAFETY: as in `alloc_impl`.
-        unsafe { self.visit_alloc(size, flags, usable, zero) }
+        // SAFETY: the caller's contract.
+        unsafe { self.account(p, owner, size, flags, usable, zero, 0) }
     }
 
     /// An allocation for an engine other than home: that engine's arena (on this thread's
     /// node), through this thread's explicit cache for it.
     #[inline(never)]
-    unsafe fn visit_alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
+    unsafe fn visit_alloc(
+        &self,
+        size: usize,
+        flags: c_int,
+        usable: u64,
+        zero: bool,
+        fell_back: bool,
+    ) -> *mut u8 {
         self.count_detached();
         let engine = self.current();
         ACTIVE.store(true, Ordering::Relaxed);
@@ -155,10 +194,8 @@ impl ThreadState {
             }
         }
         .cast::<u8>();
-        if !p.is_null() {
-            self.on_alloc(owner_of(p), usable);
-        }
-        p
+        // SAFETY: `p` (unless null) was just allocated with `size` and alignment flags `flags`.
+        unsafe { self.placed(p, size, flags, usable, zero, fell_back) }
     }
 
     /// A free of a block owned by an engine other than home: into this thread's explicit cache
@@ -192,6 +229,7 @@ impl ThreadState {
     ) -> *mut u8 {
         self.count_detached();
         let owner = owner_of(ptr);
+        let mut fell_back = false;
         // A large block growing past its engine's limit moves to the engine's overflow region,
         // as a new block of that size would go there.
         if new_usable > old_usable
@@ -218,8 +256,11 @@ impl ThreadState {
                     // SAFETY: as above.
                     unsafe { self.foreign_free(ptr, owner, old.0, old.1, old_usable) };
                 }
-                self.on_alloc(owner_of(q), new_usable);
-                return q;
+                // SAFETY: `q` was just allocated with `new_size` and alignment flags `flags`,
+                // and holds `old.0` bytes of data.
+                return unsafe {
+                    self.account(q, owner_of(q), new_size, flags, new_usable, false, old.0)
+                };
             }
             match arena::overflow_policy() {
                 arena::OverflowPolicy::FailAllocation => {
@@ -227,10 +268,14 @@ impl ThreadState {
                     // The old block stays valid, as a failed realloc requires.
                     return std::ptr::null_mut();
                 }
-                arena::OverflowPolicy::FallBack => arena::count_breach(),
+                arena::OverflowPolicy::FallBack => {
+                    arena::count_breach();
+                    fell_back = true;
+                }
             }
         }
         // The new block keeps the owner: away from home, name the owner's arena explicitly.
+        let align = flags;
         let flags = if owner == self.home() {
             flags
         } else {
@@ -241,11 +286,119 @@ impl ThreadState {
         };
         // SAFETY: `ptr` is live and from this allocator; new_size > 0 (GlobalAlloc contract).
         let q = unsafe { jem::rallocx(ptr.cast(), new_size, flags) }.cast::<u8>();
-        if !q.is_null() {
-            self.on_free(owner, old_usable);
-            self.on_alloc(owner_of(q), new_usable);
+        if q.is_null() {
+            return q;
         }
-        q
+        self.on_free(owner, old_usable);
+        if fell_back {
+            // Overflow could not take it (a breach, counted): charged where it is.
+            if !self.on_alloc(owner_of(q), new_usable) {
+                ledger::charge(owner_of(q), new_usable);
+            }
+            return q;
+        }
+        // SAFETY: `q` is live with `new_size` bytes and alignment flags `align`, and holds
+        // `min(old, new)` bytes of data.
+        unsafe {
+            self.account(
+                q,
+                owner_of(q),
+                new_size,
+                align,
+                new_usable,
+                false,
+                old.0.min(new_size),
+            )
+        }
+    }
+
+    /// Charges a block just placed at `p` (`size` bytes asked, `usable` bytes, alignment flags
+    /// `flags`, owned by `owner`, its first `keep` bytes data) and returns where it lives: `p`,
+    /// or, when the owner's limit refuses the charge, a block in the owner's overflow region.
+    ///
+    /// # Safety
+    /// `p` is a live block of this allocator with exactly that size and alignment, not yet
+    /// charged, and `keep <= size`.
+    #[inline(always)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the block's whole description, on the hot path"
+    )]
+    unsafe fn account(
+        &self,
+        p: *mut u8,
+        owner: usize,
+        size: usize,
+        flags: c_int,
+        usable: u64,
+        zero: bool,
+        keep: usize,
+    ) -> *mut u8 {
+        if self.on_alloc(owner, usable) {
+            return p;
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.relocate(p, owner, size, flags, usable, zero, keep) }
+    }
+
+    /// The owner's limit refused a block just placed in its arena: move it to the owner's
+    /// overflow region (or, where overflow cannot take it, keep it and count a breach; under
+    /// `FailAllocation`, free it and fail, unless it already holds data).
+    ///
+    /// # Safety
+    /// As for [`ThreadState::account`].
+    #[cold]
+    #[inline(never)]
+    #[expect(clippy::too_many_arguments, reason = "as for `account`")]
+    unsafe fn relocate(
+        &self,
+        p: *mut u8,
+        owner: usize,
+        size: usize,
+        flags: c_int,
+        usable: u64,
+        zero: bool,
+        keep: usize,
+    ) -> *mut u8 {
+        // The block was never charged: give it back without crediting anything.
+        let release = |ptr: *mut u8| {
+            let cache = if owner == self.home() {
+                0
+            } else {
+                self.cache_flag(owner)
+            };
+            // SAFETY: `ptr` is live with `size` and alignment flags `flags`; the cache flag
+            // names this thread's cache for the owner (or none, or the default for home).
+            unsafe { jem::sdallocx(ptr.cast(), size, flags | cache) };
+        };
+        if owner < arena::ARENA_ENGINES
+            && let Some(overflow) = arena::overflow_arena(owner)
+        {
+            let z = if zero { jem::MALLOCX_ZERO } else { 0 };
+            let cache = self.cache_flag(arena::OVERFLOW_SLOT + owner);
+            let f = flags | z | cache | jem::MALLOCX_ARENA(overflow as usize);
+            // SAFETY: size > 0; flags name the owner's overflow arena, this thread's cache for
+            // it (or none), an alignment and maybe zeroing.
+            let q = unsafe { jem::mallocx(size, f) }.cast::<u8>();
+            if !q.is_null() {
+                // SAFETY: both blocks are live with at least `size >= keep` bytes and distinct.
+                unsafe { std::ptr::copy_nonoverlapping(p, q, keep) };
+                release(p);
+                // Overflow ledgers have no limit: this charge always succeeds.
+                if !self.on_alloc(owner_of(q), usable) {
+                    ledger::charge(owner_of(q), usable);
+                }
+                return q;
+            }
+            if keep == 0 && arena::overflow_policy() == arena::OverflowPolicy::FailAllocation {
+                arena::count_refusal();
+                release(p);
+                return std::ptr::null_mut();
+            }
+        }
+        arena::count_breach();
+        ledger::charge(owner, usable);
+        p
     }
 }
 
@@ -280,13 +433,14 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     }
     // SAFETY: as above.
     let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
-    if !p.is_null() {
-        // The fast path serves home's arena through a cache that only ever holds home's blocks
-        // (foreign frees bypass it, and moving home flushes it), so the owner is home: no
-        // address check needed here. Frees still judge by address.
-        t.on_alloc(t.home(), usable);
+    if p.is_null() {
+        return p;
     }
-    p
+    // The fast path serves home's arena through a cache that only ever holds home's blocks
+    // (foreign frees bypass it, and moving home flushes it), so the owner is home: no address
+    // check needed here. Frees still judge by address.
+    // SAFETY: `p` was just allocated with `size` and alignment flags `flags`.
+    unsafe { t.account(p, t.home(), size, flags, usable, zero, 0) }
 }
 
 // Without the thread's state (during its teardown, after our thread-local is destroyed): no

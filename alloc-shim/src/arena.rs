@@ -786,6 +786,15 @@ pub(crate) fn update_over(engine: usize, charged: u64) {
     }
 }
 
+/// The limit published for ledger slot `slot` (`u64::MAX`: none; overflow slots have none).
+#[inline]
+pub(crate) fn limit_of(slot: usize) -> u64 {
+    match LIMIT.get(slot) {
+        Some(limit) => limit.load(Ordering::Relaxed),
+        None => u64::MAX,
+    }
+}
+
 /// Whether charging `bytes` more would take `engine` past its published limit. Only asked for
 /// large blocks (at least [`crate::DIRECT_THRESHOLD`]), before they are placed, so that one
 /// block cannot carry an engine far past its limit before the over flag is set; small blocks

@@ -75,6 +75,43 @@ pub(crate) fn charge(engine: usize, bytes: u64) {
         .charged
         .fetch_add(bytes, Ordering::AcqRel)
         .wrapping_add(bytes);
+    charged_to(l, engine, now);
+}
+
+/// Charges `bytes` unless that would take `engine`'s ledger past `limit`, and says whether it
+/// did. The check and the charge are one compare-and-swap, so concurrent charges cannot
+/// together pass the limit: a ledger charged only through here never exceeds it.
+#[inline]
+pub(crate) fn try_charge(engine: usize, bytes: u64, limit: u64) -> bool {
+    if limit == u64::MAX {
+        charge(engine, bytes);
+        return true;
+    }
+    let l = ledger(engine);
+    let mut cur = l.charged.load(Ordering::Relaxed);
+    loop {
+        let Some(now) = cur.checked_add(bytes).filter(|&n| n <= limit) else {
+            if engine < ARENA_ENGINES {
+                update_over(engine, limit);
+            }
+            return false;
+        };
+        match l
+            .charged
+            .compare_exchange_weak(cur, now, Ordering::AcqRel, Ordering::Relaxed)
+        {
+            Ok(_) => {
+                charged_to(l, engine, now);
+                return true;
+            }
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// After a charge brought `l` to `now`: the peaks and the over-limit flag.
+#[inline(always)]
+fn charged_to(l: &EngineLedger, engine: usize, now: u64) {
     if l.peak.load(Ordering::Relaxed) < now {
         l.peak.fetch_max(now, Ordering::AcqRel);
     }

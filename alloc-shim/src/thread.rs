@@ -230,24 +230,30 @@ impl ThreadState {
     }
 
     /// Charges `bytes` of an allocation owned by `owner`: from the prepaid credit when the
-    /// block is home's and small, else at once.
+    /// block is home's and small, else at once. Returns false, charging nothing, when the
+    /// charge would take the owner past the limit published for it (see
+    /// [`crate::set_overflow_limit`]): the caller then moves the block to overflow.
     #[inline(always)]
-    pub(crate) fn on_alloc(&self, owner: usize, bytes: u64) {
+    #[must_use]
+    pub(crate) fn on_alloc(&self, owner: usize, bytes: u64) -> bool {
         let c = self.credit.get();
         if owner == self.home() && c >= bytes {
-            // `c >= bytes` implies `bytes <= HOME_MAX < DIRECT_THRESHOLD`.
+            // `c >= bytes` implies `bytes <= HOME_MAX < DIRECT_THRESHOLD`. The credit was
+            // charged (within the limit) when it was bought.
             self.credit.set(c - bytes);
+            true
         } else {
-            self.on_alloc_slow(owner, bytes);
+            self.on_alloc_slow(owner, bytes)
         }
     }
 
     #[inline(never)]
-    fn on_alloc_slow(&self, owner: usize, bytes: u64) {
+    fn on_alloc_slow(&self, owner: usize, bytes: u64) -> bool {
+        let limit = crate::arena::limit_of(owner);
         if owner != self.home() || bytes >= DIRECT_THRESHOLD {
-            ledger::charge(owner, bytes);
+            ledger::try_charge(owner, bytes, limit)
         } else {
-            self.refill(owner, bytes - self.credit.get());
+            self.refill(owner, bytes - self.credit.get(), limit)
         }
     }
 
@@ -296,14 +302,21 @@ impl ThreadState {
 
     /// Charges `missing` bytes plus a fresh [`REFILL`] of credit, making sure the thread's
     /// exit flush is registered first (holding credit without it would strand it at exit).
+    /// Near the limit it buys no spare credit; past it, nothing (returns false).
     #[cold]
-    fn refill(&self, owner: usize, missing: u64) {
+    fn refill(&self, owner: usize, missing: u64, limit: u64) -> bool {
         if !self.exit_flush_registered() {
-            ledger::charge(owner, missing);
-            return;
+            return ledger::try_charge(owner, missing, limit);
         }
-        ledger::charge(owner, missing + REFILL);
-        self.credit.set(REFILL);
+        if ledger::try_charge(owner, missing + REFILL, limit) {
+            self.credit.set(REFILL);
+            return true;
+        }
+        if ledger::try_charge(owner, missing, limit) {
+            self.credit.set(0);
+            return true;
+        }
+        false
     }
 
     /// Registers the thread's exit flush (before the thread may hold credit or caches) and says

@@ -252,7 +252,10 @@ fn a_large_block_that_would_cross_the_limit_goes_to_overflow_at_once() {
         (vec![1u8; 2 * MIB], vec![2u8; 2 * MIB])
     };
     assert!(!is_overflow(a.as_ptr()));
-    assert!(is_overflow(b.as_ptr()), "the crossing block was placed in the arena");
+    assert!(
+        is_overflow(b.as_ptr()),
+        "the crossing block was placed in the arena"
+    );
     let (now, over) = settled(e);
     assert_eq!(now - base, 2 * MIB);
     assert_eq!(over - base_over, 2 * MIB);
@@ -277,12 +280,63 @@ fn a_large_block_growing_past_the_limit_moves_to_overflow_with_its_data() {
     assert!(!is_overflow(v.as_ptr().cast()));
     assert_eq!(settled(e).0 - base, 4 * MIB);
     v.reserve_exact(4 * MIB / 8);
-    assert!(is_overflow(v.as_ptr().cast()), "grew in place past the limit");
+    assert!(
+        is_overflow(v.as_ptr().cast()),
+        "grew in place past the limit"
+    );
     assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));
     let (now, over) = settled(e);
     assert_eq!((now - base, over - base_over), (0, 5 * MIB));
     // The thread freeing it is not the engine's: the credit still reaches overflow.
     std::thread::spawn(move || drop(v)).join().unwrap();
+    assert_eq!(settled(e), (base, base_over));
+    set_overflow_limit(e, None);
+}
+
+#[test]
+fn concurrent_small_allocations_never_take_the_ledger_past_the_limit() {
+    let _s = setup();
+    let e = EngineId::Crdt;
+    let (base, base_over) = settled(e);
+    let limit = base + MIB;
+    set_overflow_limit(e, Some(limit as u64));
+    // Four threads, 2 MiB each of 1000 B blocks (1 KiB size class): most of it cannot fit.
+    let blocks: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut kept = Vec::with_capacity(2048);
+                    let _g = EngineGuard::enter(e);
+                    for i in 0..2048 {
+                        kept.push(vec![(t * 7 + i) as u8; 1000]);
+                    }
+                    flush_thread();
+                    kept
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Prepaid credit included, the engine's ledger never passed its limit.
+    assert!(
+        nodedb_mem_alloc::charged_peak(e) <= limit as u64,
+        "peak {} over the limit {limit}",
+        nodedb_mem_alloc::charged_peak(e)
+    );
+    let all = || blocks.iter().flatten();
+    let in_overflow = all().filter(|b| is_overflow(b.as_ptr())).count();
+    let in_arena = all().count() - in_overflow;
+    assert!(in_overflow > 4 * 1024, "{in_overflow} blocks in overflow");
+    assert_eq!(
+        settled(e),
+        (base + in_arena * 1024, base_over + in_overflow * 1024)
+    );
+    assert!(blocks.iter().enumerate().all(|(t, v)| {
+        v.iter()
+            .enumerate()
+            .all(|(i, b)| b[999] == (t * 7 + i) as u8)
+    }));
+    drop(blocks);
     assert_eq!(settled(e), (base, base_over));
     set_overflow_limit(e, None);
 }
