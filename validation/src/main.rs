@@ -1,0 +1,563 @@
+//! The mixed workload: vector search (HNSW), timeseries ingest (Gorilla segments) and a SQL
+//! `GROUP BY` (DataFusion) run at once in one process under one `nodedb-mem` governor, and a
+//! verdict on whether every engine stayed within its budget and the process's peak resident
+//! memory within the ceiling. `--no-governor` runs the same workload on plain jemalloc.
+//!
+//! ```text
+//! cargo run --release -p nodedb-mem-validation              # 1 GiB ceiling, 30 s
+//! cargo run --release -p nodedb-mem-validation -- --help
+//! ```
+
+mod alloc;
+mod gorilla;
+mod metrics_http;
+mod monitor;
+mod query;
+mod report;
+mod stats;
+mod timeseries;
+mod vector;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use nodedb_mem::{ByteSize, EngineId, MemoryGovernor, OverflowConfig, Size};
+use serde_json::json;
+
+use crate::monitor::{Display, ENGINES, Sampler};
+use crate::report::{Check, EngineReport, Report};
+use crate::stats::EngineStats;
+
+#[global_allocator]
+static ALLOC: alloc::SwitchAlloc = alloc::SwitchAlloc::new();
+
+/// Parses a size such as `1GiB`, `512MiB` or `1073741824`.
+fn bytes(s: &str) -> Result<u64, String> {
+    match Size::parse(s) {
+        Ok(Size::Bytes(b)) => Ok(b),
+        Ok(_) => Err("give a size in bytes (e.g. 256MiB), not a fraction".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err("must be a finite number above zero".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn sample_ms(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(v @ 1..=50) => Ok(v),
+        Ok(_) => Err("must be between 1 and 50 milliseconds".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs vector search, timeseries ingest and a SQL GROUP BY at once under one memory governor
+/// and checks that every engine stays within its budget and the process within the ceiling.
+#[derive(Debug, Parser)]
+#[command(name = "nodedb-mem-validation", version)]
+struct Args {
+    /// The process's global memory ceiling [default: 1GiB; 512MiB with --short].
+    #[arg(long, value_parser = bytes)]
+    ceiling: Option<u64>,
+    /// The Vector engine's budget [default: 160MiB; 48MiB with --short].
+    #[arg(long, value_parser = bytes)]
+    vector_budget: Option<u64>,
+    /// The Timeseries engine's budget [default: 128MiB; 16MiB with --short].
+    #[arg(long, value_parser = bytes)]
+    timeseries_budget: Option<u64>,
+    /// The Query engine's budget [default: 256MiB; 24MiB with --short].
+    #[arg(long, value_parser = bytes)]
+    query_budget: Option<u64>,
+    /// Seconds the engines work for [default: 30; 6 with --short].
+    #[arg(long, value_parser = positive)]
+    duration: Option<f64>,
+    /// Size of the data: 1.0 is 150,000 vectors, 16 million GROUP BY rows over 8 million
+    /// groups [default: 1.0; 0.04 with --short].
+    #[arg(long, value_parser = positive)]
+    scale: Option<f64>,
+    /// The timeseries table's fixed flush size, governor or not.
+    #[arg(long, value_parser = bytes, default_value = "512MiB")]
+    memtable: u64,
+    /// Directory for report.json, timeline.csv, timeline.svg and the engines' files.
+    #[arg(long, default_value = "validation-out")]
+    out: PathBuf,
+    /// Serve the governor's Prometheus metrics on this loopback address while running.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Run the same workload on plain jemalloc with no governor and no budgets.
+    #[arg(long)]
+    no_governor: bool,
+    /// A small, quick run (what CI runs); other flags still override its settings.
+    #[arg(long)]
+    short: bool,
+    /// Whether the verdict requires the engines to have spilled (set false for a ceiling so
+    /// large that nothing needs to).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    expect_spill: bool,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Milliseconds between timeline samples.
+    #[arg(long, value_parser = sample_ms, default_value = "25")]
+    sample_ms: u64,
+}
+
+/// The settings after applying `--short` and the defaults.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Settings {
+    ceiling: u64,
+    budgets: [u64; 3],
+    duration_s: f64,
+    scale: f64,
+    memtable_bytes: u64,
+    vectors: usize,
+    query_rows: u64,
+    query_groups: u64,
+    series: usize,
+    seed: u64,
+    short: bool,
+    expect_spill: bool,
+}
+
+impl Settings {
+    fn from(a: &Args) -> Settings {
+        let pick = |v: Option<u64>, normal: u64, short: u64| {
+            v.unwrap_or(if a.short { short } else { normal })
+        };
+        let scale = a.scale.unwrap_or(if a.short { 0.04 } else { 1.0 });
+        let rows = ((16_000_000.0 * scale) as u64).max(1000);
+        Settings {
+            ceiling: pick(a.ceiling, 1 << 30, 512 << 20),
+            budgets: [
+                pick(a.vector_budget, 160 << 20, 48 << 20),
+                pick(a.timeseries_budget, 128 << 20, 16 << 20),
+                pick(a.query_budget, 256 << 20, 24 << 20),
+            ],
+            duration_s: a.duration.unwrap_or(if a.short { 6.0 } else { 30.0 }),
+            scale,
+            memtable_bytes: a.memtable,
+            vectors: ((150_000.0 * scale) as usize).max(500),
+            query_rows: rows,
+            query_groups: rows / 2,
+            series: 1000,
+            seed: a.seed,
+            short: a.short,
+            expect_spill: a.expect_spill,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.no_governor != alloc::is_plain() {
+        if alloc::is_plain() {
+            eprintln!(
+                "error: {} is set in the environment but --no-governor is not given; unset it",
+                alloc::PLAIN_ENV.to_string_lossy()
+            );
+            return ExitCode::from(2);
+        }
+        // Plain jemalloc must serve the process from its first allocation: run again with it.
+        return reexec_plain();
+    }
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn reexec_plain() -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: finding this program to run it on plain jemalloc: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let status = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(alloc::PLAIN_ENV.to_string_lossy().as_ref(), "1")
+        .status();
+    match status {
+        Ok(s) => match s.code() {
+            Some(0) => ExitCode::SUCCESS,
+            Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+            None => {
+                eprintln!("error: the plain-jemalloc run ended by a signal: {s}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("error: running {}: {e}", exe.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn joined<T>(h: std::thread::JoinHandle<Result<T, String>>, name: &str) -> Result<T, String> {
+    h.join()
+        .map_err(|_| format!("the {name} engine panicked"))
+        .and_then(|r| r.map_err(|e| format!("the {name} engine failed: {e}")))
+}
+
+fn fresh_dir(p: &Path) -> Result<(), String> {
+    if p.exists() {
+        std::fs::remove_dir_all(p).map_err(|e| format!("clearing {}: {e}", p.display()))?;
+    }
+    std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()))
+}
+
+fn run(args: &Args) -> Result<bool, String> {
+    let s = Settings::from(args);
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("creating {}: {e}", args.out.display()))?;
+    let (spill_dir, overflow_dir) = (args.out.join("spill"), args.out.join("overflow"));
+    fresh_dir(&spill_dir)?;
+    fresh_dir(&overflow_dir)?;
+
+    let gov: Option<&'static MemoryGovernor> = if args.no_governor {
+        if args.metrics_addr.is_some() {
+            return Err("--metrics-addr needs the governor (it serves the governor's metrics); drop --no-governor or --metrics-addr".into());
+        }
+        None
+    } else {
+        let g = MemoryGovernor::builder()
+            .global_ceiling(s.ceiling)
+            .budget(EngineId::Vector, s.budgets[0])
+            .budget(EngineId::Timeseries, s.budgets[1])
+            .budget(EngineId::Query, s.budgets[2])
+            .overflow(OverflowConfig::in_dir(&overflow_dir))
+            .install()
+            .map_err(|e| format!("configuring the governor: {e}"))?;
+        Some(g)
+    };
+
+    println!(
+        "nodedb-mem mixed workload: vector search + timeseries ingest + SQL GROUP BY for {} s",
+        s.duration_s
+    );
+    match gov {
+        Some(g) => println!(
+            "  governor on: ceiling {}; budgets vector {}, timeseries {}, query {}",
+            ByteSize(g.ceiling()),
+            ByteSize(s.budgets[0]),
+            ByteSize(s.budgets[1]),
+            ByteSize(s.budgets[2])
+        ),
+        None => println!(
+            "  governor OFF (--no-governor): plain jemalloc, no budgets; the ceiling of {} is only measured against",
+            ByteSize(s.ceiling)
+        ),
+    }
+    println!(
+        "  {} vectors of {} dimensions; {} rows in {} groups; {} series, table flushed at {}",
+        s.vectors,
+        vector::DIM,
+        s.query_rows,
+        s.query_groups,
+        s.series,
+        ByteSize(s.memtable_bytes)
+    );
+    if let (Some(g), Some(addr)) = (gov, args.metrics_addr) {
+        let bound = metrics_http::serve(addr, g)?;
+        println!("  metrics: curl http://{bound}/metrics");
+    }
+    println!("  output: {}\n", args.out.display());
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(s.duration_s);
+    let stats: [Arc<EngineStats>; 3] = Default::default();
+    let sampler = Sampler::spawn(gov, Duration::from_millis(args.sample_ms), started)
+        .map_err(|e| format!("starting the sampler: {e}"))?;
+
+    let vcfg = vector::VecConfig {
+        vectors: s.vectors,
+        recall_queries: if s.short { 20 } else { 100 },
+        seed: s.seed,
+        deadline,
+        max_queries: u64::MAX,
+    };
+    let tcfg = timeseries::TsConfig {
+        series: s.series,
+        points: u64::MAX,
+        memtable_bytes: s.memtable_bytes,
+        segments: args.out.join("segments.gorilla"),
+        seed: s.seed,
+        deadline,
+    };
+    let qcfg = query::QueryConfig {
+        rows: s.query_rows,
+        groups: s.query_groups,
+        partitions: 2,
+        spill_dir: spill_dir.clone(),
+        deadline,
+        max_queries: u64::MAX,
+    };
+    let spawn = |name: &str| std::thread::Builder::new().name(name.to_owned());
+    let err = |e: std::io::Error| format!("starting an engine thread: {e}");
+    let st = stats.clone();
+    let v = spawn("vector")
+        .spawn(move || vector::run(&vcfg, gov, &st[0]))
+        .map_err(err)?;
+    let st = stats.clone();
+    let t = spawn("timeseries")
+        .spawn(move || timeseries::run(&tcfg, gov, &st[1]))
+        .map_err(err)?;
+    let st = stats.clone();
+    let q = spawn("query")
+        .spawn(move || query::run(&qcfg, gov, &st[2]))
+        .map_err(err)?;
+
+    let mut display = Display::new(["ops", "points", "rows"]);
+    while !stats.iter().all(|s| s.is_done()) {
+        std::thread::sleep(Duration::from_millis(if display.is_terminal() {
+            250
+        } else {
+            500
+        }));
+        display.show(started.elapsed(), s.ceiling, sampler.latest(), gov, &stats);
+    }
+    let (vo, to, qo) = (
+        joined(v, "vector"),
+        joined(t, "timeseries"),
+        joined(q, "query"),
+    );
+    let elapsed = started.elapsed();
+    let samples = sampler.finish();
+    let (vo, to, qo) = (vo?, to?, qo?);
+    let _ = std::fs::remove_file(args.out.join("segments.gorilla"));
+    let hwm = monitor::vm_hwm()?;
+
+    let rep = build_report(&s, gov, &samples, hwm, elapsed, &vo, &to, &qo, &stats, args);
+    let json = serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?;
+    let write = |name: &str, r: std::io::Result<()>| r.map_err(|e| format!("writing {name}: {e}"));
+    write(
+        "report.json",
+        std::fs::write(args.out.join("report.json"), json),
+    )?;
+    write(
+        "timeline.csv",
+        report::write_csv(&args.out.join("timeline.csv"), &samples),
+    )?;
+    report::write_svg(
+        &args.out.join("timeline.svg"),
+        &samples,
+        s.ceiling,
+        gov.map(|_| s.budgets),
+        &format!(
+            "nodedb-mem mixed workload, governor {}: resident memory and engine usage",
+            if gov.is_some() { "on" } else { "off" }
+        ),
+    )?;
+    print!("{}", rep.table());
+    println!(
+        "  report: {}, timeline: {} and {}",
+        args.out.join("report.json").display(),
+        args.out.join("timeline.csv").display(),
+        args.out.join("timeline.svg").display()
+    );
+    Ok(rep.passed())
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site: every figure of the run"
+)]
+fn build_report(
+    s: &Settings,
+    gov: Option<&MemoryGovernor>,
+    samples: &[monitor::Sample],
+    hwm: u64,
+    elapsed: Duration,
+    vo: &vector::VecOutcome,
+    to: &timeseries::TsOutcome,
+    qo: &query::QueryOutcome,
+    stats: &[Arc<EngineStats>; 3],
+    args: &Args,
+) -> Report {
+    let secs = |d: Duration| d.as_secs_f64().max(1e-9);
+    let overflow_peak = |i: usize| samples.iter().map(|x| x.overflow[i]).max().unwrap_or(0);
+    let peak_sampled = samples.iter().map(|x| x.rss).max().unwrap_or(0);
+    let engine = |i: usize, throughput: f64, unit: &'static str, details: serde_json::Value| {
+        let e = ENGINES[i];
+        EngineReport {
+            name: e.name(),
+            budget_bytes: gov.map(|_| s.budgets[i]),
+            peak_bytes: gov.map(|g| g.budget(e).peak()),
+            overflow_peak_bytes: gov.map(|_| overflow_peak(i)),
+            spills: stats[i].spills(),
+            rejections: stats[i].rejections(),
+            throughput,
+            throughput_unit: unit,
+            details,
+        }
+    };
+    let engines = vec![
+        engine(
+            0,
+            vo.queries as f64 / secs(vo.query_time),
+            "queries/s",
+            json!({
+                "vectors_inserted": vo.inserted,
+                "vectors_requested": s.vectors,
+                "inserts_per_second": vo.inserted as f64 / secs(vo.build_time),
+                "build_seconds": secs(vo.build_time),
+                "queries": vo.queries,
+                "recall_at_10": vo.recall,
+                "stopped_by_budget": vo.stopped_by_budget,
+                "admission_bytes_per_vector": vo.bytes_per_vector,
+            }),
+        ),
+        engine(
+            1,
+            to.points as f64 / secs(to.elapsed),
+            "points/s",
+            json!({
+                "points": to.points,
+                "pressure_flushes": to.pressure_flushes,
+                "size_flushes": to.size_flushes,
+                "flush_seconds": secs(to.flush_time),
+                "raw_bytes": to.raw_bytes,
+                "compressed_bytes": to.compressed_bytes,
+                "bytes_per_point": to.compressed_bytes as f64 / to.points.max(1) as f64,
+                "segments_checked": to.segments_checked,
+                "segments_corrupt": to.segments_corrupt,
+            }),
+        ),
+        engine(
+            2,
+            qo.rows as f64 / secs(qo.elapsed),
+            "rows/s",
+            json!({
+                "queries": qo.queries,
+                "rows": qo.rows,
+                "groups": s.query_groups,
+                "spill_files": qo.spills,
+                "spilled_bytes": qo.spilled_bytes,
+                "pool_refusals": qo.refusals,
+                "wrong_results": qo.wrong_results,
+                "first_error": qo.first_error,
+                "sql": query::SQL,
+            }),
+        ),
+    ];
+
+    let mut checks = Vec::new();
+    if let Some(g) = gov {
+        for e in &engines {
+            let (peak, budget) = (e.peak_bytes.unwrap_or(0), e.budget_bytes.unwrap_or(0));
+            checks.push(Check::new(
+                format!("{} within its budget", e.name),
+                peak <= budget,
+                format!("peak {} of {}", ByteSize(peak), ByteSize(budget)),
+            ));
+        }
+        if s.expect_spill {
+            checks.push(Check::new(
+                "DataFusion spilled when the governor said no",
+                qo.spills > 0 && qo.refusals > 0,
+                format!(
+                    "{} spill files, {} written, {} refusals",
+                    qo.spills,
+                    ByteSize(qo.spilled_bytes),
+                    qo.refusals
+                ),
+            ));
+            checks.push(Check::new(
+                "timeseries flushed on the spill controller's word",
+                to.pressure_flushes > 0,
+                format!("{} pressure flushes", to.pressure_flushes),
+            ));
+        }
+        let _ = g;
+    }
+    checks.push(Check::new(
+        "peak RSS (VmHWM) under the ceiling",
+        hwm <= s.ceiling,
+        format!(
+            "{} of {} ({:.1} %)",
+            ByteSize(hwm),
+            ByteSize(s.ceiling),
+            hwm as f64 * 100.0 / s.ceiling as f64
+        ),
+    ));
+    checks.push(Check::new(
+        "GROUP BY answers exact",
+        qo.wrong_results == 0,
+        match &qo.first_error {
+            None => format!("{} of {} queries checked", qo.queries, qo.queries),
+            Some(e) => e.clone(),
+        },
+    ));
+    checks.push(Check::new(
+        "timeseries segments decode to their points",
+        to.segments_corrupt == 0 && to.segments_checked > 0,
+        format!(
+            "{} segments checked, {} corrupt",
+            to.segments_checked, to.segments_corrupt
+        ),
+    ));
+    checks.push(Check::new(
+        "vector recall@10 at least 0.80",
+        vo.recall >= 0.80,
+        format!("{:.3} over {} vectors", vo.recall, vo.inserted),
+    ));
+
+    let passed = checks.iter().all(|c| c.passed);
+    let governor_figures = match gov {
+        Some(g) => {
+            let snap = g.snapshot();
+            json!({
+                "global_peak_bytes": snap.global_peak,
+                "overflow_breaches": snap.overflow.breaches,
+                "overflow_refused": snap.overflow.refused,
+                "overflow_extent_failures": snap.overflow.extent_failures,
+                "last_resident_bytes": snap.resident.resident,
+                "allocator_resident_bytes": snap.resident.allocator_resident,
+                "resident_unaccounted_bytes": snap.resident_unaccounted,
+                "events_recorded": snap.events_recorded,
+            })
+        }
+        None => serde_json::Value::Null,
+    };
+    let note = match (gov.is_some(), hwm > s.ceiling) {
+        (false, true) => format!(
+            "without the governor the process peaked {} over the ceiling",
+            ByteSize(hwm - s.ceiling)
+        ),
+        (false, false) => "without the governor the process still stayed under the ceiling: raise --scale or lower --ceiling to show what the governor prevents".to_owned(),
+        (true, _) => String::new(),
+    };
+    Report {
+        verdict: if passed { "pass" } else { "fail" },
+        governor: gov.is_some(),
+        allocator: if gov.is_some() {
+            "GovernedAlloc (per-engine jemalloc arenas)"
+        } else {
+            "jemalloc (tikv-jemallocator), no governor"
+        },
+        ceiling_bytes: s.ceiling,
+        peak_rss_bytes: hwm,
+        peak_sampled_rss_bytes: peak_sampled,
+        duration_seconds: elapsed.as_secs_f64(),
+        sample_interval_ms: args.sample_ms,
+        settings: serde_json::to_value(s).unwrap_or_default(),
+        engines,
+        checks,
+        governor_figures,
+        note,
+    }
+}

@@ -1,0 +1,191 @@
+//! The vector engine: an HNSW index (the `hnsw_rs` crate) over generated, clustered vectors,
+//! built under an admission check against the Vector budget, then queried until the deadline;
+//! recall@10 is measured against brute force on a sample of queries.
+
+use std::time::{Duration, Instant};
+
+use hnsw_rs::anndists::dist::DistL2;
+use hnsw_rs::hnsw::Hnsw;
+use nodedb_mem::{EngineGuard, EngineId, MemoryGovernor};
+
+use crate::stats::{EngineStats, Rng};
+
+/// Vector dimension.
+pub(crate) const DIM: usize = 48;
+/// Neighbours returned per query.
+const K: usize = 10;
+/// Vectors inserted between two admission checks.
+const BATCH: usize = 512;
+
+/// What the engine is asked to do.
+#[derive(Debug, Clone)]
+pub(crate) struct VecConfig {
+    /// Vectors to insert (fewer if the budget refuses more).
+    pub(crate) vectors: usize,
+    /// Queries whose recall is measured against brute force.
+    pub(crate) recall_queries: usize,
+    pub(crate) seed: u64,
+    /// The build stops, and queries run until, this instant.
+    pub(crate) deadline: Instant,
+    /// At most this many timed queries.
+    pub(crate) max_queries: u64,
+}
+
+/// What the engine did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct VecOutcome {
+    pub(crate) inserted: usize,
+    pub(crate) build_time: Duration,
+    pub(crate) queries: u64,
+    pub(crate) query_time: Duration,
+    /// Mean recall@10 over the sampled queries.
+    pub(crate) recall: f64,
+    /// Whether the budget stopped the build before every vector was in.
+    pub(crate) stopped_by_budget: bool,
+    /// Bytes the index took per vector, as the governor saw them after the first batch.
+    pub(crate) bytes_per_vector: u64,
+}
+
+/// Generates vector `i`: one of 64 cluster centres plus noise, the same for the same seed.
+fn vector(seed: u64, i: usize, out: &mut [f32]) {
+    let mut centre = Rng::new(seed ^ 0xC1A5_7E45 ^ (i as u64 % 64).wrapping_mul(0x9E37));
+    let mut noise = Rng::new(
+        seed.wrapping_add(i as u64)
+            .wrapping_mul(0x2545_F491_4F6C_DD1D),
+    );
+    for x in out.iter_mut() {
+        *x = centre.next_f32() * 10.0 + noise.next_f32();
+    }
+}
+
+fn l2(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// Runs the engine on the calling thread, under the Vector guard.
+pub(crate) fn run(
+    cfg: &VecConfig,
+    gov: Option<&MemoryGovernor>,
+    stats: &EngineStats,
+) -> Result<VecOutcome, String> {
+    let _guard = EngineGuard::enter(EngineId::Vector);
+    let mut o = VecOutcome::default();
+    let index: Hnsw<'_, f32, DistL2> = Hnsw::new(16, cfg.vectors.max(1), 16, 64, DistL2 {});
+    // The vectors are kept for the brute-force recall check (and count against the budget).
+    let mut data: Vec<f32> = Vec::new();
+    let mut v = [0f32; DIM];
+    let started = Instant::now();
+    let mut per_vector = 0u64;
+    while o.inserted < cfg.vectors && Instant::now() < cfg.deadline {
+        let n = BATCH.min(cfg.vectors - o.inserted);
+        if let (Some(g), true) = (gov, per_vector > 0) {
+            // Admission for the next batch at the size the first batch really took: the index
+            // stops growing (and keeps serving queries) rather than pushing the engine into
+            // overflow.
+            if g.reserve(EngineId::Vector, per_vector * n as u64).is_err() {
+                stats
+                    .rejections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                o.stopped_by_budget = true;
+                break;
+            }
+        }
+        let before = gov.map_or(0, |g| g.usage(EngineId::Vector));
+        for i in o.inserted..o.inserted + n {
+            vector(cfg.seed, i, &mut v);
+            data.extend_from_slice(&v);
+            index.insert((&v, i));
+        }
+        if let (Some(g), 0) = (gov, per_vector) {
+            nodedb_mem::flush_thread();
+            per_vector = g.usage(EngineId::Vector).saturating_sub(before) / n as u64;
+            // Doubling of `data` and the graph's growth make later batches dearer than the
+            // first: leave a margin.
+            per_vector += per_vector / 2;
+            o.bytes_per_vector = per_vector;
+        }
+        o.inserted += n;
+        stats.add_ops(n as u64);
+    }
+    o.build_time = started.elapsed();
+    if o.inserted == 0 {
+        stats.finish();
+        return Err("the vector engine inserted nothing".into());
+    }
+
+    // Queries: perturbed copies of indexed vectors, until the deadline.
+    let mut rng = Rng::new(cfg.seed ^ 0x5EA7C4);
+    let mut q = [0f32; DIM];
+    let make_query = |rng: &mut Rng, q: &mut [f32; DIM]| {
+        let i = (rng.next_u64() % o.inserted as u64) as usize;
+        q.copy_from_slice(&data[i * DIM..(i + 1) * DIM]);
+        for x in q.iter_mut() {
+            *x += rng.next_f32() * 0.2 - 0.1;
+        }
+    };
+    let q_started = Instant::now();
+    loop {
+        make_query(&mut rng, &mut q);
+        let found = index.search(&q, K, 64);
+        std::hint::black_box(found);
+        o.queries += 1;
+        stats.add_ops(1);
+        if o.queries >= cfg.max_queries || Instant::now() >= cfg.deadline {
+            break;
+        }
+    }
+    o.query_time = q_started.elapsed();
+
+    // Recall@10 against brute force.
+    let mut hits = 0usize;
+    let sample = cfg.recall_queries.max(1);
+    for _ in 0..sample {
+        make_query(&mut rng, &mut q);
+        let found: Vec<usize> = index.search(&q, K, 64).iter().map(|n| n.d_id).collect();
+        let mut exact: Vec<(f32, usize)> = (0..o.inserted)
+            .map(|i| (l2(&q, &data[i * DIM..(i + 1) * DIM]), i))
+            .collect();
+        let k = K.min(exact.len());
+        exact.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
+        hits += exact[..k].iter().filter(|(_, i)| found.contains(i)).count();
+    }
+    o.recall = hits as f64 / (sample * K.min(o.inserted)) as f64;
+    drop(index);
+    drop(data);
+    stats.finish();
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_are_deterministic_and_distinct() {
+        let (mut a, mut b, mut c) = ([0f32; DIM], [0f32; DIM], [0f32; DIM]);
+        vector(7, 3, &mut a);
+        vector(7, 3, &mut b);
+        vector(7, 4, &mut c);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a.iter().all(|x| (0.0..11.0).contains(x)));
+    }
+
+    #[test]
+    fn a_small_index_finds_its_own_neighbours() {
+        let stats = EngineStats::default();
+        let cfg = VecConfig {
+            vectors: 2_000,
+            recall_queries: 20,
+            seed: 1,
+            deadline: Instant::now() + Duration::from_secs(600),
+            max_queries: 100,
+        };
+        let o = run(&cfg, None, &stats).expect("runs");
+        assert_eq!(o.inserted, 2_000);
+        assert_eq!(o.queries, 100);
+        assert_eq!(stats.ops(), 2_100);
+        assert!(o.recall >= 0.9, "recall {}", o.recall);
+        assert!(stats.is_done());
+    }
+}

@@ -1,0 +1,211 @@
+//! The validation binary end to end: its short mode (what CI runs) passes with the governor,
+//! writes its files and serves metrics while it runs; without the governor it reports what
+//! happened; bad settings are refused before any work.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nodedb-mem-validation");
+
+fn out_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a temp dir")
+}
+
+fn report(dir: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connects to the metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("writes");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("reads");
+    text
+}
+
+#[test]
+fn the_short_run_passes_under_the_governor_and_writes_its_files() {
+    let dir = out_dir();
+    let mut child = Command::new(BIN)
+        .args(["--short", "--metrics-addr", "127.0.0.1:0", "--out"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut lines = Vec::new();
+    let mut scraped = None;
+    for line in stdout.lines() {
+        let line = line.expect("a line");
+        if let Some(rest) = line.trim().strip_prefix("metrics: curl http://") {
+            let addr = rest.strip_suffix("/metrics").expect("an address");
+            scraped = Some(scrape(addr));
+        }
+        lines.push(line);
+    }
+    let status = child.wait().expect("ends");
+    let all = lines.join("\n");
+    assert!(status.success(), "exit {status}:\n{all}");
+    assert!(all.contains("verdict: PASS"), "{all}");
+
+    let metrics = scraped.expect("the metrics address was printed");
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(
+        metrics.contains("nodedb_mem_ceiling_bytes 536870912"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nodedb_mem_engine_limit_bytes{engine=\"query\"}"),
+        "{metrics}"
+    );
+
+    let r = report(dir.path());
+    assert_eq!(r["verdict"], "pass");
+    assert_eq!(r["governor"], true);
+    let ceiling = r["ceiling_bytes"].as_u64().expect("ceiling");
+    assert_eq!(ceiling, 512 << 20);
+    let hwm = r["peak_rss_bytes"].as_u64().expect("peak RSS");
+    assert!(hwm > 0 && hwm <= ceiling, "VmHWM {hwm}");
+    let engines = r["engines"].as_array().expect("engines");
+    let names: Vec<&str> = engines
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["vector", "timeseries", "query"]);
+    for e in engines {
+        let (peak, budget) = (e["peak_bytes"].as_u64(), e["budget_bytes"].as_u64());
+        assert!(peak.unwrap() > 0 && peak <= budget, "{e}");
+        assert!(e["throughput"].as_f64().unwrap() > 0.0, "{e}");
+    }
+    assert!(
+        engines[2]["spills"].as_u64().unwrap() > 0,
+        "DataFusion did not spill"
+    );
+    assert!(engines[1]["details"]["pressure_flushes"].as_u64().unwrap() > 0);
+    assert_eq!(engines[2]["details"]["wrong_results"], 0);
+    assert!(
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["passed"] == true)
+    );
+
+    let csv = std::fs::read_to_string(dir.path().join("timeline.csv")).expect("timeline.csv");
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    let secs = r["duration_seconds"].as_f64().unwrap();
+    // One sample every 25 ms, give or take scheduling.
+    assert!(
+        rows.len() as f64 >= secs * 1000.0 / 50.0,
+        "{} samples in {secs} s",
+        rows.len()
+    );
+    let t: Vec<u64> = rows
+        .iter()
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(t.windows(2).all(|w| w[0] <= w[1]));
+    let svg = std::fs::read_to_string(dir.path().join("timeline.svg")).expect("timeline.svg");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("query budget"),
+        "not a plot"
+    );
+}
+
+#[test]
+fn without_the_governor_the_report_says_the_ceiling_was_exceeded() {
+    let dir = out_dir();
+    let out = Command::new(BIN)
+        .args([
+            "--short",
+            "--no-governor",
+            "--duration",
+            "2",
+            "--ceiling",
+            "64MiB",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("governor OFF"), "{stdout}");
+    let r = report(dir.path());
+    assert_eq!(
+        (&r["verdict"], &r["governor"]),
+        (&Value::from("fail"), &Value::from(false))
+    );
+    assert!(r["peak_rss_bytes"].as_u64().unwrap() > 64 << 20);
+    assert!(
+        r["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("without the governor the process peaked")
+    );
+    assert!(r["engines"][0]["budget_bytes"].is_null());
+    assert_eq!(r["allocator"], "jemalloc (tikv-jemallocator), no governor");
+}
+
+#[test]
+fn bad_settings_are_refused_before_any_work() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--sample-ms", "80"],
+            "must be between 1 and 50 milliseconds",
+        ),
+        (&["--ceiling", "0"], "the size is zero"),
+        (&["--scale", "0"], "must be a finite number above zero"),
+        (&["--vector-budget", "50%"], "not a fraction"),
+        (
+            &["--metrics-addr", "0.0.0.0:9100"],
+            "only loopback addresses",
+        ),
+        (
+            &["--no-governor", "--metrics-addr", "127.0.0.1:0"],
+            "--metrics-addr needs the governor",
+        ),
+    ];
+    for (args, message) in cases {
+        let dir = out_dir();
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--out")
+            .arg(dir.path())
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+    let out = Command::new(BIN)
+        .env("NODEDB_VALIDATION_PLAIN_JEMALLOC", "1")
+        .arg("--help")
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "--help is answered in any mode");
+    let out = Command::new(BIN)
+        .env("NODEDB_VALIDATION_PLAIN_JEMALLOC", "1")
+        .args(["--duration", "1"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("but --no-governor is not given"));
+}
+
+#[test]
+fn the_version_is_printed() {
+    let mut c = Command::new(BIN)
+        .arg("--version")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut s = String::new();
+    c.stdout.take().unwrap().read_to_string(&mut s).unwrap();
+    assert!(c.wait().unwrap().success());
+    assert!(s.starts_with("nodedb-mem-validation 0.1.0"), "{s}");
+}
