@@ -15,6 +15,10 @@ use crate::rss::RssSample;
 use crate::spill::{Reclaimer, SpillConfig, SpillController};
 use crate::sync::{Arc, AtomicI64, AtomicU8, AtomicU64, Mutex, Ordering, lock};
 
+/// The least dirty memory an engine's arenas may keep before
+/// [`MemoryGovernor::check_resident`] purges them (else a quarter of the engine's limit).
+pub const DIRTY_ALLOWANCE_MIN: u64 = 4 << 20;
+
 /// The process-wide governor: one [`Budget`] per engine under one global ceiling.
 ///
 /// A cheap handle (an `Arc`): clone it into every engine. Reservations keep a handle, so they
@@ -84,6 +88,8 @@ struct GlobalLedger {
     /// Resident memory beyond the governed usage at the last sample (allocator overhead,
     /// fragmentation, code, stacks): counted against the ceiling by admission and pressure.
     rss_excess: AtomicU64,
+    /// Engine arenas purged because their dirty pages passed the allowance.
+    dirty_purges: AtomicU64,
 }
 
 impl GlobalLedger {
@@ -155,6 +161,7 @@ impl MemoryGovernor {
                     transitions: AtomicU64::new(0),
                     from_allocator,
                     rss_excess: AtomicU64::new(0),
+                    dirty_purges: AtomicU64::new(0),
                 }),
                 thresholds: c.thresholds,
                 ppm: c.thresholds.to_ppm(),
@@ -508,8 +515,11 @@ impl MemoryGovernor {
     /// fragmentation, dirty pages, code and stacks) is counted against the ceiling by
     /// reservations and global pressure until the next sample; and when resident memory comes
     /// within the RSS margin of the ceiling (default 5 %), the arenas' dirty pages are purged
-    /// at once and a breach event is recorded. The background rebalancer does this on every
-    /// tick; call it yourself if you drive `rebalance` by hand.
+    /// at once and a breach event is recorded. Whatever the total, an engine whose arenas keep
+    /// more dirty pages than a quarter of its limit (at least [`DIRTY_ALLOWANCE_MIN`]) has them
+    /// purged (counted in [`Snapshot::dirty_purges`](crate::Snapshot::dirty_purges)). The
+    /// background rebalancer does this on every tick; call it yourself if you drive
+    /// `rebalance` by hand.
     ///
     /// The kernel's peak (`VmHWM`) never comes down, so the margin must be kept *before* the
     /// ceiling is reached: sample often enough that the process cannot grow by more than the
@@ -537,6 +547,10 @@ impl MemoryGovernor {
                 ceiling,
             });
         }
+        if self.is_installed() {
+            self.purge_dirty_engines();
+            resident = read()?.0;
+        }
         let allocator_resident = if self.is_installed() {
             nodedb_mem_alloc::allocator_resident().unwrap_or(0)
         } else {
@@ -552,6 +566,26 @@ impl MemoryGovernor {
         *lock(&inner.last_rss) = sample;
         self.global_pressure();
         Ok(sample)
+    }
+
+    /// Purges the arenas of every engine whose dirty pages (freed memory jemalloc keeps for
+    /// reuse, resident but charged to nobody) exceed a quarter of its limit, at least 4 MiB:
+    /// an engine that churns through its budget would otherwise keep several budgets' worth
+    /// resident until jemalloc's 10 s decay returns them.
+    fn purge_dirty_engines(&self) {
+        let stats = nodedb_mem_alloc::arena_stats();
+        for e in EngineId::ALL {
+            let allowance = (self.limit(e) / 4).max(DIRTY_ALLOWANCE_MIN);
+            if e != EngineId::Unattributed
+                && stats[e.index()].dirty > allowance
+                && nodedb_mem_alloc::purge_engine(e)
+            {
+                self.inner
+                    .global
+                    .dirty_purges
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The last [`check_resident`](Self::check_resident) sample, and the resident bytes beyond
@@ -679,6 +713,7 @@ impl MemoryGovernor {
             events_dropped: inner.events.dropped(),
             resident: *lock(&inner.last_rss),
             resident_unaccounted: g.rss_excess.load(Ordering::Acquire),
+            dirty_purges: g.dirty_purges.load(Ordering::Relaxed),
             overflow: if self.is_installed() {
                 nodedb_mem_alloc::overflow_stats()
             } else {

@@ -43,7 +43,10 @@ pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
 pub use fallible::EngineAllocator;
 #[cfg(not(nodedb_mem_loom))]
 pub use future::{EngineExt, InEngine};
-pub use governor::{MemoryGovernor, RebalanceMove, RebalanceReport, ReclaimerHandle, Reservation};
+pub use governor::{
+    DIRTY_ALLOWANCE_MIN, MemoryGovernor, RebalanceMove, RebalanceReport, ReclaimerHandle,
+    Reservation,
+};
 #[cfg(not(nodedb_mem_loom))]
 pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};

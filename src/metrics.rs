@@ -112,6 +112,9 @@ pub struct Snapshot {
     pub resident: crate::RssSample,
     /// Resident bytes beyond the governed usage at that sample, counted against the ceiling.
     pub resident_unaccounted: u64,
+    /// Engine arenas purged by [`check_resident`](crate::MemoryGovernor::check_resident)
+    /// because their dirty pages exceeded a quarter of the engine's limit.
+    pub dirty_purges: u64,
     /// The overflow path's counters (all zero without an installed governor).
     pub overflow: crate::OverflowStats,
 }
@@ -213,6 +216,13 @@ impl Snapshot {
             "gauge",
             "Resident bytes beyond the governed usage, counted against the ceiling.",
             self.resident_unaccounted,
+        );
+
+        global(
+            "dirty_purges_total",
+            "counter",
+            "Engine arenas purged because their dirty pages exceeded a quarter of the engine's limit.",
+            self.dirty_purges,
         );
 
         type Field = fn(&EngineSnapshot) -> i128;

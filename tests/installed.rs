@@ -237,3 +237,32 @@ fn the_fallible_allocator_is_charged_by_the_global_allocator_once() {
     drop(v);
     assert_eq!(settled(EngineId::Query), before);
 }
+
+#[test]
+fn check_resident_purges_an_engine_that_keeps_too_many_dirty_pages() {
+    let _s = serial();
+    let gov = gov();
+    let e = EngineId::Vector; // 64 MiB budget: a 16 MiB allowance of dirty pages
+    let dirty = |e: EngineId| gov.snapshot().engine(e).arena.dirty;
+    let before = gov.snapshot().dirty_purges;
+    gov.check_resident().unwrap();
+    assert!(dirty(e) <= 16 * MIB);
+    // 24 MiB of 256 KiB blocks, freed: jemalloc keeps the pages dirty (10 s decay).
+    let blocks: Vec<Vec<u8>> = {
+        let _g = EngineGuard::enter(e);
+        (0..96).map(|i| vec![i as u8; 256 << 10]).collect()
+    };
+    drop(blocks);
+    flush_thread();
+    assert!(dirty(e) > 16 * MIB, "only {} B dirty", dirty(e));
+    let query_dirty = dirty(EngineId::Query);
+    gov.check_resident().unwrap();
+    assert!(dirty(e) < MIB, "{} B still dirty", dirty(e));
+    assert_eq!(gov.snapshot().dirty_purges, before + 1);
+    assert!(
+        gov.prometheus()
+            .contains(&format!("nodedb_mem_dirty_purges_total {}", before + 1))
+    );
+    // Another engine within its allowance kept its pages.
+    assert_eq!(dirty(EngineId::Query), query_dirty);
+}

@@ -667,6 +667,60 @@ pub fn is_overflow(ptr: *const u8) -> bool {
     owner_of(ptr) >= OVERFLOW_SLOT
 }
 
+/// Returns the dirty pages of `engine`'s arenas (on every node) to the system now
+/// (`arena.<i>.purge`), leaving the other engines' alone. Takes milliseconds when there is much
+/// to purge; call it from a background thread. False if an engine arena could not be purged
+/// (or none exists).
+pub fn purge_engine(engine: EngineId) -> bool {
+    let mut any = false;
+    let mut ok = true;
+    for node in 0..MAX_NODES {
+        if let Some(arena) = arena_of(engine.index(), node)
+            && (node == 0 || arena_of(engine.index(), 0) != Some(arena))
+        {
+            any = true;
+            ok &= purge_arena(arena);
+        }
+    }
+    any && ok
+}
+
+/// `arena.<arena>.purge`, the name built on the stack.
+fn purge_arena(arena: c_uint) -> bool {
+    let mut name = [0u8; 32];
+    let prefix = b"arena.";
+    name[..prefix.len()].copy_from_slice(prefix);
+    let mut at = prefix.len();
+    let mut digits = [0u8; 10];
+    let (mut n, mut len) = (arena, 0);
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in digits[..len].iter().rev() {
+        name[at] = *d;
+        at += 1;
+    }
+    let suffix = b".purge";
+    name[at..at + suffix.len()].copy_from_slice(suffix);
+    // `name` ends with at least one zero byte (6 + 10 + 6 < 32): a C string.
+    // SAFETY: `arena.<i>.purge` takes and returns nothing; the name is NUL-terminated.
+    let rc = unsafe {
+        jem::mallctl(
+            name.as_ptr().cast(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    rc == 0
+}
+
 /// The arena index of `engine`, for callers that want to inspect it with `mallctl`.
 pub fn arena_index(engine: EngineId) -> Option<u32> {
     arena_of(engine.index(), 0)

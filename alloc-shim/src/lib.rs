@@ -33,8 +33,8 @@ pub use arena::{
     ArenaStats, ArenaStatsByNode, NumaPolicy, OverflowPolicy, OverflowStats, allocator_resident,
     arena_index, arena_stats, arena_stats_by_node, arenas_ready, enable_overflow, is_overflow,
     is_overflowing, machine_topology, mbind_failures, node_of, overflow_region, overflow_stats,
-    owner, page_out_overflow, purge_all_arenas, range_bytes, range_exhaustions, set_numa_policy,
-    set_overflow_limit, set_overflow_policy,
+    owner, page_out_overflow, purge_all_arenas, purge_engine, range_bytes, range_exhaustions,
+    set_numa_policy, set_overflow_limit, set_overflow_policy,
 };
 pub use ledger::{
     BATCH, DIRECT_THRESHOLD, charged, charged_peak, overflow_charged, take_window_peak,

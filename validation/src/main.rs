@@ -80,8 +80,9 @@ struct Args {
     /// Seconds the engines work for [default: 30; 6 with --short].
     #[arg(long, value_parser = positive)]
     duration: Option<f64>,
-    /// Size of the data: 1.0 is 150,000 vectors, 16 million GROUP BY rows over 8 million
-    /// groups [default: 1.0; 0.04 with --short].
+    /// Size of the data: 1.0 is up to 100,000 vectors (the build stops at half the
+    /// duration), 16 million GROUP BY rows over 8 million groups [default: 1.0; 0.04 with
+    /// --short].
     #[arg(long, value_parser = positive)]
     scale: Option<f64>,
     /// The timeseries table's fixed flush size, governor or not.
@@ -145,7 +146,7 @@ impl Settings {
             duration_s: a.duration.unwrap_or(if a.short { 6.0 } else { 30.0 }),
             scale,
             memtable_bytes: a.memtable,
-            vectors: ((150_000.0 * scale) as usize).max(500),
+            vectors: ((100_000.0 * scale) as usize).max(500),
             query_rows: rows,
             query_groups: rows / 2,
             series: 1000,
@@ -287,6 +288,7 @@ fn run(args: &Args) -> Result<bool, String> {
         vectors: s.vectors,
         recall_queries: if s.short { 20 } else { 100 },
         seed: s.seed,
+        build_deadline: started + Duration::from_secs_f64(s.duration_s / 2.0),
         deadline,
         max_queries: u64::MAX,
     };

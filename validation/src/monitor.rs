@@ -199,12 +199,12 @@ impl Display {
                 let usage = gov.map_or("-".to_owned(), |g| {
                     format!("{}/{}", mib(sample.usage[i]), mib(g.limit(e)))
                 });
-                line.push_str(&format!(
-                    " | {e} {usage} {} {}/s{}",
-                    if stats[i].is_done() { "done" } else { "" },
-                    rate(rates[i]),
-                    self.units[i]
-                ));
+                let state = if stats[i].is_done() {
+                    "done".to_owned()
+                } else {
+                    format!("{} {}/s", rate(rates[i]), self.units[i])
+                };
+                line.push_str(&format!(" | {e} {usage} {state}"));
             }
             println!("{line}");
             return;
@@ -269,7 +269,7 @@ impl Display {
             let state = if stats[i].is_done() {
                 "done".to_owned()
             } else {
-                format!("{}/s {}", rate(rates[i]), self.units[i])
+                format!("{} {}/s", rate(rates[i]), self.units[i])
             };
             lines.push(format!(
                 "  {:<11} {:>25} {:>9} {:>11} {:>7} {:>10} {:>16}",

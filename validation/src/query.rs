@@ -76,6 +76,8 @@ struct Generator {
     parts: u64,
     rows: u64,
     groups: u64,
+    /// Rows generated count as the engine's live throughput.
+    stats: Arc<EngineStats>,
 }
 
 fn value(i: u64) -> f64 {
@@ -95,11 +97,13 @@ impl PartitionStream for Generator {
             self.rows,
             self.groups,
         );
+        let stats = Arc::clone(&self.stats);
         let mine = rows / parts + u64::from(part < rows % parts);
         let batches = mine.div_ceil(BATCH_ROWS);
         let stream = futures::stream::iter((0..batches).map(move |b| {
             let first = b * BATCH_ROWS;
             let n = BATCH_ROWS.min(mine - first);
+            stats.add_ops(n);
             let ids = (first..first + n).map(|j| j * parts + part);
             let k = Int64Array::from_iter_values(ids.clone().map(|i| (i * STRIDE % groups) as i64));
             let v = Float64Array::from_iter_values(ids.map(value));
@@ -196,6 +200,7 @@ async fn queries(
                 parts,
                 rows: cfg.rows,
                 groups: cfg.groups.max(1),
+                stats: Arc::clone(stats),
             }) as Arc<dyn PartitionStream>
         })
         .collect();
@@ -220,7 +225,6 @@ async fn queries(
             .map_err(err("running the GROUP BY"))?;
         o.queries += 1;
         o.rows += cfg.rows;
-        stats.add_ops(cfg.rows);
         let spills = sum_metric(&plan, |p| {
             p.metrics().and_then(|m| m.spill_count()).unwrap_or(0)
         });

@@ -25,7 +25,9 @@ pub(crate) struct VecConfig {
     /// Queries whose recall is measured against brute force.
     pub(crate) recall_queries: usize,
     pub(crate) seed: u64,
-    /// The build stops, and queries run until, this instant.
+    /// The build stops at this instant (the index then serves queries as it is).
+    pub(crate) build_deadline: Instant,
+    /// Queries run until this instant.
     pub(crate) deadline: Instant,
     /// At most this many timed queries.
     pub(crate) max_queries: u64,
@@ -70,13 +72,13 @@ pub(crate) fn run(
 ) -> Result<VecOutcome, String> {
     let _guard = EngineGuard::enter(EngineId::Vector);
     let mut o = VecOutcome::default();
-    let index: Hnsw<'_, f32, DistL2> = Hnsw::new(16, cfg.vectors.max(1), 16, 64, DistL2 {});
+    let index: Hnsw<'_, f32, DistL2> = Hnsw::new(16, cfg.vectors.max(1), 16, 48, DistL2 {});
     // The vectors are kept for the brute-force recall check (and count against the budget).
     let mut data: Vec<f32> = Vec::new();
     let mut v = [0f32; DIM];
     let started = Instant::now();
     let mut per_vector = 0u64;
-    while o.inserted < cfg.vectors && Instant::now() < cfg.deadline {
+    while o.inserted < cfg.vectors && Instant::now() < cfg.build_deadline {
         let n = BATCH.min(cfg.vectors - o.inserted);
         if let (Some(g), true) = (gov, per_vector > 0) {
             // Admission for the next batch at the size the first batch really took: the index
@@ -178,6 +180,7 @@ mod tests {
             vectors: 2_000,
             recall_queries: 20,
             seed: 1,
+            build_deadline: Instant::now() + Duration::from_secs(600),
             deadline: Instant::now() + Duration::from_secs(600),
             max_queries: 100,
         };
