@@ -100,12 +100,8 @@ impl ThreadState {
             && let Some(overflow) = arena::overflow_arena(engine)
         {
             ACTIVE.store(true, Ordering::Relaxed);
-            let z = if zero { jem::MALLOCX_ZERO } else { 0 };
-            let cache = self.cache_flag(arena::OVERFLOW_SLOT + engine);
-            let f = flags | z | cache | jem::MALLOCX_ARENA(overflow as usize);
-            // SAFETY: size > 0; flags name the engine's overflow arena, this thread's cache for
-            // that overflow slot (or none), and an alignment.
-            let p = unsafe { jem::mallocx(size, f) }.cast::<u8>();
+            // SAFETY: size > 0 (GlobalAlloc contract); `overflow` is the engine's overflow arena.
+            let p = unsafe { self.overflow_alloc(engine, overflow, size, flags, zero) };
             if !p.is_null() {
                 // SAFETY: `p` was just allocated with `size` and alignment flags `flags`.
                 return unsafe { self.account(p, owner_of(p), size, flags, usable, zero, 0) };
@@ -129,6 +125,28 @@ impl ThreadState {
         }
         // SAFETY: as in `alloc_impl`.
         unsafe { self.visit_alloc(size, flags, usable, zero, fell_back) }
+    }
+
+    /// Allocates `size` bytes in `engine`'s overflow arena `overflow`, through this thread's
+    /// cache for that overflow slot. Null if the region cannot take it.
+    ///
+    /// # Safety
+    /// `size > 0`; `overflow` is `engine`'s overflow arena; `flags` holds only an alignment.
+    #[inline(always)]
+    unsafe fn overflow_alloc(
+        &self,
+        engine: usize,
+        overflow: std::ffi::c_uint,
+        size: usize,
+        flags: c_int,
+        zero: bool,
+    ) -> *mut u8 {
+        let z = if zero { jem::MALLOCX_ZERO } else { 0 };
+        let cache = self.cache_flag(arena::OVERFLOW_SLOT + engine);
+        let f = flags | z | cache | jem::MALLOCX_ARENA(overflow as usize);
+        // SAFETY: size > 0; flags name an existing arena, this thread's cache for its slot (or
+        // none), an alignment and maybe zeroing.
+        unsafe { jem::mallocx(size, f) }.cast::<u8>()
     }
 
     /// Charges a block just placed in an engine arena off the fast path. After overflow has
@@ -238,11 +256,9 @@ impl ThreadState {
             && (arena::is_over(owner) || arena::would_cross(owner, new_usable - old_usable))
             && let Some(overflow) = arena::overflow_arena(owner)
         {
-            let cache = self.cache_flag(arena::OVERFLOW_SLOT + owner);
-            let f = flags | cache | jem::MALLOCX_ARENA(overflow as usize);
-            // SAFETY: new_size > 0 (GlobalAlloc contract); flags name the engine's overflow
-            // arena, this thread's cache for that overflow slot (or none), and an alignment.
-            let q = unsafe { jem::mallocx(new_size, f) }.cast::<u8>();
+            // SAFETY: new_size > 0 (GlobalAlloc contract); `overflow` is the owner's overflow
+            // arena.
+            let q = unsafe { self.overflow_alloc(owner, overflow, new_size, flags, false) };
             if !q.is_null() {
                 // SAFETY: `ptr` is live for `old.0` bytes (GlobalAlloc contract), `q` is a
                 // fresh block of `new_size > old_usable >= old.0` bytes: both ranges are
@@ -374,12 +390,9 @@ impl ThreadState {
         if owner < arena::ARENA_ENGINES
             && let Some(overflow) = arena::overflow_arena(owner)
         {
-            let z = if zero { jem::MALLOCX_ZERO } else { 0 };
-            let cache = self.cache_flag(arena::OVERFLOW_SLOT + owner);
-            let f = flags | z | cache | jem::MALLOCX_ARENA(overflow as usize);
-            // SAFETY: size > 0; flags name the owner's overflow arena, this thread's cache for
-            // it (or none), an alignment and maybe zeroing.
-            let q = unsafe { jem::mallocx(size, f) }.cast::<u8>();
+            // SAFETY: size > 0 (the caller's block has it); `overflow` is the owner's overflow
+            // arena.
+            let q = unsafe { self.overflow_alloc(owner, overflow, size, flags, zero) };
             if !q.is_null() {
                 // SAFETY: both blocks are live with at least `size >= keep` bytes and distinct.
                 unsafe { std::ptr::copy_nonoverlapping(p, q, keep) };

@@ -75,14 +75,18 @@ fn answer(mut stream: TcpStream, gov: &MemoryGovernor) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn non_loopback_addresses_are_refused_before_binding() {
-        let gov: &'static nodedb_mem::MemoryGovernor = Box::leak(Box::new(
+    fn governor() -> &'static nodedb_mem::MemoryGovernor {
+        Box::leak(Box::new(
             nodedb_mem::MemoryGovernor::builder()
                 .global_ceiling(1 << 30)
                 .build()
                 .expect("a governor"),
-        ));
+        ))
+    }
+
+    #[test]
+    fn non_loopback_addresses_are_refused_before_binding() {
+        let gov = governor();
         let err = super::serve("0.0.0.0:0".parse().expect("an address"), gov).unwrap_err();
         assert_eq!(
             err,
@@ -93,12 +97,7 @@ mod tests {
     #[test]
     fn a_scrape_gets_the_prometheus_text() {
         use std::io::{Read, Write};
-        let gov: &'static nodedb_mem::MemoryGovernor = Box::leak(Box::new(
-            nodedb_mem::MemoryGovernor::builder()
-                .global_ceiling(1 << 30)
-                .build()
-                .expect("a governor"),
-        ));
+        let gov = governor();
         let addr = super::serve("127.0.0.1:0".parse().expect("an address"), gov).expect("binds");
         let mut s = std::net::TcpStream::connect(addr).expect("connects");
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
