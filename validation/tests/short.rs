@@ -152,8 +152,47 @@ fn without_the_governor_the_report_says_the_ceiling_was_exceeded() {
 }
 
 #[test]
+fn one_engine_can_run_alone() {
+    let dir = out_dir();
+    let out = Command::new(BIN)
+        .args([
+            "--short",
+            "--engines",
+            "timeseries",
+            "--duration",
+            "2",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let r = report(dir.path());
+    let engines = r["engines"].as_array().expect("engines");
+    assert_eq!(engines.len(), 1);
+    assert_eq!(engines[0]["name"], "timeseries");
+    assert!(engines[0]["details"]["pressure_flushes"].as_u64().unwrap() > 0);
+    let checks: Vec<&str> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            "timeseries within its budget",
+            "timeseries flushed on the spill controller's word",
+            "peak RSS (VmHWM) under the ceiling",
+            "timeseries segments decode to their points"
+        ]
+    );
+}
+
+#[test]
 fn bad_settings_are_refused_before_any_work() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--sample-ms", "80"],
             "must be between 1 and 50 milliseconds",
@@ -161,6 +200,7 @@ fn bad_settings_are_refused_before_any_work() {
         (&["--ceiling", "0"], "the size is zero"),
         (&["--scale", "0"], "must be a finite number above zero"),
         (&["--vector-budget", "50%"], "not a fraction"),
+        (&["--engines", "vector,graph"], "invalid value 'graph'"),
         (
             &["--metrics-addr", "0.0.0.0:9100"],
             "only loopback addresses",
