@@ -127,6 +127,14 @@ impl ThreadState {
         unsafe { self.visit_alloc(size, flags, usable, zero, fell_back) }
     }
 
+    /// Charges a block that overflow could not take (a breach, already counted) where it is,
+    /// past the owner's limit if need be.
+    fn charge_where_it_is(&self, owner: usize, usable: u64) {
+        if !self.on_alloc(owner, usable) {
+            ledger::charge(owner, usable);
+        }
+    }
+
     /// Allocates `size` bytes in `engine`'s overflow arena `overflow`, through this thread's
     /// cache for that overflow slot. Null if the region cannot take it.
     ///
@@ -170,9 +178,7 @@ impl ThreadState {
         }
         let owner = owner_of(p);
         if fell_back {
-            if !self.on_alloc(owner, usable) {
-                ledger::charge(owner, usable);
-            }
+            self.charge_where_it_is(owner, usable);
             return p;
         }
         // SAFETY: the caller's contract.
@@ -307,10 +313,7 @@ impl ThreadState {
         }
         self.on_free(owner, old_usable);
         if fell_back {
-            // Overflow could not take it (a breach, counted): charged where it is.
-            if !self.on_alloc(owner_of(q), new_usable) {
-                ledger::charge(owner_of(q), new_usable);
-            }
+            self.charge_where_it_is(owner_of(q), new_usable);
             return q;
         }
         // SAFETY: `q` is live with `new_size` bytes and alignment flags `align`, and holds

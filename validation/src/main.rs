@@ -495,7 +495,7 @@ fn build_report(
     let [vector_ran, ts_ran, query_ran] = s.running;
 
     let mut checks = Vec::new();
-    if let Some(g) = gov {
+    if gov.is_some() {
         for e in &engines {
             let (peak, budget) = (e.peak_bytes.unwrap_or(0), e.budget_bytes.unwrap_or(0));
             checks.push(Check::new(
@@ -523,7 +523,6 @@ fn build_report(
                 format!("{} pressure flushes", to.pressure_flushes),
             ));
         }
-        let _ = g;
     }
     checks.push(Check::new(
         "peak RSS (VmHWM) under the ceiling",
