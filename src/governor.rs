@@ -547,8 +547,7 @@ impl MemoryGovernor {
                 ceiling,
             });
         }
-        if self.is_installed() {
-            self.purge_dirty_engines();
+        if self.is_installed() && self.purge_dirty_engines() {
             resident = read()?.0;
         }
         let allocator_resident = if self.is_installed() {
@@ -572,8 +571,10 @@ impl MemoryGovernor {
     /// reuse, resident but charged to nobody) exceed a quarter of its limit, at least 4 MiB:
     /// an engine that churns through its budget would otherwise keep several budgets' worth
     /// resident until jemalloc's 10 s decay returns them.
-    fn purge_dirty_engines(&self) {
+    /// Returns whether it purged any.
+    fn purge_dirty_engines(&self) -> bool {
         let stats = nodedb_mem_alloc::arena_stats();
+        let mut purged = false;
         for e in EngineId::ALL {
             let allowance = (self.limit(e) / 4).max(DIRTY_ALLOWANCE_MIN);
             if e != EngineId::Unattributed
@@ -584,8 +585,10 @@ impl MemoryGovernor {
                     .global
                     .dirty_purges
                     .fetch_add(1, Ordering::Relaxed);
+                purged = true;
             }
         }
+        purged
     }
 
     /// The last [`check_resident`](Self::check_resident) sample, and the resident bytes beyond
