@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check of the workspace, in the order a failure is cheapest to find:
 # formatting, clippy (all targets, benches included, -D warnings), the tests (nextest),
-# the doc tests, rustdoc with warnings denied, and the loom models (built with --cfg nodedb_mem_loom in their own target
+# attribution under `ulimit -v` and valgrind, the doc tests, rustdoc with warnings denied, and the loom models (built with --cfg nodedb_mem_loom in their own target
 # directory so the normal build cache is not invalidated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,16 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast
+
+step "attribution under an address-space limit (ulimit -v 8000000) and under valgrind"
+cargo build -p nodedb-mem-alloc --example attribution_check --locked
+check="$target_dir/debug/examples/attribution_check"
+(ulimit -v 8000000 && "$check")
+if command -v valgrind >/dev/null; then
+    valgrind --quiet "$check"
+else
+    echo "valgrind not installed: skipped"
+fi
 
 step "doc tests"
 cargo test --workspace --doc --locked

@@ -22,8 +22,10 @@ pub const DEFAULT_OVERHEAD_RESERVE: f64 = 0.10;
 /// memory comes closer than this, the governor purges dirty pages and counts the excess.
 pub const DEFAULT_RSS_MARGIN: f64 = 0.05;
 
-/// The most an engine's overflow region can hold: its reserved range, 64 GiB.
-pub const MAX_OVERFLOW_CAPACITY: u64 = 1 << 36;
+/// The most an engine's overflow region can ever hold: the largest range the allocator
+/// reserves per engine (4 TiB). The bound in a given process is its reserved range,
+/// [`range_bytes`](crate::range_bytes), which `install` checks.
+pub const MAX_OVERFLOW_CAPACITY: u64 = nodedb_mem_alloc::MAX_RANGE_BYTES as u64;
 
 /// Where and how much an engine over its limit may overflow to.
 ///
@@ -166,6 +168,7 @@ pub struct GovernorBuilder {
     overflow: Option<OverflowConfig>,
     numa_policy: nodedb_mem_alloc::NumaPolicy,
     cap_to_node_memory: bool,
+    allow_unattributed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -199,6 +202,12 @@ pub(crate) struct Config {
         expect(dead_code, reason = "loom models never install a governor")
     )]
     pub(crate) numa_policy: nodedb_mem_alloc::NumaPolicy,
+    /// Whether `install` may go on when the engine arenas cannot be created.
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models never install a governor")
+    )]
+    pub(crate) allow_unattributed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,6 +233,7 @@ impl Default for GovernorBuilder {
             overflow: None,
             numa_policy: nodedb_mem_alloc::NumaPolicy::Preferred,
             cap_to_node_memory: false,
+            allow_unattributed: false,
         }
     }
 }
@@ -307,6 +317,16 @@ impl GovernorBuilder {
     /// where the topology is unknown.
     pub fn cap_to_node_memory(mut self, on: bool) -> Self {
         self.cap_to_node_memory = on;
+        self
+    }
+
+    /// Lets [`install`](Self::install) succeed where the engine arenas cannot be created (too
+    /// little address space even for [`MIN_RANGE_BYTES`](crate::MIN_RANGE_BYTES) per engine,
+    /// say): every allocation is then served, and counted, as `Unattributed`'s, and only
+    /// explicit reservations limit the engines. Off by default: `install` then fails with
+    /// [`MemError::ArenasUnavailable`], which says why.
+    pub fn allow_unattributed(mut self, allow: bool) -> Self {
+        self.allow_unattributed = allow;
         self
     }
 
@@ -596,6 +616,7 @@ impl GovernorBuilder {
             proc_status: self.proc_status,
             overflow,
             numa_policy: self.numa_policy,
+            allow_unattributed: self.allow_unattributed,
         })
     }
 }

@@ -109,6 +109,15 @@ pub enum MemError {
         "GovernedAlloc is not the global allocator: declare `#[global_allocator] static ALLOC: nodedb_mem::GovernedAlloc = nodedb_mem::GovernedAlloc::new();`"
     )]
     AllocatorNotGlobal,
+    /// `install` found that the engine arenas could not be created, so every allocation would
+    /// be served unattributed and no engine's heap would be limited.
+    #[error(
+        "the engine arenas could not be created: {0}; every allocation would be unattributed. \
+         Raise the limit, set NODEDB_MEM_RANGE_BYTES to a size the process can reserve (eleven \
+         ranges of it), or call GovernorBuilder::allow_unattributed(true) to run without \
+         attribution"
+    )]
+    ArenasUnavailable(nodedb_mem_alloc::ArenaFailure),
     /// The overflow regions could not be set up.
     #[error("overflow: {0}")]
     Overflow(#[from] nodedb_mem_alloc::OverflowError),

@@ -698,6 +698,7 @@ impl MemoryGovernor {
                     pressure,
                     arenas[e.index()],
                     by_node[e.index()],
+                    inner.global.from_allocator,
                 )
             })
         };

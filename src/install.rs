@@ -16,10 +16,37 @@ pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
     if !allocator_is_global() {
         return Err(MemError::AllocatorNotGlobal);
     }
+    if let Some(why) = nodedb_mem_alloc::arena_failure() {
+        if !config.allow_unattributed {
+            return Err(MemError::ArenasUnavailable(why));
+        }
+        tracing::warn!(
+            target: "nodedb_mem",
+            reason = %why,
+            "the engine arenas could not be created: every allocation is unattributed"
+        );
+    }
     nodedb_mem_alloc::set_numa_policy(config.numa_policy);
-    let overflow = config.overflow.clone();
+    let overflow = config
+        .overflow
+        .clone()
+        .filter(|_| nodedb_mem_alloc::arenas_ready());
     if let Some((c, capacity, explicit)) = overflow {
-        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
+        let range = nodedb_mem_alloc::range_bytes() as u64;
+        if explicit && capacity > range {
+            return Err(MemError::config(
+                "overflow.capacity",
+                crate::ByteSize(capacity),
+                format!(
+                    "above the {} each engine's overflow range holds in this process (set at \
+                     start-up from physical memory and the address-space limit; see \
+                     NODEDB_MEM_RANGE_BYTES)",
+                    crate::ByteSize(range)
+                ),
+            ));
+        }
+        // The default (the ceiling) is capped at what a range holds.
+        let capacity = usize::try_from(capacity.min(range)).unwrap_or(usize::MAX);
         match nodedb_mem_alloc::enable_overflow(&c.dir, capacity, c.allow_tmpfs, c.policy) {
             Ok(()) => {}
             Err(e) if !explicit => tracing::warn!(

@@ -51,11 +51,13 @@ pub use governor::{
 pub use install::installed;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
-    ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GovernedAlloc, MAX_NODES,
-    NumaError, NumaPolicy, OverflowError, OverflowPolicy, OverflowRegion, OverflowStats,
-    PageOutMethod, Topology, UnknownEngine, bind_thread_to_local_numa, current_engine,
-    enable_overflow, flush_thread, home_engine, is_overflow, is_overflowing, machine_topology,
-    node_of, overflow_stats, owner, pin_thread_arena, set_overflow_limit, thread_node,
+    ArenaFailure, ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GUARD_SLOTS,
+    GovernedAlloc, MAX_NODES, MAX_RANGE_BYTES, MIN_RANGE_BYTES, NumaError, NumaPolicy,
+    OverflowError, OverflowPolicy, OverflowRegion, OverflowStats, PageOutMethod, RANGE_BYTES_ENV,
+    RangeFallbacks, Topology, UnknownEngine, arena_failure, bind_thread_to_local_numa,
+    current_engine, enable_overflow, flush_thread, home_engine, is_forked_child, is_overflow,
+    is_overflowing, machine_topology, node_of, overflow_stats, owner, pin_thread_arena,
+    range_bytes, range_fallbacks, set_overflow_limit, thread_node,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]

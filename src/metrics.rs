@@ -50,6 +50,13 @@ pub struct EngineSnapshot {
     pub arena: ArenaStats,
     /// The same figures per NUMA node (index = node; zero where the engine has no arena).
     pub arena_by_node: [ArenaStats; crate::MAX_NODES],
+    /// Bytes of address space the engine's arenas may hold
+    /// ([`range_bytes`](crate::range_bytes); zero for `Unattributed` and for a standalone
+    /// governor).
+    pub range_bytes: u64,
+    /// Allocations that found the engine's range full and were served, and counted, outside it
+    /// as `Unattributed`'s (zero for a standalone governor).
+    pub range_fallbacks: crate::RangeFallbacks,
 }
 
 impl EngineSnapshot {
@@ -58,7 +65,17 @@ impl EngineSnapshot {
         pressure: PressureLevel,
         arena: ArenaStats,
         arena_by_node: [ArenaStats; crate::MAX_NODES],
+        installed: bool,
     ) -> EngineSnapshot {
+        let e = b.engine();
+        let (range_bytes, range_fallbacks) = if installed && e != EngineId::Unattributed {
+            (
+                nodedb_mem_alloc::range_bytes() as u64,
+                nodedb_mem_alloc::range_fallbacks(e),
+            )
+        } else {
+            (0, crate::RangeFallbacks::default())
+        };
         EngineSnapshot {
             engine: b.engine(),
             base: b.base(),
@@ -79,6 +96,8 @@ impl EngineSnapshot {
             borrowed_total: b.borrowed_total(),
             arena,
             arena_by_node,
+            range_bytes,
+            range_fallbacks,
         }
     }
 }
@@ -226,7 +245,25 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 21] = [
+        let per_engine: [(&str, &str, &str, Field); 24] = [
+            (
+                "engine_range_bytes",
+                "gauge",
+                "Address space the engine's arenas may hold before allocations fall back outside it.",
+                |e| e.range_bytes.into(),
+            ),
+            (
+                "engine_range_fallbacks_total",
+                "counter",
+                "Allocations served outside the engine's full range, counted as unattributed.",
+                |e| e.range_fallbacks.count.into(),
+            ),
+            (
+                "engine_range_fallback_bytes_total",
+                "counter",
+                "Bytes of allocations served outside the engine's full range.",
+                |e| e.range_fallbacks.bytes.into(),
+            ),
             (
                 "engine_limit_bytes",
                 "gauge",

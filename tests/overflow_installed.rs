@@ -99,13 +99,41 @@ fn a_bad_overflow_directory_is_refused_before_anything_is_installed() {
     let err = MemoryGovernor::builder()
         .global_ceiling(1 << 30)
         .overflow(OverflowConfig {
-            capacity: nodedb_mem::Size::Bytes(1 << 40),
+            capacity: nodedb_mem::Size::Bytes(8 << 40),
             ..Default::default()
         })
         .build()
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "invalid configuration `overflow.capacity` = 1 TiB: above the 64 GiB an engine's overflow range holds"
+        "invalid configuration `overflow.capacity` = 8 TiB: above the 4 TiB an engine's overflow range holds"
     );
+    // Within what any range holds, but above this process's range: refused by `install`,
+    // which installs nothing.
+    {
+        let _g = nodedb_mem::EngineGuard::enter(EngineId::Query);
+        drop(Box::new(0u8)); // creates the arenas and so decides the range
+    }
+    let range = nodedb_mem::range_bytes() as u64;
+    assert!(range > 0);
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let err = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .overflow(OverflowConfig {
+            capacity: nodedb_mem::Size::Bytes(2 * range),
+            ..OverflowConfig::in_dir(dir.path())
+        })
+        .install()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "invalid configuration `overflow.capacity` = {}: above the {} each engine's overflow \
+             range holds in this process (set at start-up from physical memory and the \
+             address-space limit; see NODEDB_MEM_RANGE_BYTES)",
+            nodedb_mem::ByteSize(2 * range),
+            nodedb_mem::ByteSize(range)
+        )
+    );
+    assert!(nodedb_mem::installed().is_none());
 }

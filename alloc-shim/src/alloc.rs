@@ -57,6 +57,63 @@ pub fn detached_operations() -> u64 {
     DETACHED.load(Ordering::Relaxed)
 }
 
+static FALLBACKS: [AtomicU64; crate::EngineId::COUNT] =
+    [const { AtomicU64::new(0) }; crate::EngineId::COUNT];
+static FALLBACK_BYTES: [AtomicU64; crate::EngineId::COUNT] =
+    [const { AtomicU64::new(0) }; crate::EngineId::COUNT];
+
+/// Allocations of one engine served outside its range because the range was full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RangeFallbacks {
+    /// Allocations (and reallocations) so served.
+    pub count: u64,
+    /// Their usable bytes, in total (not net of frees: once outside the range, a block is
+    /// charged to, and credited from, `Unattributed`).
+    pub bytes: u64,
+}
+
+/// How often `engine`'s allocations fell back to the automatic arenas because its range
+/// ([`range_bytes`](crate::range_bytes)) was exhausted. Such blocks are counted, but by
+/// address, as `Unattributed`'s: the engine's own figures no longer see them. A breach of the
+/// engine's attribution, which the governor's snapshot reports.
+pub fn range_fallbacks(engine: crate::EngineId) -> RangeFallbacks {
+    let i = engine.index();
+    RangeFallbacks {
+        count: FALLBACKS[i].load(Ordering::Relaxed),
+        bytes: FALLBACK_BYTES[i].load(Ordering::Relaxed),
+    }
+}
+
+/// Serves `size` bytes from automatic arena `auto` (outside every engine range), uncached,
+/// after `engine`'s arena could not (its range is full), and counts the fallback. The caller
+/// charges the block by its address (to `Unattributed`). Null if even that fails.
+///
+/// # Safety
+/// `size > 0`; `flags` holds only an alignment; `auto` is an automatic arena.
+#[cold]
+#[inline(never)]
+unsafe fn range_fallback(
+    engine: usize,
+    auto: std::ffi::c_uint,
+    size: usize,
+    flags: c_int,
+    usable: u64,
+    zero: bool,
+) -> *mut u8 {
+    let z = if zero { jem::MALLOCX_ZERO } else { 0 };
+    let f = flags | z | jem::MALLOCX_TCACHE_NONE | jem::MALLOCX_ARENA(auto as usize);
+    // SAFETY: size > 0; the flags name an existing (automatic) arena, no cache, an alignment
+    // and maybe zeroing.
+    let p = unsafe { jem::mallocx(size, f) }.cast::<u8>();
+    if !p.is_null()
+        && let (Some(n), Some(b)) = (FALLBACKS.get(engine), FALLBACK_BYTES.get(engine))
+    {
+        n.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(usable, Ordering::Relaxed);
+    }
+    p
+}
+
 /// The alignment flags jemalloc needs for `layout` (none when its natural alignment suffices).
 #[inline(always)]
 fn align_flags(size: usize, align: usize) -> c_int {
@@ -127,6 +184,33 @@ impl ThreadState {
         unsafe { self.visit_alloc(size, flags, usable, zero, fell_back) }
     }
 
+    /// An engine arena returned null for `engine`: its range is full (or the request is
+    /// impossible). Serve the block from this thread's automatic arena instead, charged by
+    /// address, rather than fail an infallible allocation; null only if that fails too.
+    ///
+    /// # Safety
+    /// `size > 0`; `flags` holds only an alignment.
+    #[cold]
+    #[inline(never)]
+    unsafe fn failed(
+        &self,
+        engine: usize,
+        size: usize,
+        flags: c_int,
+        usable: u64,
+        zero: bool,
+    ) -> *mut u8 {
+        if engine >= arena::ARENA_ENGINES {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the caller's contract; the thread's automatic arena (or arena 0).
+        let p = unsafe { range_fallback(engine, self.auto_arena(), size, flags, usable, zero) };
+        if !p.is_null() {
+            self.charge_where_it_is(owner_of(p), usable);
+        }
+        p
+    }
+
     /// Charges a block that overflow could not take (a breach, already counted) where it is,
     /// past the owner's limit if need be.
     fn charge_where_it_is(&self, owner: usize, usable: u64) {
@@ -174,7 +258,8 @@ impl ThreadState {
         fell_back: bool,
     ) -> *mut u8 {
         if p.is_null() {
-            return p;
+            // SAFETY: the caller's contract (size > 0, alignment flags only).
+            return unsafe { self.failed(self.current(), size, flags, usable, zero) };
         }
         let owner = owner_of(p);
         if fell_back {
@@ -239,6 +324,29 @@ impl ThreadState {
         self.on_free(owner, usable);
     }
 
+    /// Frees a live block owned by `owner` (`size` bytes, alignment flags `flags`, `usable`
+    /// bytes charged), through the cache its owner's blocks go to, and credits the owner.
+    ///
+    /// # Safety
+    /// `ptr` is a live block of this allocator with that size and alignment, owned by `owner`.
+    unsafe fn free_owned(
+        &self,
+        ptr: *mut u8,
+        owner: usize,
+        size: usize,
+        flags: c_int,
+        usable: u64,
+    ) {
+        if owner == self.home() {
+            // SAFETY: the caller's contract.
+            unsafe { jem::sdallocx(ptr.cast(), size, flags) };
+            self.on_free(owner, usable);
+        } else {
+            // SAFETY: the caller's contract.
+            unsafe { self.foreign_free(ptr, owner, size, flags, usable) };
+        }
+    }
+
     /// Resizes a block. `old` is its size and alignment flags, `new_size`/`flags` the new
     /// size and its alignment flags.
     #[inline(never)]
@@ -270,14 +378,8 @@ impl ThreadState {
                 // fresh block of `new_size > old_usable >= old.0` bytes: both ranges are
                 // valid and cannot overlap.
                 unsafe { std::ptr::copy_nonoverlapping(ptr, q, old.0) };
-                if owner == self.home() {
-                    // SAFETY: `ptr` is live with size `old.0` and alignment flags `old.1`.
-                    unsafe { jem::sdallocx(ptr.cast(), old.0, old.1) };
-                    self.on_free(owner, old_usable);
-                } else {
-                    // SAFETY: as above.
-                    unsafe { self.foreign_free(ptr, owner, old.0, old.1, old_usable) };
-                }
+                // SAFETY: `ptr` is live with size `old.0` and alignment flags `old.1`.
+                unsafe { self.free_owned(ptr, owner, old.0, old.1, old_usable) };
                 // SAFETY: `q` was just allocated with `new_size` and alignment flags `flags`,
                 // and holds `old.0` bytes of data.
                 return unsafe {
@@ -309,6 +411,22 @@ impl ThreadState {
         // SAFETY: `ptr` is live and from this allocator; new_size > 0 (GlobalAlloc contract).
         let q = unsafe { jem::rallocx(ptr.cast(), new_size, flags) }.cast::<u8>();
         if q.is_null() {
+            if owner >= arena::ARENA_ENGINES {
+                return q;
+            }
+            // The owner's range is full: move the block out of it, as a new block would go.
+            // SAFETY: new_size > 0; `align` holds only an alignment.
+            let q = unsafe {
+                range_fallback(owner, self.auto_arena(), new_size, align, new_usable, false)
+            };
+            if q.is_null() {
+                return q;
+            }
+            // SAFETY: `ptr` is live for `old.0` bytes, `q` for `new_size`; distinct blocks.
+            unsafe { std::ptr::copy_nonoverlapping(ptr, q, old.0.min(new_size)) };
+            // SAFETY: `ptr` is live with size `old.0` and alignment flags `old.1`.
+            unsafe { self.free_owned(ptr, owner, old.0, old.1, old_usable) };
+            self.charge_where_it_is(owner_of(q), new_usable);
             return q;
         }
         self.on_free(owner, old_usable);
@@ -449,7 +567,8 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     // SAFETY: as above.
     let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
     if p.is_null() {
-        return p;
+        // SAFETY: as above.
+        return unsafe { t.failed(t.home(), size, flags, usable, zero) };
     }
     // The fast path serves home's arena through a cache that only ever holds home's blocks
     // (foreign frees bypass it, and moving home flushes it), so the owner is home: no address
@@ -466,7 +585,21 @@ unsafe fn detached_alloc(size: usize, flags: c_int, usable: u64, zero: bool) -> 
     DETACHED.fetch_add(1, Ordering::Relaxed);
     let zero = if zero { jem::MALLOCX_ZERO } else { 0 };
     // SAFETY: size > 0 and `flags` holds only an alignment and the zero flag.
-    let p = unsafe { jem::mallocx(size, flags | zero | jem::MALLOCX_TCACHE_NONE) }.cast::<u8>();
+    let mut p = unsafe { jem::mallocx(size, flags | zero | jem::MALLOCX_TCACHE_NONE) }.cast::<u8>();
+    if p.is_null() {
+        // The thread may still be bound to an engine arena whose range is full.
+        // SAFETY: as above; arena 0 is automatic.
+        p = unsafe {
+            range_fallback(
+                crate::EngineId::Unattributed as usize,
+                0,
+                size,
+                flags,
+                usable,
+                zero != 0,
+            )
+        };
+    }
     if !p.is_null() {
         ledger::charge(owner_of(p), usable);
     }

@@ -27,9 +27,18 @@ pub(crate) const OVERFLOW_SLOT: usize = EngineId::COUNT;
 /// index, a *slot*: `0..5` an engine, `5` Unattributed, `6..11` an engine's overflow.
 pub(crate) const SLOTS: usize = OVERFLOW_SLOT + ARENA_ENGINES;
 
-/// log2 of the virtual range reserved per engine: 64 GiB. A constant, so finding a pointer's
-/// owner is one load, a subtraction, a shift and a compare.
-const RANGE_SHIFT: u32 = 36;
+/// Smallest range per slot the allocator settles for (64 MiB): below it, the engine arenas are
+/// not created and `install()` says why.
+pub const MIN_RANGE_BYTES: usize = 1 << MIN_RANGE_SHIFT;
+/// Largest range per slot (4 TiB): eleven of them stay well inside a 47-bit address space.
+pub const MAX_RANGE_BYTES: usize = 1 << MAX_RANGE_SHIFT;
+const MIN_RANGE_SHIFT: u32 = 26;
+const MAX_RANGE_SHIFT: u32 = 42;
+
+/// The environment variable that sets the range reserved per engine (bytes, or with a `KiB`,
+/// `MiB`, `GiB` or `TiB` suffix), rounded down to a power of two within
+/// [`MIN_RANGE_BYTES`]`..=`[`MAX_RANGE_BYTES`].
+pub const RANGE_BYTES_ENV: &str = "NODEDB_MEM_RANGE_BYTES";
 
 const UNINIT: u8 = 0;
 const RUNNING: u8 = 1;
@@ -37,11 +46,31 @@ const READY: u8 = 2;
 const FAILED: u8 = 3;
 
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
-/// Start of the reservation; 0 until it exists, so `owner_of` finds nothing before then.
-static BASE: AtomicUsize = AtomicUsize::new(0);
-/// log2 of one node's part of an engine's range (8 GiB): engine ranges are split into
-/// `MAX_NODES` node sub-ranges, each served by the (engine, node) arena and bound to the node.
-const NODE_SHIFT: u32 = RANGE_SHIFT - MAX_NODES.trailing_zeros();
+/// The start of the reservation and the two shifts of its layout, packed in one word so the
+/// owner of a pointer costs one load: bits 0..6 `log2` of the range per slot, bits 6..12
+/// `log2` of one node's part of an engine's range, the rest the (page-aligned) base. 0 until
+/// the reservation exists, so `owner_of` finds nothing before then.
+static LAYOUT: AtomicUsize = AtomicUsize::new(0);
+const SHIFT_MASK: usize = 0x3f;
+const BASE_MASK: usize = !0xfff;
+
+/// The base, the range shift and the node shift (all 0 before the reservation exists).
+#[inline(always)]
+fn layout() -> (usize, u32, u32) {
+    let l = LAYOUT.load(Ordering::Relaxed);
+    (
+        l & BASE_MASK,
+        (l & SHIFT_MASK) as u32,
+        ((l >> 6) & SHIFT_MASK) as u32,
+    )
+}
+
+/// Why the engine arenas could not be created: `(what << 32) | errno`, 0 while nothing failed.
+static FAILURE: AtomicU64 = AtomicU64::new(0);
+const FAIL_RESERVE: u64 = 1;
+const FAIL_ARENA: u64 = 2;
+const FAIL_MIB: u64 = 3;
+const FAIL_ENV: u64 = 4;
 
 /// Bump offset of each (engine, node) sub-range.
 static NEXT: [[AtomicUsize; MAX_NODES]; ARENA_ENGINES] =
@@ -107,8 +136,11 @@ static HOOKS: [[EngineHooks; MAX_NODES]; ARENA_ENGINES] = {
 /// The slot that owns `ptr` (see [`SLOTS`]): the range holding it, else `Unattributed`.
 #[inline(always)]
 pub(crate) fn owner_of(ptr: *const u8) -> usize {
-    let base = BASE.load(Ordering::Relaxed);
-    let slot = (ptr as usize).wrapping_sub(base) >> RANGE_SHIFT;
+    let l = LAYOUT.load(Ordering::Relaxed);
+    let base = l & BASE_MASK;
+    let slot = (ptr as usize)
+        .wrapping_sub(base)
+        .wrapping_shr((l & SHIFT_MASK) as u32);
     // Before the ranges exist `base` is 0 and a heap pointer's "slot" is far above the count.
     if slot < SLOTS && base != 0 {
         slot
@@ -163,11 +195,12 @@ pub(crate) fn topology() -> &'static Topology {
 
 /// The node a pointer's memory was placed on (0 outside the engines' ranges).
 pub fn node_of(ptr: *const u8) -> usize {
-    let base = BASE.load(Ordering::Relaxed);
     if owner_of(ptr) >= ARENA_ENGINES {
         return 0;
     }
-    ((ptr as usize).wrapping_sub(base) >> NODE_SHIFT) & (MAX_NODES - 1)
+    let (base, range_shift, node_shift) = layout();
+    let nodes = 1usize << (range_shift - node_shift);
+    ((ptr as usize).wrapping_sub(base) >> node_shift) & (nodes - 1)
 }
 
 /// How engine extents are bound to their node.
@@ -232,13 +265,101 @@ pub fn range_exhaustions() -> u64 {
     RANGE_EXHAUSTED.load(Ordering::Relaxed)
 }
 
-/// Bytes of virtual address space reserved for each engine's range (0 before the arenas exist).
+/// Bytes of virtual address space reserved for each engine's range, and for each engine's
+/// overflow range (0 before the arenas exist, or when they could not be created): what one
+/// engine can hold in its arenas before its allocations fall back to the automatic arenas (see
+/// [`range_fallbacks`](crate::range_fallbacks)). Sized at start-up from physical memory and the
+/// NUMA node count, within the address space the process may map (see `docs/design.md`).
 pub fn range_bytes() -> usize {
     if arenas_ready() {
-        1usize << RANGE_SHIFT
+        1usize << layout().1
     } else {
         0
     }
+}
+
+/// Bytes of one NUMA node's part of each engine's range (0 before the arenas exist).
+pub fn node_range_bytes() -> usize {
+    if arenas_ready() {
+        1usize << layout().2
+    } else {
+        0
+    }
+}
+
+/// Why the engine arenas could not be created. `Copy`, allocation-free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArenaFailure {
+    /// Not even [`MIN_RANGE_BYTES`] per slot of address space could be reserved.
+    Reserve {
+        /// Bytes of the smallest reservation tried (eleven slots of the minimum range).
+        bytes: usize,
+        /// `errno` of the failed `mmap`.
+        errno: i32,
+    },
+    /// jemalloc refused to create an arena (its `mallctl` error code).
+    CreateArena {
+        /// jemalloc's return code.
+        rc: i32,
+    },
+    /// jemalloc lacks a control name the allocator needs.
+    Mallctl,
+    /// [`RANGE_BYTES_ENV`] holds no size in range.
+    Environment,
+}
+
+impl std::fmt::Display for ArenaFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArenaFailure::Reserve { bytes, errno } => write!(
+                f,
+                "reserving {} MiB of address space for the engine ranges failed ({}); the \
+                 process may map too little (raise `ulimit -v`)",
+                bytes >> 20,
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+            ArenaFailure::CreateArena { rc } => write!(
+                f,
+                "jemalloc could not create an engine arena ({})",
+                std::io::Error::from_raw_os_error(*rc)
+            ),
+            ArenaFailure::Mallctl => {
+                f.write_str("this jemalloc lacks `thread.arena` or `thread.tcache.flush`")
+            }
+            ArenaFailure::Environment => write!(
+                f,
+                "{RANGE_BYTES_ENV} must be a size from {} MiB to {} TiB (bytes, or with a \
+                 KiB, MiB, GiB or TiB suffix)",
+                MIN_RANGE_BYTES >> 20,
+                MAX_RANGE_BYTES >> 40
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ArenaFailure {}
+
+/// Why the engine arenas do not exist, once creating them failed (`None` while they exist or
+/// have not been tried).
+pub fn arena_failure() -> Option<ArenaFailure> {
+    let _ = arena_of(0, 0);
+    let f = FAILURE.load(Ordering::Acquire);
+    let errno = (f & 0xffff_ffff) as u32 as i32;
+    match f >> 32 {
+        FAIL_RESERVE => Some(ArenaFailure::Reserve {
+            bytes: SLOTS << MIN_RANGE_SHIFT,
+            errno,
+        }),
+        FAIL_ARENA => Some(ArenaFailure::CreateArena { rc: errno }),
+        FAIL_MIB => Some(ArenaFailure::Mallctl),
+        FAIL_ENV => Some(ArenaFailure::Environment),
+        _ => None,
+    }
+}
+
+fn fail(what: u64, errno: i32) -> bool {
+    FAILURE.store((what << 32) | u64::from(errno as u32), Ordering::Release);
+    false
 }
 
 /// Reserves the ranges and creates the arenas, once. Concurrent callers wait for the thread
@@ -259,38 +380,191 @@ fn init() {
         return;
     }
     let _ = TOPOLOGY.set(Topology::read(b"/"));
-    let ok = reserve_ranges() && create_arenas() && crate::thread::lookup_mibs();
+    let ok =
+        reserve_ranges() && create_arenas() && (crate::thread::lookup_mibs() || fail(FAIL_MIB, 0));
+    if ok {
+        register_fork_handler();
+    }
     STATE.store(if ok { READY } else { FAILED }, Ordering::Release);
+}
+
+/// `ceil(log2(n))` for `n >= 1`.
+const fn ceil_log2(n: u64) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        64 - (n - 1).leading_zeros()
+    }
+}
+
+/// The size asked for in [`RANGE_BYTES_ENV`]: `None` when unset, `Some(Err(()))` when it is
+/// not a size in range. Read with `getenv`: nothing is allocated.
+fn range_from_env() -> Option<Result<u32, ()>> {
+    // SAFETY: a NUL-terminated name; getenv returns null or a NUL-terminated string that we
+    // only read here, before anything of ours could change the environment.
+    let value = unsafe { libc::getenv(c"NODEDB_MEM_RANGE_BYTES".as_ptr()) };
+    if value.is_null() {
+        return None;
+    }
+    // SAFETY: as above: a valid C string.
+    let bytes = unsafe { std::ffi::CStr::from_ptr(value) }.to_bytes();
+    Some(parse_range(bytes).ok_or(()))
+}
+
+/// A size such as `268435456`, `256MiB` or `1 GiB`, as the `log2` of its largest power of two
+/// within the allowed ranges.
+pub(crate) fn parse_range(bytes: &[u8]) -> Option<u32> {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &d in &bytes[..digits] {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    let unit: &[u8] = bytes[digits..].trim_ascii();
+    let shift = match unit {
+        b"" | b"B" => 0,
+        b"KiB" | b"K" => 10,
+        b"MiB" | b"M" => 20,
+        b"GiB" | b"G" => 30,
+        b"TiB" | b"T" => 40,
+        _ => return None,
+    };
+    let n = n.checked_mul(1u64 << shift)?;
+    if n < MIN_RANGE_BYTES as u64 || n > MAX_RANGE_BYTES as u64 {
+        return None;
+    }
+    Some(63 - n.leading_zeros())
+}
+
+/// The range per slot to try first: [`RANGE_BYTES_ENV`] if set; else, for each NUMA node,
+/// twice the machine's physical memory rounded up to a power of two, so one engine can hold
+/// all of it on any node: jemalloc's own use of a range runs ahead of the live bytes (it grows
+/// its retained extents geometrically, and pads an aligned request by its alignment: 1 GiB
+/// blocks aligned to 1 GiB take 2 GiB of range each until their padding is reused). Either way
+/// at most a half of the address space the process may map (`RLIMIT_AS`), so the rest of the
+/// process keeps room.
+fn planned_range_shift(topo: &Topology) -> Result<u32, ()> {
+    let node_bits = node_bits(topo);
+    let wanted = match range_from_env() {
+        Some(r) => r?,
+        None => {
+            // SAFETY: sysconf has no preconditions (-1 on failure).
+            let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+            // SAFETY: as above.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            let phys = u64::try_from(pages)
+                .unwrap_or(0)
+                .saturating_mul(u64::try_from(page).unwrap_or(4096));
+            ceil_log2(phys.max(1)) + 1 + node_bits
+        }
+    };
+    let mut shift = wanted.clamp(MIN_RANGE_SHIFT.max(12 + node_bits), MAX_RANGE_SHIFT);
+    // SAFETY: an all-zero rlimit is valid to pass for getrlimit to fill.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid rlimit to write.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } == 0
+        && lim.rlim_cur != libc::RLIM_INFINITY
+    {
+        let room = lim.rlim_cur / 2;
+        while shift > MIN_RANGE_SHIFT && (SLOTS as u64) << shift > room {
+            shift -= 1;
+        }
+    }
+    Ok(shift)
+}
+
+/// Bits of a pointer's offset in its engine range that select the NUMA node's part:
+/// enough for the highest node number present.
+fn node_bits(topo: &Topology) -> u32 {
+    let highest = (0..MAX_NODES)
+        .rev()
+        .find(|&n| topo.has_node(n))
+        .unwrap_or(0);
+    ceil_log2(highest as u64 + 1)
 }
 
 /// Reserves address space only: `PROT_NONE` private mappings cost no commit charge even under
 /// `vm.overcommit_memory = 2`; the extent hook makes each extent readable and writable when it
-/// hands it out.
+/// hands it out. Tries the planned size first and halves it until the kernel accepts (an
+/// address-space limit, or a tool such as valgrind that caps the client's address space),
+/// down to [`MIN_RANGE_BYTES`] per slot.
 fn reserve_ranges() -> bool {
-    let len = SLOTS << RANGE_SHIFT;
-    // SAFETY: a fresh anonymous private mapping at an address of the kernel's choice: no
-    // existing memory is affected.
-    let p = unsafe {
-        libc::mmap(
-            ptr::null_mut(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
+    let topo = topology();
+    let Ok(mut shift) = planned_range_shift(topo) else {
+        return fail(FAIL_ENV, libc::EINVAL);
     };
-    if p == libc::MAP_FAILED {
-        return false;
+    let node_shift_of = |shift: u32| shift - node_bits(topo);
+    loop {
+        let len = SLOTS << shift;
+        // SAFETY: a fresh anonymous private mapping at an address of the kernel's choice: no
+        // existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            let packed = (p as usize) | shift as usize | ((node_shift_of(shift) as usize) << 6);
+            LAYOUT.store(packed, Ordering::Release);
+            return true;
+        }
+        if shift <= MIN_RANGE_SHIFT {
+            let errno = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::ENOMEM);
+            return fail(FAIL_RESERVE, errno);
+        }
+        shift -= 1;
     }
-    BASE.store(p as usize, Ordering::Release);
-    true
 }
 
-/// Creates one jemalloc arena whose extents come from `hooks`; returns its index, or
-/// jemalloc's error code.
-fn create_arena(hooks: &'static EngineHooks) -> Result<c_uint, i32> {
+/// jemalloc's `arena_config_t` (`include/jemalloc/internal/arena_types.h`), the value of
+/// `experimental.arenas_create_ext`.
+#[repr(C)]
+struct ArenaConfig {
+    extent_hooks: *mut extent_hooks_t,
+    metadata_use_hooks: bool,
+}
+
+/// Creates one jemalloc arena whose extents come from `hooks`, with its own metadata in
+/// jemalloc's default memory rather than in our ranges (`metadata_use_hooks = false`): a forked
+/// child does not inherit the overflow mappings (`MADV_DONTFORK`), and jemalloc walks every
+/// arena's metadata in the child after `fork`. Where this jemalloc lacks the experimental
+/// control, falls back to `arenas.create` (metadata through the hooks) and says so in the
+/// second value. Returns the arena index, or jemalloc's error code.
+fn create_arena(hooks: &'static EngineHooks) -> Result<(c_uint, bool), i32> {
     let mut arena: c_uint = 0;
+    let mut len = size_of::<c_uint>();
+    let mut config = ArenaConfig {
+        extent_hooks: ptr::from_ref(&hooks.hooks).cast_mut(),
+        metadata_use_hooks: false,
+    };
+    // SAFETY: `experimental.arenas_create_ext` reads an `arena_config_t` from `newp` (our
+    // `repr(C)` copy of it, with its size) and writes an `unsigned` to `oldp` (`len` is its
+    // size). The hooks are a `static`, valid for the life of the process as jemalloc requires,
+    // and never written through.
+    let rc = unsafe {
+        jem::mallctl(
+            c"experimental.arenas_create_ext".as_ptr(),
+            ptr::from_mut(&mut arena).cast(),
+            &mut len,
+            ptr::from_mut(&mut config).cast(),
+            size_of::<ArenaConfig>(),
+        )
+    };
+    if rc == 0 {
+        return Ok((arena, false));
+    }
+    if rc != libc::ENOENT {
+        return Err(rc);
+    }
     let mut len = size_of::<c_uint>();
     let mut new_hooks = ptr::from_ref(&hooks.hooks).cast_mut();
     // SAFETY: `arenas.create` reads an `extent_hooks_t *` from `newp` (size matches) and
@@ -305,7 +579,7 @@ fn create_arena(hooks: &'static EngineHooks) -> Result<c_uint, i32> {
             size_of::<*mut extent_hooks_t>(),
         )
     };
-    if rc == 0 { Ok(arena) } else { Err(rc) }
+    if rc == 0 { Ok((arena, true)) } else { Err(rc) }
 }
 
 /// One arena per engine and node with memory (the node threads of a memoryless node use).
@@ -317,8 +591,8 @@ fn create_arenas() -> bool {
                 continue;
             }
             match create_arena(&hooks[node]) {
-                Ok(arena) => row[node].store(arena, Ordering::Relaxed),
-                Err(_) => return false,
+                Ok((arena, _)) => row[node].store(arena, Ordering::Relaxed),
+                Err(rc) => return fail(FAIL_ARENA, rc),
             }
         }
     }
@@ -364,12 +638,12 @@ unsafe extern "C" fn hook_alloc(
     }
     // SAFETY: as above.
     let node = unsafe { node_of_hooks(hooks) };
-    let base = BASE.load(Ordering::Acquire);
-    let range = 1usize << NODE_SHIFT;
+    let (base, range_shift, node_shift) = layout();
+    let range = 1usize << node_shift;
     let Some(next) = NEXT.get(engine).and_then(|row| row.get(node)) else {
         return ptr::null_mut();
     };
-    let start_of_range = base + (engine << RANGE_SHIFT) + (node << NODE_SHIFT);
+    let start_of_range = base + (engine << range_shift) + (node << node_shift);
     let mut cur = next.load(Ordering::Relaxed);
     loop {
         // Align the absolute address (the range start is page-aligned, alignment may be more).
@@ -905,6 +1179,10 @@ unsafe fn overflow_extent(
     zero: *mut bool,
     commit: *mut bool,
 ) -> *mut c_void {
+    if FORKED.load(Ordering::Relaxed) {
+        // The child has no overflow mapping (and must not grow the parent's file).
+        return ptr::null_mut();
+    }
     let (Some(region), Some(next)) = (
         OVERFLOW_REGIONS.get(e).and_then(std::sync::OnceLock::get),
         OVERFLOW_NEXT.get(e),
@@ -941,7 +1219,8 @@ unsafe fn overflow_extent(
     }
 }
 
-/// Creates every engine's overflow region in `dir` (`capacity` bytes each, at most 64 GiB)
+/// Creates every engine's overflow region in `dir` (`capacity` bytes each, at most
+/// [`range_bytes`])
 /// over its reserved overflow range, and the overflow arenas. Once per process.
 pub fn enable_overflow(
     dir: &std::path::Path,
@@ -953,26 +1232,40 @@ pub fn enable_overflow(
     if arena_of(0, 0).is_none() {
         return Err(err("creating the engine arenas", libc::ENOMEM));
     }
-    if capacity > 1usize << RANGE_SHIFT {
+    let range = range_bytes();
+    if capacity > range {
         return Err(crate::OverflowError::Exhausted {
             requested: capacity,
-            capacity: 1usize << RANGE_SHIFT,
+            capacity: range,
         });
     }
     if OVERFLOW_REGIONS.iter().any(|r| r.get().is_some()) {
         return Err(err("enabling overflow (already enabled)", libc::EEXIST));
     }
-    let base = BASE.load(Ordering::Acquire);
+    let (base, range_shift, _) = layout();
+    // The arenas first: without their metadata outside the hooks, a forked child would die.
+    let mut arenas = [0; ARENA_ENGINES];
+    for (slot, hooks) in arenas.iter_mut().zip(&OVERFLOW_HOOKS) {
+        match create_arena(hooks) {
+            Ok((arena, false)) => *slot = arena,
+            Ok((_, true)) => {
+                return Err(err(
+                    "creating an overflow arena safe across fork",
+                    libc::ENOTSUP,
+                ));
+            }
+            Err(rc) => return Err(err("creating an overflow arena", rc)),
+        }
+    }
     for (e, slot) in OVERFLOW_REGIONS.iter().enumerate() {
-        let at = (base + ((OVERFLOW_SLOT + e) << RANGE_SHIFT)) as *mut u8;
+        let at = (base + ((OVERFLOW_SLOT + e) << range_shift)) as *mut u8;
         let region =
             crate::overflow::OverflowRegion::create_at(dir, capacity, allow_tmpfs, Some(at))?;
         if slot.set(region).is_err() {
             return Err(err("enabling overflow (already enabled)", libc::EEXIST));
         }
     }
-    for (slot, hooks) in OVERFLOW_ARENA.iter().zip(&OVERFLOW_HOOKS) {
-        let arena = create_arena(hooks).map_err(|rc| err("creating an overflow arena", rc))?;
+    for (slot, arena) in OVERFLOW_ARENA.iter().zip(arenas) {
         slot.store(arena, Ordering::Relaxed);
     }
     set_overflow_policy(policy);
@@ -1027,6 +1320,9 @@ pub fn overflow_stats() -> OverflowStats {
 /// Returns the bytes paged out.
 pub fn page_out_overflow() -> u64 {
     let mut total = 0u64;
+    if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
+        return 0;
+    }
     for region in OVERFLOW_REGIONS.iter().filter_map(std::sync::OnceLock::get) {
         let len = region.len();
         if len > 0 && region.page_out(0, len).is_ok() {
@@ -1036,9 +1332,56 @@ pub fn page_out_overflow() -> u64 {
     total
 }
 
-/// The overflow region of `engine`, once enabled.
+/// The overflow region of `engine`, once enabled (`None` in a child of `fork`, which does not
+/// inherit the regions).
 pub fn overflow_region(engine: EngineId) -> Option<&'static crate::OverflowRegion> {
+    if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
+        return None;
+    }
     OVERFLOW_REGIONS
         .get(engine.index())
         .and_then(std::sync::OnceLock::get)
+}
+
+// ---------------------------------------------------------------------------------------------
+// fork: the child keeps the engine arenas (private memory, copied as usual) but not overflow.
+
+/// Whether this process is a child of `fork` of a process that had the engine arenas.
+static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Registers [`after_fork_in_child`] once the arenas exist.
+fn register_fork_handler() {
+    // SAFETY: the child handler is an `extern "C" fn()` that lives as long as the process.
+    unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+}
+
+/// Whether this process is a child of `fork` (overflow is off in it).
+pub fn is_forked_child() -> bool {
+    FORKED.load(Ordering::Relaxed)
+}
+
+/// Runs in a child of `fork`, on its only thread, before `fork` returns there. The overflow
+/// mappings are `MADV_DONTFORK` (the child sharing the parent's file pages would corrupt the
+/// parent's heap), so the child has none: turn overflow off, so the child's engines allocate in
+/// their normal arenas, and reserve the holes again so nothing else is mapped inside the
+/// overflow ranges (whose addresses would be taken for overflow blocks). Only system calls and
+/// atomic stores: safe between `fork` and `exec`.
+extern "C" fn after_fork_in_child() {
+    FORKED.store(true, Ordering::Relaxed);
+    OVERFLOW_STATE.store(OVERFLOW_OFF, Ordering::Release);
+    for region in OVERFLOW_REGIONS.iter().filter_map(std::sync::OnceLock::get) {
+        // SAFETY: the region's range lies inside our reservation; in the child nothing is
+        // mapped there any more (the parent's mapping was not inherited), so replacing it with
+        // an inaccessible reservation affects no memory of the child's.
+        unsafe {
+            libc::mmap(
+                region.base().cast(),
+                region.capacity(),
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            );
+        }
+    }
 }

@@ -28,13 +28,17 @@ mod overflow;
 mod size_class;
 mod thread;
 
-pub use alloc::{GovernedAlloc, detached_operations, is_active, unrouted_allocations};
+pub use alloc::{
+    GovernedAlloc, RangeFallbacks, detached_operations, is_active, range_fallbacks,
+    unrouted_allocations,
+};
 pub use arena::{
-    ArenaStats, ArenaStatsByNode, NumaPolicy, OverflowPolicy, OverflowStats, allocator_resident,
-    arena_index, arena_stats, arena_stats_by_node, arenas_ready, enable_overflow, is_overflow,
-    is_overflowing, machine_topology, mbind_failures, node_of, overflow_region, overflow_stats,
-    owner, page_out_overflow, purge_all_arenas, purge_engine, range_bytes, range_exhaustions,
-    set_numa_policy, set_overflow_limit, set_overflow_policy,
+    ArenaFailure, ArenaStats, ArenaStatsByNode, MAX_RANGE_BYTES, MIN_RANGE_BYTES, NumaPolicy,
+    OverflowPolicy, OverflowStats, RANGE_BYTES_ENV, allocator_resident, arena_failure, arena_index,
+    arena_stats, arena_stats_by_node, arenas_ready, enable_overflow, is_forked_child, is_overflow,
+    is_overflowing, machine_topology, mbind_failures, node_of, node_range_bytes, overflow_region,
+    overflow_stats, owner, page_out_overflow, purge_all_arenas, purge_engine, range_bytes,
+    range_exhaustions, set_numa_policy, set_overflow_limit, set_overflow_policy,
 };
 pub use ledger::{
     BATCH, DIRECT_THRESHOLD, charged, charged_peak, overflow_charged, take_window_peak,
@@ -42,8 +46,8 @@ pub use ledger::{
 pub use numa::{MAX_CPUS, MAX_NODES, Topology};
 pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};
 pub use thread::{
-    EngineGuard, HOME_SWITCH_AFTER, current_engine, explicit_caches_created, flush_thread,
-    home_engine, home_switches,
+    EngineGuard, GUARD_SLOTS, HOME_SWITCH_AFTER, current_engine, explicit_caches_created,
+    flush_thread, home_engine, home_switches,
 };
 pub use thread::{NumaError, bind_thread_to_local_numa, pin_thread_arena, thread_node};
 

@@ -102,8 +102,14 @@ fn bind_thread_arena(arena: c_uint) -> Option<c_uint> {
 }
 
 pub(crate) struct ThreadState {
-    /// Engine of the innermost active guard.
+    /// Engine of the most recently entered guard still alive (see [`EngineGuard`]).
     current: Cell<u8>,
+    /// Engines of the live guards, in the order entered (the first [`GUARD_SLOTS`]).
+    guards: [Cell<u8>; GUARD_SLOTS],
+    /// Bit `i` set: the guard entered at depth `i` is alive.
+    alive: Cell<u64>,
+    /// Guards entered and not yet known dropped: the stack's height.
+    depth: Cell<u32>,
     /// Engine whose arena this thread is bound to.
     home: Cell<u8>,
     /// Prepaid bytes charged to `home` and not yet used, in `[0, HOME_MAX]`.
@@ -124,6 +130,9 @@ pub(crate) struct ThreadState {
     tcaches: [Cell<u32>; SLOTS],
 }
 
+/// Guards per thread whose drops may come in any order (deeper ones must drop in reverse).
+pub const GUARD_SLOTS: usize = 64;
+
 const NO_TCACHE: u32 = u32::MAX;
 const TCACHE_FAILED: u32 = u32::MAX - 1;
 static TCACHES_CREATED: AtomicU64 = AtomicU64::new(0);
@@ -138,6 +147,9 @@ impl ThreadState {
     const fn new() -> ThreadState {
         ThreadState {
             current: Cell::new(UNATTRIBUTED),
+            guards: [const { Cell::new(UNATTRIBUTED) }; GUARD_SLOTS],
+            alive: Cell::new(0),
+            depth: Cell::new(0),
             home: Cell::new(UNATTRIBUTED),
             credit: Cell::new(0),
             pending: Cell::new(0),
@@ -159,15 +171,21 @@ impl ThreadState {
         self.home.get() as usize
     }
 
+    /// The automatic arena jemalloc gave this thread (arena 0 if never learnt).
+    #[inline]
+    pub(crate) fn auto_arena(&self) -> c_uint {
+        match self.auto_arena.get() {
+            NO_ARENA => 0,
+            a => a,
+        }
+    }
+
     /// The arena to name explicitly when serving `engine` away from home: the engine's arena,
     /// or for `Unattributed` the thread's automatic arena (arena 0 if never learnt).
     #[inline(always)]
     pub(crate) fn visit_arena(&self, engine: usize) -> Option<c_uint> {
         if engine == UNATTRIBUTED as usize {
-            Some(match self.auto_arena.get() {
-                NO_ARENA => 0,
-                a => a,
-            })
+            Some(self.auto_arena())
         } else {
             arena_of(engine, self.node())
         }
@@ -475,8 +493,18 @@ pub fn home_switches() -> u64 {
     HOME_SWITCHES.load(Ordering::Relaxed)
 }
 
-/// Attributes the calling thread's allocations to an engine until dropped; guards nest, and
-/// dropping one restores the engine that was current when it was entered.
+/// Attributes the calling thread's allocations to an engine until dropped.
+///
+/// # Overlapping guards
+///
+/// A thread's guards form a stack in the order they were entered, and **the current engine is
+/// that of the most recently entered guard still alive** (`Unattributed` when none is). So
+/// guards may be dropped in any order: dropping an inner guard first restores the outer one's
+/// engine, as usual; dropping an outer guard first changes nothing until the inner one goes
+/// too; once every guard is gone the thread is back in `Unattributed`, where it started. The
+/// rule holds for the first [`GUARD_SLOTS`] (64) guards alive at once on a thread; a guard
+/// entered deeper than that restores, when dropped, the engine that was current when it was
+/// entered (the rule for strictly nested guards).
 ///
 /// ```
 /// use nodedb_mem_alloc::{EngineGuard, EngineId, current_engine};
@@ -492,6 +520,12 @@ pub fn home_switches() -> u64 {
 ///     assert_eq!(current_engine(), EngineId::Query);
 /// }
 /// assert_eq!(current_engine(), EngineId::Unattributed);
+///
+/// // Out of order: a `Vec` drops its guards front to back.
+/// let guards = vec![EngineGuard::enter(EngineId::Query), EngineGuard::enter(EngineId::Vector)];
+/// assert_eq!(current_engine(), EngineId::Vector);
+/// drop(guards);
+/// assert_eq!(current_engine(), EngineId::Unattributed);
 /// ```
 ///
 /// A guard belongs to its thread: it cannot be sent to another one.
@@ -504,7 +538,9 @@ pub fn home_switches() -> u64 {
 #[derive(Debug)]
 #[must_use = "the engine is current only while the guard lives"]
 pub struct EngineGuard {
-    previous: Option<u8>,
+    /// The guard's depth on its thread's stack, and the engine current before it (`None`:
+    /// entered during teardown, when the thread state was unreachable; dropping does nothing).
+    entered: Option<(u32, u8)>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -513,14 +549,9 @@ impl EngineGuard {
     /// thread's state is gone) this does nothing, and allocations stay attributed by address.
     #[inline(always)]
     pub fn enter(engine: EngineId) -> EngineGuard {
-        let previous = THREAD
-            .try_with(|t| {
-                t.visits.set(0);
-                t.current.replace(engine as u8)
-            })
-            .ok();
+        let entered = THREAD.try_with(|t| t.enter_guard(engine as u8)).ok();
         EngineGuard {
-            previous,
+            entered,
             _not_send: PhantomData,
         }
     }
@@ -529,12 +560,55 @@ impl EngineGuard {
 impl Drop for EngineGuard {
     #[inline(always)]
     fn drop(&mut self) {
-        if let Some(prev) = self.previous {
-            let _ = THREAD.try_with(|t| {
-                t.visits.set(0);
-                t.current.set(prev);
-            });
+        if let Some((depth, previous)) = self.entered {
+            let _ = THREAD.try_with(|t| t.leave_guard(depth, previous));
         }
+    }
+}
+
+impl ThreadState {
+    /// Pushes a guard for `engine`; returns its depth and the engine current before it.
+    #[inline(always)]
+    fn enter_guard(&self, engine: u8) -> (u32, u8) {
+        self.visits.set(0);
+        let depth = self.depth.get();
+        if let Some(slot) = self.guards.get(depth as usize) {
+            slot.set(engine);
+            self.alive.set(self.alive.get() | 1u64.wrapping_shl(depth));
+        }
+        self.depth.set(depth.saturating_add(1));
+        (depth, self.current.replace(engine))
+    }
+
+    /// Drops the guard entered at `depth`: marks it dead, pops the dead guards off the top of
+    /// the stack, and makes the top live guard's engine current (see [`EngineGuard`]).
+    #[inline(always)]
+    fn leave_guard(&self, depth: u32, previous: u8) {
+        self.visits.set(0);
+        let slots = GUARD_SLOTS as u32;
+        if depth >= slots {
+            // Beyond the tracked slots: strictly nested guards only.
+            if self.depth.get() == depth + 1 {
+                self.depth.set(depth);
+            }
+            self.current.set(previous);
+            return;
+        }
+        self.alive.set(self.alive.get() & !1u64.wrapping_shl(depth));
+        let mut top = self.depth.get();
+        if top > slots {
+            // Deeper guards are still alive above this one: they stay current.
+            return;
+        }
+        while top > 0 && self.alive.get() & 1u64.wrapping_shl(top - 1) == 0 {
+            top -= 1;
+        }
+        self.depth.set(top);
+        let current = match top.checked_sub(1) {
+            Some(i) => self.guards.get(i as usize).map_or(UNATTRIBUTED, Cell::get),
+            None => UNATTRIBUTED,
+        };
+        self.current.set(current);
     }
 }
 
