@@ -215,7 +215,7 @@ fn an_engine_holds_more_than_eight_gib() {
         blocks.iter().all(|&p| owner(p) == EngineId::Query),
         "all in Query's range"
     );
-    assert!(blocks.iter().all(|&p| p as usize % GIB == 0));
+    assert!(blocks.iter().all(|&p| (p as usize).is_multiple_of(GIB)));
     assert_eq!(settled(EngineId::Query) - q0, (count * GIB) as u64);
     for p in blocks {
         // SAFETY: allocated above with this layout.

@@ -44,8 +44,9 @@ fn size_class(size: usize) -> usize {
 fn smoke() {
     everywhere(|e| {
         let mut a = Vec::new();
-        a.reserve(1);
         a.push(3);
+        a.reserve(1);
+        a.push(4);
         assert_eq!(owner(a.as_ptr().cast()), e);
         flush_thread();
     });
@@ -194,7 +195,7 @@ fn every_size_class_at_seven_alignments() {
                 let before = charged(e);
                 // SAFETY: non-zero size; freed below.
                 let p = unsafe { A.alloc(layout) };
-                assert!(!p.is_null() && p as usize % align == 0);
+                assert!(!p.is_null() && (p as usize).is_multiple_of(align));
                 flush_thread();
                 // SAFETY: flags with only an alignment.
                 let class = unsafe {
