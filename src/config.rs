@@ -27,6 +27,14 @@ pub const DEFAULT_RSS_MARGIN: f64 = 0.05;
 /// [`range_bytes`](crate::range_bytes), which `install` checks.
 pub const MAX_OVERFLOW_CAPACITY: u64 = nodedb_mem_alloc::MAX_RANGE_BYTES as u64;
 
+/// The interval of the background thread `install` starts by default: resident sampling,
+/// purging, rebalancing, events. Each tick costs about 0.1 ms of one core here
+/// (`docs/benchmarks.md`), 0.1 % at this interval.
+pub const DEFAULT_BACKGROUND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Share of the overflow directory's free space that a default capacity leaves to others.
+pub const OVERFLOW_DISK_RESERVE: f64 = 0.10;
+
 /// Where and how much an engine over its limit may overflow to.
 ///
 /// Each engine (but `Unattributed`) gets a region of `capacity` bytes, backed by an unnamed
@@ -37,10 +45,12 @@ pub struct OverflowConfig {
     /// Directory of the backing files (default: the OS temp directory). Must not be on tmpfs
     /// (its pages cannot be evicted without swap) unless `allow_tmpfs`.
     pub dir: PathBuf,
-    /// Capacity of each engine's region, in bytes or as a fraction of the ceiling (default:
-    /// the ceiling, at most [`MAX_OVERFLOW_CAPACITY`]). Disk space is used only as regions
-    /// grow.
-    pub capacity: Size,
+    /// Capacity of each engine's region, in bytes or as a fraction of the ceiling. `None` (the
+    /// default): from the disk, the free space of `dir`'s filesystem at `install` less a reserve
+    /// of [`OVERFLOW_DISK_RESERVE`] of it (at least 1 GiB), at most the range an engine can hold
+    /// ([`range_bytes`](crate::range_bytes)). Disk space is used only as regions grow; when the
+    /// disk fills first, the [`policy`](Self::policy) decides.
+    pub capacity: Option<Size>,
     /// What happens when a region cannot take an allocation.
     pub policy: nodedb_mem_alloc::OverflowPolicy,
     /// Accept a tmpfs directory.
@@ -51,7 +61,7 @@ impl Default for OverflowConfig {
     fn default() -> Self {
         OverflowConfig {
             dir: std::env::temp_dir(),
-            capacity: Size::Fraction(1.0),
+            capacity: None,
             policy: nodedb_mem_alloc::OverflowPolicy::FallBack,
             allow_tmpfs: false,
         }
@@ -169,6 +179,7 @@ pub struct GovernorBuilder {
     numa_policy: nodedb_mem_alloc::NumaPolicy,
     cap_to_node_memory: bool,
     allow_unattributed: bool,
+    background: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -190,13 +201,14 @@ pub(crate) struct Config {
     pub(crate) rebalance: RebalanceConfig,
     pub(crate) rss_margin: u64,
     pub(crate) proc_status: PathBuf,
-    /// Overflow settings, and whether they were given explicitly (a default that cannot be
-    /// honoured disables overflow with a warning; an explicit one is an error).
+    /// Overflow settings, the capacity in bytes (`None`: from the disk at install), and whether
+    /// they were given explicitly (a default that cannot be honoured disables overflow with a
+    /// warning; an explicit one is an error).
     #[cfg_attr(
         nodedb_mem_loom,
         expect(dead_code, reason = "loom models never install a governor")
     )]
-    pub(crate) overflow: Option<(OverflowConfig, u64, bool)>,
+    pub(crate) overflow: Option<(OverflowConfig, Option<u64>, bool)>,
     #[cfg_attr(
         nodedb_mem_loom,
         expect(dead_code, reason = "loom models never install a governor")
@@ -208,6 +220,12 @@ pub(crate) struct Config {
         expect(dead_code, reason = "loom models never install a governor")
     )]
     pub(crate) allow_unattributed: bool,
+    /// The interval of the background thread `install` starts (`None`: none).
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models never install a governor")
+    )]
+    pub(crate) background: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,6 +252,7 @@ impl Default for GovernorBuilder {
             numa_policy: nodedb_mem_alloc::NumaPolicy::Preferred,
             cap_to_node_memory: false,
             allow_unattributed: false,
+            background: Some(DEFAULT_BACKGROUND_INTERVAL),
         }
     }
 }
@@ -317,6 +336,19 @@ impl GovernorBuilder {
     /// where the topology is unknown.
     pub fn cap_to_node_memory(mut self, on: bool) -> Self {
         self.cap_to_node_memory = on;
+        self
+    }
+
+    /// Sets the interval of the background thread that [`install`](Self::install) starts
+    /// (default [`DEFAULT_BACKGROUND_INTERVAL`], 100 ms): at each tick it samples resident
+    /// memory and purges or pushes out what passes the margin
+    /// ([`check_resident`](crate::MemoryGovernor::check_resident)), rebalances, and emits
+    /// pending events. `None` starts no thread: call those yourself, or
+    /// [`spawn_rebalancer`](crate::MemoryGovernor::spawn_rebalancer) at your own cadence. The
+    /// inline push-out that holds resident memory under the ceiling while overflow grows does
+    /// not depend on it. A zero interval is refused.
+    pub fn background(mut self, interval: Option<std::time::Duration>) -> Self {
+        self.background = interval;
         self
     }
 
@@ -411,6 +443,9 @@ impl GovernorBuilder {
                 "must be between 0 and 0.9",
             ));
         }
+        if self.background.is_some_and(|d| d.is_zero()) {
+            return Err(MemError::config("background", "0 s", "must be above zero"));
+        }
         self.thresholds.validate()?;
         self.rebalance.validate(&self.thresholds)?;
 
@@ -460,25 +495,26 @@ impl GovernorBuilder {
             let explicit = self.overflow.is_some();
             let c = self.overflow.unwrap_or_default();
             let capacity = match c.capacity {
-                Size::Bytes(0) => {
+                None => None,
+                Some(Size::Bytes(0)) => {
                     return Err(MemError::config(
                         "overflow.capacity",
                         "0 B",
                         "must be above zero",
                     ));
                 }
-                Size::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+                Some(Size::Fraction(f)) if !(f > 0.0 && f <= 1.0) => {
                     return Err(MemError::config(
                         "overflow.capacity",
                         f,
                         "a fraction of the ceiling must be above 0 and at most 1",
                     ));
                 }
-                // The default (the whole ceiling) is capped at what a range holds.
-                s if !explicit => s.resolve(ceiling).min(MAX_OVERFLOW_CAPACITY),
-                s => s.resolve(ceiling),
+                Some(s) => Some(s.resolve(ceiling)),
             };
-            if capacity > MAX_OVERFLOW_CAPACITY {
+            if let Some(capacity) = capacity
+                && capacity > MAX_OVERFLOW_CAPACITY
+            {
                 return Err(MemError::config(
                     "overflow.capacity",
                     ByteSize(capacity),
@@ -617,6 +653,7 @@ impl GovernorBuilder {
             overflow,
             numa_policy: self.numa_policy,
             allow_unattributed: self.allow_unattributed,
+            background: self.background,
         })
     }
 }

@@ -202,6 +202,12 @@ impl MemoryGovernor {
         &self.inner.budgets[engine.index()]
     }
 
+    /// The margin kept between resident memory and the ceiling, in bytes (see
+    /// [`GovernorBuilder::rss_margin`](crate::GovernorBuilder::rss_margin)).
+    pub fn rss_margin(&self) -> u64 {
+        self.inner.rss_margin
+    }
+
     /// The global ceiling in bytes.
     pub fn ceiling(&self) -> u64 {
         self.inner.global.ceiling

@@ -8,6 +8,28 @@ use crate::governor::MemoryGovernor;
 use crate::{EngineGuard, EngineId};
 
 static INSTALLED: OnceLock<MemoryGovernor> = OnceLock::new();
+/// The background thread of the installed governor, for the life of the process.
+static BACKGROUND: OnceLock<crate::Rebalancer> = OnceLock::new();
+
+/// The default overflow capacity of each engine: the free space of `dir`'s filesystem less
+/// [`OVERFLOW_DISK_RESERVE`](crate::OVERFLOW_DISK_RESERVE) of it, and at least 1 GiB less
+/// (0 where it cannot be read: `enable_overflow` then refuses a zero capacity and overflow is
+/// off, with a warning).
+pub(crate) fn capacity_from_disk(dir: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: an all-zero statvfs is valid for statvfs to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs to write.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let reserve = ((free as f64 * crate::OVERFLOW_DISK_RESERVE) as u64).max(1 << 30);
+    free.saturating_sub(reserve)
+}
 
 pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
     if INSTALLED.get().is_some() {
@@ -33,20 +55,23 @@ pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
         .filter(|_| nodedb_mem_alloc::arenas_ready());
     if let Some((c, capacity, explicit)) = overflow {
         let range = nodedb_mem_alloc::range_bytes() as u64;
-        if explicit && capacity > range {
-            return Err(MemError::config(
-                "overflow.capacity",
-                crate::ByteSize(capacity),
-                format!(
-                    "above the {} each engine's overflow range holds in this process (set at \
-                     start-up from physical memory and the address-space limit; see \
-                     NODEDB_MEM_RANGE_BYTES)",
-                    crate::ByteSize(range)
-                ),
-            ));
-        }
-        // The default (the ceiling) is capped at what a range holds.
-        let capacity = usize::try_from(capacity.min(range)).unwrap_or(usize::MAX);
+        let capacity = match capacity {
+            Some(capacity) if capacity > range => {
+                return Err(MemError::config(
+                    "overflow.capacity",
+                    crate::ByteSize(capacity),
+                    format!(
+                        "above the {} each engine's overflow range holds in this process (set at \
+                         start-up from physical memory and the address-space limit; see \
+                         NODEDB_MEM_RANGE_BYTES)",
+                        crate::ByteSize(range)
+                    ),
+                ));
+            }
+            Some(capacity) => capacity,
+            None => capacity_from_disk(&c.dir).min(range),
+        };
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
         match nodedb_mem_alloc::enable_overflow(&c.dir, capacity, c.allow_tmpfs, c.policy) {
             Ok(()) => {}
             Err(e) if !explicit => tracing::warn!(
@@ -58,11 +83,31 @@ pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
             Err(e) => return Err(e.into()),
         }
     }
+    let background = config.background;
     INSTALLED
         .set(MemoryGovernor::from_config(config, true))
         .map_err(|_| MemError::AlreadyInstalled)?;
     let gov = INSTALLED.get().ok_or(MemError::AlreadyInstalled)?;
     gov.publish_limits();
+    if nodedb_mem_alloc::overflow_region(EngineId::Vector).is_some() {
+        // The thread that grows overflow holds resident memory under the margin itself.
+        let margin = gov.rss_margin();
+        nodedb_mem_alloc::set_resident_target(Some(gov.ceiling() - margin), margin / 4);
+    }
+    if let Some(interval) = background {
+        match gov.spawn_rebalancer(interval) {
+            Ok(bg) => {
+                let _ = BACKGROUND.set(bg);
+            }
+            // The governor is bound already; without the thread the budgets and the inline
+            // push-out still hold, only sampling, rebalancing and event pumping wait for calls.
+            Err(e) => tracing::warn!(
+                target: "nodedb_mem",
+                error = %e,
+                "the governor's background thread could not be started"
+            ),
+        }
+    }
     Ok(gov)
 }
 

@@ -34,8 +34,9 @@ mod sync;
 pub use budget::Budget;
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use config::{
-    DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, GovernorBuilder, MAX_CEILING,
-    MAX_OVERFLOW_CAPACITY, MIN_CEILING, OverflowConfig, RebalanceConfig,
+    DEFAULT_BACKGROUND_INTERVAL, DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, GovernorBuilder,
+    MAX_CEILING, MAX_OVERFLOW_CAPACITY, MIN_CEILING, OVERFLOW_DISK_RESERVE, OverflowConfig,
+    RebalanceConfig,
 };
 pub use error::{MemError, Result};
 pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
@@ -53,11 +54,12 @@ pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
     ArenaFailure, ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GUARD_SLOTS,
     GovernedAlloc, MAX_NODES, MAX_RANGE_BYTES, MIN_RANGE_BYTES, NumaError, NumaPolicy,
-    OverflowError, OverflowPolicy, OverflowRegion, OverflowStats, PageOutMethod, RANGE_BYTES_ENV,
-    RangeFallbacks, Topology, UnknownEngine, arena_failure, bind_thread_to_local_numa,
-    current_engine, enable_overflow, flush_thread, home_engine, is_forked_child, is_overflow,
-    is_overflowing, machine_topology, node_of, overflow_stats, owner, pin_thread_arena,
-    range_bytes, range_fallbacks, set_overflow_limit, thread_node,
+    OverflowError, OverflowPolicy, OverflowRegion, OverflowStats, PageOutMethod, PushOutStats,
+    RANGE_BYTES_ENV, RangeFallbacks, Topology, UnknownEngine, arena_failure,
+    bind_thread_to_local_numa, current_engine, enable_overflow, flush_thread, home_engine,
+    is_forked_child, is_overflow, is_overflowing, machine_topology, node_of, overflow_region,
+    overflow_stats, owner, pin_thread_arena, push_out_stats, range_bytes, range_fallbacks,
+    set_overflow_limit, thread_node,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]

@@ -22,6 +22,7 @@ fn an_engine_past_its_budget_overflows_and_recovers() {
             ..Default::default()
         })
         .overflow(OverflowConfig::in_dir(dir.path()))
+        .background(None) // this test rebalances by hand, at the moment it chooses
         .install()
         .unwrap();
     let q = EngineId::Query;
@@ -99,7 +100,7 @@ fn a_bad_overflow_directory_is_refused_before_anything_is_installed() {
     let err = MemoryGovernor::builder()
         .global_ceiling(1 << 30)
         .overflow(OverflowConfig {
-            capacity: nodedb_mem::Size::Bytes(8 << 40),
+            capacity: Some(nodedb_mem::Size::Bytes(8 << 40)),
             ..Default::default()
         })
         .build()
@@ -120,7 +121,7 @@ fn a_bad_overflow_directory_is_refused_before_anything_is_installed() {
     let err = MemoryGovernor::builder()
         .global_ceiling(1 << 30)
         .overflow(OverflowConfig {
-            capacity: nodedb_mem::Size::Bytes(2 * range),
+            capacity: Some(nodedb_mem::Size::Bytes(2 * range)),
             ..OverflowConfig::in_dir(dir.path())
         })
         .install()

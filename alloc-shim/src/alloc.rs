@@ -238,7 +238,11 @@ impl ThreadState {
         let f = flags | z | cache | jem::MALLOCX_ARENA(overflow as usize);
         // SAFETY: size > 0; flags name an existing arena, this thread's cache for its slot (or
         // none), an alignment and maybe zeroing.
-        unsafe { jem::mallocx(size, f) }.cast::<u8>()
+        let p = unsafe { jem::mallocx(size, f) }.cast::<u8>();
+        if !p.is_null() {
+            crate::pushout::note(engine, size as u64, p);
+        }
+        p
     }
 
     /// Charges a block just placed in an engine arena off the fast path. After overflow has
@@ -430,6 +434,9 @@ impl ThreadState {
             return q;
         }
         self.on_free(owner, old_usable);
+        if owner >= arena::OVERFLOW_SLOT && new_usable > old_usable {
+            crate::pushout::note(owner - arena::OVERFLOW_SLOT, new_usable - old_usable, q);
+        }
         if fell_back {
             self.charge_where_it_is(owner_of(q), new_usable);
             return q;

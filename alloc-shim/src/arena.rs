@@ -1266,11 +1266,55 @@ pub fn enable_overflow(
         }
     }
     for (slot, arena) in OVERFLOW_ARENA.iter().zip(arenas) {
+        set_retain_grow_limit(arena, OVERFLOW_GROW_LIMIT);
         slot.store(arena, Ordering::Relaxed);
     }
     set_overflow_policy(policy);
     OVERFLOW_STATE.store(OVERFLOW_ON, Ordering::Release);
     Ok(())
+}
+
+/// The most an overflow arena asks its region for at once (beyond what one allocation needs).
+/// jemalloc grows an arena's retained memory geometrically; a request that does not fit what is
+/// left of the region fails although smaller ones would: with 1 MiB blocks, a 512 MiB region
+/// filled to ~400 MiB. With growth capped at 4 MiB, at most that much of a region is lost.
+const OVERFLOW_GROW_LIMIT: usize = 4 << 20;
+
+/// `arena.<arena>.retain_grow_limit = limit`.
+fn set_retain_grow_limit(arena: c_uint, limit: usize) -> bool {
+    let mut name = [0u8; 48];
+    let (prefix, suffix) = (b"arena.".as_slice(), b".retain_grow_limit".as_slice());
+    name[..prefix.len()].copy_from_slice(prefix);
+    let mut at = prefix.len();
+    let mut digits = [0u8; 10];
+    let (mut n, mut len) = (arena, 0);
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in digits[..len].iter().rev() {
+        name[at] = *d;
+        at += 1;
+    }
+    name[at..at + suffix.len()].copy_from_slice(suffix);
+    let mut value = limit;
+    // `name` ends with at least one zero byte (6 + 10 + 18 < 48): a C string.
+    // SAFETY: `arena.<i>.retain_grow_limit` takes a `size_t` (we pass one with its size) and
+    // returns nothing we ask for; the name is NUL-terminated.
+    let rc = unsafe {
+        jem::mallctl(
+            name.as_ptr().cast(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::from_mut(&mut value).cast(),
+            size_of::<usize>(),
+        )
+    };
+    rc == 0
 }
 
 /// Changes what happens when overflow cannot take an allocation.
@@ -1316,8 +1360,8 @@ pub fn overflow_stats() -> OverflowStats {
     }
 }
 
-/// Pushes every overflow region's pages out of memory (see [`crate::OverflowRegion::page_out`]).
-/// Returns the bytes paged out.
+/// Pushes every overflow region's pages out of memory and out of the page cache (see
+/// [`crate::OverflowRegion::push_out`]). Returns the bytes swept.
 pub fn page_out_overflow() -> u64 {
     let mut total = 0u64;
     if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
@@ -1325,7 +1369,7 @@ pub fn page_out_overflow() -> u64 {
     }
     for region in OVERFLOW_REGIONS.iter().filter_map(std::sync::OnceLock::get) {
         let len = region.len();
-        if len > 0 && region.page_out(0, len).is_ok() {
+        if len > 0 && region.push_out(0, len).is_ok() {
             total += len as u64;
         }
     }
@@ -1341,6 +1385,11 @@ pub fn overflow_region(engine: EngineId) -> Option<&'static crate::OverflowRegio
     OVERFLOW_REGIONS
         .get(engine.index())
         .and_then(std::sync::OnceLock::get)
+}
+
+/// [`overflow_region`] by engine index.
+pub(crate) fn overflow_region_of(e: usize) -> Option<&'static crate::OverflowRegion> {
+    EngineId::from_index(e).and_then(overflow_region)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1369,6 +1418,7 @@ pub fn is_forked_child() -> bool {
 extern "C" fn after_fork_in_child() {
     FORKED.store(true, Ordering::Relaxed);
     OVERFLOW_STATE.store(OVERFLOW_OFF, Ordering::Release);
+    crate::pushout::after_fork_in_child();
     for region in OVERFLOW_REGIONS.iter().filter_map(std::sync::OnceLock::get) {
         // SAFETY: the region's range lies inside our reservation; in the child nothing is
         // mapped there any more (the parent's mapping was not inherited), so replacing it with

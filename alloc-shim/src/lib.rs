@@ -25,6 +25,7 @@ mod arena;
 mod ledger;
 mod numa;
 mod overflow;
+mod pushout;
 mod size_class;
 mod thread;
 
@@ -45,6 +46,10 @@ pub use ledger::{
 };
 pub use numa::{MAX_CPUS, MAX_NODES, Topology};
 pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};
+pub use pushout::{
+    PushOutStats, check_every, push_out_checks, push_out_stats, resident, resident_target,
+    set_resident_target,
+};
 pub use thread::{
     EngineGuard, GUARD_SLOTS, HOME_SWITCH_AFTER, current_engine, explicit_caches_created,
     flush_thread, home_engine, home_switches,

@@ -292,6 +292,43 @@ impl OverflowRegion {
         Ok(PageOutMethod::SyncAndDrop)
     }
 
+    /// Pushes the pages of `[offset, offset + len)` out of the process *and* out of the page
+    /// cache: drops this mapping's view of them (`MADV_DONTNEED`: resident memory falls at
+    /// once; dirty pages stay in the page cache, nothing is lost), writes them back to the file
+    /// and waits (`sync_file_range`), then drops the now clean cached pages
+    /// (`POSIX_FADV_DONTNEED`), so a memory cgroup stops charging them too. The data stays
+    /// intact: the next touch reads it back from the file. Blocks on the disk's write speed.
+    pub fn push_out(&self, offset: usize, len: usize) -> Result<(), OverflowError> {
+        let (addr, len) = self.span(offset, len)?;
+        // SAFETY: `[addr, addr + len)` is a mapped, shared part of the region (checked by
+        // `span`); MADV_DONTNEED on a shared file mapping only unmaps the pages (their dirty
+        // state moves to the page cache).
+        if unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) } != 0 {
+            return Err(last_errno("dropping overflow pages"));
+        }
+        let fd = self.file.as_raw_fd();
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: our open descriptor and a byte range of it (`offset + len <= len()`, which
+        // fits `off_t` as a mapped length).
+        if unsafe { libc::sync_file_range(fd, offset as libc::off_t, len as libc::off_t, flags) }
+            != 0
+        {
+            return Err(last_errno("writing overflow pages back"));
+        }
+        // SAFETY: as above; advice only.
+        unsafe {
+            libc::posix_fadvise(
+                fd,
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        Ok(())
+    }
+
     /// Frees the file blocks behind `[offset, offset + len)`: the pages read back as zeros
     /// afterwards (what jemalloc's forced purge promises; `MADV_DONTNEED` alone would leave
     /// the file's bytes).

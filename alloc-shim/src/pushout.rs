@@ -1,0 +1,274 @@
+//! Holding resident memory under a target where overflow grows, not where it is sampled.
+//!
+//! Overflow pages are file pages mapped `MAP_SHARED`: resident (and charged to a memory
+//! cgroup) until something pushes them out. A sampler every 50–100 ms lets a thread that
+//! allocates ~1 GiB/s add 50–100 MiB between two samples. So the thread that allocates in
+//! overflow checks, every [`check_every`] bytes it places there, the process's resident memory
+//! (`/proc/self/statm`, one `pread` on a descriptor opened once); when it is within two such
+//! steps of the target, it pushes overflow pages out itself ([`OverflowRegion::push_out`]:
+//! unmapped, written back, dropped from the page cache) until resident memory is four steps
+//! under the target. Pages are taken in address order from a clock hand per region that wraps
+//! around, so what was pushed out longest ago is looked at last; the block being allocated is
+//! never pushed out. Other engines' regions are swept too if the allocating engine's own
+//! region cannot free enough.
+//!
+//! Everything here is system calls and atomics: nothing allocates or locks (one pusher at a
+//! time, the others carry on allocating), so it can run on the allocation path.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::EngineId;
+use crate::arena::{ARENA_ENGINES, overflow_region_of};
+
+/// The resident target in bytes (`u64::MAX`: none, no inline push-out).
+static TARGET: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Bytes placed in overflow between two checks of resident memory.
+static STEP: AtomicU64 = AtomicU64::new(8 << 20);
+/// Bytes each engine placed in overflow since its last check.
+static SINCE: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(0) }; ARENA_ENGINES];
+/// Each region's clock hand: the offset its next push-out starts at.
+static HAND: [AtomicUsize; ARENA_ENGINES] = [const { AtomicUsize::new(0) }; ARENA_ENGINES];
+/// One pusher at a time.
+static BUSY: AtomicBool = AtomicBool::new(false);
+/// `/proc/self/statm`, opened on first use (-1 before).
+static STATM: AtomicI32 = AtomicI32::new(-1);
+
+static CHECKS: AtomicU64 = AtomicU64::new(0);
+static CALLS: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(0) }; ARENA_ENGINES];
+static BYTES: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(0) }; ARENA_ENGINES];
+static NANOS: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(0) }; ARENA_ENGINES];
+static FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the resident memory the allocator holds the process under by pushing overflow out
+/// (`None`: no inline push-out), and the overflow bytes between two checks of resident memory.
+/// The governor sets `ceiling - rss_margin` and a quarter of the margin (within 1–16 MiB).
+pub fn set_resident_target(target: Option<u64>, step: u64) {
+    STEP.store(step.clamp(1 << 20, 16 << 20), Ordering::Relaxed);
+    TARGET.store(target.unwrap_or(u64::MAX), Ordering::Relaxed);
+}
+
+/// The resident target and step set by [`set_resident_target`].
+pub fn resident_target() -> (Option<u64>, u64) {
+    let t = TARGET.load(Ordering::Relaxed);
+    ((t != u64::MAX).then_some(t), STEP.load(Ordering::Relaxed))
+}
+
+/// Bytes placed in overflow between two checks of resident memory.
+pub fn check_every() -> u64 {
+    STEP.load(Ordering::Relaxed)
+}
+
+/// The push-out figures of one engine's overflow region.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushOutStats {
+    /// Spans pushed out (each one `madvise` + `sync_file_range` + `posix_fadvise`).
+    pub calls: u64,
+    /// Bytes of the region swept (resident or not).
+    pub bytes: u64,
+    /// Time spent in those calls, in nanoseconds.
+    pub nanos: u64,
+}
+
+/// The push-out figures of `engine`'s overflow region (zero for `Unattributed`).
+pub fn push_out_stats(engine: EngineId) -> PushOutStats {
+    let e = engine.index();
+    if e >= ARENA_ENGINES {
+        return PushOutStats::default();
+    }
+    PushOutStats {
+        calls: CALLS[e].load(Ordering::Relaxed),
+        bytes: BYTES[e].load(Ordering::Relaxed),
+        nanos: NANOS[e].load(Ordering::Relaxed),
+    }
+}
+
+/// Checks of resident memory made on the allocation path, and push-outs that failed.
+pub fn push_out_checks() -> (u64, u64) {
+    (
+        CHECKS.load(Ordering::Relaxed),
+        FAILURES.load(Ordering::Relaxed),
+    )
+}
+
+/// In a child of `fork`: the descriptor names the parent's `statm`; forget it.
+pub(crate) fn after_fork_in_child() {
+    let fd = STATM.swap(-1, Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: our own descriptor, used by nobody else in the child's only thread.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Called after `engine` placed `bytes` in its overflow region at `[keep, keep + bytes)`.
+#[inline]
+pub(crate) fn note(engine: usize, bytes: u64, keep: *const u8) {
+    let Some(since) = SINCE.get(engine) else {
+        return;
+    };
+    if TARGET.load(Ordering::Relaxed) == u64::MAX {
+        return;
+    }
+    let s = since.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    if s >= STEP.load(Ordering::Relaxed) {
+        check(engine, keep, bytes as usize);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn check(engine: usize, keep: *const u8, keep_len: usize) {
+    if BUSY.swap(true, Ordering::Acquire) {
+        return; // someone is pushing out; this thread checks again after its next block
+    }
+    SINCE[engine].store(0, Ordering::Relaxed);
+    CHECKS.fetch_add(1, Ordering::Relaxed);
+    let target = TARGET.load(Ordering::Relaxed);
+    let step = STEP.load(Ordering::Relaxed);
+    if let Some(rss) = resident()
+        && rss.saturating_add(2 * step) >= target
+    {
+        let goal = target.saturating_sub(4 * step);
+        let keep = (keep as usize, keep_len);
+        let mut done = sweep(engine, goal, keep);
+        for other in (0..ARENA_ENGINES).filter(|&o| o != engine) {
+            if done {
+                break;
+            }
+            done = sweep(other, goal, keep);
+        }
+    }
+    BUSY.store(false, Ordering::Release);
+}
+
+/// Pushes out `engine`'s region from its hand, one step at a time, until resident memory is at
+/// most `goal` or the whole region was swept once. Skips the pages of `keep` (address, length).
+fn sweep(engine: usize, goal: u64, keep: (usize, usize)) -> bool {
+    let Some(region) = overflow_region_of(engine) else {
+        return false;
+    };
+    let len = region.len();
+    if len == 0 {
+        return false;
+    }
+    let step = (STEP.load(Ordering::Relaxed) as usize).next_multiple_of(4096);
+    let base = region.base() as usize;
+    let (keep_lo, keep_hi) = (
+        keep.0.saturating_sub(base) & !4095,
+        keep.0
+            .saturating_add(keep.1)
+            .saturating_sub(base)
+            .next_multiple_of(4096),
+    );
+    let hand = &HAND[engine];
+    let mut at = hand.load(Ordering::Relaxed);
+    let mut swept = 0usize;
+    while swept < len {
+        if at >= len {
+            at = 0;
+        }
+        let end = (at + step).min(len);
+        let start_ns = now_ns();
+        for (lo, hi) in without(at, end, keep_lo, keep_hi) {
+            if region.push_out(lo, hi - lo).is_err() {
+                FAILURES.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        CALLS[engine].fetch_add(1, Ordering::Relaxed);
+        BYTES[engine].fetch_add((end - at) as u64, Ordering::Relaxed);
+        NANOS[engine].fetch_add(now_ns().saturating_sub(start_ns), Ordering::Relaxed);
+        swept += end - at;
+        at = end;
+        if resident().is_none_or(|rss| rss <= goal) {
+            hand.store(at, Ordering::Relaxed);
+            return true;
+        }
+    }
+    hand.store(at, Ordering::Relaxed);
+    false
+}
+
+/// `[lo, hi)` minus `[cut_lo, cut_hi)`: up to two spans (empty ones have `lo == hi`).
+fn without(
+    lo: usize,
+    hi: usize,
+    cut_lo: usize,
+    cut_hi: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    let first = (lo, hi.min(cut_lo).max(lo));
+    let second = (lo.max(cut_hi).min(hi), hi);
+    [first, second].into_iter().filter(|(a, b)| a < b)
+}
+
+fn now_ns() -> u64 {
+    // SAFETY: an all-zero timespec is valid for clock_gettime to fill.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock and a valid timespec to write (a vDSO call).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// The process's resident memory in bytes, from `/proc/self/statm` (its second field, in
+/// pages), read into a stack buffer. `None` where it cannot be read.
+pub fn resident() -> Option<u64> {
+    let mut fd = STATM.load(Ordering::Relaxed);
+    if fd < 0 {
+        // SAFETY: a NUL-terminated path and flags.
+        let opened = unsafe {
+            libc::open(
+                c"/proc/self/statm".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if opened < 0 {
+            return None;
+        }
+        match STATM.compare_exchange(-1, opened, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => fd = opened,
+            Err(theirs) => {
+                // SAFETY: our own descriptor, not shared.
+                unsafe { libc::close(opened) };
+                fd = theirs;
+            }
+        }
+    }
+    let mut buf = [0u8; 128];
+    // SAFETY: reads at most `buf.len()` bytes into the stack buffer from our descriptor.
+    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = usize::try_from(n).ok()?;
+    let text = buf.get(..n)?;
+    let mut fields = text.split(|&b| b == b' ');
+    let _size = fields.next()?;
+    let resident = fields.next()?;
+    let mut pages: u64 = 0;
+    for &d in resident {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        pages = pages.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    pages.checked_mul(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_without_a_cut() {
+        let v = |lo, hi, a, b| without(lo, hi, a, b).collect::<Vec<_>>();
+        assert_eq!(v(0, 100, 200, 300), vec![(0, 100)]);
+        assert_eq!(v(0, 100, 40, 60), vec![(0, 40), (60, 100)]);
+        assert_eq!(v(0, 100, 0, 100), vec![]);
+        assert_eq!(v(0, 100, 50, 150), vec![(0, 50)]);
+        assert_eq!(v(100, 200, 50, 150), vec![(150, 200)]);
+        assert_eq!(v(100, 200, 0, 0), vec![(100, 200)]);
+    }
+
+    #[test]
+    fn resident_is_read_and_plausible() {
+        let rss = resident().unwrap();
+        assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
+    }
+}

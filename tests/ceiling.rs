@@ -1,0 +1,188 @@
+//! The ceiling holds by itself: `install()` with its defaults (no monitor started by hand), one
+//! engine with a budget of an eighth of the ceiling holding twice the ceiling of live data and
+//! more. Each test runs in its own process (nextest), so `VmHWM` is this test's peak.
+
+use std::time::{Duration, Instant};
+
+use nodedb_mem::{
+    BATCH, EngineGuard, EngineId, GovernedAlloc, MemoryGovernor, OverflowConfig, flush_thread,
+};
+
+#[global_allocator]
+static ALLOC: GovernedAlloc = GovernedAlloc::new();
+
+const MIB: usize = 1 << 20;
+const CEILING: u64 = 512 << 20;
+const Q: EngineId = EngineId::Query;
+
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// The governor as a new user gets it, but for an overflow directory made sure to be on disk
+/// (CI's temp directory may be tmpfs).
+fn install() -> (&'static MemoryGovernor, tempfile::TempDir) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(CEILING)
+        .budget(Q, CEILING / 8)
+        .overflow(OverflowConfig::in_dir(dir.path()))
+        .install()
+        .unwrap();
+    (gov, dir)
+}
+
+/// Engine usage may pass the limit by at most one thread's batch (per allocating thread).
+fn assert_within_limit(gov: &MemoryGovernor, threads: u64, at: &str) {
+    let usage = gov.usage(Q);
+    let limit = gov.limit(Q);
+    assert!(
+        usage <= limit + threads * BATCH,
+        "{at}: usage {usage} above limit {limit} + {threads} × {BATCH}"
+    );
+}
+
+/// Fills `total` bytes in blocks of `block` bytes under the Query guard, checking the ledger
+/// every `check_every` blocks, then checks the peak, the data, read-back and the release.
+fn fill(block: usize, total: usize, zeroed: bool) {
+    let (gov, _dir) = install();
+    flush_thread();
+    let base_usage = gov.usage(Q);
+    let n = total / block;
+    let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(n);
+    for i in 0..n {
+        {
+            let _g = EngineGuard::enter(Q);
+            if zeroed {
+                let mut v = vec![0u8; block];
+                v[0] = i as u8;
+                v[block - 1] = i as u8;
+                blocks.push(v);
+            } else {
+                // Allocated first, filled after (as `resize` does), a page at a time.
+                let mut v = Vec::with_capacity(block);
+                let page = [i as u8; 4096];
+                while v.len() < block {
+                    v.extend_from_slice(&page[..(block - v.len()).min(4096)]);
+                }
+                blocks.push(v);
+            }
+        }
+        if i % 64 == 0 {
+            assert_within_limit(gov, 1, &format!("block {i}"));
+        }
+    }
+    flush_thread();
+    assert_within_limit(gov, 1, "end of fill");
+    let peak = status_kib("VmHWM:");
+    let push = nodedb_mem::push_out_stats(Q);
+    eprintln!(
+        "{n} blocks of {block} B: VmHWM {} MiB, overflow {} MiB, {} push-outs over {} MiB in {} ms",
+        peak >> 20,
+        gov.budget(Q).overflow_bytes() >> 20,
+        push.calls,
+        push.bytes >> 20,
+        push.nanos / 1_000_000
+    );
+    assert!(
+        peak <= CEILING,
+        "VmHWM {} MiB above the ceiling",
+        peak >> 20
+    );
+    // Every byte reads back as written (faulting overflow back in).
+    // (Compared a page at a time with `==`, a `memcmp`, so the check is quick in debug builds.)
+    let zeros = [0u8; 4096];
+    for (i, v) in blocks.iter().enumerate() {
+        if zeroed {
+            assert!(v[0] == i as u8 && v[block - 1] == i as u8, "block {i}");
+            assert!(v[1..block - 1].chunks(4096).all(|c| c == &zeros[..c.len()]));
+        } else {
+            let page = [i as u8; 4096];
+            assert!(v.chunks(4096).all(|c| c == &page[..c.len()]), "block {i}");
+        }
+    }
+    // Within a second of the reads the governor has resident memory back under the ceiling.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let rss = status_kib("VmRSS:");
+        if rss <= CEILING {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VmRSS {} MiB a second after the reads",
+            rss >> 20
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(blocks);
+    flush_thread();
+    assert_eq!(gov.usage(Q), base_usage);
+    assert_eq!(gov.budget(Q).overflow_bytes(), 0);
+}
+
+#[test]
+fn one_mib_zeroed_vecs_twice_the_ceiling() {
+    fill(MIB, 2 * CEILING as usize, true);
+}
+
+#[test]
+fn four_kib_vecs_twice_the_ceiling() {
+    fill(4096, 2 * CEILING as usize, false);
+}
+
+#[test]
+fn sixty_four_kib_blocks_four_times_the_ceiling() {
+    fill(64 * 1024, 4 * CEILING as usize, false);
+}
+
+#[test]
+fn two_threads_of_four_kib_vecs_twice_the_ceiling() {
+    let (gov, _dir) = install();
+    flush_thread();
+    let base_usage = gov.usage(Q);
+    let per_thread = CEILING as usize / 4096; // 2 × 512 MiB over two threads
+    let filled: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2u8)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut mine = Vec::with_capacity(per_thread);
+                    for i in 0..per_thread {
+                        let _g = EngineGuard::enter(Q);
+                        mine.push(vec![t.wrapping_mul(31).wrapping_add(i as u8); 4096]);
+                        if i % 256 == 0 {
+                            assert_within_limit(gov, 2, &format!("thread {t} block {i}"));
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    flush_thread();
+    assert_within_limit(gov, 2, "end of fill");
+    let peak = status_kib("VmHWM:");
+    eprintln!("two threads: VmHWM {} MiB", peak >> 20);
+    assert!(
+        peak <= CEILING,
+        "VmHWM {} MiB above the ceiling",
+        peak >> 20
+    );
+    for (t, mine) in filled.iter().enumerate() {
+        for (i, v) in mine.iter().enumerate() {
+            let page = [(t as u8).wrapping_mul(31).wrapping_add(i as u8); 4096];
+            assert!(v[..] == page[..], "thread {t} block {i}");
+        }
+    }
+    drop(filled);
+    flush_thread();
+    assert_eq!(gov.usage(Q), base_usage);
+    assert_eq!(gov.budget(Q).overflow_bytes(), 0);
+}
