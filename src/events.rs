@@ -83,6 +83,21 @@ pub enum EventKind {
         /// Bytes its reclaimers reported freed.
         freed: u64,
     },
+    /// An engine's overflow could not take allocations (its region was full, or its file could
+    /// not grow): served past the limit from the normal arena (`FallBack`) or refused
+    /// (`FailAllocation`).
+    OverflowBreach {
+        /// The engine.
+        engine: EngineId,
+        /// Allocations served past the limit since the last such event.
+        breaches: u64,
+        /// Allocations refused since the last such event.
+        refused: u64,
+        /// Bytes served past the limit so far, in total.
+        breach_bytes: u64,
+        /// Bytes refused so far, in total.
+        refused_bytes: u64,
+    },
     /// The rebalancer moved limit from one engine to another.
     Rebalance {
         /// The engine whose limit shrank.
@@ -244,6 +259,22 @@ fn emit(e: &BreachEvent) {
             requested,
             freed,
             "asked reclaimers for memory"
+        ),
+        EventKind::OverflowBreach {
+            engine,
+            breaches,
+            refused,
+            breach_bytes,
+            refused_bytes,
+        } => tracing::warn!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            engine = engine.name(),
+            breaches,
+            refused,
+            breach_bytes,
+            refused_bytes,
+            "overflow could not take allocations: served past the budget or refused"
         ),
         EventKind::Rebalance { from, to, bytes } => tracing::info!(
             target: "nodedb_mem",

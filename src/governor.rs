@@ -65,6 +65,8 @@ struct Inner {
     rss_margin: u64,
     proc_status: std::path::PathBuf,
     last_rss: Mutex<RssSample>,
+    /// Per engine, the overflow breaches and refusals already reported as events.
+    breaches_seen: Mutex<[(u64, u64); EngineId::COUNT]>,
 }
 
 struct Registered {
@@ -174,6 +176,7 @@ impl MemoryGovernor {
                 rss_margin: c.rss_margin,
                 proc_status: c.proc_status,
                 last_rss: Mutex::new(RssSample::default()),
+                breaches_seen: Mutex::new([(0, 0); EngineId::COUNT]),
             }),
         }
     }
@@ -556,6 +559,10 @@ impl MemoryGovernor {
         if self.is_installed() && self.purge_dirty_engines() {
             resident = read()?.0;
         }
+        #[cfg(not(nodedb_mem_loom))]
+        if self.is_installed() {
+            self.report_overflow_breaches();
+        }
         let allocator_resident = if self.is_installed() {
             nodedb_mem_alloc::allocator_resident().unwrap_or(0)
         } else {
@@ -571,6 +578,28 @@ impl MemoryGovernor {
         *lock(&inner.last_rss) = sample;
         self.global_pressure();
         Ok(sample)
+    }
+
+    /// Records an [`EventKind::OverflowBreach`] (and so a `tracing` warning) for each engine
+    /// whose overflow could not take allocations since the last report.
+    #[cfg(not(nodedb_mem_loom))]
+    fn report_overflow_breaches(&self) {
+        let mut seen = lock(&self.inner.breaches_seen);
+        for e in EngineId::ALL {
+            let b = nodedb_mem_alloc::overflow_breaches(e);
+            let last = &mut seen[e.index()];
+            let (breaches, refused) = (b.breaches - last.0, b.refused - last.1);
+            if breaches > 0 || refused > 0 {
+                *last = (b.breaches, b.refused);
+                self.inner.events.record(EventKind::OverflowBreach {
+                    engine: e,
+                    breaches,
+                    refused,
+                    breach_bytes: b.breach_bytes,
+                    refused_bytes: b.refused_bytes,
+                });
+            }
+        }
     }
 
     /// Purges the arenas of every engine whose dirty pages (freed memory jemalloc keeps for

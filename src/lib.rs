@@ -54,12 +54,13 @@ pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
     ArenaFailure, ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GUARD_SLOTS,
     GovernedAlloc, MAX_NODES, MAX_RANGE_BYTES, MIN_RANGE_BYTES, NumaError, NumaPolicy,
-    OverflowError, OverflowPolicy, OverflowRegion, OverflowStats, PageOutMethod, PushOutStats,
-    RANGE_BYTES_ENV, RangeFallbacks, Topology, UnknownEngine, arena_failure,
-    bind_thread_to_local_numa, current_engine, enable_overflow, flush_thread, home_engine,
-    is_forked_child, is_overflow, is_overflowing, machine_topology, node_of, overflow_region,
-    overflow_stats, owner, pin_thread_arena, push_out_stats, range_bytes, range_fallbacks,
-    set_overflow_limit, thread_node,
+    OverflowBreaches, OverflowError, OverflowFigures, OverflowPolicy, OverflowRegion,
+    OverflowStats, PageOutMethod, PushOutStats, RANGE_BYTES_ENV, RangeFallbacks, Topology,
+    UnknownEngine, arena_failure, bind_thread_to_local_numa, current_engine, enable_overflow,
+    flush_thread, home_engine, is_forked_child, is_overflow, is_overflowing, machine_topology,
+    node_of, overflow_breaches, overflow_figures, overflow_region, overflow_stats, owner,
+    pin_thread_arena, push_out_stats, range_bytes, range_fallbacks, set_overflow_limit,
+    thread_node,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]

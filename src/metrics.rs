@@ -57,6 +57,13 @@ pub struct EngineSnapshot {
     /// Allocations that found the engine's range full and were served, and counted, outside it
     /// as `Unattributed`'s (zero for a standalone governor).
     pub range_fallbacks: crate::RangeFallbacks,
+    /// The engine's overflow region as the kernel sees it: backed, resident and on-disk bytes,
+    /// capacity (zero without overflow).
+    pub overflow: crate::OverflowFigures,
+    /// Overflow pushed out by the allocating threads: calls, bytes swept, time.
+    pub push_out: crate::PushOutStats,
+    /// Allocations the engine's overflow could not take (served past the limit, or refused).
+    pub overflow_breaches: crate::OverflowBreaches,
 }
 
 impl EngineSnapshot {
@@ -68,14 +75,18 @@ impl EngineSnapshot {
         installed: bool,
     ) -> EngineSnapshot {
         let e = b.engine();
-        let (range_bytes, range_fallbacks) = if installed && e != EngineId::Unattributed {
-            (
-                nodedb_mem_alloc::range_bytes() as u64,
-                nodedb_mem_alloc::range_fallbacks(e),
-            )
-        } else {
-            (0, crate::RangeFallbacks::default())
-        };
+        let (range_bytes, range_fallbacks, overflow, push_out, overflow_breaches) =
+            if installed && e != EngineId::Unattributed {
+                (
+                    nodedb_mem_alloc::range_bytes() as u64,
+                    nodedb_mem_alloc::range_fallbacks(e),
+                    nodedb_mem_alloc::overflow_figures(e),
+                    nodedb_mem_alloc::push_out_stats(e),
+                    nodedb_mem_alloc::overflow_breaches(e),
+                )
+            } else {
+                Default::default()
+            };
         EngineSnapshot {
             engine: b.engine(),
             base: b.base(),
@@ -98,6 +109,9 @@ impl EngineSnapshot {
             arena_by_node,
             range_bytes,
             range_fallbacks,
+            overflow,
+            push_out,
+            overflow_breaches,
         }
     }
 }
@@ -245,7 +259,49 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 24] = [
+        let per_engine: [(&str, &str, &str, Field); 31] = [
+            (
+                "engine_overflow_resident_bytes",
+                "gauge",
+                "Bytes of the engine's overflow region resident in memory (mincore).",
+                |e| e.overflow.resident.into(),
+            ),
+            (
+                "engine_overflow_disk_bytes",
+                "gauge",
+                "Bytes of disk the engine's overflow file occupies.",
+                |e| e.overflow.disk.into(),
+            ),
+            (
+                "engine_overflow_capacity_bytes",
+                "gauge",
+                "Capacity of the engine's overflow region.",
+                |e| e.overflow.capacity.into(),
+            ),
+            (
+                "engine_push_outs_total",
+                "counter",
+                "Spans of the engine's overflow pushed out of memory by allocating threads.",
+                |e| e.push_out.calls.into(),
+            ),
+            (
+                "engine_push_out_bytes_total",
+                "counter",
+                "Bytes of the engine's overflow region swept by push-outs.",
+                |e| e.push_out.bytes.into(),
+            ),
+            (
+                "engine_push_out_milliseconds_total",
+                "counter",
+                "Time spent pushing the engine's overflow out, in milliseconds.",
+                |e| (e.push_out.nanos / 1_000_000).into(),
+            ),
+            (
+                "engine_overflow_breach_bytes_total",
+                "counter",
+                "Bytes the engine's overflow could not take, served past its limit.",
+                |e| e.overflow_breaches.breach_bytes.into(),
+            ),
             (
                 "engine_range_bytes",
                 "gauge",

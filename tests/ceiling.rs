@@ -60,9 +60,11 @@ fn fill(block: usize, total: usize, zeroed: bool) {
         {
             let _g = EngineGuard::enter(Q);
             if zeroed {
+                // Zeroed, then one byte written in every page (so every page is touched).
                 let mut v = vec![0u8; block];
-                v[0] = i as u8;
-                v[block - 1] = i as u8;
+                for page in v.chunks_mut(4096) {
+                    page[0] = i as u8;
+                }
                 blocks.push(v);
             } else {
                 // Allocated first, filled after (as `resize` does), a page at a time.
@@ -100,8 +102,12 @@ fn fill(block: usize, total: usize, zeroed: bool) {
     let zeros = [0u8; 4096];
     for (i, v) in blocks.iter().enumerate() {
         if zeroed {
-            assert!(v[0] == i as u8 && v[block - 1] == i as u8, "block {i}");
-            assert!(v[1..block - 1].chunks(4096).all(|c| c == &zeros[..c.len()]));
+            for page in v.chunks(4096) {
+                assert!(
+                    page[0] == i as u8 && page[1..] == zeros[1..page.len()],
+                    "block {i}"
+                );
+            }
         } else {
             let page = [i as u8; 4096];
             assert!(v.chunks(4096).all(|c| c == &page[..c.len()]), "block {i}");

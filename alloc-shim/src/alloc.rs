@@ -165,11 +165,11 @@ impl ThreadState {
             }
             match arena::overflow_policy() {
                 arena::OverflowPolicy::FailAllocation => {
-                    arena::count_refusal();
+                    arena::count_refusal(engine, usable);
                     return p;
                 }
                 arena::OverflowPolicy::FallBack => {
-                    arena::count_breach();
+                    arena::count_breach(engine, usable);
                     fell_back = true;
                 }
             }
@@ -392,12 +392,12 @@ impl ThreadState {
             }
             match arena::overflow_policy() {
                 arena::OverflowPolicy::FailAllocation => {
-                    arena::count_refusal();
+                    arena::count_refusal(owner, new_usable);
                     // The old block stays valid, as a failed realloc requires.
                     return std::ptr::null_mut();
                 }
                 arena::OverflowPolicy::FallBack => {
-                    arena::count_breach();
+                    arena::count_breach(owner, new_usable);
                     fell_back = true;
                 }
             }
@@ -532,12 +532,12 @@ impl ThreadState {
                 return q;
             }
             if keep == 0 && arena::overflow_policy() == arena::OverflowPolicy::FailAllocation {
-                arena::count_refusal();
+                arena::count_refusal(owner, usable);
                 release(p);
                 return std::ptr::null_mut();
             }
         }
-        arena::count_breach();
+        arena::count_breach(owner, usable);
         ledger::charge(owner, usable);
         p
     }

@@ -1162,12 +1162,113 @@ pub(crate) fn overflow_policy() -> OverflowPolicy {
     }
 }
 
-pub(crate) fn count_breach() {
+/// Per engine: allocations overflow could not take that were served normally (`[0]` count,
+/// `[1]` bytes) and that were refused.
+static ENGINE_BREACHES: [[AtomicU64; 2]; ARENA_ENGINES] =
+    [const { [const { AtomicU64::new(0) }; 2] }; ARENA_ENGINES];
+static ENGINE_REFUSALS: [[AtomicU64; 2]; ARENA_ENGINES] =
+    [const { [const { AtomicU64::new(0) }; 2] }; ARENA_ENGINES];
+
+/// Counts an allocation of `bytes` for `engine` that overflow could not take and that was
+/// served from the engine's normal arena.
+pub(crate) fn count_breach(engine: usize, bytes: u64) {
     BREACHES.fetch_add(1, Ordering::Relaxed);
+    if let Some([n, b]) = ENGINE_BREACHES.get(engine) {
+        n.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
-pub(crate) fn count_refusal() {
+/// Counts an allocation of `bytes` for `engine` refused because overflow could not take it.
+pub(crate) fn count_refusal(engine: usize, bytes: u64) {
     REFUSED.fetch_add(1, Ordering::Relaxed);
+    if let Some([n, b]) = ENGINE_REFUSALS.get(engine) {
+        n.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// One engine's allocations that its overflow region could not take: served from its normal
+/// arena past its limit (policy `FallBack`) or refused (`FailAllocation`), counted and in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverflowBreaches {
+    /// Allocations served normally past the limit.
+    pub breaches: u64,
+    /// Their bytes.
+    pub breach_bytes: u64,
+    /// Allocations refused.
+    pub refused: u64,
+    /// Their bytes.
+    pub refused_bytes: u64,
+}
+
+/// The breaches and refusals of `engine`'s overflow (zero for `Unattributed`).
+pub fn overflow_breaches(engine: EngineId) -> OverflowBreaches {
+    let (Some([bn, bb]), Some([rn, rb])) = (
+        ENGINE_BREACHES.get(engine.index()),
+        ENGINE_REFUSALS.get(engine.index()),
+    ) else {
+        return OverflowBreaches::default();
+    };
+    OverflowBreaches {
+        breaches: bn.load(Ordering::Relaxed),
+        breach_bytes: bb.load(Ordering::Relaxed),
+        refused: rn.load(Ordering::Relaxed),
+        refused_bytes: rb.load(Ordering::Relaxed),
+    }
+}
+
+/// What one engine's overflow region holds on disk and in memory now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverflowFigures {
+    /// Bytes of the region backed by its file so far (it never shrinks).
+    pub backed: u64,
+    /// Bytes of the region resident in memory now (`mincore`).
+    pub resident: u64,
+    /// Bytes of disk the backing file occupies (`st_blocks`; punched holes free them).
+    pub disk: u64,
+    /// The region's capacity.
+    pub capacity: u64,
+}
+
+/// Reads `engine`'s overflow figures from the kernel (`mincore` over the region, 16 MiB per
+/// call into a stack buffer, and `fstat`): milliseconds for gigabytes; sample it. Zero without
+/// overflow.
+pub fn overflow_figures(engine: EngineId) -> OverflowFigures {
+    use std::os::fd::AsRawFd;
+    let Some(region) = overflow_region(engine) else {
+        return OverflowFigures::default();
+    };
+    let len = region.len();
+    let mut resident = 0u64;
+    let mut vec = [0u8; 4096];
+    let mut at = 0usize;
+    while at < len {
+        let n = (len - at).min(vec.len() * 4096);
+        // SAFETY: `[base + at, base + at + n)` is a mapped part of the region (`at + n <= len`,
+        // page-aligned); `vec` has room for one byte per page of it.
+        let rc = unsafe { libc::mincore(region.base().add(at).cast(), n, vec.as_mut_ptr()) };
+        if rc != 0 {
+            break;
+        }
+        let pages = n.div_ceil(4096);
+        resident += vec[..pages].iter().filter(|&&b| b & 1 != 0).count() as u64 * 4096;
+        at += n;
+    }
+    // SAFETY: an all-zero stat is valid for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the region's open descriptor and a stat to write.
+    let disk = if unsafe { libc::fstat(region.file().as_raw_fd(), &mut st) } == 0 {
+        (st.st_blocks as u64).saturating_mul(512)
+    } else {
+        0
+    };
+    OverflowFigures {
+        backed: len as u64,
+        resident,
+        disk,
+        capacity: region.capacity() as u64,
+    }
 }
 
 /// # Safety

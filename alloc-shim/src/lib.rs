@@ -35,11 +35,12 @@ pub use alloc::{
 };
 pub use arena::{
     ArenaFailure, ArenaStats, ArenaStatsByNode, MAX_RANGE_BYTES, MIN_RANGE_BYTES, NumaPolicy,
-    OverflowPolicy, OverflowStats, RANGE_BYTES_ENV, allocator_resident, arena_failure, arena_index,
-    arena_stats, arena_stats_by_node, arenas_ready, enable_overflow, is_forked_child, is_overflow,
-    is_overflowing, machine_topology, mbind_failures, node_of, node_range_bytes, overflow_region,
-    overflow_stats, owner, page_out_overflow, purge_all_arenas, purge_engine, range_bytes,
-    range_exhaustions, set_numa_policy, set_overflow_limit, set_overflow_policy,
+    OverflowBreaches, OverflowFigures, OverflowPolicy, OverflowStats, RANGE_BYTES_ENV,
+    allocator_resident, arena_failure, arena_index, arena_stats, arena_stats_by_node, arenas_ready,
+    enable_overflow, is_forked_child, is_overflow, is_overflowing, machine_topology,
+    mbind_failures, node_of, node_range_bytes, overflow_breaches, overflow_figures,
+    overflow_region, overflow_stats, owner, page_out_overflow, purge_all_arenas, purge_engine,
+    range_bytes, range_exhaustions, set_numa_policy, set_overflow_limit, set_overflow_policy,
 };
 pub use ledger::{
     BATCH, DIRECT_THRESHOLD, charged, charged_peak, overflow_charged, take_window_peak,

@@ -425,23 +425,33 @@ fn open_unnamed(cdir: &CString, dir: &Path) -> Result<OwnedFd, OverflowError> {
 
 /// Fault injection for tests: make the next growth steps fail with a chosen `errno`.
 pub mod fault {
-    use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
     use super::OverflowError;
 
     static SKIP: AtomicU32 = AtomicU32::new(0);
     static ERRNO: AtomicI32 = AtomicI32::new(0);
+    static STICKY: AtomicBool = AtomicBool::new(false);
 
     /// After `skip` more steps succeed (creating a region maps it; growing one allocates file
     /// blocks), the next one fails with `errno` (`ENOSPC`, `EIO`, `ENOMEM`, ...), once.
     pub fn fail_after(skip: u32, errno: i32) {
+        STICKY.store(false, Ordering::SeqCst);
         SKIP.store(skip, Ordering::SeqCst);
+        ERRNO.store(errno, Ordering::SeqCst);
+    }
+
+    /// Every step from now on fails with `errno` until [`clear`]: a disk that stays full.
+    pub fn fail_always(errno: i32) {
+        STICKY.store(true, Ordering::SeqCst);
+        SKIP.store(0, Ordering::SeqCst);
         ERRNO.store(errno, Ordering::SeqCst);
     }
 
     /// Cancels a pending injected failure.
     pub fn clear() {
         ERRNO.store(0, Ordering::SeqCst);
+        STICKY.store(false, Ordering::SeqCst);
     }
 
     pub(super) fn check(op: &'static str) -> Result<(), OverflowError> {
@@ -454,7 +464,11 @@ pub mod fault {
         {
             return Ok(());
         }
-        let errno = ERRNO.swap(0, Ordering::SeqCst);
+        let errno = if STICKY.load(Ordering::SeqCst) {
+            ERRNO.load(Ordering::SeqCst)
+        } else {
+            ERRNO.swap(0, Ordering::SeqCst)
+        };
         if errno == 0 {
             return Ok(());
         }

@@ -9,13 +9,15 @@
 //! unmapped, written back, dropped from the page cache) until resident memory is four steps
 //! under the target. Pages are taken in address order from a clock hand per region that wraps
 //! around, so what was pushed out longest ago is looked at last; the block being allocated is
-//! never pushed out. Other engines' regions are swept too if the allocating engine's own
+//! never pushed out. Every allocating thread that finds resident memory near the target does
+//! this work, so an engine filling overflow faster than pages can be written back is slowed to
+//! the disk's pace instead of passing the ceiling. Other engines' regions are swept too if the allocating engine's own
 //! region cannot free enough.
 //!
-//! Everything here is system calls and atomics: nothing allocates or locks (one pusher at a
-//! time, the others carry on allocating), so it can run on the allocation path.
+//! Everything here is system calls and atomics: nothing allocates or locks (concurrent pushers
+//! claim disjoint spans), so it can run on the allocation path.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::EngineId;
 use crate::arena::{ARENA_ENGINES, overflow_region_of};
@@ -28,8 +30,6 @@ static STEP: AtomicU64 = AtomicU64::new(8 << 20);
 static SINCE: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(0) }; ARENA_ENGINES];
 /// Each region's clock hand: the offset its next push-out starts at.
 static HAND: [AtomicUsize; ARENA_ENGINES] = [const { AtomicUsize::new(0) }; ARENA_ENGINES];
-/// One pusher at a time.
-static BUSY: AtomicBool = AtomicBool::new(false);
 /// `/proc/self/statm`, opened on first use (-1 before).
 static STATM: AtomicI32 = AtomicI32::new(-1);
 
@@ -108,8 +108,10 @@ pub(crate) fn note(engine: usize, bytes: u64, keep: *const u8) {
     if TARGET.load(Ordering::Relaxed) == u64::MAX {
         return;
     }
+    let step = STEP.load(Ordering::Relaxed);
     let s = since.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    if s >= STEP.load(Ordering::Relaxed) {
+    // The thread whose block takes the count past a step checks; the count restarts.
+    if s >= step && since.swap(0, Ordering::Relaxed) >= step {
         check(engine, keep, bytes as usize);
     }
 }
@@ -117,31 +119,33 @@ pub(crate) fn note(engine: usize, bytes: u64, keep: *const u8) {
 #[cold]
 #[inline(never)]
 fn check(engine: usize, keep: *const u8, keep_len: usize) {
-    if BUSY.swap(true, Ordering::Acquire) {
-        return; // someone is pushing out; this thread checks again after its next block
-    }
-    SINCE[engine].store(0, Ordering::Relaxed);
     CHECKS.fetch_add(1, Ordering::Relaxed);
     let target = TARGET.load(Ordering::Relaxed);
     let step = STEP.load(Ordering::Relaxed);
-    if let Some(rss) = resident()
-        && rss.saturating_add(2 * step) >= target
-    {
-        let goal = target.saturating_sub(4 * step);
-        let keep = (keep as usize, keep_len);
-        let mut done = sweep(engine, goal, keep);
-        for other in (0..ARENA_ENGINES).filter(|&o| o != engine) {
-            if done {
-                break;
-            }
-            done = sweep(other, goal, keep);
+    let Some(rss) = resident() else {
+        return;
+    };
+    if rss.saturating_add(2 * step) < target {
+        return;
+    }
+    // Every thread that finds resident memory near the target pushes out: each claims its own
+    // spans, so two allocating threads push out twice as fast, and an engine allocating faster
+    // than one thread can push out is slowed down by the work rather than let through.
+    let goal = target.saturating_sub(4 * step);
+    let keep = (keep as usize, keep_len);
+    if sweep(engine, goal, keep) {
+        return;
+    }
+    for other in (0..ARENA_ENGINES).filter(|&o| o != engine) {
+        if sweep(other, goal, keep) {
+            return;
         }
     }
-    BUSY.store(false, Ordering::Release);
 }
 
-/// Pushes out `engine`'s region from its hand, one step at a time, until resident memory is at
-/// most `goal` or the whole region was swept once. Skips the pages of `keep` (address, length).
+/// Pushes out `engine`'s region, one step at a time from its hand, until resident memory is at
+/// most `goal` or as much as the region holds was swept. Skips the pages of `keep` (address,
+/// length). Concurrent callers claim disjoint spans (the hand advances by `fetch_add`).
 fn sweep(engine: usize, goal: u64, keep: (usize, usize)) -> bool {
     let Some(region) = overflow_region_of(engine) else {
         return false;
@@ -159,13 +163,11 @@ fn sweep(engine: usize, goal: u64, keep: (usize, usize)) -> bool {
             .saturating_sub(base)
             .next_multiple_of(4096),
     );
-    let hand = &HAND[engine];
-    let mut at = hand.load(Ordering::Relaxed);
     let mut swept = 0usize;
     while swept < len {
-        if at >= len {
-            at = 0;
-        }
+        // The hand only grows; its position in the region is taken modulo the region's length
+        // (which only grows too), page-aligned: a clock over the region.
+        let at = (HAND[engine].fetch_add(step, Ordering::Relaxed) % len) & !4095;
         let end = (at + step).min(len);
         let start_ns = now_ns();
         for (lo, hi) in without(at, end, keep_lo, keep_hi) {
@@ -177,13 +179,10 @@ fn sweep(engine: usize, goal: u64, keep: (usize, usize)) -> bool {
         BYTES[engine].fetch_add((end - at) as u64, Ordering::Relaxed);
         NANOS[engine].fetch_add(now_ns().saturating_sub(start_ns), Ordering::Relaxed);
         swept += end - at;
-        at = end;
         if resident().is_none_or(|rss| rss <= goal) {
-            hand.store(at, Ordering::Relaxed);
             return true;
         }
     }
-    hand.store(at, Ordering::Relaxed);
     false
 }
 

@@ -113,7 +113,7 @@ fn when_overflow_cannot_grow_the_policy_decides() {
     set_overflow_limit(e, Some(base as u64));
     // The overflow file cannot grow (disk full): the allocation is served normally and counted.
     let before = overflow_stats();
-    overflow_fault::fail_after(0, libc::ENOSPC);
+    overflow_fault::fail_always(libc::ENOSPC); // a disk that stays full
     let layout = Layout::from_size_align(16 * MIB, 8).unwrap(); // needs a new extent
     let p = {
         let _g = EngineGuard::enter(e);
