@@ -76,9 +76,7 @@ fn fill(block: usize, total: usize, zeroed: bool) {
                 blocks.push(v);
             }
         }
-        if i % 64 == 0 {
-            assert_within_limit(gov, 1, &format!("block {i}"));
-        }
+        assert_within_limit(gov, 1, &format!("block {i}"));
     }
     flush_thread();
     assert_within_limit(gov, 1, "end of fill");
@@ -191,4 +189,56 @@ fn two_threads_of_four_kib_vecs_twice_the_ceiling() {
     flush_thread();
     assert_eq!(gov.usage(Q), base_usage);
     assert_eq!(gov.budget(Q).overflow_bytes(), 0);
+}
+
+/// Without the background thread (so the limit stays put): the engine fills its budget to
+/// within a batch before rerouting starts, every block after that goes to overflow (no
+/// flapping), and `flush_thread` does not end the rerouting.
+#[test]
+fn rerouting_starts_at_the_limit_and_does_not_flap() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(CEILING)
+        .budget(Q, 16 * MIB as u64)
+        .overflow(OverflowConfig::in_dir(dir.path()))
+        .background(None)
+        .install()
+        .unwrap();
+    let limit = gov.limit(Q);
+    let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(16384);
+    let mut first_overflow = None;
+    for i in 0..16384 {
+        {
+            let _g = EngineGuard::enter(Q);
+            blocks.push(vec![1u8; 4096]);
+        }
+        let over = nodedb_mem::is_overflow(blocks[i].as_ptr());
+        assert_within_limit(gov, 1, &format!("block {i}"));
+        match first_overflow {
+            None if over => {
+                first_overflow = Some(i);
+                let usage = gov.usage(Q);
+                assert!(
+                    usage + 2 * BATCH >= limit,
+                    "rerouting began at {usage} B of a {limit} B limit"
+                );
+            }
+            Some(f) => assert!(
+                over,
+                "block {i} back in the arena after rerouting began at {f}"
+            ),
+            None => {}
+        }
+        if i % 1024 == 0 {
+            flush_thread(); // publishing the batch does not end the rerouting
+        }
+    }
+    assert!(first_overflow.is_some());
+    flush_thread();
+    let one_more = {
+        let _g = EngineGuard::enter(Q);
+        vec![2u8; 4096]
+    };
+    assert!(nodedb_mem::is_overflow(one_more.as_ptr()));
+    drop((blocks, one_more));
 }

@@ -263,6 +263,12 @@ fn run(args: &Args) -> Result<bool, String> {
             .budget(EngineId::Vector, s.budgets[0])
             .budget(EngineId::Timeseries, s.budgets[1])
             .budget(EngineId::Query, s.budgets[2])
+            // The verdict holds each engine to its budget: the background thread that
+            // `install` starts rebalances, so cap each engine at its budget (lending
+            // downwards stays possible, borrowing above it does not).
+            .cap(EngineId::Vector, s.budgets[0])
+            .cap(EngineId::Timeseries, s.budgets[1])
+            .cap(EngineId::Query, s.budgets[2])
             .overflow(OverflowConfig::in_dir(&overflow_dir))
             .install()
             .map_err(|e| format!("configuring the governor: {e}"))?;

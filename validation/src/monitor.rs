@@ -75,17 +75,10 @@ impl Sampler {
             .name("sampler".into())
             .spawn(move || {
                 let mut samples = Vec::with_capacity(4096);
-                let mut last_check = Instant::now();
+                // Resident feedback (purging, pushing overflow out) is the governor's own
+                // background work since `install`; this thread only records.
                 loop {
                     let done = s.load(Ordering::Acquire);
-                    if let Some(g) = gov
-                        && last_check.elapsed() >= Duration::from_millis(100)
-                    {
-                        // Resident feedback: purges and pages out when resident memory runs
-                        // ahead of the governed usage.
-                        let _ = g.check_resident();
-                        last_check = Instant::now();
-                    }
                     let mut x = Sample {
                         t_ms: started.elapsed().as_millis() as u64,
                         rss: rss_now(),
