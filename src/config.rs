@@ -28,8 +28,8 @@ pub const DEFAULT_RSS_MARGIN: f64 = 0.05;
 pub const MAX_OVERFLOW_CAPACITY: u64 = nodedb_mem_alloc::MAX_RANGE_BYTES as u64;
 
 /// The interval of the background thread `install` starts by default: resident sampling,
-/// purging, rebalancing, events. Each tick costs about 0.1 ms of one core here
-/// (`docs/benchmarks.md`), 0.1 % at this interval.
+/// purging, rebalancing, events. Each tick took 0.3–0.55 ms here, 0.4–0.6 % of one core at this
+/// interval (`docs/benchmarks.md`).
 pub const DEFAULT_BACKGROUND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Share of the overflow directory's free space that a default capacity leaves to others.
