@@ -259,7 +259,13 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 31] = [
+        let per_engine: [(&str, &str, &str, Field); 32] = [
+            (
+                "engine_overflow_paged_out_bytes",
+                "gauge",
+                "Bytes of the engine's overflow region backed by its file but not resident.",
+                |e| e.overflow.paged_out().into(),
+            ),
             (
                 "engine_overflow_resident_bytes",
                 "gauge",

@@ -95,6 +95,16 @@ fn fill(block: usize, total: usize, zeroed: bool) {
         "VmHWM {} MiB above the ceiling",
         peak >> 20
     );
+    // The figures show it: overflow pushed out by the allocating thread, most of it on disk.
+    let snap = gov.snapshot();
+    let figures = snap.engine(Q).overflow;
+    assert!(push.calls > 0 && push.bytes > 0 && push.nanos > 0);
+    assert_eq!(snap.engine(Q).push_out.calls, push.calls);
+    assert!(figures.paged_out() > figures.resident, "{figures:?}");
+    assert!(
+        figures.disk >= gov.budget(Q).overflow_bytes() / 2,
+        "{figures:?}"
+    );
     // Every byte reads back as written (faulting overflow back in).
     // (Compared a page at a time with `==`, a `memcmp`, so the check is quick in debug builds.)
     let zeros = [0u8; 4096];

@@ -80,7 +80,17 @@ fn one_mib_blocks_fill_their_capacity_then_fall_back_with_a_breach() {
     let snap = gov.snapshot();
     assert_eq!(snap.engine(Q).overflow_breaches, after);
     assert_eq!(snap.engine(Q).overflow.capacity, capacity as u64);
-    assert!(snap.engine(Q).overflow.disk >= in_overflow);
+    let figures = snap.engine(Q).overflow;
+    assert!(figures.disk >= in_overflow);
+    assert_eq!(figures.paged_out() + figures.resident, figures.backed);
+    assert!(figures.backed >= in_overflow);
+    assert!(text_has(
+        &gov.prometheus(),
+        &format!(
+            "nodedb_mem_engine_overflow_capacity_bytes{{engine=\"query\"}} {}",
+            capacity
+        )
+    ));
     let event = snap
         .events
         .iter()
@@ -155,4 +165,8 @@ fn a_full_disk_fails_fallible_allocations_under_fail_allocation() {
         (gov.usage(Q), gov.budget(Q).overflow_bytes()),
         (base, base_over)
     );
+}
+
+fn text_has(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l == line)
 }

@@ -1231,6 +1231,14 @@ pub struct OverflowFigures {
     pub capacity: u64,
 }
 
+impl OverflowFigures {
+    /// Bytes of the region backed by the file but not resident: pushed out (or evicted by the
+    /// kernel), to be read back from the disk on the next touch.
+    pub fn paged_out(&self) -> u64 {
+        self.backed.saturating_sub(self.resident)
+    }
+}
+
 /// Reads `engine`'s overflow figures from the kernel (`mincore` over the region, 16 MiB per
 /// call into a stack buffer, and `fstat`): milliseconds for gigabytes; sample it. Zero without
 /// overflow.

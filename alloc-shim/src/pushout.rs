@@ -235,11 +235,26 @@ pub fn resident() -> Option<u64> {
     let mut buf = [0u8; 128];
     // SAFETY: reads at most `buf.len()` bytes into the stack buffer from our descriptor.
     let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-    let n = usize::try_from(n).ok()?;
-    let text = buf.get(..n)?;
+    let parsed = usize::try_from(n)
+        .ok()
+        .and_then(|n| buf.get(..n))
+        .and_then(parse_statm);
+    if parsed.is_none() {
+        // The descriptor was closed behind our back (or now names another file): forget it,
+        // without closing what may be someone else's, and open a fresh one next time.
+        let _ = STATM.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
+    }
+    parsed
+}
+
+/// The resident bytes in a `statm` line (`size resident shared ...`, in pages).
+fn parse_statm(text: &[u8]) -> Option<u64> {
     let mut fields = text.split(|&b| b == b' ');
     let _size = fields.next()?;
     let resident = fields.next()?;
+    if resident.is_empty() || fields.next().is_none() {
+        return None;
+    }
     let mut pages: u64 = 0;
     for &d in resident {
         if !d.is_ascii_digit() {
@@ -263,6 +278,15 @@ mod tests {
         assert_eq!(v(0, 100, 50, 150), vec![(0, 50)]);
         assert_eq!(v(100, 200, 50, 150), vec![(150, 200)]);
         assert_eq!(v(100, 200, 0, 0), vec![(100, 200)]);
+    }
+
+    #[test]
+    fn statm_lines_parse() {
+        assert_eq!(parse_statm(b"1000 250 30 1 0 400 0\n"), Some(250 * 4096));
+        assert_eq!(parse_statm(b"1000"), None);
+        assert_eq!(parse_statm(b"1000 x 3"), None);
+        assert_eq!(parse_statm(b"not statm at all"), None);
+        assert_eq!(parse_statm(b""), None);
     }
 
     #[test]
