@@ -170,3 +170,41 @@ fn a_full_disk_fails_fallible_allocations_under_fail_allocation() {
 fn text_has(text: &str, line: &str) -> bool {
     text.lines().any(|l| l == line)
 }
+
+/// Without a capacity, each region may grow to the overflow directory's free space less the
+/// reserve (10 %, at least 1 GiB), at most the range an engine holds.
+#[test]
+fn the_default_capacity_comes_from_the_disk() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let free = || {
+        let path = std::ffi::CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: an all-zero statvfs is a valid value of the plain C struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a statvfs to write.
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_frsize
+    };
+    let before = free();
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .overflow(OverflowConfig::in_dir(dir.path()))
+        .background(None)
+        .install()
+        .unwrap();
+    let after = free();
+    let expect = |free: u64| {
+        let reserve = ((free as f64 * nodedb_mem::OVERFLOW_DISK_RESERVE) as u64).max(1 << 30);
+        free.saturating_sub(reserve)
+            .min(nodedb_mem::range_bytes() as u64)
+            .next_multiple_of(4096)
+    };
+    let capacity = gov.snapshot().engine(Q).overflow.capacity;
+    // Other processes may write to the same disk meanwhile: between the two readings.
+    let (lo, hi) = (expect(before.max(after)), expect(before.min(after)));
+    assert!(
+        (hi.min(lo)..=hi.max(lo)).contains(&capacity),
+        "capacity {capacity} outside {lo}..={hi} (free {before} then {after})"
+    );
+    assert!(capacity > 0);
+}
