@@ -47,6 +47,11 @@ fn one_mib_blocks_fill_their_capacity_then_fall_back_with_a_breach() {
     }
     flush_thread();
     let in_overflow = gov.budget(Q).overflow_bytes() - base_over;
+    eprintln!(
+        "1 MiB blocks in a {} MiB region before the first breach: {} MiB",
+        capacity >> 20,
+        in_overflow >> 20
+    );
     assert!(
         in_overflow * 100 >= capacity as u64 * 95,
         "1 MiB blocks filled {} of {} MiB",
