@@ -32,6 +32,9 @@ pub const MAX_OVERFLOW_CAPACITY: u64 = nodedb_mem_alloc::MAX_RANGE_BYTES as u64;
 /// interval (`docs/benchmarks.md`).
 pub const DEFAULT_BACKGROUND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// The smallest default page-cache budget of an engine's governed I/O.
+pub const DEFAULT_MIN_PAGE_CACHE: u64 = 4 << 20;
+
 /// Share of the overflow directory's free space that a default capacity leaves to others.
 pub const OVERFLOW_DISK_RESERVE: f64 = 0.10;
 
@@ -168,6 +171,7 @@ pub struct GovernorBuilder {
     ceiling: Option<u64>,
     overhead: f64,
     budgets: [Option<Size>; EngineId::COUNT],
+    page_cache: [Option<Size>; EngineId::COUNT],
     floors: [Option<Size>; EngineId::COUNT],
     caps: [Option<Size>; EngineId::COUNT],
     thresholds: PressureThresholds,
@@ -197,6 +201,8 @@ pub(crate) struct Config {
     pub(crate) ceiling: u64,
     pub(crate) ceiling_source: CeilingSource,
     pub(crate) budgets: [EngineLimits; EngineId::COUNT],
+    /// Per engine, the page cache its governed I/O may leave behind.
+    pub(crate) page_cache: [u64; EngineId::COUNT],
     pub(crate) thresholds: PressureThresholds,
     pub(crate) rebalance: RebalanceConfig,
     pub(crate) rss_margin: u64,
@@ -241,6 +247,7 @@ impl Default for GovernorBuilder {
             ceiling: None,
             overhead: DEFAULT_OVERHEAD_RESERVE,
             budgets: [None; EngineId::COUNT],
+            page_cache: [None; EngineId::COUNT],
             floors: [None; EngineId::COUNT],
             caps: [None; EngineId::COUNT],
             thresholds: PressureThresholds::default(),
@@ -336,6 +343,18 @@ impl GovernorBuilder {
     /// where the topology is unknown.
     pub fn cap_to_node_memory(mut self, on: bool) -> Self {
         self.cap_to_node_memory = on;
+        self
+    }
+
+    /// Sets the page cache `engine`'s governed I/O ([`MemoryGovernor::writer`],
+    /// [`MemoryGovernor::reader`]) may leave behind before it writes back and drops pages behind
+    /// itself (default: an eighth of the engine's budget, at least 4 MiB). Bytes or a fraction
+    /// of the ceiling; above zero and at most the ceiling.
+    ///
+    /// [`MemoryGovernor::writer`]: crate::MemoryGovernor::writer
+    /// [`MemoryGovernor::reader`]: crate::MemoryGovernor::reader
+    pub fn page_cache_budget(mut self, engine: EngineId, size: impl Into<Size>) -> Self {
+        self.page_cache[engine.index()] = Some(size.into());
         self
     }
 
@@ -642,10 +661,20 @@ impl GovernorBuilder {
             }
             budgets[i] = EngineLimits { base, floor, cap };
         }
+        let mut page_cache = [0u64; EngineId::COUNT];
+        for (i, e) in EngineId::ALL.into_iter().enumerate() {
+            page_cache[i] = match resolve("page_cache", e, self.page_cache[i])? {
+                Some(b) => b,
+                None => (budgets[i].base / 8)
+                    .max(DEFAULT_MIN_PAGE_CACHE)
+                    .min(ceiling),
+            };
+        }
         Ok(Config {
             ceiling,
             ceiling_source,
             budgets,
+            page_cache,
             thresholds: self.thresholds,
             rebalance: self.rebalance,
             rss_margin,

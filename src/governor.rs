@@ -66,7 +66,14 @@ struct Inner {
     proc_status: std::path::PathBuf,
     last_rss: Mutex<RssSample>,
     /// Per engine, the overflow breaches and refusals already reported as events.
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models never install a governor")
+    )]
     breaches_seen: Mutex<[(u64, u64); EngineId::COUNT]>,
+    /// Per engine, the page cache governed I/O left behind, and its budget.
+    page_cache: [crate::cache::PageCacheLedger; EngineId::COUNT],
+    page_cache_budget: [u64; EngineId::COUNT],
 }
 
 struct Registered {
@@ -177,6 +184,8 @@ impl MemoryGovernor {
                 proc_status: c.proc_status,
                 last_rss: Mutex::new(RssSample::default()),
                 breaches_seen: Mutex::new([(0, 0); EngineId::COUNT]),
+                page_cache: Default::default(),
+                page_cache_budget: c.page_cache,
             }),
         }
     }
@@ -203,6 +212,44 @@ impl MemoryGovernor {
     /// The ledger of `engine`.
     pub fn budget(&self, engine: EngineId) -> &Budget {
         &self.inner.budgets[engine.index()]
+    }
+
+    /// A writer over `file` (from its current position) whose page-cache footprint is charged
+    /// to `engine` and held under the engine's page-cache budget: past it, it writes back and
+    /// drops its pages behind itself. See [`GovernedWriter`](crate::GovernedWriter).
+    pub fn writer(&self, engine: EngineId, file: std::fs::File) -> Result<crate::GovernedWriter> {
+        crate::cache::GovernedWriter::new(self, engine, file)
+    }
+
+    /// A one-pass reader over `file` whose page-cache footprint is charged to `engine` and
+    /// dropped behind past its page-cache budget. See [`GovernedReader`](crate::GovernedReader).
+    pub fn reader(&self, engine: EngineId, file: std::fs::File) -> Result<crate::GovernedReader> {
+        crate::cache::GovernedReader::new(self, engine, file)
+    }
+
+    /// Keeps `data` (mapped memory: an index, the upper layers of a graph) resident for as long
+    /// as the guard lives: reserves its size against `engine`'s budget and the ceiling (a
+    /// refusal is the usual [`MemError::BudgetExceeded`] / [`MemError::CeilingExceeded`]),
+    /// then locks it with `mlock` (refused by `RLIMIT_MEMLOCK`: [`MemError::Io`], saying the
+    /// limit and how to raise it).
+    pub fn protect<'a>(&self, engine: EngineId, data: &'a [u8]) -> Result<crate::Protected<'a>> {
+        crate::cache::Protected::new(self, engine, data)
+    }
+
+    /// `engine`'s page-cache figures: budget, what governed I/O left behind and its peak,
+    /// bytes dropped behind, protected bytes.
+    pub fn page_cache(&self, engine: EngineId) -> crate::PageCacheStats {
+        self.page_cache_ledger(engine)
+            .stats(self.page_cache_budget(engine))
+    }
+
+    /// The page cache `engine`'s governed I/O may leave behind.
+    pub fn page_cache_budget(&self, engine: EngineId) -> u64 {
+        self.inner.page_cache_budget[engine.index()]
+    }
+
+    pub(crate) fn page_cache_ledger(&self, engine: EngineId) -> &crate::cache::PageCacheLedger {
+        &self.inner.page_cache[engine.index()]
     }
 
     /// The margin kept between resident memory and the ceiling, in bytes (see
@@ -734,6 +781,7 @@ impl MemoryGovernor {
                     arenas[e.index()],
                     by_node[e.index()],
                     inner.global.from_allocator,
+                    self.page_cache(e),
                 )
             })
         };

@@ -11,6 +11,7 @@
 //! * [`MemError`] / [`Result`] — every refusal and configuration error, with its numbers.
 
 mod budget;
+mod cache;
 mod ceiling;
 mod config;
 mod error;
@@ -32,11 +33,14 @@ mod spill;
 mod sync;
 
 pub use budget::Budget;
+pub use cache::{
+    GovernedReader, GovernedWriter, PageCacheStats, Protected, SYNC_CHUNK, resident_bytes,
+};
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use config::{
-    DEFAULT_BACKGROUND_INTERVAL, DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, GovernorBuilder,
-    MAX_CEILING, MAX_OVERFLOW_CAPACITY, MIN_CEILING, OVERFLOW_DISK_RESERVE, OverflowConfig,
-    RebalanceConfig,
+    DEFAULT_BACKGROUND_INTERVAL, DEFAULT_MIN_PAGE_CACHE, DEFAULT_OVERHEAD_RESERVE,
+    DEFAULT_RSS_MARGIN, GovernorBuilder, MAX_CEILING, MAX_OVERFLOW_CAPACITY, MIN_CEILING,
+    OVERFLOW_DISK_RESERVE, OverflowConfig, RebalanceConfig,
 };
 pub use error::{MemError, Result};
 pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};

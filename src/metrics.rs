@@ -64,6 +64,8 @@ pub struct EngineSnapshot {
     pub push_out: crate::PushOutStats,
     /// Allocations the engine's overflow could not take (served past the limit, or refused).
     pub overflow_breaches: crate::OverflowBreaches,
+    /// The page cache the engine's governed I/O left behind, dropped, and protected regions.
+    pub page_cache: crate::PageCacheStats,
 }
 
 impl EngineSnapshot {
@@ -73,6 +75,7 @@ impl EngineSnapshot {
         arena: ArenaStats,
         arena_by_node: [ArenaStats; crate::MAX_NODES],
         installed: bool,
+        page_cache: crate::PageCacheStats,
     ) -> EngineSnapshot {
         let e = b.engine();
         let (range_bytes, range_fallbacks, overflow, push_out, overflow_breaches) =
@@ -112,6 +115,7 @@ impl EngineSnapshot {
             overflow,
             push_out,
             overflow_breaches,
+            page_cache,
         }
     }
 }
@@ -259,7 +263,31 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 32] = [
+        let per_engine: [(&str, &str, &str, Field); 36] = [
+            (
+                "engine_page_cache_budget_bytes",
+                "gauge",
+                "Page cache the engine's governed I/O may leave behind.",
+                |e| e.page_cache.budget.into(),
+            ),
+            (
+                "engine_page_cache_bytes",
+                "gauge",
+                "Page cache the engine's governed I/O has left behind and not dropped.",
+                |e| e.page_cache.left_behind.into(),
+            ),
+            (
+                "engine_page_cache_dropped_bytes_total",
+                "counter",
+                "Bytes the engine's governed I/O wrote back and dropped behind itself.",
+                |e| e.page_cache.dropped.into(),
+            ),
+            (
+                "engine_protected_bytes",
+                "gauge",
+                "Bytes of the engine's mapped data locked resident.",
+                |e| e.page_cache.protected.into(),
+            ),
             (
                 "engine_overflow_paged_out_bytes",
                 "gauge",

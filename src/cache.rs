@@ -1,0 +1,487 @@
+//! Keeping one engine's bulk file I/O from evicting another engine's hot pages.
+//!
+//! Every buffered write leaves its pages in the page cache, dirty and then clean, until memory
+//! pressure evicts *something* — often another engine's hot index. A [`GovernedWriter`] charges
+//! what it leaves in the page cache to its engine, and past the engine's page-cache budget
+//! writes back and drops the pages behind itself (`sync_file_range`, then
+//! `POSIX_FADV_DONTNEED`; RocksDB's `bytes_per_sync` and drop-behind), so a bulk flush streams
+//! through the cache instead of filling it. A [`GovernedReader`] does the same for one-pass
+//! reads. [`Protected`] keeps an engine's hot mapped data resident (`mlock`), counted against
+//! its budget and the ceiling.
+//!
+//! ```
+//! use std::io::Write;
+//! use nodedb_mem::{EngineId, MemoryGovernor};
+//!
+//! let gov = MemoryGovernor::builder()
+//!     .global_ceiling(256 << 20)
+//!     .page_cache_budget(EngineId::Timeseries, 8u64 << 20)
+//!     .build()?;
+//! let file = tempfile::tempfile().expect("a temp file");
+//! let mut w = gov.writer(EngineId::Timeseries, file)?;
+//! for _ in 0..64 {
+//!     w.write_all(&[7u8; 1 << 20])?; // 64 MiB through an 8 MiB page-cache budget
+//! }
+//! let file = w.finish()?; // written back; nothing of it left in the cache
+//! assert_eq!(gov.page_cache(EngineId::Timeseries).left_behind, 0);
+//! // At most the budget plus one write is ever left behind.
+//! assert!(gov.page_cache(EngineId::Timeseries).peak <= (8 << 20) + (1 << 20));
+//! # drop(file);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::EngineId;
+use crate::error::{MemError, Result};
+use crate::governor::{MemoryGovernor, Reservation};
+
+/// Writes are handed to the kernel for write-back in chunks of this size (RocksDB's
+/// `bytes_per_sync`), and dropped behind in chunks of it.
+pub const SYNC_CHUNK: u64 = 1 << 20;
+
+/// One engine's page-cache figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageCacheStats {
+    /// The engine's page-cache budget for governed I/O.
+    pub budget: u64,
+    /// Bytes governed I/O has left in the page cache and not dropped yet.
+    pub left_behind: u64,
+    /// The highest `left_behind` seen.
+    pub peak: u64,
+    /// Bytes written back and dropped behind, in total.
+    pub dropped: u64,
+    /// Bytes of protected (locked) regions.
+    pub protected: u64,
+}
+
+/// Per-engine page-cache ledger (inside the governor).
+#[derive(Debug, Default)]
+pub(crate) struct PageCacheLedger {
+    left: AtomicU64,
+    peak: AtomicU64,
+    dropped: AtomicU64,
+    protected: AtomicU64,
+}
+
+impl PageCacheLedger {
+    fn add(&self, bytes: u64) -> u64 {
+        let now = self.left.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+        now
+    }
+
+    /// Gives back `bytes` this caller added (it never gives back more than it added).
+    fn sub(&self, bytes: u64) {
+        self.left.fetch_sub(bytes, Ordering::AcqRel);
+        self.dropped.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stats(&self, budget: u64) -> PageCacheStats {
+        PageCacheStats {
+            budget,
+            left_behind: self.left.load(Ordering::Acquire),
+            peak: self.peak.load(Ordering::Acquire),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            protected: self.protected.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// The span of one file a governed writer or reader has touched and not yet dropped.
+#[derive(Debug)]
+struct Behind {
+    gov: MemoryGovernor,
+    engine: EngineId,
+    /// Where the writer or reader started.
+    start: u64,
+    /// Start of what is still in the cache (everything before is dropped).
+    dropped_to: u64,
+    /// End of what was written (or read).
+    pos: u64,
+    /// End of what was handed to the kernel for write-back.
+    started_to: u64,
+}
+
+impl Behind {
+    fn new(gov: &MemoryGovernor, engine: EngineId, pos: u64) -> Behind {
+        Behind {
+            gov: gov.clone(),
+            engine,
+            start: pos,
+            dropped_to: pos,
+            pos,
+            started_to: pos,
+        }
+    }
+
+    fn ledger(&self) -> &PageCacheLedger {
+        self.gov.page_cache_ledger(self.engine)
+    }
+
+    /// After `n` more bytes at `pos`: charge them, start write-back of whole chunks, and drop
+    /// behind while the engine is over its page-cache budget.
+    fn advance(&mut self, file: &File, n: u64, writing: bool) -> io::Result<()> {
+        self.pos += n;
+        let now = self.ledger().add(n);
+        if writing && self.pos - self.started_to >= SYNC_CHUNK {
+            sync_range(file, self.started_to, self.pos - self.started_to, false)?;
+            self.started_to = self.pos;
+        }
+        let budget = self.gov.page_cache_budget(self.engine);
+        if now > budget {
+            // Down to half the budget (hysteresis), from this file's oldest pages.
+            let mut over = now - budget / 2;
+            while over > 0 && self.dropped_to < self.pos {
+                let len = (self.pos - self.dropped_to).min(SYNC_CHUNK.max(over));
+                self.drop_span(file, len, writing)?;
+                over = over.saturating_sub(len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes back (if writing) and drops `len` bytes from `dropped_to`.
+    fn drop_span(&mut self, file: &File, len: u64, writing: bool) -> io::Result<()> {
+        if writing {
+            sync_range(file, self.dropped_to, len, true)?;
+        }
+        // Advise from a little behind: the kernel skips pages still in another CPU's LRU batch
+        // (or under read-ahead) when asked first, and a second ask drops them.
+        let from = self
+            .dropped_to
+            .saturating_sub(4 * SYNC_CHUNK)
+            .max(self.start);
+        fadvise_dontneed(file, from, self.dropped_to + len - from)?;
+        self.dropped_to += len;
+        self.ledger().sub(len);
+        Ok(())
+    }
+
+    /// Drops everything still left behind, then advises the whole span once more for what the
+    /// first passes missed (see [`Behind::drop_span`]).
+    fn drop_all(&mut self, file: &File, writing: bool) -> io::Result<()> {
+        let len = self.pos - self.dropped_to;
+        if len > 0 {
+            self.drop_span(file, len, writing)?;
+        }
+        if self.pos > self.start {
+            fadvise_dontneed(file, self.start, self.pos - self.start)?;
+        }
+        Ok(())
+    }
+
+    /// Gives the charge back without touching the file (when the file is gone or failed).
+    fn forget(&mut self) {
+        let len = self.pos - self.dropped_to;
+        if len > 0 {
+            self.gov
+                .page_cache_ledger(self.engine)
+                .left
+                .fetch_sub(len, Ordering::AcqRel);
+            self.dropped_to = self.pos;
+        }
+    }
+}
+
+fn sync_range(file: &File, offset: u64, len: u64, wait: bool) -> io::Result<()> {
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    let (Ok(off), Ok(n)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return Err(io::Error::from_raw_os_error(libc::EOVERFLOW));
+    };
+    // SAFETY: a descriptor the `File` owns and a byte range of it; write-back only.
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn fadvise_dontneed(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EOVERFLOW));
+    };
+    // SAFETY: a descriptor the `File` owns; advice only.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// A sequential writer over a file the caller opened, whose page-cache footprint is charged to
+/// an engine and held under its page-cache budget (see the module docs): after each write the
+/// engine's governed I/O has at most its budget plus that write left in the page cache. Writes go to the file
+/// at its current position, as `File`'s own `write` does; errors come back unchanged.
+///
+/// Dropping the writer writes back and drops what it left behind, ignoring errors; call
+/// [`finish`](Self::finish) to see them and get the file back.
+#[derive(Debug)]
+pub struct GovernedWriter {
+    file: Option<File>,
+    behind: Behind,
+}
+
+impl GovernedWriter {
+    pub(crate) fn new(gov: &MemoryGovernor, engine: EngineId, mut file: File) -> Result<Self> {
+        let pos = file.stream_position().map_err(|source| MemError::Io {
+            what: "reading the file position for a governed writer".into(),
+            source,
+        })?;
+        Ok(GovernedWriter {
+            file: Some(file),
+            behind: Behind::new(gov, engine, pos),
+        })
+    }
+
+    /// The engine the writer's page cache is charged to.
+    pub fn engine(&self) -> EngineId {
+        self.behind.engine
+    }
+
+    /// Bytes this writer has left in the page cache and not dropped yet.
+    pub fn left_behind(&self) -> u64 {
+        self.behind.pos - self.behind.dropped_to
+    }
+
+    /// The file written to (for inspection; write through the writer so its pages are
+    /// counted).
+    pub fn file(&self) -> &File {
+        match &self.file {
+            Some(f) => f,
+            None => unreachable!("the file is only taken by `finish`, which consumes the writer"),
+        }
+    }
+
+    /// Writes everything back to the file, waits for it, drops it from the page cache and
+    /// returns the file. After this the data is on disk (`sync_file_range` with both waits;
+    /// call `sync_all` on the file as well for the metadata).
+    pub fn finish(mut self) -> io::Result<File> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("writer already finished"))?;
+        match self.behind.drop_all(&file, true) {
+            Ok(()) => Ok(file),
+            Err(e) => {
+                self.behind.forget();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Write for GovernedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("writer finished"))?;
+        let n = file.write(buf)?;
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("writer finished"))?;
+        self.behind.advance(file, n as u64, true)?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for GovernedWriter {
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take()
+            && self.behind.drop_all(&file, true).is_err()
+        {
+            self.behind.forget();
+        }
+    }
+}
+
+/// A one-pass reader over a file the caller opened: what it reads is charged to an engine's
+/// page-cache budget and dropped behind past it, so a scan does not evict other engines' pages.
+/// Reads come from the file's current position; errors come back unchanged.
+#[derive(Debug)]
+pub struct GovernedReader {
+    file: Option<File>,
+    behind: Behind,
+}
+
+impl GovernedReader {
+    pub(crate) fn new(gov: &MemoryGovernor, engine: EngineId, mut file: File) -> Result<Self> {
+        let pos = file.stream_position().map_err(|source| MemError::Io {
+            what: "reading the file position for a governed reader".into(),
+            source,
+        })?;
+        // SAFETY: a descriptor the `File` owns; advice only (read-ahead for a sequential scan).
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        Ok(GovernedReader {
+            file: Some(file),
+            behind: Behind::new(gov, engine, pos),
+        })
+    }
+
+    /// Bytes this reader has left in the page cache and not dropped yet.
+    pub fn left_behind(&self) -> u64 {
+        self.behind.pos - self.behind.dropped_to
+    }
+
+    /// Drops what the reader left behind and returns the file.
+    pub fn into_inner(mut self) -> io::Result<File> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("reader already closed"))?;
+        match self.behind.drop_all(&file, false) {
+            Ok(()) => Ok(file),
+            Err(e) => {
+                self.behind.forget();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Read for GovernedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("reader closed"))?;
+        let n = file.read(buf)?;
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("reader closed"))?;
+        self.behind.advance(file, n as u64, false)?;
+        Ok(n)
+    }
+}
+
+impl Drop for GovernedReader {
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take()
+            && self.behind.drop_all(&file, false).is_err()
+        {
+            self.behind.forget();
+        }
+    }
+}
+
+/// Hot mapped data an engine keeps resident: locked in memory with `mlock`, and counted against
+/// the engine's budget and the ceiling through a reservation. Unlocked and released on drop.
+pub struct Protected<'a> {
+    data: &'a [u8],
+    gov: MemoryGovernor,
+    engine: EngineId,
+    _reservation: Reservation,
+}
+
+impl std::fmt::Debug for Protected<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Protected")
+            .field("engine", &self.engine)
+            .field("addr", &self.data.as_ptr())
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+impl<'a> Protected<'a> {
+    pub(crate) fn new(gov: &MemoryGovernor, engine: EngineId, data: &'a [u8]) -> Result<Self> {
+        let len = data.len() as u64;
+        let reservation = gov.reserve(engine, len)?;
+        // SAFETY: `data` is a live borrowed slice (mapped memory) for the guard's lifetime;
+        // mlock only pins its pages, rounding to page boundaries.
+        if unsafe { libc::mlock(data.as_ptr().cast(), data.len()) } != 0 {
+            let source = io::Error::last_os_error();
+            // SAFETY: an all-zero rlimit is valid for getrlimit to fill.
+            let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+            // SAFETY: a valid rlimit to write.
+            unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+            let limit = if lim.rlim_cur == libc::RLIM_INFINITY {
+                "unlimited".to_string()
+            } else {
+                crate::ByteSize(lim.rlim_cur).to_string()
+            };
+            return Err(MemError::Io {
+                what: format!(
+                    "locking {} of {engine}'s data in memory (RLIMIT_MEMLOCK {limit}; raise it \
+                     with `ulimit -l` or grant CAP_IPC_LOCK)",
+                    crate::ByteSize(len)
+                ),
+                source,
+            });
+        }
+        gov.page_cache_ledger(engine)
+            .protected
+            .fetch_add(len, Ordering::AcqRel);
+        Ok(Protected {
+            data,
+            gov: gov.clone(),
+            engine,
+            _reservation: reservation,
+        })
+    }
+
+    /// Bytes protected.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether the region is empty.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Bytes of the region resident in memory now (`mincore`): all of it while locked.
+    pub fn resident(&self) -> io::Result<u64> {
+        resident_bytes(self.data)
+    }
+}
+
+impl Drop for Protected<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the same range we locked, still borrowed.
+        unsafe { libc::munlock(self.data.as_ptr().cast(), self.data.len()) };
+        self.gov
+            .page_cache_ledger(self.engine)
+            .protected
+            .fetch_sub(self.data.len() as u64, Ordering::AcqRel);
+        // The reservation is released after this, as the field drops.
+    }
+}
+
+/// Bytes of `data` (mapped memory) resident now, by `mincore` over its pages.
+pub fn resident_bytes(data: &[u8]) -> io::Result<u64> {
+    const PAGE: usize = 4096;
+    if data.is_empty() {
+        return Ok(0);
+    }
+    let start = data.as_ptr() as usize & !(PAGE - 1);
+    let end = (data.as_ptr() as usize + data.len()).next_multiple_of(PAGE);
+    let mut vec = vec![0u8; (end - start) / PAGE];
+    // SAFETY: `[start, end)` covers the borrowed slice's pages, all mapped; `vec` has one byte
+    // per page.
+    if unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE as u64)
+}

@@ -1,0 +1,235 @@
+//! Governed file I/O keeps an engine's page-cache footprint under its budget, where plain
+//! writes leave nearly everything cached; protected regions stay resident and count against
+//! the budget. Residency is measured with `mincore` over a mapping of the file.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+
+use nodedb_mem::{EngineId, MemError, MemoryGovernor, resident_bytes};
+
+const MIB: usize = 1 << 20;
+const TS: EngineId = EngineId::Timeseries;
+
+/// A scratch file on disk (the target directory; not tmpfs).
+fn scratch() -> File {
+    tempfile::tempfile_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+/// A read-only shared mapping of `file`'s first `len` bytes, unmapped on drop.
+struct Map {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Map {
+    fn new(file: &File, len: usize) -> Map {
+        // SAFETY: a fresh shared read-only mapping of our own file, at an address of the
+        // kernel's choice.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Map { ptr, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is readable for `len` bytes while `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer borrowed.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// How much of `file`'s first `len` bytes is in the page cache now.
+fn cached(file: &File, len: usize) -> u64 {
+    let map = Map::new(file, len);
+    resident_bytes(map.bytes()).unwrap()
+}
+
+/// Another descriptor of the writer's file, to measure it.
+fn scratch_view(w: &nodedb_mem::GovernedWriter) -> File {
+    w.file().try_clone().unwrap()
+}
+
+fn governor(budget: u64) -> MemoryGovernor {
+    MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .budget(TS, 256 * MIB as u64)
+        .page_cache_budget(TS, budget)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_two_gib_governed_flush_leaves_at_most_its_budget_cached() {
+    let total = 2048 * MIB;
+    let budget = 32 * MIB as u64;
+    let gov = governor(budget);
+    let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+
+    // Plain writes: nearly everything stays in the page cache.
+    let mut plain = scratch();
+    for _ in 0..total / MIB {
+        plain.write_all(&chunk).unwrap();
+    }
+    let plain_cached = cached(&plain, total);
+
+    // The same flush through a governed writer.
+    let mut w = gov.writer(TS, scratch()).unwrap();
+    let mut peak_cached = 0;
+    for i in 0..total / MIB {
+        w.write_all(&chunk).unwrap();
+        assert!(
+            gov.page_cache(TS).left_behind <= budget + MIB as u64,
+            "left behind {} at {i} MiB",
+            gov.page_cache(TS).left_behind
+        );
+        if i % 256 == 255 {
+            assert!(w.left_behind() <= budget + MIB as u64);
+            // What the kernel holds of the file, measured while the flush runs.
+            let f = scratch_view(&w);
+            peak_cached = peak_cached.max(cached(&f, (i + 1) * MIB));
+        }
+    }
+    let mut file = w.finish().unwrap();
+    let governed_cached = cached(&file, total);
+    let stats = gov.page_cache(TS);
+    eprintln!(
+        "2 GiB flush: plain leaves {} MiB cached, governed {} MiB (budget {} MiB, peak {} MiB)",
+        plain_cached >> 20,
+        governed_cached >> 20,
+        budget >> 20,
+        stats.peak >> 20
+    );
+    assert!(
+        plain_cached >= total as u64 * 3 / 4,
+        "plain writes left only {} MiB cached",
+        plain_cached >> 20
+    );
+    assert!(
+        governed_cached <= budget,
+        "{} MiB cached",
+        governed_cached >> 20
+    );
+    assert!(stats.peak <= budget + MIB as u64);
+    assert_eq!(stats.left_behind, 0);
+    assert_eq!(stats.dropped, total as u64);
+    eprintln!(
+        "  most of it cached at a check during the flush: {} MiB",
+        peak_cached >> 20
+    );
+    assert!(
+        peak_cached <= 2 * budget,
+        "{} MiB cached mid-flush",
+        peak_cached >> 20
+    );
+
+    // Nothing written is lost: read it all back, through a governed reader.
+    file.seek(SeekFrom::Start(0)).unwrap();
+    let mut r = gov.reader(TS, file).unwrap();
+    let mut buf = vec![0u8; MIB];
+    for i in 0..total / MIB {
+        r.read_exact(&mut buf).unwrap();
+        assert!(buf == chunk, "MiB {i} differs");
+        assert!(r.left_behind() <= budget + MIB as u64);
+    }
+    let file = r.into_inner().unwrap();
+    let read_cached = cached(&file, total);
+    eprintln!(
+        "2 GiB governed read: {} MiB cached after it",
+        read_cached >> 20
+    );
+    assert!(read_cached <= budget, "{} MiB cached", read_cached >> 20);
+    assert_eq!(gov.page_cache(TS).left_behind, 0);
+}
+
+#[test]
+fn io_errors_come_back_unchanged() {
+    let gov = governor(8 * MIB as u64);
+    // A file opened read-only: writing fails with EBADF, as it would on the `File`.
+    let path = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let ro = File::open(path.path()).unwrap();
+    let mut w = gov.writer(TS, ro).unwrap();
+    let err = w.write(b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+    assert_eq!(gov.page_cache(TS).left_behind, 0);
+    drop(w);
+    // Bad page-cache budgets are refused at build time.
+    let err = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .page_cache_budget(TS, 0u64)
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration `page_cache.timeseries` = 0 B: must be above zero"
+    );
+}
+
+#[test]
+fn a_protected_region_stays_resident_and_counts_against_the_budget() {
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .budget(EngineId::Vector, 48 * MIB as u64)
+        .build()
+        .unwrap();
+    let v = EngineId::Vector;
+    // A 32 MiB index file, written and then dropped from the cache.
+    let mut file = scratch();
+    let page: Vec<u8> = (0..4096).map(|i| i as u8).collect();
+    for _ in 0..(32 * MIB / 4096) {
+        file.write_all(&page).unwrap();
+    }
+    file.sync_all().unwrap();
+    // SAFETY: our descriptor; advice only.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let map = Map::new(&file, 32 * MIB);
+    assert!(resident_bytes(map.bytes()).unwrap() < 32 * MIB as u64);
+
+    let before = gov.usage(v);
+    let p = gov.protect(v, map.bytes()).unwrap();
+    assert_eq!(
+        p.resident().unwrap(),
+        32 * MIB as u64,
+        "locked means resident"
+    );
+    assert_eq!(
+        gov.usage(v) - before,
+        32 * MIB as u64,
+        "counted against the engine"
+    );
+    assert_eq!(gov.page_cache(v).protected, 32 * MIB as u64);
+    let text = gov.prometheus();
+    assert!(text.contains(&format!(
+        "nodedb_mem_engine_protected_bytes{{engine=\"vector\"}} {}",
+        32 * MIB
+    )));
+    // Dropping the page cache does not evict locked pages.
+    // SAFETY: as above.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(p.resident().unwrap(), 32 * MIB as u64);
+
+    // A second protection past the budget is refused cleanly, with nothing locked or counted.
+    let err = gov.protect(v, map.bytes()).unwrap_err();
+    assert!(matches!(err, MemError::BudgetExceeded { .. }), "{err}");
+    assert!(err.is_over_budget());
+    assert_eq!(gov.usage(v) - before, 32 * MIB as u64);
+    assert_eq!(gov.page_cache(v).protected, 32 * MIB as u64);
+
+    drop(p);
+    assert_eq!(gov.usage(v), before);
+    assert_eq!(gov.page_cache(v).protected, 0);
+}
