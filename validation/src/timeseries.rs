@@ -73,7 +73,17 @@ pub(crate) fn run(
         .map_err(|e| e.to_string())?;
     let file = File::create(&cfg.segments)
         .map_err(|e| format!("creating {}: {e}", cfg.segments.display()))?;
-    let mut out = BufWriter::new(file);
+    // With a governor, segments are written through a governed writer: what the flushes leave
+    // in the page cache is charged to Timeseries and dropped behind past its page-cache budget,
+    // so a flush streams through the cache instead of evicting other engines' pages.
+    let sink = match gov {
+        Some(g) => Sink::Governed(
+            g.writer(EngineId::Timeseries, file)
+                .map_err(|e| format!("governed writer: {e}"))?,
+        ),
+        None => Sink::Plain(file),
+    };
+    let mut out = BufWriter::new(sink);
     let series_n = cfg.series.max(1);
     let mut table: Vec<Series> = (0..series_n).map(|_| Series::default()).collect();
     let mut rng = Rng::new(cfg.seed);
@@ -162,7 +172,35 @@ pub(crate) fn run(
     o.points = n;
     o.elapsed = started.elapsed();
     drop(table);
-    drop(out);
+    let sink = out
+        .into_inner()
+        .map_err(|e| format!("writing segments: {}", e.error()))?;
+    if let Sink::Governed(w) = sink {
+        w.finish()
+            .map_err(|e| format!("writing segments back: {e}"))?;
+    }
     stats.finish();
     Ok(o)
+}
+
+/// Where segments go: the file itself, or a governed writer over it.
+enum Sink {
+    Plain(File),
+    Governed(nodedb_mem::GovernedWriter),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Plain(f) => f.write(buf),
+            Sink::Governed(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(f) => f.flush(),
+            Sink::Governed(w) => w.flush(),
+        }
+    }
 }

@@ -86,6 +86,13 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
         "DataFusion did not spill"
     );
     assert!(engines[1]["details"]["pressure_flushes"].as_u64().unwrap() > 0);
+    // Timeseries flushes go through a governed writer: they left page cache behind, within the
+    // engine's page-cache budget (the 4 MiB minimum here) plus one write.
+    let cache_peak = engines[1]["page_cache_peak_bytes"].as_u64().unwrap();
+    assert!(
+        cache_peak > 0 && cache_peak <= (4 << 20) + (1 << 20),
+        "{cache_peak}"
+    );
     assert_eq!(engines[2]["details"]["wrong_results"], 0);
     assert!(
         r["checks"]
