@@ -15,42 +15,9 @@ static ALLOC: GovernedAlloc = GovernedAlloc::new();
 
 const MIB: u64 = 1 << 20;
 
-fn run_child(name: &str, env: &[(&str, &str)], limit_kib: Option<u64>) -> (bool, String) {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        name,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    if let Some(kib) = limit_kib {
-        // SAFETY: between fork and exec the closure only calls setrlimit (async-signal-safe)
-        // on a stack value.
-        unsafe {
-            cmd.pre_exec(move || {
-                let lim = libc::rlimit {
-                    rlim_cur: kib * 1024,
-                    rlim_max: kib * 1024,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
+#[path = "common/child.rs"]
+mod child;
+use child::run_child;
 
 #[test]
 fn a_default_install_survives_fork_and_pre_exec() {

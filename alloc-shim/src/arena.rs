@@ -961,7 +961,24 @@ pub fn purge_engine(engine: EngineId) -> bool {
 
 /// `arena.<arena>.purge`, the name built on the stack.
 fn purge_arena(arena: c_uint) -> bool {
-    let mut name = [0u8; 32];
+    let name = arena_ctl_name(arena, b".purge");
+    // SAFETY: `arena.<i>.purge` takes and returns nothing; the name is NUL-terminated.
+    let rc = unsafe {
+        jem::mallctl(
+            name.as_ptr().cast(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    rc == 0
+}
+
+/// `arena.<arena><suffix>` as a NUL-terminated name on the stack (`suffix` at most 36 bytes:
+/// 6 + 10 digits + 36 < 64 leaves the terminating zero).
+fn arena_ctl_name(arena: c_uint, suffix: &[u8]) -> [u8; 64] {
+    let mut name = [0u8; 64];
     let prefix = b"arena.";
     name[..prefix.len()].copy_from_slice(prefix);
     let mut at = prefix.len();
@@ -979,20 +996,9 @@ fn purge_arena(arena: c_uint) -> bool {
         name[at] = *d;
         at += 1;
     }
-    let suffix = b".purge";
+    let suffix = &suffix[..suffix.len().min(36)];
     name[at..at + suffix.len()].copy_from_slice(suffix);
-    // `name` ends with at least one zero byte (6 + 10 + 6 < 32): a C string.
-    // SAFETY: `arena.<i>.purge` takes and returns nothing; the name is NUL-terminated.
-    let rc = unsafe {
-        jem::mallctl(
-            name.as_ptr().cast(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            0,
-        )
-    };
-    rc == 0
+    name
 }
 
 /// The arena index of `engine`, for callers that want to inspect it with `mallctl`.
@@ -1391,27 +1397,8 @@ const OVERFLOW_GROW_LIMIT: usize = 4 << 20;
 
 /// `arena.<arena>.retain_grow_limit = limit`.
 fn set_retain_grow_limit(arena: c_uint, limit: usize) -> bool {
-    let mut name = [0u8; 48];
-    let (prefix, suffix) = (b"arena.".as_slice(), b".retain_grow_limit".as_slice());
-    name[..prefix.len()].copy_from_slice(prefix);
-    let mut at = prefix.len();
-    let mut digits = [0u8; 10];
-    let (mut n, mut len) = (arena, 0);
-    loop {
-        digits[len] = b'0' + (n % 10) as u8;
-        len += 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for d in digits[..len].iter().rev() {
-        name[at] = *d;
-        at += 1;
-    }
-    name[at..at + suffix.len()].copy_from_slice(suffix);
+    let name = arena_ctl_name(arena, b".retain_grow_limit");
     let mut value = limit;
-    // `name` ends with at least one zero byte (6 + 10 + 18 < 48): a C string.
     // SAFETY: `arena.<i>.retain_grow_limit` takes a `size_t` (we pass one with its size) and
     // returns nothing we ask for; the name is NUL-terminated.
     let rc = unsafe {

@@ -34,45 +34,9 @@ fn settled(engine: EngineId) -> u64 {
     charged(engine)
 }
 
-/// Runs the ignored test `name` of this binary in a new process, with `env` set and, if
-/// given, an address-space limit of `limit_kib` KiB (as `ulimit -v` would). Returns its exit
-/// status and output.
-fn run_child(name: &str, env: &[(&str, &str)], limit_kib: Option<u64>) -> (bool, String) {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        name,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    if let Some(kib) = limit_kib {
-        // SAFETY: between fork and exec the closure only calls setrlimit, which is
-        // async-signal-safe, on a stack value.
-        unsafe {
-            cmd.pre_exec(move || {
-                let lim = libc::rlimit {
-                    rlim_cur: kib * 1024,
-                    rlim_max: kib * 1024,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
+#[path = "../../tests/common/child.rs"]
+mod child;
+use child::run_child;
 
 // ---------------------------------------------------------------------------------------------
 // Guards
