@@ -320,6 +320,7 @@ fn run(args: &Args) -> Result<bool, String> {
         build_deadline: started + Duration::from_secs_f64(s.duration_s / 2.0),
         deadline,
         max_queries: u64::MAX,
+        vectors_file: args.out.join("vectors.f32"),
     };
     let tcfg = timeseries::TsConfig {
         series: s.series,
@@ -458,6 +459,9 @@ fn build_report(
                 "queries": vo.queries,
                 "recall_at_10": vo.recall,
                 "stopped_by_budget": vo.stopped_by_budget,
+                "protected_bytes": vo.protected_bytes,
+                "protected_min_residency": vo.min_residency,
+                "protect_refused": vo.protect_refused,
                 "admission_bytes_per_vector": vo.bytes_per_vector,
             }),
         ),
@@ -567,6 +571,22 @@ fn build_report(
             vo.recall >= 0.70,
             format!("{:.3} over {} vectors", vo.recall, vo.inserted),
         ));
+        if gov.is_some() {
+            // A system that does not let this user lock memory (`RLIMIT_MEMLOCK`) is reported,
+            // not failed: the budget's refusal or a locked region that lost pages would be.
+            checks.push(Check::new(
+                "vector data protected and fully resident while queried",
+                (vo.protected_bytes > 0 && vo.min_residency >= 1.0) || vo.protect_refused_by_system,
+                match &vo.protect_refused {
+                    Some(why) => format!("not protected: {why}"),
+                    None => format!(
+                        "{} locked, lowest residency {:.1} %",
+                        ByteSize(vo.protected_bytes),
+                        vo.min_residency * 100.0
+                    ),
+                },
+            ));
+        }
     }
 
     let passed = checks.iter().all(|c| c.passed);
