@@ -361,8 +361,9 @@ impl GovernorBuilder {
     /// Sets the interval of the background thread that [`install`](Self::install) starts
     /// (default [`DEFAULT_BACKGROUND_INTERVAL`], 100 ms): at each tick it samples resident
     /// memory and purges or pushes out what passes the margin
-    /// ([`check_resident`](crate::MemoryGovernor::check_resident)), rebalances, and emits
-    /// pending events. `None` starts no thread: call those yourself, or
+    /// ([`check_resident`](crate::MemoryGovernor::check_resident)), sweeps the governed
+    /// directories out of the page cache ([`govern_dir`](crate::MemoryGovernor::govern_dir)),
+    /// rebalances, and emits pending events. `None` starts no thread: call those yourself, or
     /// [`spawn_rebalancer`](crate::MemoryGovernor::spawn_rebalancer) at your own cadence. The
     /// inline push-out that holds resident memory under the ceiling while overflow grows does
     /// not depend on it. A zero interval is refused.

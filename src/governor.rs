@@ -74,6 +74,8 @@ struct Inner {
     /// Per engine, the page cache governed I/O left behind, and its budget.
     page_cache: [crate::cache::PageCacheLedger; EngineId::COUNT],
     page_cache_budget: [u64; EngineId::COUNT],
+    /// Directories whose files the background thread drops from the page cache, per engine.
+    governed_dirs: Mutex<Vec<(EngineId, std::path::PathBuf)>>,
 }
 
 struct Registered {
@@ -186,6 +188,7 @@ impl MemoryGovernor {
                 breaches_seen: Mutex::new([(0, 0); EngineId::COUNT]),
                 page_cache: Default::default(),
                 page_cache_budget: c.page_cache,
+                governed_dirs: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -234,6 +237,50 @@ impl MemoryGovernor {
     /// limit and how to raise it).
     pub fn protect<'a>(&self, engine: EngineId, data: &'a [u8]) -> Result<crate::Protected<'a>> {
         crate::cache::Protected::new(self, engine, data)
+    }
+
+    /// Drops the files under `dir` from the page cache behind whoever writes them (for files a
+    /// library writes itself, such as DataFusion's spill files): at every tick of the background
+    /// thread, or at [`sweep_governed_dirs`](Self::sweep_governed_dirs), each file's dirty pages
+    /// are handed to write-back and its clean pages dropped, and what was cached is reported as
+    /// `engine`'s (`PageCacheStats::dirs_cached`). Sampled, not bounded: between two sweeps the
+    /// writer can fill the cache at its own pace; use [`writer`](Self::writer) where the code
+    /// that writes is yours. A directory that does not exist is refused.
+    pub fn govern_dir(&self, engine: EngineId, dir: impl Into<std::path::PathBuf>) -> Result<()> {
+        let dir = dir.into();
+        if !dir.is_dir() {
+            return Err(MemError::config(
+                "governed directory",
+                dir.display(),
+                "not a directory",
+            ));
+        }
+        lock(&self.inner.governed_dirs).push((engine, dir));
+        Ok(())
+    }
+
+    /// Sweeps every governed directory now (see [`govern_dir`](Self::govern_dir)) and returns
+    /// what it found, summed over them. The background thread calls this at every tick.
+    pub fn sweep_governed_dirs(&self) -> crate::SweepStats {
+        let dirs = lock(&self.inner.governed_dirs).clone();
+        let mut total = crate::SweepStats::default();
+        let mut per_engine = [crate::SweepStats::default(); EngineId::COUNT];
+        for (engine, dir) in &dirs {
+            crate::cache::sweep_dir(dir, 0, &mut per_engine[engine.index()]);
+        }
+        for e in EngineId::ALL {
+            let s = per_engine[e.index()];
+            if dirs.iter().any(|(d, _)| *d == e) {
+                self.page_cache_ledger(e).swept(
+                    s.cached_before,
+                    s.cached_before.saturating_sub(s.cached_after),
+                );
+            }
+            total.files += s.files;
+            total.cached_before += s.cached_before;
+            total.cached_after += s.cached_after;
+        }
+        total
     }
 
     /// `engine`'s page-cache figures: budget, what governed I/O left behind and its peak,

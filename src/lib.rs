@@ -34,7 +34,8 @@ mod sync;
 
 pub use budget::Budget;
 pub use cache::{
-    GovernedReader, GovernedWriter, PageCacheStats, Protected, SYNC_CHUNK, resident_bytes,
+    GovernedReader, GovernedWriter, PageCacheStats, Protected, SYNC_CHUNK, SweepStats,
+    resident_bytes,
 };
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use config::{

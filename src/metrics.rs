@@ -263,7 +263,19 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 36] = [
+        let per_engine: [(&str, &str, &str, Field); 38] = [
+            (
+                "engine_governed_dir_cached_bytes",
+                "gauge",
+                "Bytes of the engine's governed directories found in the page cache at the last sweep.",
+                |e| e.page_cache.dirs_cached.into(),
+            ),
+            (
+                "engine_governed_dir_dropped_bytes_total",
+                "counter",
+                "Bytes of the engine's governed directories dropped from the page cache by sweeps.",
+                |e| e.page_cache.dirs_dropped.into(),
+            ),
             (
                 "engine_page_cache_budget_bytes",
                 "gauge",

@@ -72,6 +72,7 @@ impl Rebalancer {
                     // Without /proc (not Linux, a sandbox) there is no resident figure to feed
                     // back; the budgets still hold.
                     let _ = gov.check_resident();
+                    gov.sweep_governed_dirs();
                     gov.rebalance();
                     gov.pump_events();
                     ticks += 1;

@@ -233,3 +233,39 @@ fn a_protected_region_stays_resident_and_counts_against_the_budget() {
     assert_eq!(gov.usage(v), before);
     assert_eq!(gov.page_cache(v).protected, 0);
 }
+
+#[test]
+fn a_governed_directory_is_swept_out_of_the_page_cache() {
+    let gov = governor(8 * MIB as u64);
+    let q = EngineId::Query;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let err = gov.govern_dir(q, dir.path().join("missing")).unwrap_err();
+    assert!(err.to_string().ends_with(": not a directory"), "{err}");
+    gov.govern_dir(q, dir.path()).unwrap();
+    // A library writes its spill files there with plain writes, in a subdirectory.
+    std::fs::create_dir(dir.path().join("spill")).unwrap();
+    let mut f = File::create(dir.path().join("spill").join("part-0.arrow")).unwrap();
+    let chunk = vec![3u8; MIB];
+    for _ in 0..256 {
+        f.write_all(&chunk).unwrap();
+    }
+    let first = gov.sweep_governed_dirs();
+    assert_eq!(first.files, 1);
+    assert!(first.cached_before >= 200 * MIB as u64, "{first:?}");
+    // Pages still being written back stay until they are clean; the next sweep drops them.
+    f.sync_all().unwrap();
+    let second = gov.sweep_governed_dirs();
+    eprintln!("governed directory: {first:?} then {second:?}");
+    assert!(second.cached_after <= 4 * MIB as u64, "{second:?}");
+    let stats = gov.page_cache(q);
+    assert_eq!(stats.dirs_cached, second.cached_before);
+    assert!(stats.dirs_dropped >= 200 * MIB as u64, "{stats:?}");
+    // Nothing lost: the file reads back.
+    let mut back = Vec::new();
+    File::open(dir.path().join("spill").join("part-0.arrow"))
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back.len(), 256 * MIB);
+    assert!(back.iter().all(|&b| b == 3));
+}

@@ -438,7 +438,10 @@ fn build_report(
             budget_bytes: gov.map(|_| s.budgets[i]),
             peak_bytes: gov.map(|g| g.budget(e).peak()),
             overflow_peak_bytes: gov.map(|_| overflow_peak(i)),
-            page_cache_peak_bytes: gov.map(|g| g.page_cache(e).peak),
+            page_cache_peak_bytes: gov.map(|g| {
+                let pc = g.page_cache(e);
+                pc.peak.max(pc.dirs_peak)
+            }),
             spills: stats[i].spills(),
             rejections: stats[i].rejections(),
             throughput,

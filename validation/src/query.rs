@@ -154,6 +154,13 @@ pub(crate) fn run(
         })
         .build()
         .map_err(|e| format!("starting the query runtime: {e}"))?;
+    if let Some(g) = gov {
+        // DataFusion writes its spill files itself: the governor's background thread drops
+        // them from the page cache behind it, so a spilling query does not evict other
+        // engines' pages.
+        g.govern_dir(EngineId::Query, &cfg.spill_dir)
+            .map_err(|e| format!("governing the spill directory: {e}"))?;
+    }
     let governor_pool = gov.map(|g| Arc::new(GovernorPool::new(g.clone(), EngineId::Query)));
     let pool: Arc<dyn MemoryPool> = match &governor_pool {
         Some(p) => Arc::clone(p) as Arc<dyn MemoryPool>,

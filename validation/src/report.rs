@@ -19,8 +19,9 @@ pub(crate) struct EngineReport {
     pub(crate) peak_bytes: Option<u64>,
     /// The most bytes seen in the engine's overflow region (sampled).
     pub(crate) overflow_peak_bytes: Option<u64>,
-    /// The most page cache the engine's governed file I/O left behind (exact; `null` without
-    /// a governor).
+    /// The most page cache the engine's governed file I/O left behind (exact for governed
+    /// writers; sampled at each background tick for governed directories such as DataFusion's
+    /// spill directory); `null` without a governor.
     pub(crate) page_cache_peak_bytes: Option<u64>,
     pub(crate) spills: u64,
     pub(crate) rejections: u64,
