@@ -153,6 +153,13 @@ pub(crate) fn sweep_dir(dir: &std::path::Path, depth: u32, out: &mut SweepStats)
     }
 }
 
+/// Bytes of `file` in the page cache now (`mincore` over a read-only mapping of it, which
+/// faults nothing in).
+pub fn cached_bytes(file: &File) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    Ok(file_cached(file, len))
+}
+
 /// Bytes of `file`'s first `len` bytes in the page cache (0 where it cannot be mapped).
 fn file_cached(file: &File, len: u64) -> u64 {
     let Ok(len) = usize::try_from(len) else {

@@ -35,7 +35,7 @@ mod sync;
 pub use budget::Budget;
 pub use cache::{
     GovernedReader, GovernedWriter, PageCacheStats, Protected, SYNC_CHUNK, SweepStats,
-    resident_bytes,
+    cached_bytes, resident_bytes,
 };
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use config::{
