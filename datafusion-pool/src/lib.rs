@@ -8,7 +8,14 @@
 //!
 //! No byte is counted twice: the governor's admission is a reservation taken and released at
 //! once (nothing stays reserved in the governor for the operator's memory); the allocator's own
-//! charge, when the operator really allocates, is what counts against the budget. The pool
+//! charge, when the operator really allocates, is what counts against the budget.
+//!
+//! **Grants not yet allocated count as a margin.** DataFusion's partitions ask together and
+//! allocate after; each would be admitted against the same headroom. So the pool remembers
+//! what it granted that the allocator has not charged yet (*outstanding*: grants, less the
+//! growth of the engine's charged bytes since, less what consumers gave back), and admits a
+//! request only if it fits together with the outstanding grants. The margin lives in the
+//! pool, not in the governor's ledger, so it never shows as usage. The pool
 //! keeps DataFusion's view of what its consumers reserved ([`MemoryPool::reserved`]) for
 //! DataFusion's own bookkeeping and reports.
 //!
@@ -31,6 +38,7 @@
 //! ```
 
 use std::fmt;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use datafusion_common::{DataFusionError, Result};
@@ -46,6 +54,24 @@ pub struct GovernorPool {
     reserved: AtomicUsize,
     /// `try_grow` calls refused (each is a spill or an error in the operator).
     refusals: AtomicU64,
+    /// Grants not yet charged by the allocator, and the engine's charged bytes when that was
+    /// last brought up to date.
+    margin: Mutex<Margin>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Margin {
+    outstanding: u64,
+    last_used: u64,
+}
+
+impl Margin {
+    /// Retires outstanding grants by what the allocator charged since the last look.
+    fn catch_up(&mut self, used: u64) {
+        let growth = used.saturating_sub(self.last_used);
+        self.outstanding -= growth.min(self.outstanding);
+        self.last_used = used;
+    }
 }
 
 impl fmt::Debug for GovernorPool {
@@ -73,6 +99,7 @@ impl GovernorPool {
             name: "nodedb-mem governor pool".to_owned(),
             reserved: AtomicUsize::new(0),
             refusals: AtomicU64::new(0),
+            margin: Mutex::new(Margin::default()),
         }
     }
 
@@ -84,6 +111,18 @@ impl GovernorPool {
     /// How many `try_grow` calls were refused.
     pub fn refusals(&self) -> u64 {
         self.refusals.load(Ordering::Relaxed)
+    }
+
+    /// Granted bytes the allocator has not charged yet (the margin later requests must fit
+    /// beside), as of the pool's last call.
+    pub fn outstanding(&self) -> u64 {
+        self.margin().outstanding
+    }
+
+    fn margin(&self) -> std::sync::MutexGuard<'_, Margin> {
+        self.margin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -97,6 +136,11 @@ impl MemoryPool for GovernorPool {
     }
 
     fn shrink(&self, _reservation: &MemoryReservation, shrink: usize) {
+        {
+            let mut m = self.margin();
+            m.catch_up(self.gov.budget(self.engine).used());
+            m.outstanding -= (shrink as u64).min(m.outstanding);
+        }
         // DataFusion shrinks only what it grew; a larger shrink would be its bug, and the pool
         // keeps its counter at zero rather than wrapping.
         let _ = self
@@ -107,18 +151,43 @@ impl MemoryPool for GovernorPool {
     }
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
-        match self.gov.reserve(self.engine, additional as u64) {
+        let mut m = self.margin();
+        m.catch_up(self.gov.budget(self.engine).used());
+        let wanted = additional as u64;
+        // Admission for this request beside the grants not yet allocated, taken and released
+        // at once (the allocator charges the memory when it is allocated), under the pool's
+        // lock so concurrent askers see each other's grants.
+        let refused = match self.gov.reserve(self.engine, wanted + m.outstanding) {
             Ok(admitted) => {
-                // Admission only: the allocator charges the memory when it is allocated.
                 drop(admitted);
+                None
+            }
+            Err(e) if m.outstanding == 0 => Some(e.to_string()),
+            // Refused with the margin: say so in terms of this request.
+            Err(_) => match self.gov.reserve(self.engine, wanted) {
+                Ok(alone) => {
+                    drop(alone);
+                    Some(format!(
+                        "cannot admit {} for engine {}: it fits the engine's budget alone, but \
+                         not beside {} granted to other consumers and not allocated yet",
+                        nodedb_mem::ByteSize(wanted),
+                        self.engine,
+                        nodedb_mem::ByteSize(m.outstanding)
+                    ))
+                }
+                Err(e) => Some(e.to_string()),
+            },
+        };
+        match refused {
+            None => {
+                m.outstanding += wanted;
                 self.reserved.fetch_add(additional, Ordering::AcqRel);
                 Ok(())
             }
-            Err(e) => {
+            Some(why) => {
                 self.refusals.fetch_add(1, Ordering::Relaxed);
                 Err(DataFusionError::ResourcesExhausted(format!(
-                    "{} (consumer {}, holding {} bytes)",
-                    e,
+                    "{why} (consumer {}, holding {} bytes)",
                     reservation.consumer().name(),
                     reservation.size()
                 )))

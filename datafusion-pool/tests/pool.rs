@@ -73,3 +73,63 @@ fn infallible_growth_is_recorded_and_shrinks_back() {
     );
     assert_eq!(pool.name(), "nodedb-mem governor pool");
 }
+
+#[test]
+fn grants_not_yet_allocated_are_a_margin_for_the_next_request() {
+    let (gov, pool) = pool();
+    let p = pool.downcast_ref::<GovernorPool>().unwrap();
+    let a = MemoryConsumer::new("partition 0").register(&pool);
+    let b = MemoryConsumer::new("partition 1").register(&pool);
+    a.try_grow(40 * MIB).unwrap();
+    assert_eq!(p.outstanding(), (40 * MIB) as u64);
+    // Nothing is held in the governor for it: the margin lives in the pool.
+    assert_eq!(gov.usage(EngineId::Query), 0);
+    // Partition 1 asks before partition 0 allocated: 40 + 30 MiB would not fit in 64 MiB.
+    let err = b.try_grow(30 * MIB).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Resources exhausted: cannot admit 30 MiB for engine query: it fits the engine's budget \
+         alone, but not beside 40 MiB granted to other consumers and not allocated yet \
+         (consumer partition 1, holding 0 bytes)"
+    );
+    // Partition 0 allocates what it was granted (the allocator charges it): the margin retires
+    // and nothing is counted twice; the refusal now comes from real usage.
+    gov.charge(EngineId::Query, (40 * MIB) as u64);
+    let err = b.try_grow(30 * MIB).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("40 MiB already used of its 64 MiB limit, 24 MiB available"),
+        "{err}"
+    );
+    assert_eq!(p.outstanding(), 0);
+    b.try_grow(20 * MIB).unwrap();
+    // Giving back what was granted and never allocated shrinks the margin.
+    b.shrink(20 * MIB);
+    assert_eq!(p.outstanding(), 0);
+    drop((a, b));
+    gov.credit(EngineId::Query, (40 * MIB) as u64).unwrap();
+}
+
+#[test]
+fn two_consumers_asking_at_once_cannot_both_take_the_same_headroom() {
+    for _ in 0..50 {
+        let (_gov, pool) = pool();
+        let barrier = std::sync::Barrier::new(2);
+        let granted: usize = std::thread::scope(|s| {
+            let ask = |name: &'static str| {
+                let pool = Arc::clone(&pool);
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let r = MemoryConsumer::new(name).register(&pool);
+                    barrier.wait();
+                    let ok = r.try_grow(40 * MIB).is_ok();
+                    std::mem::forget(r); // keep the grant while the other asks
+                    usize::from(ok)
+                })
+            };
+            let (x, y) = (ask("left"), ask("right"));
+            x.join().unwrap() + y.join().unwrap()
+        });
+        assert_eq!(granted, 1, "both partitions were admitted against 64 MiB");
+    }
+}
