@@ -12,23 +12,30 @@ static INSTALLED: OnceLock<MemoryGovernor> = OnceLock::new();
 static BACKGROUND: OnceLock<crate::Rebalancer> = OnceLock::new();
 
 /// The default overflow capacity of each engine: the free space of `dir`'s filesystem less
-/// [`OVERFLOW_DISK_RESERVE`](crate::OVERFLOW_DISK_RESERVE) of it, and at least 1 GiB less
-/// (0 where it cannot be read: `enable_overflow` then refuses a zero capacity and overflow is
-/// off, with a warning).
-pub(crate) fn capacity_from_disk(dir: &std::path::Path) -> u64 {
+/// [`OVERFLOW_DISK_RESERVE`](crate::OVERFLOW_DISK_RESERVE) of it, and at least 1 GiB less.
+/// Refused, with the figures, where that leaves nothing.
+pub(crate) fn capacity_from_disk(dir: &std::path::Path) -> Result<u64> {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return 0;
-    };
+    let refuse = |reason: String| MemError::config("overflow.dir", dir.display(), reason);
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| refuse("the path holds a NUL byte".into()))?;
     // SAFETY: an all-zero statvfs is valid for statvfs to fill.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: a NUL-terminated path and a statvfs to write.
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return 0;
+        let e = std::io::Error::last_os_error();
+        return Err(refuse(format!("cannot read its free space: {e}")));
     }
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     let reserve = ((free as f64 * crate::OVERFLOW_DISK_RESERVE) as u64).max(1 << 30);
-    free.saturating_sub(reserve)
+    match free.saturating_sub(reserve) {
+        0 => Err(refuse(format!(
+            "its filesystem has {} free, no more than the reserve left to others (10 %, at \
+             least 1 GiB); give an explicit overflow capacity or a directory on a larger disk",
+            crate::ByteSize(free)
+        ))),
+        capacity => Ok(capacity),
+    }
 }
 
 pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
@@ -68,11 +75,15 @@ pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
                     ),
                 ));
             }
-            Some(capacity) => capacity,
-            None => capacity_from_disk(&c.dir).min(range),
+            Some(capacity) => Ok(capacity),
+            None => capacity_from_disk(&c.dir).map(|c| c.min(range)),
         };
-        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
-        match nodedb_mem_alloc::enable_overflow(&c.dir, capacity, c.allow_tmpfs, c.policy) {
+        let enabled = capacity.and_then(|capacity| {
+            let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
+            nodedb_mem_alloc::enable_overflow(&c.dir, capacity, c.allow_tmpfs, c.policy)
+                .map_err(MemError::from)
+        });
+        match enabled {
             Ok(()) => {}
             Err(e) if !explicit => tracing::warn!(
                 target: "nodedb_mem",
@@ -80,7 +91,7 @@ pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
                 error = %e,
                 "overflow disabled: the default overflow directory cannot be used; configure one with GovernorBuilder::overflow"
             ),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
     let background = config.background;
@@ -133,4 +144,20 @@ fn allocator_is_global() -> bool {
     // The probe's free may sit in this thread's pending credit: publish it.
     nodedb_mem_alloc::flush_thread();
     nodedb_mem_alloc::is_active()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_capacity_reads_the_disk_or_says_why_not() {
+        let here = super::capacity_from_disk(std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
+        assert!(matches!(here, Ok(c) if c > 0), "{here:?}");
+        let err =
+            super::capacity_from_disk(std::path::Path::new("/nonexistent/overflow")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration `overflow.dir` = /nonexistent/overflow: cannot read its free \
+             space: No such file or directory (os error 2)"
+        );
+    }
 }
