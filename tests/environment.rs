@@ -26,6 +26,8 @@ fn a_default_install_survives_fork_and_pre_exec() {
     let gov = MemoryGovernor::builder()
         .global_ceiling(1 << 30)
         .budget(EngineId::Query, 16 * MIB)
+        // The background thread runs (fork with it alive), but may not lend Query more.
+        .cap(EngineId::Query, 16 * MIB)
         .overflow(nodedb_mem::OverflowConfig::in_dir(dir.path()))
         .install()
         .unwrap();

@@ -19,6 +19,8 @@ fn gov() -> &'static MemoryGovernor {
             .global_ceiling(1 << 30)
             .budget(EngineId::Query, 64 * MIB)
             .budget(EngineId::Vector, 64 * MIB)
+            // These tests pin exact limits; the background thread would rebalance them.
+            .background(None)
             .install()
             .expect("first install")
     })
