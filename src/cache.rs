@@ -162,33 +162,85 @@ pub fn cached_bytes(file: &File) -> io::Result<u64> {
 
 /// Bytes of `file`'s first `len` bytes in the page cache (0 where it cannot be mapped).
 fn file_cached(file: &File, len: u64) -> u64 {
-    let Ok(len) = usize::try_from(len) else {
-        return 0;
-    };
-    if len == 0 {
-        return 0;
+    match MappedFile::new(file, len) {
+        Ok(map) => resident_bytes(map.bytes()).unwrap_or(0),
+        Err(_) => 0,
     }
-    // SAFETY: a fresh shared read-only mapping of an open file, at an address of the kernel's
-    // choice; only `mincore` looks at it, nothing reads it, and it is unmapped below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return 0;
+}
+
+/// A read-only shared mapping of a file, for [`MemoryGovernor::protect`] and residency checks
+/// ([`resident_bytes`]); unmapped on drop. Mapping faults nothing in.
+pub struct MappedFile {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; sharing `&[u8]` views of it across
+// threads is as safe as sharing any immutable bytes.
+unsafe impl Send for MappedFile {}
+// SAFETY: as above.
+unsafe impl Sync for MappedFile {}
+
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedFile")
+            .field("addr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
     }
-    // SAFETY: the mapping is `len` bytes and stays mapped until the `munmap` below.
-    let data = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) };
-    let cached = resident_bytes(data).unwrap_or(0);
-    // SAFETY: our own mapping, no longer borrowed (`data` is not used past this point).
-    unsafe { libc::munmap(ptr, len) };
-    cached
+}
+
+impl MappedFile {
+    /// Maps the whole of `file` as it is now.
+    pub fn open(file: &File) -> io::Result<MappedFile> {
+        let len = file.metadata()?.len();
+        MappedFile::new(file, len)
+    }
+
+    /// Maps the first `len` bytes of `file`.
+    fn new(file: &File, len: u64) -> io::Result<MappedFile> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if len == 0 {
+            return Ok(MappedFile {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a fresh shared read-only mapping of an open file, at an address of the
+        // kernel's choice: no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MappedFile { ptr, len })
+    }
+
+    /// The mapped bytes (reading them faults the file's pages in).
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the mapping is readable for `len` bytes while `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: our own mapping; views of it borrow `self`, so none outlive this.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
 }
 
 /// The span of one file a governed writer or reader has touched and not yet dropped.

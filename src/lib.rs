@@ -34,7 +34,7 @@ mod sync;
 
 pub use budget::Budget;
 pub use cache::{
-    GovernedReader, GovernedWriter, PageCacheStats, Protected, SYNC_CHUNK, SweepStats,
+    GovernedReader, GovernedWriter, MappedFile, PageCacheStats, Protected, SYNC_CHUNK, SweepStats,
     cached_bytes, resident_bytes,
 };
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};

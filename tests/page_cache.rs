@@ -16,43 +16,6 @@ fn scratch() -> File {
     tempfile::tempfile_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
 }
 
-/// A read-only shared mapping of `file`'s first `len` bytes, unmapped on drop.
-struct Map {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Map {
-    fn new(file: &File, len: usize) -> Map {
-        // SAFETY: a fresh shared read-only mapping of our own file, at an address of the
-        // kernel's choice.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Map { ptr, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is readable for `len` bytes while `self` lives.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, no longer borrowed.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// How much of `file` is in the page cache now (`len`: what the caller expects it to hold).
 fn cached(file: &File, len: usize) -> u64 {
     assert!(file.metadata().unwrap().len() >= len as u64);
@@ -196,7 +159,8 @@ fn a_protected_region_stays_resident_and_counts_against_the_budget() {
     file.sync_all().unwrap();
     // SAFETY: our descriptor; advice only.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    let map = Map::new(&file, 32 * MIB);
+    let map = nodedb_mem::MappedFile::open(&file).unwrap();
+    assert_eq!(map.bytes().len(), 32 * MIB);
     assert!(resident_bytes(map.bytes()).unwrap() < 32 * MIB as u64);
 
     let before = gov.usage(v);

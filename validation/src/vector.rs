@@ -208,16 +208,12 @@ pub(crate) fn run(
     Ok(o)
 }
 
-/// A file holding the vectors, mapped read-only; unmapped on drop.
-struct Mapped {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
+/// A file holding the vectors, mapped read-only.
+struct Mapped(nodedb_mem::MappedFile);
 
 impl Mapped {
     fn write(path: &std::path::Path, data: &[f32]) -> Result<Mapped, String> {
         use std::io::Write;
-        use std::os::fd::AsRawFd;
         // SAFETY: `f32` has no padding and every byte of it is initialised, so its storage
         // reads as `4 × len` bytes for as long as `data` is borrowed.
         let bytes: &[u8] = unsafe {
@@ -232,48 +228,24 @@ impl Mapped {
             .map_err(|e| format!("creating {}: {e}", path.display()))?;
         file.write_all(bytes)
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
-        let len = bytes.len().max(1);
-        // SAFETY: a fresh shared read-only mapping of our own file, at an address of the
-        // kernel's choice; the file stays mapped after its descriptor closes.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!(
-                "mapping {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(Mapped {
-            ptr,
-            len: bytes.len(),
-        })
+        nodedb_mem::MappedFile::open(&file)
+            .map(Mapped)
+            .map_err(|e| format!("mapping {}: {e}", path.display()))
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is readable for `len` bytes while `self` lives.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
+        self.0.bytes()
     }
 
     fn floats(&self) -> &[f32] {
-        // SAFETY: the mapping is page-aligned (so aligned for `f32`) and holds `len / 4`
-        // floats written by `write`; it is read-only and lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len / 4) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; the slices borrowed from it are gone with `self`'s borrow.
-        unsafe { libc::munmap(self.ptr, self.len.max(1)) };
+        let bytes = self.0.bytes();
+        if bytes.is_empty() {
+            return &[];
+        }
+        // SAFETY: a non-empty mapping starts on a page boundary, so the bytes are aligned for
+        // `f32`; they hold `len / 4` floats written by `write`, and any bit pattern is a valid
+        // `f32`; the view borrows `self`.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 4) }
     }
 }
 
