@@ -326,6 +326,16 @@ impl Behind {
         Ok(())
     }
 
+    /// Drops everything left behind as the file is closed; if that fails, gives the charge
+    /// back anyway (nothing of this file is tracked after it) and returns the error.
+    fn close(&mut self, file: &File, writing: bool) -> io::Result<()> {
+        let r = self.drop_all(file, writing);
+        if r.is_err() {
+            self.forget();
+        }
+        r
+    }
+
     /// Gives the charge back without touching the file (when the file is gone or failed).
     fn forget(&mut self) {
         let len = self.pos - self.dropped_to;
@@ -424,13 +434,8 @@ impl GovernedWriter {
             .file
             .take()
             .ok_or_else(|| io::Error::other("writer already finished"))?;
-        match self.behind.drop_all(&file, true) {
-            Ok(()) => Ok(file),
-            Err(e) => {
-                self.behind.forget();
-                Err(e)
-            }
-        }
+        self.behind.close(&file, true)?;
+        Ok(file)
     }
 }
 
@@ -459,10 +464,8 @@ impl Write for GovernedWriter {
 
 impl Drop for GovernedWriter {
     fn drop(&mut self) {
-        if let Some(file) = self.file.take()
-            && self.behind.drop_all(&file, true).is_err()
-        {
-            self.behind.forget();
+        if let Some(file) = self.file.take() {
+            let _ = self.behind.close(&file, true);
         }
     }
 }
@@ -501,13 +504,8 @@ impl GovernedReader {
             .file
             .take()
             .ok_or_else(|| io::Error::other("reader already closed"))?;
-        match self.behind.drop_all(&file, false) {
-            Ok(()) => Ok(file),
-            Err(e) => {
-                self.behind.forget();
-                Err(e)
-            }
-        }
+        self.behind.close(&file, false)?;
+        Ok(file)
     }
 }
 
@@ -529,10 +527,8 @@ impl Read for GovernedReader {
 
 impl Drop for GovernedReader {
     fn drop(&mut self) {
-        if let Some(file) = self.file.take()
-            && self.behind.drop_all(&file, false).is_err()
-        {
-            self.behind.forget();
+        if let Some(file) = self.file.take() {
+            let _ = self.behind.close(&file, false);
         }
     }
 }
