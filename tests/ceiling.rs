@@ -49,7 +49,7 @@ fn assert_within_limit(gov: &MemoryGovernor, threads: u64, at: &str) {
 }
 
 /// Fills `total` bytes in blocks of `block` bytes under the Query guard, checking the ledger
-/// every `check_every` blocks, then checks the peak, the data, read-back and the release.
+/// after every block, then checks the peak, the data, read-back and the release.
 fn fill(block: usize, total: usize, zeroed: bool) {
     let (gov, _dir) = install();
     flush_thread();

@@ -48,8 +48,7 @@ pub use ledger::{
 pub use numa::{MAX_CPUS, MAX_NODES, Topology};
 pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};
 pub use pushout::{
-    PushOutStats, check_every, push_out_checks, push_out_stats, resident, resident_target,
-    set_resident_target,
+    PushOutStats, push_out_checks, push_out_stats, resident, resident_target, set_resident_target,
 };
 pub use thread::{
     EngineGuard, GUARD_SLOTS, HOME_SWITCH_AFTER, current_engine, explicit_caches_created,

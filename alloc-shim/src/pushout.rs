@@ -3,8 +3,9 @@
 //! Overflow pages are file pages mapped `MAP_SHARED`: resident (and charged to a memory
 //! cgroup) until something pushes them out. A sampler every 50–100 ms lets a thread that
 //! allocates ~1 GiB/s add 50–100 MiB between two samples. So the thread that allocates in
-//! overflow checks, every [`check_every`] bytes it places there, the process's resident memory
-//! (`/proc/self/statm`, one `pread` on a descriptor opened once); when it is within two such
+//! overflow checks, every step of bytes it places there ([`resident_target`]), the process's
+//! resident memory (`/proc/self/statm`, one `pread` on a descriptor opened once); when it is
+//! within two such
 //! steps of the target, it pushes overflow pages out itself ([`OverflowRegion::push_out`]:
 //! unmapped, written back, dropped from the page cache) until resident memory is four steps
 //! under the target. Pages are taken in address order from a clock hand per region that wraps
@@ -51,11 +52,6 @@ pub fn set_resident_target(target: Option<u64>, step: u64) {
 pub fn resident_target() -> (Option<u64>, u64) {
     let t = TARGET.load(Ordering::Relaxed);
     ((t != u64::MAX).then_some(t), STEP.load(Ordering::Relaxed))
-}
-
-/// Bytes placed in overflow between two checks of resident memory.
-pub fn check_every() -> u64 {
-    STEP.load(Ordering::Relaxed)
 }
 
 /// The push-out figures of one engine's overflow region.
