@@ -1,0 +1,319 @@
+//! The hot path, governed against plain tikv-jemallocator, in alternated processes.
+//!
+//! Each measurement runs in a fresh child process (this binary, `--child WORKLOAD MODE`), and
+//! the two modes alternate round after round, so a drift of the machine hits both alike. The
+//! global allocator is the same in both children: a switch read once per call (a static that
+//! is written before the first allocation and never again) that forwards either to
+//! [`GovernedAlloc`] or to plain [`Jemalloc`]. Every measured thread stays in one engine
+//! (`Query`) for the governed mode; the plain mode enters the same guard, which does nothing
+//! there, so both pay the same wrapper.
+//!
+//! Workloads:
+//! * `churn`: one thread, 64 live blocks of 16–256 B, allocate all then free all (ns per
+//!   allocate+free pair);
+//! * `larson-1`, `larson-2`, `mstress-1`, `mstress-2`: the malloc-bench-rs crate's larson
+//!   (working set with cross-thread handoff) and mstress (alloc-then-free batches, some freed
+//!   on another thread) at one and two threads (ns per op, from its ops per second);
+//! * `hashmap`: a `HashMap<String, Vec<u8>>` of 4,096 keys, replacing values of 8–512 B and
+//!   removing and re-inserting keys (ns per operation);
+//! * `hop` (governed only): enter another engine's guard, allocate and free a 64-byte block,
+//!   leave (ns per hop).
+//!
+//! Run: `cargo bench -p nodedb-mem-benches --bench hotpath` (five rounds), or with
+//! `-- --rounds N` / `-- --only churn,hashmap`.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use malloc_bench_rs::{Config, Workload};
+use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc};
+use tikv_jemallocator::Jemalloc;
+
+/// The process's allocator: governed unless the child was started in plain mode.
+struct Switch;
+
+static PLAIN: AtomicBool = AtomicBool::new(false);
+static GOVERNED: GovernedAlloc = GovernedAlloc::new();
+
+// SAFETY: forwards every call, with its arguments, to one of two allocators chosen before the
+// first allocation of the process and never changed after, so a block is always freed by the
+// allocator that made it.
+unsafe impl GlobalAlloc for Switch {
+    #[inline]
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if PLAIN.load(Ordering::Relaxed) {
+            // SAFETY: forwarded from the caller.
+            unsafe { Jemalloc.alloc(l) }
+        } else {
+            // SAFETY: forwarded from the caller.
+            unsafe { GOVERNED.alloc(l) }
+        }
+    }
+    #[inline]
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        if PLAIN.load(Ordering::Relaxed) {
+            // SAFETY: forwarded from the caller.
+            unsafe { Jemalloc.dealloc(p, l) }
+        } else {
+            // SAFETY: forwarded from the caller.
+            unsafe { GOVERNED.dealloc(p, l) }
+        }
+    }
+    #[inline]
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        if PLAIN.load(Ordering::Relaxed) {
+            // SAFETY: forwarded from the caller.
+            unsafe { Jemalloc.alloc_zeroed(l) }
+        } else {
+            // SAFETY: forwarded from the caller.
+            unsafe { GOVERNED.alloc_zeroed(l) }
+        }
+    }
+    #[inline]
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        if PLAIN.load(Ordering::Relaxed) {
+            // SAFETY: forwarded from the caller.
+            unsafe { Jemalloc.realloc(p, l, n) }
+        } else {
+            // SAFETY: forwarded from the caller.
+            unsafe { GOVERNED.realloc(p, l, n) }
+        }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Switch = Switch;
+
+thread_local! {
+    static IN_ENGINE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Puts the calling thread in `Query` for the rest of its life (once).
+#[inline(always)]
+fn stay_in_engine() {
+    if !IN_ENGINE.get() {
+        IN_ENGINE.set(true);
+        std::mem::forget(EngineGuard::enter(EngineId::Query));
+    }
+}
+
+/// What malloc-bench-rs allocates through: the global allocator, from inside the engine.
+struct InEngine;
+
+// SAFETY: forwards to the global allocator with the caller's arguments.
+unsafe impl GlobalAlloc for InEngine {
+    #[inline]
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        stay_in_engine();
+        // SAFETY: forwarded from the caller.
+        unsafe { GLOBAL.alloc(l) }
+    }
+    #[inline]
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        stay_in_engine();
+        // SAFETY: forwarded from the caller.
+        unsafe { GLOBAL.dealloc(p, l) }
+    }
+}
+
+const WORKLOADS: [&str; 7] = [
+    "churn", "larson-1", "larson-2", "mstress-1", "mstress-2", "hashmap", "hop",
+];
+
+#[inline(never)]
+fn churn_rounds(layouts: &[Layout], ptrs: &mut [*mut u8], rounds: usize) {
+    for _ in 0..rounds {
+        for (p, &l) in ptrs.iter_mut().zip(layouts) {
+            // SAFETY: non-zero sizes; freed below with the same layout.
+            *p = unsafe { GLOBAL.alloc(l) };
+        }
+        for (&p, &l) in ptrs.iter().zip(layouts) {
+            // SAFETY: allocated above with this layout.
+            unsafe { GLOBAL.dealloc(black_box(p), l) };
+        }
+    }
+}
+
+/// ns per allocate+free pair: the best of seven in-process repetitions (the process is the
+/// unit of alternation; within it, take the run least disturbed).
+fn churn() -> f64 {
+    const ROUNDS: usize = 40_000;
+    let layouts: Vec<Layout> = (0..64)
+        .map(|i| Layout::from_size_align(16 + (i * 37) % 240, 8).expect("valid layout"))
+        .collect();
+    let mut ptrs = vec![std::ptr::null_mut(); layouts.len()];
+    churn_rounds(&layouts, &mut ptrs, ROUNDS / 10);
+    (0..7)
+        .map(|_| {
+            let start = Instant::now();
+            churn_rounds(&layouts, &mut ptrs, ROUNDS);
+            start.elapsed().as_nanos() as f64 / (ROUNDS * layouts.len()) as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn bench(workload: Workload, threads: usize) -> f64 {
+    let cfg = Config {
+        threads,
+        steps_per_thread: 2_000_000,
+        working_set: 512,
+        mstress_blocks: 256,
+    };
+    let ops = malloc_bench_rs::run(workload, &cfg, || InEngine);
+    // ops/s over all threads, to ns per op per thread.
+    1e9 * threads as f64 / ops
+}
+
+fn hashmap() -> f64 {
+    const KEYS: usize = 4096;
+    const OPS: usize = 4_000_000;
+    let mut map: HashMap<String, Vec<u8>> = HashMap::with_capacity(KEYS);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for k in 0..KEYS {
+        map.insert(format!("key-{k:08}"), vec![0u8; 64]);
+    }
+    let start = Instant::now();
+    for _ in 0..OPS {
+        let r = next();
+        let k = (r as usize) % KEYS;
+        let key = format!("key-{k:08}");
+        if r & 0x300 == 0 {
+            map.remove(&key);
+            map.insert(key, Vec::new());
+        } else {
+            let len = 8 + (r >> 20) as usize % 505;
+            map.insert(key, vec![(r & 0xff) as u8; len]);
+        }
+    }
+    black_box(&map);
+    start.elapsed().as_nanos() as f64 / OPS as f64
+}
+
+fn hop() -> f64 {
+    const HOPS: usize = 2_000_000;
+    let start = Instant::now();
+    for i in 0..HOPS {
+        let _g = EngineGuard::enter(EngineId::Vector);
+        black_box(Box::new([i as u8; 64]));
+    }
+    start.elapsed().as_nanos() as f64 / HOPS as f64
+}
+
+fn child(workload: &str, mode: &str) {
+    PLAIN.store(mode == "plain", Ordering::Relaxed);
+    stay_in_engine();
+    // Make Query the main thread's home before measuring.
+    for _ in 0..1024 {
+        drop(black_box(Box::new(0u64)));
+    }
+    let ns = match workload {
+        "churn" => churn(),
+        "larson-1" => bench(Workload::Larson, 1),
+        "larson-2" => bench(Workload::Larson, 2),
+        "mstress-1" => bench(Workload::Mstress, 1),
+        "mstress-2" => bench(Workload::Mstress, 2),
+        "hashmap" => hashmap(),
+        "hop" => hop(),
+        other => {
+            eprintln!("unknown workload {other}: expected one of {WORKLOADS:?}");
+            std::process::exit(2);
+        }
+    };
+    println!("{ns}");
+}
+
+fn run_child(workload: &str, mode: &str) -> f64 {
+    let exe = std::env::current_exe().expect("own executable");
+    let out = Command::new(exe)
+        .args(["--child", workload, mode])
+        .output()
+        .expect("start child");
+    assert!(
+        out.status.success(),
+        "{workload} {mode}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("child prints ns")
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks benches to list their tests
+    }
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        child(&args[i + 1], &args[i + 2]);
+        return;
+    }
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    let rounds: usize = value("--rounds").map_or(5, |r| r.parse().expect("--rounds N"));
+    let only: Vec<&str> = value("--only").map_or(WORKLOADS.to_vec(), |s| s.split(',').collect());
+    println!(
+        "hot path: governed vs plain tikv-jemallocator, {rounds} alternated process runs each, medians"
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>8}   runs (governed / plain)",
+        "workload", "governed ns", "plain ns", "ratio"
+    );
+    for w in only {
+        let (mut g, mut p) = (Vec::new(), Vec::new());
+        for r in 0..rounds {
+            if w == "hop" {
+                g.push(run_child(w, "governed"));
+                continue;
+            }
+            if r % 2 == 0 {
+                g.push(run_child(w, "governed"));
+                p.push(run_child(w, "plain"));
+            } else {
+                p.push(run_child(w, "plain"));
+                g.push(run_child(w, "governed"));
+            }
+        }
+        let runs = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (gs, ps) = (runs(&g), runs(&p));
+        let gm = median(&mut g);
+        if p.is_empty() {
+            println!("{w:<10} {gm:>12.2} {:>12} {:>8}   {gs}", "-", "-");
+        } else {
+            let pm = median(&mut p);
+            println!(
+                "{w:<10} {gm:>12.2} {pm:>12.2} {:>8.3}   {gs} / {ps}",
+                gm / pm
+            );
+        }
+    }
+}
