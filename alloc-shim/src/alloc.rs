@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tikv_jemalloc_sys as jem;
 
 use crate::arena::{self, owner_of};
-use crate::ledger::{self, DIRECT_THRESHOLD};
+use crate::ledger::{self, DIRECT_THRESHOLD, FAST_MAX};
 use crate::size_class::usable_size;
 use crate::thread::{THREAD, ThreadState};
 
@@ -554,34 +554,125 @@ fn thread_state() -> Option<*const ThreadState> {
 #[inline(always)]
 unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     let (size, align) = (layout.size(), layout.align());
-    let Some(usable) = usable(size, align) else {
-        return std::ptr::null_mut();
-    };
-    let flags = align_flags(size, align);
     let Some(t) = thread_state() else {
         // SAFETY: the caller's `Layout` has a non-zero size (GlobalAlloc contract).
-        return unsafe { detached_alloc(size, flags, usable, zero) };
+        return unsafe { detached_entry(size, align, zero) };
     };
     // SAFETY: the pointer is to this thread's own state, alive for the thread's whole life and
     // only ever touched by this thread.
     let t = unsafe { &*t };
-    // (A large block that would take home past its limit is not checked here: the charge
-    // refuses it and `account` moves it to overflow, which keeps this path to two loads.)
-    if t.current() != t.home() || arena::is_over(t.home()) {
-        // SAFETY: as above.
-        return unsafe { t.slow_alloc(size, flags, usable, zero) };
+    // The home path: jemalloc's own fast path, its counters our only bookkeeping. It serves
+    // home's arena through a cache that only ever holds home's blocks (foreign frees bypass
+    // it, and moving home flushes it), so the owner is home without looking.
+    if size <= FAST_MAX && align <= PAGE && t.current() == t.fast_alloc() {
+        // SAFETY: size > 0 (GlobalAlloc contract); the flags hold only a power-of-two
+        // alignment.
+        let p = unsafe { fast_alloc(size, align_flags(size, align), zero) }.cast::<u8>();
+        if !p.is_null() {
+            return p;
+        }
     }
     // SAFETY: as above.
-    let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
-    if p.is_null() {
-        // SAFETY: as above.
-        return unsafe { t.failed(t.home(), size, flags, usable, zero) };
+    unsafe { t.alloc_slow(size, align, zero) }
+}
+
+/// Requests up to this alignment stay on the home path (their usable size stays at most
+/// [`FAST_MAX`]'s, jemalloc's 16 KiB class, for every request up to it).
+const PAGE: usize = 4096;
+
+impl ThreadState {
+    /// Every allocation the home path did not take.
+    ///
+    /// # Safety
+    /// `size > 0`; `align` is a power of two (a `Layout`'s).
+    #[inline(never)]
+    unsafe fn alloc_slow(&self, size: usize, align: usize, zero: bool) -> *mut u8 {
+        let Some(usable) = usable(size, align) else {
+            return std::ptr::null_mut();
+        };
+        let flags = align_flags(size, align);
+        if self.current() == self.home() && size <= FAST_MAX && align <= PAGE && self.home_ready() {
+            // A home allocation counted by jemalloc, as on the home path, with the check the
+            // hook would make (it is not armed for this thread yet, or not available).
+            // SAFETY: as in `alloc_impl`.
+            let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
+            if !p.is_null() {
+                self.check();
+                return p;
+            }
+        }
+        let began = self.begin_slow();
+        // SAFETY: the caller's contract; `flags` holds only the alignment.
+        let p = unsafe { self.slow_alloc(size, flags, usable, zero) };
+        self.end_slow(began);
+        p
     }
-    // The fast path serves home's arena through a cache that only ever holds home's blocks
-    // (foreign frees bypass it, and moving home flushes it), so the owner is home: no address
-    // check needed here. Frees still judge by address.
-    // SAFETY: `p` was just allocated with `size` and alignment flags `flags`.
-    unsafe { t.account(p, t.home(), size, flags, usable, zero, 0) }
+
+    /// Every free the home path did not take.
+    ///
+    /// # Safety
+    /// `ptr` is live, allocated by this allocator with `size` and `align`.
+    #[inline(never)]
+    unsafe fn dealloc_slow(&self, ptr: *mut u8, size: usize, align: usize) {
+        // The allocation succeeded with this layout, so its usable size exists.
+        let usable = usable(size, align).unwrap_or(0);
+        let flags = align_flags(size, align);
+        if self.is_detached() {
+            // SAFETY: the caller's contract.
+            return unsafe { detached_dealloc(ptr, size, flags, usable) };
+        }
+        let owner = owner_of(ptr);
+        if owner == self.home() && size <= FAST_MAX && align <= PAGE && self.register() {
+            // A home free counted by jemalloc, as on the home path, checked as in `alloc_slow`.
+            // SAFETY: the caller's contract: `size` lies within the block's usable range.
+            unsafe { jem::sdallocx(ptr.cast(), size, flags) };
+            self.check();
+            return;
+        }
+        let began = self.begin_slow();
+        // SAFETY: the caller's contract.
+        unsafe { self.free_owned(ptr, owner, size, flags, usable) };
+        self.end_slow(began);
+    }
+
+    /// Every `realloc` the home path did not take.
+    ///
+    /// # Safety
+    /// As for [`GlobalAlloc::realloc`], with `layout`'s size and alignment as `old_size` and
+    /// `align`.
+    #[inline(never)]
+    unsafe fn realloc_slow(
+        &self,
+        ptr: *mut u8,
+        old_size: usize,
+        align: usize,
+        new_size: usize,
+    ) -> *mut u8 {
+        let old_usable = usable(old_size, align).unwrap_or(0);
+        let Some(new_usable) = usable(new_size, align) else {
+            return std::ptr::null_mut();
+        };
+        let flags = align_flags(new_size, align);
+        let old = (old_size, align_flags(old_size, align));
+        let began = self.begin_slow();
+        // SAFETY: the caller's contract.
+        let q = unsafe { self.realloc(ptr, old, new_size, flags, old_usable, new_usable) };
+        self.end_slow(began);
+        q
+    }
+}
+
+/// An allocation on a thread without usable state (tearing down).
+///
+/// # Safety
+/// `size > 0`; `align` is a power of two.
+#[cold]
+unsafe fn detached_entry(size: usize, align: usize, zero: bool) -> *mut u8 {
+    let Some(usable) = usable(size, align) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: the caller's contract.
+    unsafe { detached_alloc(size, align_flags(size, align), usable, zero) }
 }
 
 // Without the thread's state (during its teardown, after our thread-local is destroyed): no
@@ -667,42 +758,61 @@ unsafe impl GlobalAlloc for GovernedAlloc {
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let (size, align) = (layout.size(), layout.align());
-        // The allocation succeeded with this layout, so its usable size exists.
-        let usable = usable(size, align).unwrap_or(0);
-        let flags = align_flags(size, align);
         let Some(t) = thread_state() else {
+            let usable = usable(size, align).unwrap_or(0);
             // SAFETY: `ptr` was returned by this allocator for `layout` (GlobalAlloc contract).
-            return unsafe { detached_dealloc(ptr, size, flags, usable) };
+            return unsafe { detached_dealloc(ptr, size, align_flags(size, align), usable) };
         };
         // SAFETY: this thread's own state, as in `alloc_impl`.
         let t = unsafe { &*t };
-        let owner = owner_of(ptr);
-        if owner != t.home() {
-            // SAFETY: as above.
-            return unsafe { t.foreign_free(ptr, owner, size, flags, usable) };
+        if size <= FAST_MAX && align <= PAGE && owner_of(ptr) == t.fast_free() {
+            // The home path: a home block, counted by jemalloc, settled later.
+            // SAFETY: `ptr` was allocated by this allocator with this layout (GlobalAlloc
+            // contract), so `size` lies within its usable range, as `sdallocx` requires.
+            unsafe { jem::sdallocx(ptr.cast(), size, align_flags(size, align)) };
+            return;
         }
-        // SAFETY: `ptr` was allocated by this allocator with this layout (GlobalAlloc
-        // contract), so `size` lies within its usable range, as `sdallocx` requires.
-        unsafe { jem::sdallocx(ptr.cast(), size, flags) };
-        t.on_free(owner, usable);
+        // SAFETY: as above.
+        unsafe { t.dealloc_slow(ptr, size, align) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let align = layout.align();
-        let old_usable = usable(layout.size(), align).unwrap_or(0);
-        let Some(new_usable) = usable(new_size, align) else {
-            return std::ptr::null_mut();
+        let (old_size, align) = (layout.size(), layout.align());
+        let Some(t) = thread_state() else {
+            let old_usable = usable(old_size, align).unwrap_or(0);
+            let Some(new_usable) = usable(new_size, align) else {
+                return std::ptr::null_mut();
+            };
+            let flags = align_flags(new_size, align);
+            // SAFETY: `ptr` is live for `layout`; `new_size` is non-zero and, rounded to
+            // `align`, does not overflow (GlobalAlloc contract).
+            return unsafe { detached_realloc(ptr, new_size, flags, old_usable, new_usable) };
         };
-        let flags = align_flags(new_size, align);
-        let old = (layout.size(), align_flags(layout.size(), align));
-        match thread_state() {
-            // SAFETY: this thread's own state (as in `alloc_impl`); `ptr` is live for `layout`;
-            // `new_size` is non-zero and, rounded to `align`, does not overflow (GlobalAlloc
-            // contract).
-            Some(t) => unsafe { (*t).realloc(ptr, old, new_size, flags, old_usable, new_usable) },
-            // SAFETY: as above.
-            None => unsafe { detached_realloc(ptr, new_size, flags, old_usable, new_usable) },
+        // SAFETY: this thread's own state, as in `alloc_impl`.
+        let t = unsafe { &*t };
+        if old_size.max(new_size) <= FAST_MAX && align <= PAGE {
+            let owner = owner_of(ptr);
+            if owner == t.fast_alloc() && owner == t.fast_free() {
+                // The home path: a home block staying home (a moved block comes from this
+                // thread's arena, home's), both sides counted by jemalloc.
+                let flags = align_flags(new_size, align);
+                // SAFETY: `ptr` is live and from this allocator; `new_size > 0`; the flags hold
+                // only an alignment.
+                let q = unsafe {
+                    if flags == 0 {
+                        jem::realloc(ptr.cast(), new_size)
+                    } else {
+                        jem::rallocx(ptr.cast(), new_size, flags)
+                    }
+                }
+                .cast::<u8>();
+                if !q.is_null() {
+                    return q;
+                }
+            }
         }
+        // SAFETY: forwarded from the caller.
+        unsafe { t.realloc_slow(ptr, old_size, align, new_size) }
     }
 }

@@ -75,10 +75,24 @@ const FAIL_ENV: u64 = 4;
 /// Bump offset of each (engine, node) sub-range.
 static NEXT: [[AtomicUsize; MAX_NODES]; ARENA_ENGINES] =
     [const { [const { AtomicUsize::new(0) }; MAX_NODES] }; ARENA_ENGINES];
-/// Arena index of each (engine, node) (valid once `STATE` is `READY`; 0, an automatic arena
-/// and so never ours, where the node has no arena).
-static ARENA: [[AtomicU32; MAX_NODES]; ARENA_ENGINES] =
-    [const { [const { AtomicU32::new(0) }; MAX_NODES] }; ARENA_ENGINES];
+/// Arenas per engine and node at most. Threads of one engine on one node are spread over
+/// [`shards`] of them (one per CPU of the node, up to this many), all carving from the
+/// engine's range on that node, so two threads do not contend on one arena's locks where
+/// plain jemalloc would have given them two (it gives a thread one of `4 × CPUs` arenas).
+pub(crate) const MAX_SHARDS: usize = 4;
+
+/// Arena index of each (engine, node, shard) (valid once `STATE` is `READY`; 0, an automatic
+/// arena and so never ours, where there is no such arena).
+static ARENA: [[[AtomicU32; MAX_SHARDS]; MAX_NODES]; ARENA_ENGINES] =
+    [const { [const { [const { AtomicU32::new(0) }; MAX_SHARDS] }; MAX_NODES] }; ARENA_ENGINES];
+/// Shards created per engine and node (`1..=MAX_SHARDS` once the arenas exist).
+static SHARDS: AtomicUsize = AtomicUsize::new(1);
+
+/// How many arenas each engine has per node: the largest node's CPU count, at most
+/// [`MAX_SHARDS`].
+pub fn shards() -> usize {
+    SHARDS.load(Ordering::Relaxed)
+}
 /// The machine's topology, read once when the arenas are created.
 static TOPOLOGY: std::sync::OnceLock<Topology> = std::sync::OnceLock::new();
 /// `MPOL_PREFERRED` (1, the default) or `MPOL_BIND` (2) for engine extents.
@@ -159,10 +173,11 @@ pub(crate) fn engine_of_slot(slot: usize) -> EngineId {
     EngineId::from_index(e).unwrap_or(EngineId::Unattributed)
 }
 
-/// The arena of `engine` on `node` (the node a thread's memory should come from), once the
-/// arenas exist; `None` for `Unattributed`, before initialisation, and if it failed.
+/// The arena of `engine` on `node` (the node a thread's memory should come from) for a thread
+/// of shard `shard` (any number: taken modulo the shards created), once the arenas exist;
+/// `None` for `Unattributed`, before initialisation, and if it failed.
 #[inline(always)]
-pub(crate) fn arena_of(engine: usize, node: usize) -> Option<c_uint> {
+pub(crate) fn arena_of(engine: usize, node: usize, shard: usize) -> Option<c_uint> {
     if engine >= OVERFLOW_SLOT {
         return overflow_arena(engine - OVERFLOW_SLOT);
     }
@@ -176,15 +191,28 @@ pub(crate) fn arena_of(engine: usize, node: usize) -> Option<c_uint> {
         }
     }
     let row = ARENA.get(engine)?;
-    match row.get(node).map(|a| a.load(Ordering::Relaxed)) {
-        Some(a) if a != 0 => Some(a),
-        // A node without an arena of its own (no memory): its nearest node's, which `init`
-        // always creates for node `topology().memory_node_for(node)`.
-        _ => row
-            .get(topology().memory_node_for(node))
+    let shard = shard % shards().max(1);
+    let at = |node: usize| {
+        row.get(node)
+            .and_then(|shards| shards.get(shard))
             .map(|a| a.load(Ordering::Relaxed))
-            .filter(|&a| a != 0),
-    }
+            .filter(|&a| a != 0)
+    };
+    // A node without an arena of its own (no memory): its nearest node's, which `init` always
+    // creates for node `topology().memory_node_for(node)`.
+    at(node).or_else(|| at(topology().memory_node_for(node)))
+}
+
+/// Every arena of `engine` (all nodes and shards), for statistics and purging.
+fn arenas_of(engine: usize) -> impl Iterator<Item = (usize, c_uint)> {
+    ARENA.get(engine).into_iter().flat_map(|row| {
+        row.iter().enumerate().flat_map(|(node, shards)| {
+            shards
+                .iter()
+                .map(move |a| (node, a.load(Ordering::Relaxed)))
+                .filter(|&(_, a)| a != 0)
+        })
+    })
 }
 
 /// The topology the arenas were laid out for (one node before they exist).
@@ -229,7 +257,7 @@ pub fn mbind_failures() -> u64 {
 
 /// The machine's NUMA topology as the allocator uses it.
 pub fn machine_topology() -> Topology {
-    let _ = arena_of(0, 0);
+    let _ = arena_of(0, 0, 0);
     *topology()
 }
 
@@ -342,7 +370,7 @@ impl std::error::Error for ArenaFailure {}
 /// Why the engine arenas do not exist, once creating them failed (`None` while they exist or
 /// have not been tried).
 pub fn arena_failure() -> Option<ArenaFailure> {
-    let _ = arena_of(0, 0);
+    let _ = arena_of(0, 0, 0);
     let f = FAILURE.load(Ordering::Acquire);
     let errno = (f & 0xffff_ffff) as u32 as i32;
     match f >> 32 {
@@ -582,20 +610,30 @@ fn create_arena(hooks: &'static EngineHooks) -> Result<(c_uint, bool), i32> {
     if rc == 0 { Ok((arena, true)) } else { Err(rc) }
 }
 
-/// One arena per engine and node with memory (the node threads of a memoryless node use).
+/// [`shards`] arenas per engine and node with memory (the node threads of a memoryless node
+/// use), sharing the (engine, node) hooks and so the same part of the engine's range.
 fn create_arenas() -> bool {
     let topo = topology();
+    let widest = (0..MAX_NODES)
+        .filter(|&n| topo.has_node(n))
+        .map(|n| topo.cpus_of(n).count())
+        .max()
+        .unwrap_or(1);
+    let shards = widest.clamp(1, MAX_SHARDS);
     for (row, hooks) in ARENA.iter().zip(&HOOKS) {
         for node in 0..MAX_NODES {
             if !topo.has_node(node) || topo.memory_node_for(node) != node {
                 continue;
             }
-            match create_arena(&hooks[node]) {
-                Ok((arena, _)) => row[node].store(arena, Ordering::Relaxed),
-                Err(rc) => return fail(FAIL_ARENA, rc),
+            for slot in &row[node][..shards] {
+                match create_arena(&hooks[node]) {
+                    Ok((arena, _)) => slot.store(arena, Ordering::Relaxed),
+                    Err(rc) => return fail(FAIL_ARENA, rc),
+                }
             }
         }
     }
+    SHARDS.store(shards, Ordering::Relaxed);
     true
 }
 
@@ -901,20 +939,16 @@ pub fn arena_stats_by_node() -> ([ArenaStats; EngineId::COUNT], ArenaStatsByNode
         rest.dirty = rest.dirty.saturating_sub(s.dirty);
         rest.mapped = rest.mapped.saturating_sub(s.mapped);
     };
-    for (engine, row) in ARENA.iter().enumerate() {
-        for (node, arena) in row.iter().enumerate() {
-            let a = arena.load(Ordering::Relaxed);
-            if a == 0 {
-                continue;
-            }
+    for engine in 0..ARENA_ENGINES {
+        for (node, a) in arenas_of(engine) {
             let s = read(a as usize);
             subtract(&s);
-            by_node[engine][node] = s;
-            let total = &mut out[engine];
-            total.resident += s.resident;
-            total.active += s.active;
-            total.dirty += s.dirty;
-            total.mapped += s.mapped;
+            for total in [&mut by_node[engine][node], &mut out[engine]] {
+                total.resident += s.resident;
+                total.active += s.active;
+                total.dirty += s.dirty;
+                total.mapped += s.mapped;
+            }
         }
     }
     if let Some(arenas) = OVERFLOW_STATE
@@ -948,13 +982,10 @@ pub fn is_overflow(ptr: *const u8) -> bool {
 pub fn purge_engine(engine: EngineId) -> bool {
     let mut any = false;
     let mut ok = true;
-    for node in 0..MAX_NODES {
-        if let Some(arena) = arena_of(engine.index(), node)
-            && (node == 0 || arena_of(engine.index(), 0) != Some(arena))
-        {
-            any = true;
-            ok &= purge_arena(arena);
-        }
+    let _ = arena_of(0, 0, 0); // create the arenas if need be
+    for (_, arena) in arenas_of(engine.index()) {
+        any = true;
+        ok &= purge_arena(arena);
     }
     any && ok
 }
@@ -1001,9 +1032,10 @@ fn arena_ctl_name(arena: c_uint, suffix: &[u8]) -> [u8; 64] {
     name
 }
 
-/// The arena index of `engine`, for callers that want to inspect it with `mallctl`.
+/// The index of `engine`'s first arena (node 0, shard 0), for callers that want to inspect it
+/// with `mallctl`; the engine has [`shards`] such arenas per node.
 pub fn arena_index(engine: EngineId) -> Option<u32> {
-    arena_of(engine.index(), 0)
+    arena_of(engine.index(), 0, 0)
 }
 
 /// Returns every arena's dirty and muzzy pages to the system now (`arena.<all>.purge`).
@@ -1344,7 +1376,7 @@ pub fn enable_overflow(
     policy: OverflowPolicy,
 ) -> Result<(), crate::OverflowError> {
     let err = |op: &'static str, errno: i32| crate::OverflowError::Os { op, errno };
-    if arena_of(0, 0).is_none() {
+    if arena_of(0, 0, 0).is_none() {
         return Err(err("creating the engine arenas", libc::ENOMEM));
     }
     let range = range_bytes();

@@ -2,44 +2,64 @@
 //!
 //! # Exact by construction
 //!
-//! Each thread keeps a *prepaid credit* for its home engine: it charges the ledger a chunk
-//! ahead of its allocations and draws on it, and gives back what frees push above a bound.
-//! Frees of blocks owned by another engine are credited late, in one *pending* batch per
-//! thread. So for every engine, at every instant,
+//! jemalloc counts every thread's allocated and deallocated bytes itself. A thread's
+//! allocations and frees of its *home* engine's small blocks go straight to jemalloc and are
+//! settled into the ledger later, as the net change of those counters (less what the thread's
+//! slower paths charged or credited directly), at least every [`INTERVAL`] bytes in either
+//! direction. At each settlement the thread also buys [`HEADROOM`] bytes ahead against the
+//! home engine's limit, which its next allocations draw on before anyone counts them. Frees of
+//! other engines' blocks are credited late too, in one *pending* batch per thread. So for every
+//! engine, at every instant,
 //!
 //! ```text
-//! charged = live bytes + Σ threads' prepaid credit + Σ threads' pending credits
-//!           0 <= prepaid <= HOME_MAX,   0 <= pending <= FOREIGN_MAX,   sum <= BATCH
+//! charged = live bytes + Σ threads' (headroom − net home bytes not yet settled)
+//!                      + Σ threads' pending credits
+//!           0 <= headroom − unsettled < HEADROOM + INTERVAL,   0 <= pending <= FOREIGN_MAX
 //! ```
 //!
-//! A thread only ever gives back credit it holds, and a pending credit is for bytes that were
-//! charged and are already freed, so `charged` can never go below zero or wrap. When every
+//! Unsettled home allocations stay below `INTERVAL + FAST_MAX <= HEADROOM` (jemalloc calls the
+//! hook inside the allocation that crosses an interval, and the home path takes nothing larger
+//! than [`FAST_MAX`]), so the first term is never negative: the ledger never understates an
+//! engine, and since headroom is bought only within the limit, a settlement never takes the
+//! ledger past the limit either. A thread only gives back bytes that were charged — its own
+//! headroom, or blocks freed — so `charged` can never go below zero or wrap. When every
 //! thread has flushed (thread exit or [`flush_thread`](crate::flush_thread)), `charged` equals
-//! the live bytes exactly; while threads run, it overstates them by at most `BATCH` per thread
-//! and never understates them.
+//! the live bytes exactly; while threads run it overstates them by less than [`BATCH`] per
+//! thread.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::EngineId;
 use crate::arena::{ARENA_ENGINES, OVERFLOW_SLOT, SLOTS, update_over};
 
-/// The per-thread batch bound: a thread's prepaid credit for its home engine plus its pending
-/// credit for other engines' blocks never exceed `BATCH`, so the ledger is never more than
-/// `BATCH` bytes per thread above the live bytes, and never below them.
-pub const BATCH: u64 = 64 * 1024;
+/// The per-thread bound: a thread's headroom, its home bytes not yet settled and its pending
+/// credit for other engines' blocks together keep the ledger within `BATCH` bytes above the
+/// live bytes (`HEADROOM + INTERVAL + FOREIGN_MAX`), and never below them between allocator
+/// calls.
+pub const BATCH: u64 = HEADROOM + INTERVAL + FOREIGN_MAX;
 
-/// Upper bound of a thread's prepaid credit for its home engine.
-pub(crate) const HOME_MAX: u64 = 48 * 1024;
+/// jemalloc calls the thread-event hook each time a thread's allocated, or its deallocated,
+/// bytes grow by this much; the thread settles its home delta then.
+pub const INTERVAL: u64 = 16 * 1024;
+
+/// Bytes a thread charges its home engine ahead, at each settlement, for the allocations it
+/// makes before the next one: [`INTERVAL`] plus the largest home-path block, so the ledger
+/// never lags the live bytes.
+pub const HEADROOM: u64 = INTERVAL + FAST_MAX as u64;
 
 /// Upper bound of a thread's pending credit for blocks of other engines it freed.
-pub(crate) const FOREIGN_MAX: u64 = BATCH - HOME_MAX;
+pub(crate) const FOREIGN_MAX: u64 = 16 * 1024;
 
-/// Credit a thread keeps after topping up or giving back: the middle of the band, so a thread
-/// oscillating around a boundary does not touch the shared counter on every operation.
-pub(crate) const REFILL: u64 = HOME_MAX / 2;
+/// The largest request the home path serves without charging it at once (jemalloc's smallest
+/// large size class): anything larger, and anything aligned to more than a page, is charged
+/// and credited exactly when it happens.
+pub const FAST_MAX: usize = 16 * 1024;
 
-/// Allocations and frees of at least this many bytes update the ledger immediately.
+/// Allocations and frees of at least this many bytes update the ledger immediately (so do all
+/// above [`FAST_MAX`] but those of a thread's pending batch of other engines' frees).
 pub const DIRECT_THRESHOLD: u64 = 1 << 20;
+
+const _: () = assert!(HEADROOM >= INTERVAL + FAST_MAX as u64 && BATCH == 64 * 1024);
 
 #[repr(align(128))]
 pub(crate) struct EngineLedger {
@@ -109,6 +129,37 @@ pub(crate) fn try_charge(engine: usize, bytes: u64, limit: u64) -> bool {
     }
 }
 
+/// Settles a thread's home delta: adds `add` bytes (allocated since the last settlement),
+/// removes `sub` (freed since then, plus the headroom the thread held), and charges `headroom`
+/// more if the result stays within `limit`. One compare-and-swap, so the limit check holds
+/// against concurrent charges. Returns whether the headroom was charged. The settled part is
+/// charged even past the limit: those bytes are already allocated (with the headroom the
+/// thread held, never more than it: see the module docs).
+#[inline]
+pub(crate) fn settle(engine: usize, add: u64, sub: u64, headroom: u64, limit: u64) -> bool {
+    let l = ledger(engine);
+    let mut cur = l.charged.load(Ordering::Relaxed);
+    loop {
+        // `sub` was charged (as headroom, or as blocks now freed): it cannot exceed `cur`
+        // plus what is being added; saturate rather than wrap if that were ever broken.
+        let settled = cur.saturating_add(add).saturating_sub(sub);
+        let (now, bought) = match settled.checked_add(headroom) {
+            Some(n) if n <= limit => (n, true),
+            _ => (settled, false),
+        };
+        match l
+            .charged
+            .compare_exchange_weak(cur, now, Ordering::AcqRel, Ordering::Relaxed)
+        {
+            Ok(_) => {
+                charged_to(l, engine, now);
+                return bought;
+            }
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
 /// After a charge brought `l` to `now`: the peaks and the over-limit flag.
 #[inline(always)]
 fn charged_to(l: &EngineLedger, engine: usize, now: u64) {
@@ -136,8 +187,9 @@ pub(crate) fn credit(engine: usize, bytes: u64) {
     }
 }
 
-/// Bytes charged to `engine` by the global allocator: its live heap bytes plus the prepaid
-/// credit of threads that have not flushed (at most [`BATCH`] per thread).
+/// Bytes charged to `engine` by the global allocator: its live heap bytes plus, for threads
+/// that have not flushed, their headroom less their unsettled home bytes and their pending
+/// credits (less than [`BATCH`] per thread; see the module docs).
 pub fn charged(engine: EngineId) -> u64 {
     ledger(engine.index()).charged.load(Ordering::Acquire)
 }

@@ -22,6 +22,7 @@
 
 mod alloc;
 mod arena;
+mod events;
 mod ledger;
 mod numa;
 mod overflow;
@@ -41,9 +42,12 @@ pub use arena::{
     mbind_failures, node_of, node_range_bytes, overflow_breaches, overflow_figures,
     overflow_region, overflow_stats, owner, page_out_overflow, purge_all_arenas, purge_engine,
     range_bytes, range_exhaustions, set_numa_policy, set_overflow_limit, set_overflow_policy,
+    shards,
 };
+pub use events::thread_events_active;
 pub use ledger::{
-    BATCH, DIRECT_THRESHOLD, charged, charged_peak, overflow_charged, take_window_peak,
+    BATCH, DIRECT_THRESHOLD, FAST_MAX, HEADROOM, INTERVAL, charged, charged_peak, overflow_charged,
+    take_window_peak,
 };
 pub use numa::{MAX_CPUS, MAX_NODES, Topology};
 pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};
@@ -52,7 +56,7 @@ pub use pushout::{
 };
 pub use thread::{
     EngineGuard, GUARD_SLOTS, HOME_SWITCH_AFTER, current_engine, explicit_caches_created,
-    flush_thread, home_engine, home_switches,
+    flush_thread, home_engine, home_switches, thread_settlements,
 };
 pub use thread::{NumaError, bind_thread_to_local_numa, pin_thread_arena, thread_node};
 

@@ -1,5 +1,6 @@
 //! Per-thread state of the allocation path: the current engine (set by [`EngineGuard`]), the
-//! *home* engine whose arena the thread is bound to, and the thread's prepaid credit.
+//! *home* engine whose arena the thread is bound to, and what the thread has not yet settled
+//! into the ledger (see `ledger.rs` for the bounds and `events.rs` for jemalloc's counters).
 //!
 //! # Home and visits
 //!
@@ -27,7 +28,7 @@ use tikv_jemalloc_sys as jem;
 
 use crate::EngineId;
 use crate::arena::{SLOTS, arena_of, topology};
-use crate::ledger::{self, DIRECT_THRESHOLD, FOREIGN_MAX, HOME_MAX, REFILL};
+use crate::ledger::{self, DIRECT_THRESHOLD, FOREIGN_MAX, HEADROOM, INTERVAL};
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
 pub const HOME_SWITCH_AFTER: u32 = 128;
@@ -36,8 +37,21 @@ const UNATTRIBUTED: u8 = EngineId::Unattributed as u8;
 /// The home of a thread whose exit flush has run: no engine, so every operation takes the
 /// immediate (unbatched) path and names its arena explicitly.
 const DETACHED: u8 = u8::MAX;
+/// No engine: the value of `fast_alloc` / `fast_free` while that path is closed.
+pub(crate) const CLOSED: u8 = u8::MAX - 1;
+
+/// `flags`: the exit flush is registered and jemalloc's counters are known.
+const REGISTERED: u8 = 1;
+/// `flags`: jemalloc has called the hook for an allocation on this thread (its allocation
+/// interval is armed).
+const ALLOC_SEEN: u8 = 2;
+/// `flags`: the same for a free.
+const DALLOC_SEEN: u8 = 4;
 const NO_ARENA: u32 = u32::MAX;
 const NO_NODE: u8 = u8::MAX;
+const NO_SHARD: u8 = u8::MAX;
+/// The shard the next thread to need one gets (taken once per thread).
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
 static MIB_THREAD_ARENA: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
 static MIB_TCACHE_FLUSH: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
@@ -112,8 +126,30 @@ pub(crate) struct ThreadState {
     depth: Cell<u32>,
     /// Engine whose arena this thread is bound to.
     home: Cell<u8>,
-    /// Prepaid bytes charged to `home` and not yet used, in `[0, HOME_MAX]`.
-    credit: Cell<u64>,
+    /// `home` while the home path may allocate without asking (headroom held, hook armed),
+    /// else [`CLOSED`]: the fast path's one test is `current == fast_alloc`.
+    fast_alloc: Cell<u8>,
+    /// `home` while the home path may free without asking (hook armed for frees), else
+    /// [`CLOSED`].
+    fast_free: Cell<u8>,
+    /// `REGISTERED`, `ALLOC_SEEN`, `DALLOC_SEEN`.
+    flags: Cell<u8>,
+    /// jemalloc's counters of this thread's allocated and deallocated bytes (null until
+    /// registered).
+    allocatedp: Cell<*const u64>,
+    deallocatedp: Cell<*const u64>,
+    /// Bytes of those counters that slower paths charged or credited directly.
+    excluded: [Cell<u64>; 2],
+    /// Home bytes (counters less `excluded`) already settled into the ledger.
+    settled: [Cell<u64>; 2],
+    /// The counters when the current slow operation began (valid while `in_slow`).
+    slow_start: [Cell<u64>; 2],
+    in_slow: Cell<bool>,
+    /// Bytes charged to `home` ahead of this thread's allocations, `0` or [`HEADROOM`].
+    headroom: Cell<u64>,
+    /// Hook calls and settlements on this thread (see [`thread_settlements`]).
+    events: Cell<u64>,
+    settlements: Cell<u64>,
     /// Freed bytes of `pending_owner`'s blocks not yet credited, in `[0, FOREIGN_MAX]`.
     pending: Cell<u64>,
     pending_owner: Cell<u8>,
@@ -121,6 +157,8 @@ pub(crate) struct ThreadState {
     visits: Cell<u32>,
     /// The automatic arena jemalloc gave this thread, learnt at the first move of home.
     auto_arena: Cell<u32>,
+    /// Which of its engines' arenas per node this thread uses (`NO_SHARD` until first needed).
+    shard: Cell<u8>,
     /// The NUMA node whose arenas serve this thread (`NO_NODE` until first needed: sampled
     /// with `sched_getcpu` then, and set again when the thread is pinned).
     node: Cell<u8>,
@@ -151,11 +189,23 @@ impl ThreadState {
             alive: Cell::new(0),
             depth: Cell::new(0),
             home: Cell::new(UNATTRIBUTED),
-            credit: Cell::new(0),
+            fast_alloc: Cell::new(CLOSED),
+            fast_free: Cell::new(CLOSED),
+            flags: Cell::new(0),
+            allocatedp: Cell::new(ptr::null()),
+            deallocatedp: Cell::new(ptr::null()),
+            excluded: [const { Cell::new(0) }; 2],
+            settled: [const { Cell::new(0) }; 2],
+            slow_start: [const { Cell::new(0) }; 2],
+            in_slow: Cell::new(false),
+            headroom: Cell::new(0),
+            events: Cell::new(0),
+            settlements: Cell::new(0),
             pending: Cell::new(0),
             pending_owner: Cell::new(UNATTRIBUTED),
             visits: Cell::new(0),
             auto_arena: Cell::new(NO_ARENA),
+            shard: Cell::new(NO_SHARD),
             node: Cell::new(NO_NODE),
             tcaches: [const { Cell::new(NO_TCACHE) }; SLOTS],
         }
@@ -187,7 +237,21 @@ impl ThreadState {
         if engine == UNATTRIBUTED as usize {
             Some(self.auto_arena())
         } else {
-            arena_of(engine, self.node())
+            arena_of(engine, self.node(), self.shard())
+        }
+    }
+
+    /// Which of an engine's arenas on its node this thread uses: threads are dealt out in turn
+    /// when they first need one.
+    #[inline]
+    pub(crate) fn shard(&self) -> usize {
+        match self.shard.get() {
+            NO_SHARD => {
+                let s = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % crate::arena::MAX_SHARDS;
+                self.shard.set(s as u8);
+                s
+            }
+            s => s as usize,
         }
     }
 
@@ -211,7 +275,7 @@ impl ThreadState {
         self.node.set(node as u8);
         let home = self.home();
         if home < crate::arena::ARENA_ENGINES
-            && let Some(arena) = arena_of(home, node)
+            && let Some(arena) = arena_of(home, node, self.shard())
         {
             bind_thread_arena(arena);
         }
@@ -243,72 +307,29 @@ impl ThreadState {
             }
             self.flush();
             self.home.set(engine as u8);
+            self.reroute();
             HOME_SWITCHES.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Charges `bytes` of an allocation owned by `owner`: from the prepaid credit when the
-    /// block is home's and small, else at once. Returns false, charging nothing, when the
-    /// charge would take the owner past the limit published for it (see
+    /// Charges `bytes` of a block owned by `owner`, placed by a slower path (whose jemalloc
+    /// bytes are excluded from the home delta), at once. Returns false, charging nothing, when
+    /// the charge would take the owner past the limit published for it (see
     /// [`crate::set_overflow_limit`]): the caller then moves the block to overflow.
-    #[inline(always)]
+    #[inline]
     #[must_use]
     pub(crate) fn on_alloc(&self, owner: usize, bytes: u64) -> bool {
-        let c = self.credit.get();
-        if owner == self.home() && c >= bytes {
-            // `c >= bytes` implies `bytes <= HOME_MAX < DIRECT_THRESHOLD`. The credit was
-            // charged (within the limit) when it was bought.
-            self.credit.set(c - bytes);
-            true
-        } else {
-            self.on_alloc_slow(owner, bytes)
-        }
+        ledger::try_charge(owner, bytes, crate::arena::limit_of(owner))
     }
 
-    #[inline(never)]
-    fn on_alloc_slow(&self, owner: usize, bytes: u64) -> bool {
-        let limit = crate::arena::limit_of(owner);
-        if owner != self.home() || bytes >= DIRECT_THRESHOLD {
-            ledger::try_charge(owner, bytes, limit)
-        } else {
-            self.refill(owner, bytes - self.credit.get(), limit)
-        }
-    }
-
-    /// Credits `bytes` of a free of memory owned by `owner`. Credit that is already non-zero
-    /// proves the exit flush is registered; from zero, the slow path registers it first.
-    #[inline(always)]
+    /// Credits `bytes` of a block owned by `owner`, freed by a slower path: small ones through
+    /// the pending batch (once the exit flush is registered), large ones at once.
+    #[inline]
     pub(crate) fn on_free(&self, owner: usize, bytes: u64) {
-        let old = self.credit.get();
-        let c = old + bytes;
-        if owner == self.home() && old != 0 && c <= HOME_MAX {
-            // `c <= HOME_MAX` implies `bytes <= HOME_MAX < DIRECT_THRESHOLD`.
-            self.credit.set(c);
+        if bytes >= DIRECT_THRESHOLD || self.is_detached() || !self.is_registered() {
+            ledger::credit(owner, bytes);
         } else {
-            self.on_free_slow(owner, bytes);
-        }
-    }
-
-    #[inline(never)]
-    fn on_free_slow(&self, owner: usize, bytes: u64) {
-        if bytes >= DIRECT_THRESHOLD {
-            ledger::credit(owner, bytes);
-            return;
-        }
-        if !self.exit_flush_registered() {
-            ledger::credit(owner, bytes);
-            return;
-        }
-        if owner != self.home() {
             self.defer_credit(owner, bytes);
-            return;
-        }
-        let c = self.credit.get() + bytes;
-        if c > HOME_MAX {
-            ledger::credit(owner, c - REFILL);
-            self.credit.set(REFILL);
-        } else {
-            self.credit.set(c);
         }
     }
 
@@ -318,23 +339,192 @@ impl ThreadState {
         self.home.get() == DETACHED
     }
 
-    /// Charges `missing` bytes plus a fresh [`REFILL`] of credit, making sure the thread's
-    /// exit flush is registered first (holding credit without it would strand it at exit).
-    /// Near the limit it buys no spare credit; past it, nothing (returns false).
+    #[inline(always)]
+    pub(crate) fn is_registered(&self) -> bool {
+        self.flags.get() & REGISTERED != 0
+    }
+
+    #[inline(always)]
+    pub(crate) fn fast_alloc(&self) -> usize {
+        self.fast_alloc.get() as usize
+    }
+
+    #[inline(always)]
+    pub(crate) fn fast_free(&self) -> usize {
+        self.fast_free.get() as usize
+    }
+
+    /// Makes the thread able to hold unsettled bytes: registers its exit flush, learns where
+    /// jemalloc counts its bytes, and registers the process's thread-event hook. Returns false
+    /// when the thread is tearing down (it is then detached) or jemalloc cannot count for it:
+    /// every operation then charges and credits at once.
     #[cold]
-    fn refill(&self, owner: usize, missing: u64, limit: u64) -> bool {
-        if !self.exit_flush_registered() {
-            return ledger::try_charge(owner, missing, limit);
-        }
-        if ledger::try_charge(owner, missing + REFILL, limit) {
-            self.credit.set(REFILL);
+    pub(crate) fn register(&self) -> bool {
+        if self.is_registered() {
             return true;
         }
-        if ledger::try_charge(owner, missing, limit) {
-            self.credit.set(0);
-            return true;
+        if self.is_detached() || !self.exit_flush_registered() {
+            return false;
         }
-        false
+        let Some((a, d)) = crate::events::thread_counters() else {
+            return false;
+        };
+        crate::events::ensure_hook();
+        self.allocatedp.set(a);
+        self.deallocatedp.set(d);
+        // Everything jemalloc counted on this thread so far went through slower paths (the
+        // home path stays closed until now) and was charged or credited directly.
+        let (ra, rd) = self.counters();
+        self.excluded[0].set(ra);
+        self.excluded[1].set(rd);
+        self.settled[0].set(0);
+        self.settled[1].set(0);
+        self.flags.set(self.flags.get() | REGISTERED);
+        true
+    }
+
+    /// jemalloc's counters for this thread now (zero before registration).
+    #[inline(always)]
+    fn counters(&self) -> (u64, u64) {
+        let (a, d) = (self.allocatedp.get(), self.deallocatedp.get());
+        if a.is_null() || d.is_null() {
+            return (0, 0);
+        }
+        // SAFETY: both point at this thread's counters in jemalloc's thread-specific data,
+        // valid for the thread's whole life (`thread.allocatedp`), written only by jemalloc on
+        // this thread, so no other thread races these reads.
+        unsafe { (a.read(), d.read()) }
+    }
+
+    /// The counters as the home delta sees them: during a slow operation, as they were when it
+    /// began (its own bytes are excluded when it ends).
+    #[inline]
+    fn home_counters(&self) -> (u64, u64) {
+        let (a, d) = if self.in_slow.get() {
+            (self.slow_start[0].get(), self.slow_start[1].get())
+        } else {
+            self.counters()
+        };
+        (
+            a.wrapping_sub(self.excluded[0].get()),
+            d.wrapping_sub(self.excluded[1].get()),
+        )
+    }
+
+    /// Begins an operation that charges and credits everything it does directly: its bytes
+    /// in jemalloc's counters will be excluded from the home delta. Returns whether it began
+    /// one (false inside another, or before registration, when nothing needs excluding).
+    #[inline]
+    pub(crate) fn begin_slow(&self) -> bool {
+        if self.in_slow.get() || !self.is_registered() {
+            return false;
+        }
+        let (a, d) = self.counters();
+        self.slow_start[0].set(a);
+        self.slow_start[1].set(d);
+        self.in_slow.set(true);
+        true
+    }
+
+    /// Ends the slow operation begun by [`ThreadState::begin_slow`] (if `began`).
+    #[inline]
+    pub(crate) fn end_slow(&self, began: bool) {
+        if !began {
+            return;
+        }
+        let (a, d) = self.counters();
+        let e = &self.excluded;
+        e[0].set(
+            e[0].get()
+                .wrapping_add(a.wrapping_sub(self.slow_start[0].get())),
+        );
+        e[1].set(
+            e[1].get()
+                .wrapping_add(d.wrapping_sub(self.slow_start[1].get())),
+        );
+        self.in_slow.set(false);
+    }
+
+    /// Settles the home delta into the ledger and gives back the headroom; with `buy`, charges
+    /// fresh headroom if the home engine's limit allows. Then reopens or closes the home path.
+    fn settle(&self, buy: bool) {
+        if !self.is_registered() || self.is_detached() {
+            return;
+        }
+        let (a, d) = self.home_counters();
+        let added = a.wrapping_sub(self.settled[0].get());
+        let freed = d.wrapping_sub(self.settled[1].get());
+        self.settled[0].set(a);
+        self.settled[1].set(d);
+        let home = self.home();
+        let held = self.headroom.replace(0);
+        let want = if buy { HEADROOM } else { 0 };
+        if added != 0 || freed != 0 || held != 0 || want != 0 {
+            let limit = crate::arena::limit_of(home);
+            if ledger::settle(home, added, freed.saturating_add(held), want, limit) {
+                self.headroom.set(want);
+            }
+        }
+        self.settlements.set(self.settlements.get().wrapping_add(1));
+        self.reroute();
+    }
+
+    /// Opens each home path whose conditions hold, closes the others.
+    #[inline]
+    fn reroute(&self) {
+        let f = self.flags.get();
+        let open = f & REGISTERED != 0 && !self.is_detached();
+        let home = self.home.get();
+        self.fast_alloc
+            .set(if open && f & ALLOC_SEEN != 0 && self.headroom.get() > 0 {
+                home
+            } else {
+                CLOSED
+            });
+        self.fast_free.set(if open && f & DALLOC_SEEN != 0 {
+            home
+        } else {
+            CLOSED
+        });
+    }
+
+    /// The thread-event hook fired on this thread (see `events.rs`).
+    pub(crate) fn on_event(&self, is_alloc: bool) {
+        if !self.is_registered() || self.is_detached() {
+            return;
+        }
+        self.events.set(self.events.get().wrapping_add(1));
+        let seen = if is_alloc { ALLOC_SEEN } else { DALLOC_SEEN };
+        self.flags.set(self.flags.get() | seen);
+        self.settle(true);
+    }
+
+    /// The home path's bookkeeping where jemalloc does not (yet) call the hook for this thread:
+    /// settles once either counter has moved by [`INTERVAL`] since the last settlement, as the
+    /// hook would have.
+    #[inline]
+    pub(crate) fn check(&self) {
+        let (a, d) = self.home_counters();
+        if a.wrapping_sub(self.settled[0].get()) >= INTERVAL
+            || d.wrapping_sub(self.settled[1].get()) >= INTERVAL
+        {
+            self.settle(true);
+        }
+    }
+
+    /// Before a home allocation off the fast path: registers the thread if need be and buys
+    /// headroom if it has none. Returns whether the allocation may go to jemalloc as a home
+    /// allocation (counted, settled later); false when the home engine is at its limit (or the
+    /// thread cannot count), so the allocation must be charged directly.
+    #[inline]
+    pub(crate) fn home_ready(&self) -> bool {
+        if !self.register() {
+            return false;
+        }
+        if self.headroom.get() == 0 {
+            self.settle(true);
+        }
+        self.headroom.get() > 0
     }
 
     /// Registers the thread's exit flush (before the thread may hold credit or caches) and says
@@ -352,6 +542,7 @@ impl ThreadState {
     fn detach(&self) {
         self.flush();
         self.home.set(DETACHED);
+        self.reroute();
         for slot in &self.tcaches {
             let mut tc = slot.replace(TCACHE_FAILED);
             if tc < TCACHE_FAILED {
@@ -437,18 +628,16 @@ impl ThreadState {
         }
     }
 
-    /// Gives the prepaid credit and the pending credits back to the ledger.
+    /// Settles the home delta, gives the headroom and the pending credits back: afterwards
+    /// the ledger holds nothing of this thread's beyond its live blocks.
     pub(crate) fn flush(&self) {
         self.flush_pending();
-        let c = self.credit.replace(0);
-        if c > 0 {
-            ledger::credit(self.home(), c);
-        }
+        self.settle(false);
     }
 }
 
-/// Registered (on a thread's first refill of credit) to flush that credit when the thread
-/// exits. The state itself has no destructor, so reaching it costs nothing on the hot path and
+/// Registered (on a thread's first operation that may leave anything unsettled) to settle
+/// when the thread exits. The state itself has no destructor, so reaching it costs nothing on the hot path and
 /// it stays usable during the whole of the thread's teardown.
 struct ExitFlush;
 
@@ -463,11 +652,20 @@ thread_local! {
     static EXIT_FLUSH: ExitFlush = const { ExitFlush };
 }
 
-/// Publishes the calling thread's prepaid credit to the ledger now, so
-/// [`charged`](crate::charged) equals the thread's live bytes exactly. Threads do this by
-/// themselves when they exit.
+/// Settles the calling thread's unsettled bytes and gives back its headroom and pending
+/// credits now, so [`charged`](crate::charged) holds exactly the thread's live bytes. Threads
+/// do this by themselves when they exit; the next allocation buys headroom again.
 pub fn flush_thread() {
     let _ = THREAD.try_with(ThreadState::flush);
+}
+
+/// How often jemalloc's thread-event hook has fired on the calling thread, and how often the
+/// thread has settled its home delta into the ledger (at those calls, at guard changes that
+/// move home, at [`flush_thread`], and on the checked path where the hook is not armed).
+pub fn thread_settlements() -> (u64, u64) {
+    THREAD
+        .try_with(|t| (t.events.get(), t.settlements.get()))
+        .unwrap_or((0, 0))
 }
 
 /// The engine the calling thread's allocations are attributed to now.

@@ -122,7 +122,13 @@ unsafe impl GlobalAlloc for InEngine {
 }
 
 const WORKLOADS: [&str; 7] = [
-    "churn", "larson-1", "larson-2", "mstress-1", "mstress-2", "hashmap", "hop",
+    "churn",
+    "larson-1",
+    "larson-2",
+    "mstress-1",
+    "mstress-2",
+    "hashmap",
+    "hop",
 ];
 
 #[inline(never)]
