@@ -564,7 +564,7 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     // The home path: jemalloc's own fast path, its counters our only bookkeeping. It serves
     // home's arena through a cache that only ever holds home's blocks (foreign frees bypass
     // it, and moving home flushes it), so the owner is home without looking.
-    if size <= FAST_MAX && align <= PAGE && t.current() == t.fast_alloc() {
+    if size | align <= FAST_MAX && t.alloc_open() {
         // SAFETY: size > 0 (GlobalAlloc contract); the flags hold only a power-of-two
         // alignment.
         let p = unsafe { fast_alloc(size, align_flags(size, align), zero) }.cast::<u8>();
@@ -575,10 +575,6 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     // SAFETY: as above.
     unsafe { t.alloc_slow(size, align, zero) }
 }
-
-/// Requests up to this alignment stay on the home path (their usable size stays at most
-/// [`FAST_MAX`]'s, jemalloc's 16 KiB class, for every request up to it).
-const PAGE: usize = 4096;
 
 impl ThreadState {
     /// Every allocation the home path did not take.
@@ -591,7 +587,7 @@ impl ThreadState {
             return std::ptr::null_mut();
         };
         let flags = align_flags(size, align);
-        if self.current() == self.home() && size <= FAST_MAX && align <= PAGE && self.home_ready() {
+        if self.current() == self.home() && size | align <= FAST_MAX && self.home_ready() {
             // A home allocation counted by jemalloc, as on the home path, with the check the
             // hook would make (it is not armed for this thread yet, or not available).
             // SAFETY: as in `alloc_impl`.
@@ -622,7 +618,7 @@ impl ThreadState {
             return unsafe { detached_dealloc(ptr, size, flags, usable) };
         }
         let owner = owner_of(ptr);
-        if owner == self.home() && size <= FAST_MAX && align <= PAGE && self.register() {
+        if owner == self.home() && size | align <= FAST_MAX && self.register() {
             // A home free counted by jemalloc, as on the home path, checked as in `alloc_slow`.
             // SAFETY: the caller's contract: `size` lies within the block's usable range.
             unsafe { jem::sdallocx(ptr.cast(), size, flags) };
@@ -765,7 +761,7 @@ unsafe impl GlobalAlloc for GovernedAlloc {
         };
         // SAFETY: this thread's own state, as in `alloc_impl`.
         let t = unsafe { &*t };
-        if size <= FAST_MAX && align <= PAGE && owner_of(ptr) == t.fast_free() {
+        if size | align <= FAST_MAX && t.frees_fast(ptr) {
             // The home path: a home block, counted by jemalloc, settled later.
             // SAFETY: `ptr` was allocated by this allocator with this layout (GlobalAlloc
             // contract), so `size` lies within its usable range, as `sdallocx` requires.
@@ -791,25 +787,25 @@ unsafe impl GlobalAlloc for GovernedAlloc {
         };
         // SAFETY: this thread's own state, as in `alloc_impl`.
         let t = unsafe { &*t };
-        if old_size.max(new_size) <= FAST_MAX && align <= PAGE {
-            let owner = owner_of(ptr);
-            if owner == t.fast_alloc() && owner == t.fast_free() {
-                // The home path: a home block staying home (a moved block comes from this
-                // thread's arena, home's), both sides counted by jemalloc.
-                let flags = align_flags(new_size, align);
-                // SAFETY: `ptr` is live and from this allocator; `new_size > 0`; the flags hold
-                // only an alignment.
-                let q = unsafe {
-                    if flags == 0 {
-                        jem::realloc(ptr.cast(), new_size)
-                    } else {
-                        jem::rallocx(ptr.cast(), new_size, flags)
-                    }
+        if old_size | new_size | align <= FAST_MAX
+            && t.frees_fast(ptr)
+            && t.fast_alloc() == t.home()
+        {
+            // The home path: a home block staying home (a moved block comes from this thread's
+            // arena, home's), both sides counted by jemalloc.
+            let flags = align_flags(new_size, align);
+            // SAFETY: `ptr` is live and from this allocator; `new_size > 0`; the flags hold only
+            // an alignment.
+            let q = unsafe {
+                if flags == 0 {
+                    jem::realloc(ptr.cast(), new_size)
+                } else {
+                    jem::rallocx(ptr.cast(), new_size, flags)
                 }
-                .cast::<u8>();
-                if !q.is_null() {
-                    return q;
-                }
+            }
+            .cast::<u8>();
+            if !q.is_null() {
+                return q;
             }
         }
         // SAFETY: forwarded from the caller.

@@ -151,12 +151,12 @@ static HOOKS: [[EngineHooks; MAX_NODES]; ARENA_ENGINES] = {
 #[inline(always)]
 pub(crate) fn owner_of(ptr: *const u8) -> usize {
     let l = LAYOUT.load(Ordering::Relaxed);
-    let base = l & BASE_MASK;
+    // Before the ranges exist the layout is 0 (base and shift 0), and a heap pointer's "slot"
+    // is the pointer itself, far above the count.
     let slot = (ptr as usize)
-        .wrapping_sub(base)
+        .wrapping_sub(l & BASE_MASK)
         .wrapping_shr((l & SHIFT_MASK) as u32);
-    // Before the ranges exist `base` is 0 and a heap pointer's "slot" is far above the count.
-    if slot < SLOTS && base != 0 {
+    if slot < SLOTS {
         slot
     } else {
         EngineId::Unattributed as usize
@@ -286,6 +286,40 @@ fn bind_to_node(addr: *mut c_void, len: usize, node: usize) {
 /// Whether the engine arenas exist.
 pub fn arenas_ready() -> bool {
     STATE.load(Ordering::Acquire) == READY
+}
+
+/// Creates the ranges and arenas if nobody has tried yet, waiting for a thread doing it, so
+/// the layout is final afterwards (on the allocation path, never inside jemalloc).
+pub(crate) fn settle_layout() {
+    if STATE.load(Ordering::Acquire) == UNINIT {
+        init();
+    }
+}
+
+/// Where the ranges stand, for address tests.
+pub(crate) enum Ranges {
+    /// Not created yet (or being created): the layout may still change.
+    NotYet,
+    /// Creating them failed: there are none, every block is `Unattributed`'s.
+    None,
+    /// The addresses `(start, length)` asked for.
+    At(usize, usize),
+}
+
+/// The addresses of `slot`'s range (with `slot == SLOTS`, of all of them together).
+pub(crate) fn slot_range(slot: usize) -> Ranges {
+    match STATE.load(Ordering::Acquire) {
+        READY => {}
+        FAILED => return Ranges::None,
+        _ => return Ranges::NotYet,
+    }
+    let (base, shift, _) = layout();
+    let len = 1usize << shift;
+    match slot {
+        SLOTS => Ranges::At(base, len * SLOTS),
+        s if s < SLOTS => Ranges::At(base + (s << shift), len),
+        _ => Ranges::NotYet,
+    }
 }
 
 /// Extents refused because an engine's virtual range was full.

@@ -6,20 +6,25 @@
 //! allocations and frees of its *home* engine's small blocks go straight to jemalloc and are
 //! settled into the ledger later, as the net change of those counters (less what the thread's
 //! slower paths charged or credited directly), at least every [`INTERVAL`] bytes in either
-//! direction. At each settlement the thread also buys [`HEADROOM`] bytes ahead against the
-//! home engine's limit, which its next allocations draw on before anyone counts them. Frees of
+//! direction. The thread holds *headroom*: bytes charged to its home engine ahead of its
+//! allocations (bought against the engine's limit), which its next allocations draw on before
+//! anyone counts them. A settlement leaves the ledger alone while the headroom left stays within
+//! [`HEADROOM_MIN`]`..=`[`HEADROOM_MAX`], and otherwise brings it back to [`HEADROOM`] in one
+//! atomic operation, so a thread whose allocations and frees balance never touches the shared
+//! counter. Frees of
 //! other engines' blocks are credited late too, in one *pending* batch per thread. So for every
 //! engine, at every instant,
 //!
 //! ```text
 //! charged = live bytes + Σ threads' (headroom − net home bytes not yet settled)
 //!                      + Σ threads' pending credits
-//!           0 <= headroom − unsettled < HEADROOM + INTERVAL,   0 <= pending <= FOREIGN_MAX
+//!           0 <= headroom − unsettled < HEADROOM_MAX + INTERVAL,   0 <= pending <= FOREIGN_MAX
 //! ```
 //!
-//! Unsettled home allocations stay below `INTERVAL + FAST_MAX <= HEADROOM` (jemalloc calls the
-//! hook inside the allocation that crosses an interval, and the home path takes nothing larger
-//! than [`FAST_MAX`]), so the first term is never negative: the ledger never understates an
+//! Unsettled home allocations stay below `INTERVAL + FAST_MAX = HEADROOM_MIN` (jemalloc calls
+//! the hook inside the allocation that crosses an interval, and the home path takes nothing
+//! larger than [`FAST_MAX`]), and unsettled frees below `INTERVAL`, so the first term is never
+//! negative: the ledger never understates an
 //! engine, and since headroom is bought only within the limit, a settlement never takes the
 //! ledger past the limit either. A thread only gives back bytes that were charged — its own
 //! headroom, or blocks freed — so `charged` can never go below zero or wrap. When every
@@ -33,33 +38,41 @@ use crate::EngineId;
 use crate::arena::{ARENA_ENGINES, OVERFLOW_SLOT, SLOTS, update_over};
 
 /// The per-thread bound: a thread's headroom, its home bytes not yet settled and its pending
-/// credit for other engines' blocks together keep the ledger within `BATCH` bytes above the
-/// live bytes (`HEADROOM + INTERVAL + FOREIGN_MAX`), and never below them between allocator
-/// calls.
-pub const BATCH: u64 = HEADROOM + INTERVAL + FOREIGN_MAX;
+/// credit for other engines' blocks together keep the ledger less than `BATCH` bytes above
+/// the live bytes (`HEADROOM_MAX + INTERVAL + FOREIGN_MAX`), and never below them.
+pub const BATCH: u64 = HEADROOM_MAX + INTERVAL + FOREIGN_MAX;
 
 /// jemalloc calls the thread-event hook each time a thread's allocated, or its deallocated,
 /// bytes grow by this much; the thread settles its home delta then.
 pub const INTERVAL: u64 = 16 * 1024;
 
-/// Bytes a thread charges its home engine ahead, at each settlement, for the allocations it
-/// makes before the next one: [`INTERVAL`] plus the largest home-path block, so the ledger
-/// never lags the live bytes.
-pub const HEADROOM: u64 = INTERVAL + FAST_MAX as u64;
+/// The least headroom a thread may hold and still allocate on the home path: [`INTERVAL`]
+/// plus the largest home-path block, all it can allocate before its next settlement, so the
+/// ledger never lags the live bytes.
+pub const HEADROOM_MIN: u64 = INTERVAL + FAST_MAX as u64 + 1;
+
+/// The headroom a settlement that touches the ledger leaves the thread with.
+pub const HEADROOM: u64 = 32 * 1024;
+
+/// The most headroom a thread keeps (frees give it back beyond this).
+pub const HEADROOM_MAX: u64 = 40 * 1024;
 
 /// Upper bound of a thread's pending credit for blocks of other engines it freed.
-pub(crate) const FOREIGN_MAX: u64 = 16 * 1024;
+pub(crate) const FOREIGN_MAX: u64 = 8 * 1024;
 
-/// The largest request the home path serves without charging it at once (jemalloc's smallest
-/// large size class): anything larger, and anything aligned to more than a page, is charged
-/// and credited exactly when it happens.
-pub const FAST_MAX: usize = 16 * 1024;
+/// The largest request (and alignment) the home path serves without charging it at once, a
+/// mask so that one test covers both (`size | align <= FAST_MAX`); its usable size is at most
+/// `FAST_MAX + 1`. Anything larger is charged and credited exactly when it happens.
+pub const FAST_MAX: usize = 8 * 1024 - 1;
 
 /// Allocations and frees of at least this many bytes update the ledger immediately (so do all
 /// above [`FAST_MAX`] but those of a thread's pending batch of other engines' frees).
 pub const DIRECT_THRESHOLD: u64 = 1 << 20;
 
-const _: () = assert!(HEADROOM >= INTERVAL + FAST_MAX as u64 && BATCH == 64 * 1024);
+const _: () = assert!(
+    HEADROOM_MIN <= HEADROOM && HEADROOM <= HEADROOM_MAX && BATCH == 64 * 1024,
+    "the headroom band and the per-thread bound"
+);
 
 #[repr(align(128))]
 pub(crate) struct EngineLedger {

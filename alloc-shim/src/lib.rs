@@ -46,8 +46,8 @@ pub use arena::{
 };
 pub use events::thread_events_active;
 pub use ledger::{
-    BATCH, DIRECT_THRESHOLD, FAST_MAX, HEADROOM, INTERVAL, charged, charged_peak, overflow_charged,
-    take_window_peak,
+    BATCH, DIRECT_THRESHOLD, FAST_MAX, HEADROOM, HEADROOM_MAX, HEADROOM_MIN, INTERVAL, charged,
+    charged_peak, overflow_charged, take_window_peak,
 };
 pub use numa::{MAX_CPUS, MAX_NODES, Topology};
 pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};

@@ -28,7 +28,9 @@ use tikv_jemalloc_sys as jem;
 
 use crate::EngineId;
 use crate::arena::{SLOTS, arena_of, topology};
-use crate::ledger::{self, DIRECT_THRESHOLD, FOREIGN_MAX, HEADROOM, INTERVAL};
+use crate::ledger::{
+    self, DIRECT_THRESHOLD, FOREIGN_MAX, HEADROOM, HEADROOM_MAX, HEADROOM_MIN, INTERVAL,
+};
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
 pub const HOME_SWITCH_AFTER: u32 = 128;
@@ -37,7 +39,7 @@ const UNATTRIBUTED: u8 = EngineId::Unattributed as u8;
 /// The home of a thread whose exit flush has run: no engine, so every operation takes the
 /// immediate (unbatched) path and names its arena explicitly.
 const DETACHED: u8 = u8::MAX;
-/// No engine: the value of `fast_alloc` / `fast_free` while that path is closed.
+/// No engine: the value of `fast_alloc` while the home path is closed.
 pub(crate) const CLOSED: u8 = u8::MAX - 1;
 
 /// `flags`: the exit flush is registered and jemalloc's counters are known.
@@ -129,9 +131,15 @@ pub(crate) struct ThreadState {
     /// `home` while the home path may allocate without asking (headroom held, hook armed),
     /// else [`CLOSED`]: the fast path's one test is `current == fast_alloc`.
     fast_alloc: Cell<u8>,
-    /// `home` while the home path may free without asking (hook armed for frees), else
-    /// [`CLOSED`].
-    fast_free: Cell<u8>,
+    /// `current == fast_alloc`, kept up to date by every change of either: the home path's
+    /// one test.
+    alloc_open: Cell<bool>,
+    /// The home path frees a block at `ptr` without asking when
+    /// `ptr - free_start < free_len` (wrapping): the addresses of home's range while the hook
+    /// is armed for frees (for `Unattributed`, everything outside the ranges, as a wrapped
+    /// range), an empty range (`free_len == 0`) otherwise.
+    free_start: Cell<usize>,
+    free_len: Cell<usize>,
     /// `REGISTERED`, `ALLOC_SEEN`, `DALLOC_SEEN`.
     flags: Cell<u8>,
     /// jemalloc's counters of this thread's allocated and deallocated bytes (null until
@@ -145,7 +153,8 @@ pub(crate) struct ThreadState {
     /// The counters when the current slow operation began (valid while `in_slow`).
     slow_start: [Cell<u64>; 2],
     in_slow: Cell<bool>,
-    /// Bytes charged to `home` ahead of this thread's allocations, `0` or [`HEADROOM`].
+    /// Bytes charged to `home` ahead of this thread's allocations as of the last settlement:
+    /// `0`, or in [`HEADROOM_MIN`]`..=`[`HEADROOM_MAX`].
     headroom: Cell<u64>,
     /// Hook calls and settlements on this thread (see [`thread_settlements`]).
     events: Cell<u64>,
@@ -166,6 +175,26 @@ pub(crate) struct ThreadState {
     /// visits or frees foreign blocks of (`NO_TCACHE` until first needed, `TCACHE_FAILED` if
     /// creating one failed).
     tcaches: [Cell<u32>; SLOTS],
+}
+
+/// The addresses of `home`'s blocks as `(start, length)` for a wrapping range test: its range,
+/// or for `Unattributed` everything outside the ranges (all memory when there are none).
+/// Empty (the home path closed for frees) while the layout may still change.
+fn home_addresses(home: usize) -> (usize, usize) {
+    use crate::arena::{Ranges, SLOTS, slot_range};
+    if home == UNATTRIBUTED as usize {
+        match slot_range(SLOTS) {
+            // `p - end < 2^64 - len` (wrapping) holds exactly for `p` outside `[start, end)`.
+            Ranges::At(start, len) => (start.wrapping_add(len), len.wrapping_neg()),
+            Ranges::None => (0, usize::MAX),
+            Ranges::NotYet => (0, 0),
+        }
+    } else {
+        match slot_range(home) {
+            Ranges::At(start, len) => (start, len),
+            Ranges::None | Ranges::NotYet => (0, 0),
+        }
+    }
 }
 
 /// Guards per thread whose drops may come in any order (deeper ones must drop in reverse).
@@ -190,7 +219,9 @@ impl ThreadState {
             depth: Cell::new(0),
             home: Cell::new(UNATTRIBUTED),
             fast_alloc: Cell::new(CLOSED),
-            fast_free: Cell::new(CLOSED),
+            alloc_open: Cell::new(false),
+            free_start: Cell::new(0),
+            free_len: Cell::new(0),
             flags: Cell::new(0),
             allocatedp: Cell::new(ptr::null()),
             deallocatedp: Cell::new(ptr::null()),
@@ -349,9 +380,23 @@ impl ThreadState {
         self.fast_alloc.get() as usize
     }
 
+    /// Whether the home path may allocate now (the current engine is home, with headroom).
     #[inline(always)]
-    pub(crate) fn fast_free(&self) -> usize {
-        self.fast_free.get() as usize
+    pub(crate) fn alloc_open(&self) -> bool {
+        self.alloc_open.get()
+    }
+
+    /// Makes `engine` current.
+    #[inline(always)]
+    fn set_current(&self, engine: u8) {
+        self.current.set(engine);
+        self.alloc_open.set(engine == self.fast_alloc.get());
+    }
+
+    /// Whether the home path may free the block at `ptr` (home's, with the hook armed).
+    #[inline(always)]
+    pub(crate) fn frees_fast(&self, ptr: *const u8) -> bool {
+        (ptr as usize).wrapping_sub(self.free_start.get()) < self.free_len.get()
     }
 
     /// Makes the thread able to hold unsettled bytes: registers its exit flush, learns where
@@ -369,6 +414,8 @@ impl ThreadState {
         let Some((a, d)) = crate::events::thread_counters() else {
             return false;
         };
+        // Fix the layout before the home path tests addresses against it.
+        crate::arena::settle_layout();
         crate::events::ensure_hook();
         self.allocatedp.set(a);
         self.deallocatedp.set(d);
@@ -458,11 +505,21 @@ impl ThreadState {
         self.settled[1].set(d);
         let home = self.home();
         let held = self.headroom.replace(0);
-        let want = if buy { HEADROOM } else { 0 };
-        if added != 0 || freed != 0 || held != 0 || want != 0 {
-            let limit = crate::arena::limit_of(home);
-            if ledger::settle(home, added, freed.saturating_add(held), want, limit) {
-                self.headroom.set(want);
+        // Headroom left after what the thread did since the last settlement.
+        let left = held.saturating_add(freed).checked_sub(added);
+        match left {
+            Some(left) if buy && (HEADROOM_MIN..=HEADROOM_MAX).contains(&left) => {
+                // Still within the band: nothing to tell the ledger.
+                self.headroom.set(left);
+            }
+            _ => {
+                let want = if buy { HEADROOM } else { 0 };
+                if added != 0 || freed != 0 || held != 0 || want != 0 {
+                    let limit = crate::arena::limit_of(home);
+                    if ledger::settle(home, added, freed.saturating_add(held), want, limit) {
+                        self.headroom.set(want);
+                    }
+                }
             }
         }
         self.settlements.set(self.settlements.get().wrapping_add(1));
@@ -475,17 +532,20 @@ impl ThreadState {
         let f = self.flags.get();
         let open = f & REGISTERED != 0 && !self.is_detached();
         let home = self.home.get();
-        self.fast_alloc
-            .set(if open && f & ALLOC_SEEN != 0 && self.headroom.get() > 0 {
-                home
-            } else {
-                CLOSED
-            });
-        self.fast_free.set(if open && f & DALLOC_SEEN != 0 {
+        let fast = if open && f & ALLOC_SEEN != 0 && self.headroom.get() > 0 {
             home
         } else {
             CLOSED
-        });
+        };
+        self.fast_alloc.set(fast);
+        self.alloc_open.set(self.current.get() == fast);
+        let (start, len) = if open && f & DALLOC_SEEN != 0 {
+            home_addresses(home as usize)
+        } else {
+            (0, 0)
+        };
+        self.free_start.set(start);
+        self.free_len.set(len);
     }
 
     /// The thread-event hook fired on this thread (see `events.rs`).
@@ -775,7 +835,9 @@ impl ThreadState {
             self.alive.set(self.alive.get() | 1u64.wrapping_shl(depth));
         }
         self.depth.set(depth.saturating_add(1));
-        (depth, self.current.replace(engine))
+        let previous = self.current.get();
+        self.set_current(engine);
+        (depth, previous)
     }
 
     /// Drops the guard entered at `depth`: marks it dead, pops the dead guards off the top of
@@ -789,7 +851,7 @@ impl ThreadState {
             if self.depth.get() == depth + 1 {
                 self.depth.set(depth);
             }
-            self.current.set(previous);
+            self.set_current(previous);
             return;
         }
         self.alive.set(self.alive.get() & !1u64.wrapping_shl(depth));
@@ -806,7 +868,7 @@ impl ThreadState {
             Some(i) => self.guards.get(i as usize).map_or(UNATTRIBUTED, Cell::get),
             None => UNATTRIBUTED,
         };
-        self.current.set(current);
+        self.set_current(current);
     }
 }
 

@@ -1,0 +1,246 @@
+//! The home path leaves counting to jemalloc and settles later: the bounds that leaves, at
+//! every step. This binary installs `GovernedAlloc`.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::Mutex;
+
+use nodedb_mem_alloc::{
+    BATCH, EngineGuard, EngineId, GovernedAlloc, HOME_SWITCH_AFTER, INTERVAL, OverflowPolicy,
+    charged, enable_overflow, flush_thread, home_engine, is_overflow, overflow_charged, owner,
+    set_overflow_limit, thread_events_active, thread_settlements,
+};
+
+#[global_allocator]
+static ALLOC: GovernedAlloc = GovernedAlloc::new();
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn settled(engine: EngineId) -> u64 {
+    flush_thread();
+    charged(engine)
+}
+
+/// jemalloc size classes, so a block's usable size is its request.
+const CLASSES: [usize; 16] = [
+    16, 48, 96, 128, 160, 256, 320, 512, 640, 1024, 1280, 2048, 2560, 3072, 4096, 8192,
+];
+
+/// Makes `engine` the calling thread's home (a run of visits moves it there).
+fn make_home(engine: EngineId) -> EngineGuard {
+    let g = EngineGuard::enter(engine);
+    for _ in 0..HOME_SWITCH_AFTER * 2 {
+        drop(std::hint::black_box(Box::new(0u64)));
+    }
+    assert_eq!(home_engine(), engine);
+    g
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn the_ledger_stays_within_the_bound_at_every_step() {
+    let _s = serial();
+    const STEPS: usize = 40_000;
+    let mut blocks: Vec<(*mut u8, Layout)> = Vec::with_capacity(STEPS);
+    let engine = EngineId::Crdt;
+    let _g = make_home(engine);
+    let base = settled(engine);
+    let (events_before, _) = thread_settlements();
+    let mut live = 0u64;
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut worst = (i64::MAX, i64::MIN);
+    for step in 0..STEPS {
+        let r = rng.next();
+        // Grow on average, with bursts of frees, so the run crosses the interval both ways.
+        if blocks.is_empty() || r % 8 < 5 {
+            let size = CLASSES[(r >> 8) as usize % CLASSES.len()];
+            let layout = Layout::from_size_align(size, 8).expect("layout");
+            // SAFETY: non-zero size; freed below with the same layout.
+            let p = unsafe { ALLOC.alloc(layout) };
+            assert!(!p.is_null());
+            assert_eq!(owner(p), engine);
+            blocks.push((p, layout));
+            live += size as u64;
+        } else {
+            let i = (r >> 16) as usize % blocks.len();
+            let (p, layout) = blocks.swap_remove(i);
+            // SAFETY: allocated above with this layout, freed once.
+            unsafe { ALLOC.dealloc(p, layout) };
+            live -= layout.size() as u64;
+        }
+        let off = charged(engine) as i64 - (base + live) as i64;
+        worst = (worst.0.min(off), worst.1.max(off));
+        assert!(
+            (0..BATCH as i64).contains(&off),
+            "step {step}: ledger {} for {} live bytes: {off} off, outside [0, {BATCH})",
+            charged(engine),
+            base + live
+        );
+    }
+    let (events, settlements) = thread_settlements();
+    eprintln!(
+        "{STEPS} steps, {live} B live at the end: ledger off by {} to {} B; {} hook calls, \
+         {settlements} settlements",
+        worst.0,
+        worst.1,
+        events - events_before
+    );
+    assert!(
+        thread_events_active(),
+        "this jemalloc has the thread-event hook"
+    );
+    // About 100 MB allocated and freed: the hook came thousands of times.
+    assert!(
+        events - events_before > 1000,
+        "{} hook calls",
+        events - events_before
+    );
+    for (p, layout) in blocks.drain(..) {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { ALLOC.dealloc(p, layout) };
+    }
+    assert_eq!(settled(engine), base, "exact once the thread has flushed");
+}
+
+#[test]
+fn a_thread_over_its_limit_when_the_hook_fires_moves_to_overflow() {
+    let _s = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    enable_overflow(dir.path(), 64 << 20, false, OverflowPolicy::FallBack).expect("overflow");
+    let engine = EngineId::Sparse;
+    let mut blocks = Vec::with_capacity(1024);
+    let _g = make_home(engine);
+    let base = settled(engine);
+    let base_over = overflow_charged(engine);
+    let limit = base + 256 * 1024;
+    set_overflow_limit(engine, Some(limit));
+    let layout = Layout::from_size_align(1024, 8).expect("layout");
+    let (events_before, _) = thread_settlements();
+    for step in 0..1024 {
+        // SAFETY: non-zero size; freed below with the same layout.
+        let p = unsafe { ALLOC.alloc(layout) };
+        assert!(!p.is_null());
+        blocks.push(p);
+        let now = charged(engine);
+        assert!(now <= limit, "step {step}: {now} B charged, limit {limit}");
+    }
+    let (events, _) = thread_settlements();
+    let in_overflow = blocks.iter().filter(|&&p| is_overflow(p)).count() as u64;
+    eprintln!(
+        "1 MiB in 1 KiB blocks under a 256 KiB limit: {in_overflow} blocks in overflow, {} hook \
+         calls",
+        events - events_before
+    );
+    assert!(events - events_before >= 16, "the hook fired while over");
+    // What the limit could not take went to overflow, and only that.
+    assert!(
+        (768..1024).contains(&in_overflow),
+        "{in_overflow} of 1024 in overflow"
+    );
+    let in_range = 1024 - in_overflow;
+    assert_eq!(settled(engine), base + in_range * 1024);
+    assert_eq!(overflow_charged(engine), base_over + in_overflow * 1024);
+    for p in blocks {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { ALLOC.dealloc(p, layout) };
+    }
+    set_overflow_limit(engine, None);
+    assert_eq!(settled(engine), base);
+    assert_eq!(overflow_charged(engine), base_over);
+}
+
+#[test]
+fn a_thread_that_never_reaches_the_interval_settles_when_it_exits() {
+    let _s = serial();
+    let engine = EngineId::Timeseries;
+    let base = settled(engine);
+    let (leaked, events) = std::thread::spawn(move || {
+        let _g = make_home(engine);
+        // Five blocks on the home path, 5 KiB in all: far from the 16 KiB interval.
+        let leaked: [usize; 5] =
+            std::array::from_fn(|i| Box::into_raw(Box::new([i as u8; 1024])) as usize);
+        // Nothing has settled these: the ledger does not know them one by one.
+        (leaked, thread_settlements().0)
+    })
+    .join()
+    .expect("thread");
+    assert!(
+        INTERVAL > 5 * 1024 + 2 * HOME_SWITCH_AFTER as u64 * 8,
+        "the test's premise"
+    );
+    assert_eq!(events, 0, "the hook never fired on that thread");
+    // Its exit settled them and gave back its headroom: exactly the five blocks remain.
+    assert_eq!(settled(engine), base + 5 * 1024);
+    for p in leaked {
+        // SAFETY: leaked by `Box::into_raw` above, freed once.
+        drop(unsafe { Box::from_raw(p as *mut [u8; 1024]) });
+    }
+    assert_eq!(settled(engine), base);
+}
+
+#[test]
+fn threads_sharing_an_engine_never_take_its_ledger_past_the_limit() {
+    let _s = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    enable_overflow(dir.path(), 64 << 20, false, OverflowPolicy::FallBack).expect("overflow");
+    let engine = EngineId::Vector;
+    let base = settled(engine);
+    let base_over = overflow_charged(engine);
+    let limit = base + (1 << 20);
+    set_overflow_limit(engine, Some(limit));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let worst = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut worst = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                worst = worst.max(charged(engine));
+            }
+            worst
+        });
+        let workers: Vec<_> = (0..2u64)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut blocks = Vec::with_capacity(8192);
+                    let _g = make_home(engine);
+                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ t);
+                    // 8,192 blocks of up to 2 KiB each, a quarter freed again along the way.
+                    for _ in 0..8192 {
+                        let size = CLASSES[rng.next() as usize % 12];
+                        let b = vec![t as u8; size];
+                        blocks.push(b);
+                        if rng.next().is_multiple_of(4) {
+                            let i = rng.next() as usize % blocks.len();
+                            drop(blocks.swap_remove(i));
+                        }
+                    }
+                    let bytes: usize = blocks.iter().map(Vec::len).sum();
+                    let over = blocks.iter().filter(|b| is_overflow(b.as_ptr())).count();
+                    drop(blocks);
+                    (bytes, over)
+                })
+            })
+            .collect();
+        let done: Vec<(usize, usize)> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("two threads, live at the end and blocks in overflow: {done:?}");
+        assert!(done.iter().all(|&(_, over)| over > 0), "both went over");
+        sampler.join().unwrap()
+    });
+    assert!(worst <= limit, "sampled {worst} B charged, limit {limit}");
+    set_overflow_limit(engine, None);
+    assert_eq!(settled(engine), base, "both threads exited: exact");
+    assert_eq!(overflow_charged(engine), base_over);
+}
