@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::EngineId;
 use crate::arena::{ARENA_ENGINES, OVERFLOW_SLOT, SLOTS, update_over};
+use crate::sync::Word;
 
 /// The per-thread bound: a thread's headroom, its home bytes not yet settled and its pending
 /// credit for other engines' blocks together keep the ledger less than `BATCH` bytes above
@@ -104,11 +105,20 @@ fn ledger(engine: usize) -> &'static EngineLedger {
 #[inline(always)]
 pub(crate) fn charge(engine: usize, bytes: u64) {
     let l = ledger(engine);
-    let now = l
-        .charged
-        .fetch_add(bytes, Ordering::AcqRel)
-        .wrapping_add(bytes);
+    let now = add(&l.charged, bytes);
     charged_to(l, engine, now);
+}
+
+/// Adds `bytes` to `w` unconditionally; the new value.
+#[inline(always)]
+pub(crate) fn add<W: Word>(w: &W, bytes: u64) -> u64 {
+    w.fetch_add(bytes, Ordering::AcqRel).wrapping_add(bytes)
+}
+
+/// Takes `bytes` the caller holds (charged before) from `w`; the new value.
+#[inline(always)]
+pub(crate) fn sub<W: Word>(w: &W, bytes: u64) -> u64 {
+    w.fetch_sub(bytes, Ordering::AcqRel).wrapping_sub(bytes)
 }
 
 /// Charges `bytes` unless that would take `engine`'s ledger past `limit`, and says whether it
@@ -121,56 +131,123 @@ pub(crate) fn try_charge(engine: usize, bytes: u64, limit: u64) -> bool {
         return true;
     }
     let l = ledger(engine);
-    let mut cur = l.charged.load(Ordering::Relaxed);
-    loop {
-        let Some(now) = cur.checked_add(bytes).filter(|&n| n <= limit) else {
+    match add_within(&l.charged, bytes, limit) {
+        Some(now) => {
+            charged_to(l, engine, now);
+            true
+        }
+        None => {
             if engine < ARENA_ENGINES {
                 update_over(engine, limit);
             }
-            return false;
-        };
-        match l
-            .charged
-            .compare_exchange_weak(cur, now, Ordering::AcqRel, Ordering::Relaxed)
-        {
-            Ok(_) => {
-                charged_to(l, engine, now);
-                return true;
-            }
+            false
+        }
+    }
+}
+
+/// Adds `bytes` to `w` unless the sum would pass `limit`: the new value, or `None` (nothing
+/// added). One compare-and-swap loop, so concurrent callers cannot together pass the limit.
+#[inline]
+pub(crate) fn add_within<W: Word>(w: &W, bytes: u64, limit: u64) -> Option<u64> {
+    let mut cur = w.load(Ordering::Relaxed);
+    loop {
+        let now = cur.checked_add(bytes).filter(|&n| n <= limit)?;
+        match w.compare_exchange_weak(cur, now, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return Some(now),
             Err(actual) => cur = actual,
         }
     }
 }
 
-/// Settles a thread's home delta: adds `add` bytes (allocated since the last settlement),
-/// removes `sub` (freed since then, plus the headroom the thread held), and charges `headroom`
-/// more if the result stays within `limit`. One compare-and-swap, so the limit check holds
-/// against concurrent charges. Returns whether the headroom was charged. The settled part is
-/// charged even past the limit: those bytes are already allocated (with the headroom the
-/// thread held, never more than it: see the module docs).
+/// What a settlement does, decided from the thread's own figures alone: `held` the headroom it
+/// held at the last settlement, `added` and `freed` its home bytes since then, `buy` whether it
+/// wants headroom for what follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// The headroom left is within the band: keep it, leave the ledger alone.
+    Keep(u64),
+    /// Tell the ledger: add `add`, remove `sub`, and charge `want` more as headroom if the
+    /// limit allows (see [`settle_within`]).
+    Settle { add: u64, sub: u64, want: u64 },
+}
+
+/// The settlement rule (see the module docs): keep headroom within
+/// [`HEADROOM_MIN`]`..=`[`HEADROOM_MAX`] untouched, else settle back to [`HEADROOM`] (or to
+/// nothing, without `buy`).
 #[inline]
-pub(crate) fn settle(engine: usize, add: u64, sub: u64, headroom: u64, limit: u64) -> bool {
-    let l = ledger(engine);
-    let mut cur = l.charged.load(Ordering::Relaxed);
+pub(crate) fn plan(held: u64, added: u64, freed: u64, buy: bool) -> Plan {
+    match held.saturating_add(freed).checked_sub(added) {
+        Some(left) if buy && (HEADROOM_MIN..=HEADROOM_MAX).contains(&left) => Plan::Keep(left),
+        _ => Plan::Settle {
+            add: added,
+            sub: freed.saturating_add(held),
+            want: if buy { HEADROOM } else { 0 },
+        },
+    }
+}
+
+/// Applies a [`Plan::Settle`] to `w`: adds `add`, removes `sub`, and adds `want` more if the
+/// result stays within `limit`. Returns the new value and whether `want` was added. The
+/// settled part goes in even past the limit: those bytes are already allocated, and the
+/// headroom held covered them (see the module docs).
+#[inline]
+pub(crate) fn settle_within<W: Word>(
+    w: &W,
+    add: u64,
+    sub: u64,
+    want: u64,
+    limit: u64,
+) -> (u64, bool) {
+    let mut cur = w.load(Ordering::Relaxed);
     loop {
-        // `sub` was charged (as headroom, or as blocks now freed): it cannot exceed `cur`
-        // plus what is being added; saturate rather than wrap if that were ever broken.
+        // `sub` was charged (as headroom, or as blocks now freed): it cannot exceed `cur` plus
+        // what is being added; saturate rather than wrap if that were ever broken.
         let settled = cur.saturating_add(add).saturating_sub(sub);
-        let (now, bought) = match settled.checked_add(headroom) {
+        let (now, bought) = match settled.checked_add(want) {
             Some(n) if n <= limit => (n, true),
             _ => (settled, false),
         };
-        match l
-            .charged
-            .compare_exchange_weak(cur, now, Ordering::AcqRel, Ordering::Relaxed)
-        {
-            Ok(_) => {
-                charged_to(l, engine, now);
-                return bought;
-            }
+        match w.compare_exchange_weak(cur, now, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return (now, bought),
             Err(actual) => cur = actual,
         }
     }
+}
+
+/// A thread's settlement against `w`: decides with [`plan`], applies with [`settle_within`].
+/// Returns the headroom the thread holds afterwards, and the ledger's new value if it was
+/// touched.
+#[inline]
+pub(crate) fn settle_home<W: Word>(
+    w: &W,
+    held: u64,
+    added: u64,
+    freed: u64,
+    buy: bool,
+    limit: u64,
+) -> (u64, Option<u64>) {
+    match plan(held, added, freed, buy) {
+        Plan::Keep(left) => (left, None),
+        Plan::Settle { add, sub, want } => {
+            if add == 0 && sub == 0 && want == 0 {
+                return (0, None);
+            }
+            let (now, bought) = settle_within(w, add, sub, want, limit);
+            (if bought { want } else { 0 }, Some(now))
+        }
+    }
+}
+
+/// [`settle_home`] on `engine`'s ledger; returns the headroom the thread holds afterwards.
+#[inline]
+pub(crate) fn settle(engine: usize, held: u64, added: u64, freed: u64, buy: bool) -> u64 {
+    let l = ledger(engine);
+    let limit = crate::arena::limit_of(engine);
+    let (headroom, now) = settle_home(&l.charged, held, added, freed, buy, limit);
+    if let Some(now) = now {
+        charged_to(l, engine, now);
+    }
+    headroom
 }
 
 /// After a charge brought `l` to `now`: the peaks and the over-limit flag.
@@ -191,10 +268,7 @@ fn charged_to(l: &EngineLedger, engine: usize, now: u64) {
 /// its own prepaid credit), so the counter cannot go below zero.
 #[inline(always)]
 pub(crate) fn credit(engine: usize, bytes: u64) {
-    let now = ledger(engine)
-        .charged
-        .fetch_sub(bytes, Ordering::AcqRel)
-        .wrapping_sub(bytes);
+    let now = sub(&ledger(engine).charged, bytes);
     if engine < ARENA_ENGINES {
         update_over(engine, now);
     }

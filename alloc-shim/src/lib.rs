@@ -24,10 +24,14 @@ mod alloc;
 mod arena;
 mod events;
 mod ledger;
+#[cfg(nodedb_mem_loom)]
+#[doc(hidden)]
+pub mod model;
 mod numa;
 mod overflow;
 mod pushout;
 mod size_class;
+mod sync;
 mod thread;
 
 pub use alloc::{

@@ -28,9 +28,7 @@ use tikv_jemalloc_sys as jem;
 
 use crate::EngineId;
 use crate::arena::{SLOTS, arena_of, topology};
-use crate::ledger::{
-    self, DIRECT_THRESHOLD, FOREIGN_MAX, HEADROOM, HEADROOM_MAX, HEADROOM_MIN, INTERVAL,
-};
+use crate::ledger::{self, DIRECT_THRESHOLD, FOREIGN_MAX, INTERVAL};
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
 pub const HOME_SWITCH_AFTER: u32 = 128;
@@ -154,7 +152,7 @@ pub(crate) struct ThreadState {
     slow_start: [Cell<u64>; 2],
     in_slow: Cell<bool>,
     /// Bytes charged to `home` ahead of this thread's allocations as of the last settlement:
-    /// `0`, or in [`HEADROOM_MIN`]`..=`[`HEADROOM_MAX`].
+    /// `0`, or in `HEADROOM_MIN..=HEADROOM_MAX` (see `ledger.rs`).
     headroom: Cell<u64>,
     /// Hook calls and settlements on this thread (see [`thread_settlements`]).
     events: Cell<u64>,
@@ -505,23 +503,8 @@ impl ThreadState {
         self.settled[1].set(d);
         let home = self.home();
         let held = self.headroom.replace(0);
-        // Headroom left after what the thread did since the last settlement.
-        let left = held.saturating_add(freed).checked_sub(added);
-        match left {
-            Some(left) if buy && (HEADROOM_MIN..=HEADROOM_MAX).contains(&left) => {
-                // Still within the band: nothing to tell the ledger.
-                self.headroom.set(left);
-            }
-            _ => {
-                let want = if buy { HEADROOM } else { 0 };
-                if added != 0 || freed != 0 || held != 0 || want != 0 {
-                    let limit = crate::arena::limit_of(home);
-                    if ledger::settle(home, added, freed.saturating_add(held), want, limit) {
-                        self.headroom.set(want);
-                    }
-                }
-            }
-        }
+        self.headroom
+            .set(ledger::settle(home, held, added, freed, buy));
         self.settlements.set(self.settlements.get().wrapping_add(1));
         self.reroute();
     }
