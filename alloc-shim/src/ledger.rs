@@ -11,26 +11,23 @@
 //! anyone counts them. A settlement leaves the ledger alone while the headroom left stays within
 //! [`HEADROOM_MIN`]`..=`[`HEADROOM_MAX`], and otherwise brings it back to [`HEADROOM`] in one
 //! atomic operation, so a thread whose allocations and frees balance never touches the shared
-//! counter. Frees of
-//! other engines' blocks are credited late too, in one *pending* batch per thread. So for every
-//! engine, at every instant,
+//! counter. Everything else (other engines' blocks, blocks above [`FAST_MAX`]) is charged and
+//! credited when it happens. So for every engine, at every instant,
 //!
 //! ```text
 //! charged = live bytes + Σ threads' (headroom − net home bytes not yet settled)
-//!                      + Σ threads' pending credits
-//!           0 <= headroom − unsettled < HEADROOM_MAX + INTERVAL,   0 <= pending <= FOREIGN_MAX
+//!           0 <= headroom − unsettled < HEADROOM_MAX + INTERVAL = BATCH
 //! ```
 //!
-//! Unsettled home allocations stay below `INTERVAL + FAST_MAX = HEADROOM_MIN` (jemalloc calls
-//! the hook inside the allocation that crosses an interval, and the home path takes nothing
-//! larger than [`FAST_MAX`]), and unsettled frees below `INTERVAL`, so the first term is never
-//! negative: the ledger never understates an
-//! engine, and since headroom is bought only within the limit, a settlement never takes the
-//! ledger past the limit either. A thread only gives back bytes that were charged — its own
-//! headroom, or blocks freed — so `charged` can never go below zero or wrap. When every
-//! thread has flushed (thread exit or [`flush_thread`](crate::flush_thread)), `charged` equals
-//! the live bytes exactly; while threads run it overstates them by less than [`BATCH`] per
-//! thread.
+//! Unsettled home allocations stay below `INTERVAL + FAST_MAX + 1 = HEADROOM_MIN` (jemalloc
+//! calls the hook inside the allocation that crosses an interval, and the home path takes
+//! nothing larger than [`FAST_MAX`]), and unsettled frees below `INTERVAL`. So the ledger
+//! never understates an engine, not even inside an allocation, and since headroom is bought
+//! only within the limit, a settlement never takes the ledger past the limit either. A thread
+//! only gives back bytes that were charged — its own headroom, or blocks freed — so `charged`
+//! can never go below zero or wrap. When every thread has flushed (thread exit or
+//! [`flush_thread`](crate::flush_thread)), `charged` equals the live bytes exactly; while
+//! threads run it overstates them by less than [`BATCH`] per thread.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,14 +35,15 @@ use crate::EngineId;
 use crate::arena::{ARENA_ENGINES, OVERFLOW_SLOT, SLOTS, update_over};
 use crate::sync::Word;
 
-/// The per-thread bound: a thread's headroom, its home bytes not yet settled and its pending
-/// credit for other engines' blocks together keep the ledger less than `BATCH` bytes above
-/// the live bytes (`HEADROOM_MAX + INTERVAL + FOREIGN_MAX`), and never below them.
-pub const BATCH: u64 = HEADROOM_MAX + INTERVAL + FOREIGN_MAX;
+/// The per-thread bound (64 KiB): a thread's headroom and its home bytes not yet settled keep
+/// the ledger less than `BATCH` bytes above the live bytes, and never below them.
+pub const BATCH: u64 = HEADROOM_MAX + INTERVAL;
 
 /// jemalloc calls the thread-event hook each time a thread's allocated, or its deallocated,
-/// bytes grow by this much; the thread settles its home delta then.
-pub const INTERVAL: u64 = 16 * 1024;
+/// bytes grow by this much; the thread settles its home delta then. Each call costs about
+/// 60 ns here (jemalloc's event machinery and ours), so this is as large as the 64 KiB bound
+/// allows.
+pub const INTERVAL: u64 = 24 * 1024;
 
 /// The least headroom a thread may hold and still allocate on the home path: [`INTERVAL`]
 /// plus the largest home-path block, all it can allocate before its next settlement, so the
@@ -53,21 +51,18 @@ pub const INTERVAL: u64 = 16 * 1024;
 pub const HEADROOM_MIN: u64 = INTERVAL + FAST_MAX as u64 + 1;
 
 /// The headroom a settlement that touches the ledger leaves the thread with.
-pub const HEADROOM: u64 = 32 * 1024;
+pub const HEADROOM: u64 = 36 * 1024;
 
 /// The most headroom a thread keeps (frees give it back beyond this).
 pub const HEADROOM_MAX: u64 = 40 * 1024;
-
-/// Upper bound of a thread's pending credit for blocks of other engines it freed.
-pub(crate) const FOREIGN_MAX: u64 = 8 * 1024;
 
 /// The largest request (and alignment) the home path serves without charging it at once, a
 /// mask so that one test covers both (`size | align <= FAST_MAX`); its usable size is at most
 /// `FAST_MAX + 1`. Anything larger is charged and credited exactly when it happens.
 pub const FAST_MAX: usize = 8 * 1024 - 1;
 
-/// Allocations and frees of at least this many bytes update the ledger immediately (so do all
-/// above [`FAST_MAX`] but those of a thread's pending batch of other engines' frees).
+/// Allocations and frees of at least this many bytes always update the ledger immediately
+/// (as, in fact, does everything above [`FAST_MAX`]).
 pub const DIRECT_THRESHOLD: u64 = 1 << 20;
 
 const _: () = assert!(
@@ -265,7 +260,7 @@ fn charged_to(l: &EngineLedger, engine: usize, now: u64) {
 }
 
 /// Gives back `bytes`; the caller holds them (as live bytes of an object being freed, or as
-/// its own prepaid credit), so the counter cannot go below zero.
+/// its own headroom), so the counter cannot go below zero.
 #[inline(always)]
 pub(crate) fn credit(engine: usize, bytes: u64) {
     let now = sub(&ledger(engine).charged, bytes);
@@ -275,8 +270,8 @@ pub(crate) fn credit(engine: usize, bytes: u64) {
 }
 
 /// Bytes charged to `engine` by the global allocator: its live heap bytes plus, for threads
-/// that have not flushed, their headroom less their unsettled home bytes and their pending
-/// credits (less than [`BATCH`] per thread; see the module docs).
+/// that have not flushed, their headroom less their unsettled home bytes (less than [`BATCH`]
+/// per thread; see the module docs).
 pub fn charged(engine: EngineId) -> u64 {
     ledger(engine.index()).charged.load(Ordering::Acquire)
 }
@@ -287,8 +282,9 @@ pub(crate) fn charged_at(slot: usize) -> u64 {
     ledger(slot).charged.load(Ordering::Relaxed)
 }
 
-/// Bytes of `engine`'s live blocks in its overflow region (plus pending credits of threads
-/// that have not flushed, as for [`charged`]). Zero for `Unattributed`, which never overflows.
+/// Bytes of `engine`'s live blocks in its overflow region, exact at every instant (no thread's
+/// home is an overflow region, so they are charged and credited as they happen). Zero for
+/// `Unattributed`, which never overflows.
 pub fn overflow_charged(engine: EngineId) -> u64 {
     if engine.index() >= ARENA_ENGINES {
         return 0;

@@ -28,7 +28,7 @@ use tikv_jemalloc_sys as jem;
 
 use crate::EngineId;
 use crate::arena::{SLOTS, arena_of, topology};
-use crate::ledger::{self, DIRECT_THRESHOLD, FOREIGN_MAX, INTERVAL};
+use crate::ledger::{self, INTERVAL};
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
 pub const HOME_SWITCH_AFTER: u32 = 128;
@@ -157,9 +157,6 @@ pub(crate) struct ThreadState {
     /// Hook calls and settlements on this thread (see [`thread_settlements`]).
     events: Cell<u64>,
     settlements: Cell<u64>,
-    /// Freed bytes of `pending_owner`'s blocks not yet credited, in `[0, FOREIGN_MAX]`.
-    pending: Cell<u64>,
-    pending_owner: Cell<u8>,
     /// Allocations visiting the current engine since a guard was last entered or left.
     visits: Cell<u32>,
     /// The automatic arena jemalloc gave this thread, learnt at the first move of home.
@@ -230,8 +227,6 @@ impl ThreadState {
             headroom: Cell::new(0),
             events: Cell::new(0),
             settlements: Cell::new(0),
-            pending: Cell::new(0),
-            pending_owner: Cell::new(UNATTRIBUTED),
             visits: Cell::new(0),
             auto_arena: Cell::new(NO_ARENA),
             shard: Cell::new(NO_SHARD),
@@ -351,15 +346,10 @@ impl ThreadState {
         ledger::try_charge(owner, bytes, crate::arena::limit_of(owner))
     }
 
-    /// Credits `bytes` of a block owned by `owner`, freed by a slower path: small ones through
-    /// the pending batch (once the exit flush is registered), large ones at once.
+    /// Credits `bytes` of a block owned by `owner`, freed by a slower path, at once.
     #[inline]
     pub(crate) fn on_free(&self, owner: usize, bytes: u64) {
-        if bytes >= DIRECT_THRESHOLD || self.is_detached() || !self.is_registered() {
-            ledger::credit(owner, bytes);
-        } else {
-            self.defer_credit(owner, bytes);
-        }
+        ledger::credit(owner, bytes);
     }
 
     /// Whether this thread's exit flush has run (it is tearing down).
@@ -531,14 +521,29 @@ impl ThreadState {
         self.free_len.set(len);
     }
 
-    /// The thread-event hook fired on this thread (see `events.rs`).
+    /// The thread-event hook fired on this thread (see `events.rs`). Most calls find the
+    /// headroom left within the band and touch nothing but this thread's state.
     pub(crate) fn on_event(&self, is_alloc: bool) {
         if !self.is_registered() || self.is_detached() {
             return;
         }
         self.events.set(self.events.get().wrapping_add(1));
         let seen = if is_alloc { ALLOC_SEEN } else { DALLOC_SEEN };
-        self.flags.set(self.flags.get() | seen);
+        let flags = self.flags.get();
+        if flags & seen != 0 && !self.in_slow.get() && self.headroom.get() > 0 {
+            let (a, d) = self.home_counters();
+            let added = a.wrapping_sub(self.settled[0].get());
+            let freed = d.wrapping_sub(self.settled[1].get());
+            if let ledger::Plan::Keep(left) = ledger::plan(self.headroom.get(), added, freed, true)
+            {
+                self.settled[0].set(a);
+                self.settled[1].set(d);
+                self.headroom.set(left);
+                self.settlements.set(self.settlements.get().wrapping_add(1));
+                return;
+            }
+        }
+        self.flags.set(flags | seen);
         self.settle(true);
     }
 
@@ -648,33 +653,9 @@ impl ThreadState {
         jem::MALLOCX_TCACHE(tc as usize)
     }
 
-    /// Adds a free of another engine's block to the pending batch (one owner at a time).
-    fn defer_credit(&self, owner: usize, bytes: u64) {
-        let pending = self.pending.get();
-        if self.pending_owner.get() as usize == owner && pending + bytes <= FOREIGN_MAX {
-            self.pending.set(pending + bytes);
-            return;
-        }
-        self.flush_pending();
-        if bytes <= FOREIGN_MAX {
-            self.pending_owner.set(owner as u8);
-            self.pending.set(bytes);
-        } else {
-            ledger::credit(owner, bytes);
-        }
-    }
-
-    fn flush_pending(&self) {
-        let p = self.pending.replace(0);
-        if p > 0 {
-            ledger::credit(self.pending_owner.get() as usize, p);
-        }
-    }
-
-    /// Settles the home delta, gives the headroom and the pending credits back: afterwards
-    /// the ledger holds nothing of this thread's beyond its live blocks.
+    /// Settles the home delta and gives the headroom back: afterwards the ledger holds nothing
+    /// of this thread's beyond its live blocks.
     pub(crate) fn flush(&self) {
-        self.flush_pending();
         self.settle(false);
     }
 }
@@ -695,8 +676,7 @@ thread_local! {
     static EXIT_FLUSH: ExitFlush = const { ExitFlush };
 }
 
-/// Settles the calling thread's unsettled bytes and gives back its headroom and pending
-/// credits now, so [`charged`](crate::charged) holds exactly the thread's live bytes. Threads
+/// Settles the calling thread's unsettled bytes and gives back its headroom now, so [`charged`](crate::charged) holds exactly the thread's live bytes. Threads
 /// do this by themselves when they exit; the next allocation buys headroom again.
 pub fn flush_thread() {
     let _ = THREAD.try_with(ThreadState::flush);

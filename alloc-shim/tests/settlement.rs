@@ -202,6 +202,14 @@ fn threads_sharing_an_engine_never_take_its_ledger_past_the_limit() {
     let limit = base + (1 << 20);
     set_overflow_limit(engine, Some(limit));
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let homed = std::sync::Barrier::new(2);
+    /// Stops the sampler however the scope ends (a panicking worker must not leave it spinning).
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let worst = std::thread::scope(|s| {
         let sampler = s.spawn(|| {
             let mut worst = 0;
@@ -212,9 +220,13 @@ fn threads_sharing_an_engine_never_take_its_ledger_past_the_limit() {
         });
         let workers: Vec<_> = (0..2u64)
             .map(|t| {
+                let homed = &homed;
                 s.spawn(move || {
                     let mut blocks = Vec::with_capacity(8192);
                     let _g = make_home(engine);
+                    // Both homes first: an engine already at its limit sends visits to overflow,
+                    // which would keep the other thread from moving home.
+                    homed.wait();
                     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ t);
                     // 8,192 blocks of up to 2 KiB each, a quarter freed again along the way.
                     for _ in 0..8192 {
@@ -233,8 +245,9 @@ fn threads_sharing_an_engine_never_take_its_ledger_past_the_limit() {
                 })
             })
             .collect();
+        let stopper = StopOnDrop(&stop);
         let done: Vec<(usize, usize)> = workers.into_iter().map(|w| w.join().unwrap()).collect();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(stopper);
         eprintln!("two threads, live at the end and blocks in overflow: {done:?}");
         assert!(done.iter().all(|&(_, over)| over > 0), "both went over");
         sampler.join().unwrap()
