@@ -564,10 +564,27 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     // The home path: jemalloc's own fast path, its counters our only bookkeeping. It serves
     // home's arena through a cache that only ever holds home's blocks (foreign frees bypass
     // it, and moving home flushes it), so the owner is home without looking.
-    if size | align <= FAST_MAX && t.alloc_open() {
-        // SAFETY: size > 0 (GlobalAlloc contract); the flags hold only a power-of-two
-        // alignment.
-        let p = unsafe { fast_alloc(size, align_flags(size, align), zero) }.cast::<u8>();
+    if t.alloc_open() {
+        let p = if align <= MIN_ALIGN && align <= size {
+            if size > FAST_MAX {
+                // SAFETY: as below.
+                return unsafe { t.alloc_slow(size, align, zero) };
+            }
+            // SAFETY: size > 0 (GlobalAlloc contract); jemalloc's natural alignment suffices.
+            unsafe {
+                if zero {
+                    jem::calloc(1, size)
+                } else {
+                    jem::malloc(size)
+                }
+            }
+        } else if size | align <= FAST_MAX {
+            // SAFETY: size > 0; the flags hold only a power-of-two alignment.
+            unsafe { fast_alloc(size, align_flags(size, align), zero) }
+        } else {
+            core::ptr::null_mut()
+        }
+        .cast::<u8>();
         if !p.is_null() {
             return p;
         }
@@ -763,9 +780,14 @@ unsafe impl GlobalAlloc for GovernedAlloc {
         let t = unsafe { &*t };
         if size | align <= FAST_MAX && t.frees_fast(ptr) {
             // The home path: a home block, counted by jemalloc, settled later.
+            let flags = if align <= MIN_ALIGN && align <= size {
+                0
+            } else {
+                align_flags(size, align)
+            };
             // SAFETY: `ptr` was allocated by this allocator with this layout (GlobalAlloc
             // contract), so `size` lies within its usable range, as `sdallocx` requires.
-            unsafe { jem::sdallocx(ptr.cast(), size, align_flags(size, align)) };
+            unsafe { jem::sdallocx(ptr.cast(), size, flags) };
             return;
         }
         // SAFETY: as above.

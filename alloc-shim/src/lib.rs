@@ -7,15 +7,18 @@
 //! # How an allocation is attributed
 //!
 //! * The thread's current engine is set by [`EngineGuard`] (a thread-local write).
-//! * Each engine but `Unattributed` has a jemalloc arena created with our extent hooks, which
-//!   carve its extents from one reserved virtual range per engine; the owner of any pointer is
-//!   then found from its address alone. `Unattributed` is served by jemalloc's automatic arenas
+//! * Each engine but `Unattributed` has jemalloc arenas (one per CPU of a node, up to four)
+//!   created with our extent hooks, which carve their extents from one reserved virtual range
+//!   per engine; the owner of any pointer is then found from its address alone. `Unattributed` is served by jemalloc's automatic arenas
 //!   (everything outside the ranges).
 //! * Charges and credits go to the owner by address, in the jemalloc size class actually
 //!   handed out: a free on any thread, and a `realloc`, credit the engine that owns the memory.
-//! * Each thread batches charges for its *home* engine through a prepaid credit bounded by
-//!   [`BATCH`] (64 KiB); everything else, and every allocation of [`DIRECT_THRESHOLD`] (1 MiB)
-//!   or more, updates the [`charged`] ledger at once. See `docs/design.md`.
+//! * A thread's allocations and frees of its *home* engine's blocks of up to [`FAST_MAX`]
+//!   (8 KiB − 1) go straight to jemalloc, which counts them; jemalloc's thread-event hook
+//!   settles them into the [`charged`] ledger every [`INTERVAL`] (24 KiB), and the thread holds
+//!   headroom bought within the engine's limit, so the ledger is never below the live bytes,
+//!   never past the limit, and less than [`BATCH`] (64 KiB) per thread above the live bytes.
+//!   Everything else updates the ledger at once. See `ledger.rs` and `docs/design.md`.
 //!
 //! The hot path never allocates, locks, panics or unwinds, and works before `main`, during
 //! thread start-up and teardown (after its thread-local is gone it charges the ledger directly).

@@ -19,8 +19,8 @@
 //! * `hop` (governed only): enter another engine's guard, allocate and free a 64-byte block,
 //!   leave (ns per hop).
 //!
-//! Single-thread workloads run pinned to the last CPU (both modes alike); the two-thread ones
-//! are left to the scheduler.
+//! Single-thread workloads run pinned to the last CPU (both modes alike; `HOTPATH_NO_PIN=1`
+//! leaves them to the scheduler too); the two-thread ones are left to the scheduler.
 //!
 //! Run: `cargo bench -p nodedb-mem-benches --bench hotpath` (five rounds), or with
 //! `-- --rounds N` / `-- --only churn,hashmap`.
@@ -246,7 +246,7 @@ fn child(workload: &str, mode: &str) {
         IN_ENGINE.set(true); // governed, but outside every engine (home `Unattributed`)
     }
     stay_in_engine();
-    if !workload.ends_with("-2") {
+    if !workload.ends_with("-2") && std::env::var_os("HOTPATH_NO_PIN").is_none() {
         // One thread: pin it (and malloc-bench-rs's worker, which inherits the affinity) to the
         // last CPU, in both modes. Unpinned, single-thread runs here scatter between two
         // modes about 1.8x apart as the scheduler moves them; pinned they repeat within 5 %.
