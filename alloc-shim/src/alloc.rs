@@ -8,6 +8,7 @@ use tikv_jemalloc_sys as jem;
 
 use crate::arena::{self, owner_of};
 use crate::ledger::{self, DIRECT_THRESHOLD, FAST_MAX};
+use crate::overflow;
 use crate::size_class::usable_size;
 use crate::thread::{THREAD, ThreadState};
 
@@ -153,8 +154,8 @@ impl ThreadState {
     unsafe fn slow_alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
         let engine = self.current();
         let mut fell_back = false;
-        if arena::wants_overflow(engine, usable)
-            && let Some(overflow) = arena::overflow_arena(engine)
+        if overflow::wants_overflow(engine, usable)
+            && let Some(overflow) = overflow::overflow_arena(engine)
         {
             ACTIVE.store(true, Ordering::Relaxed);
             // SAFETY: size > 0 (GlobalAlloc contract); `overflow` is the engine's overflow arena.
@@ -163,13 +164,13 @@ impl ThreadState {
                 // SAFETY: `p` was just allocated with `size` and alignment flags `flags`.
                 return unsafe { self.account(p, owner_of(p), size, flags, usable, zero, 0) };
             }
-            match arena::overflow_policy() {
-                arena::OverflowPolicy::FailAllocation => {
-                    arena::count_refusal(engine, usable);
+            match overflow::overflow_policy() {
+                overflow::OverflowPolicy::FailAllocation => {
+                    overflow::count_refusal(engine, usable);
                     return p;
                 }
-                arena::OverflowPolicy::FallBack => {
-                    arena::count_breach(engine, usable);
+                overflow::OverflowPolicy::FallBack => {
+                    overflow::count_breach(engine, usable);
                     fell_back = true;
                 }
             }
@@ -371,8 +372,8 @@ impl ThreadState {
         if new_usable > old_usable
             && new_usable >= DIRECT_THRESHOLD
             && owner < arena::ARENA_ENGINES
-            && (arena::is_over(owner) || arena::would_cross(owner, new_usable - old_usable))
-            && let Some(overflow) = arena::overflow_arena(owner)
+            && (ledger::is_over(owner) || ledger::would_cross(owner, new_usable - old_usable))
+            && let Some(overflow) = overflow::overflow_arena(owner)
         {
             // SAFETY: new_size > 0 (GlobalAlloc contract); `overflow` is the owner's overflow
             // arena.
@@ -390,14 +391,14 @@ impl ThreadState {
                     self.account(q, owner_of(q), new_size, flags, new_usable, false, old.0)
                 };
             }
-            match arena::overflow_policy() {
-                arena::OverflowPolicy::FailAllocation => {
-                    arena::count_refusal(owner, new_usable);
+            match overflow::overflow_policy() {
+                overflow::OverflowPolicy::FailAllocation => {
+                    overflow::count_refusal(owner, new_usable);
                     // The old block stays valid, as a failed realloc requires.
                     return std::ptr::null_mut();
                 }
-                arena::OverflowPolicy::FallBack => {
-                    arena::count_breach(owner, new_usable);
+                overflow::OverflowPolicy::FallBack => {
+                    overflow::count_breach(owner, new_usable);
                     fell_back = true;
                 }
             }
@@ -516,7 +517,7 @@ impl ThreadState {
             unsafe { jem::sdallocx(ptr.cast(), size, flags | cache) };
         };
         if owner < arena::ARENA_ENGINES
-            && let Some(overflow) = arena::overflow_arena(owner)
+            && let Some(overflow) = overflow::overflow_arena(owner)
         {
             // SAFETY: size > 0 (the caller's block has it); `overflow` is the owner's overflow
             // arena.
@@ -531,13 +532,14 @@ impl ThreadState {
                 }
                 return q;
             }
-            if keep == 0 && arena::overflow_policy() == arena::OverflowPolicy::FailAllocation {
-                arena::count_refusal(owner, usable);
+            if keep == 0 && overflow::overflow_policy() == overflow::OverflowPolicy::FailAllocation
+            {
+                overflow::count_refusal(owner, usable);
                 release(p);
                 return std::ptr::null_mut();
             }
         }
-        arena::count_breach(owner, usable);
+        overflow::count_breach(owner, usable);
         ledger::charge(owner, usable);
         p
     }

@@ -32,7 +32,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::EngineId;
-use crate::arena::{ARENA_ENGINES, OVERFLOW_SLOT, SLOTS, update_over};
+use crate::arena::{ARENA_ENGINES, OVERFLOW_SLOT, SLOTS};
 use crate::sync::Word;
 
 /// The per-thread bound (64 KiB): a thread's headroom and its home bytes not yet settled keep
@@ -237,7 +237,7 @@ pub(crate) fn settle_home<W: Word>(
 #[inline]
 pub(crate) fn settle(engine: usize, held: u64, added: u64, freed: u64, buy: bool) -> u64 {
     let l = ledger(engine);
-    let limit = crate::arena::limit_of(engine);
+    let limit = limit_of(engine);
     let (headroom, now) = settle_home(&l.charged, held, added, freed, buy, limit);
     if let Some(now) = now {
         charged_to(l, engine, now);
@@ -305,4 +305,73 @@ pub fn take_window_peak(engine: EngineId) -> u64 {
     let l = ledger(engine.index());
     let now = l.charged.load(Ordering::Acquire);
     l.window_peak.swap(now, Ordering::AcqRel).max(now)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits: what the governor publishes for each engine, and the over-limit flag they drive.
+
+/// Per-engine limit on the allocator's ledger; above it, new allocations overflow.
+static LIMIT: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(u64::MAX) }; ARENA_ENGINES];
+/// Whether an engine is over its limit (set above it, cleared below 95 % of it).
+static OVER: [std::sync::atomic::AtomicBool; ARENA_ENGINES] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; ARENA_ENGINES];
+
+/// Whether `engine`'s new allocations should go to its overflow arena now.
+#[inline(always)]
+pub(crate) fn is_over(engine: usize) -> bool {
+    match OVER.get(engine) {
+        Some(flag) => flag.load(Ordering::Relaxed),
+        None => false,
+    }
+}
+
+/// Re-evaluates `engine`'s over-limit flag after its ledger moved to `charged`: set at the
+/// limit, cleared below 95 % of it (hysteresis, so the flag does not flap on one block).
+#[inline]
+pub(crate) fn update_over(engine: usize, charged: u64) {
+    let (Some(limit), Some(flag)) = (LIMIT.get(engine), OVER.get(engine)) else {
+        return;
+    };
+    let limit = limit.load(Ordering::Relaxed);
+    if charged >= limit {
+        if !flag.load(Ordering::Relaxed) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    } else if flag.load(Ordering::Relaxed) && charged < limit / 20 * 19 {
+        flag.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The limit published for ledger slot `slot` (`u64::MAX`: none; overflow slots have none).
+#[inline]
+pub(crate) fn limit_of(slot: usize) -> u64 {
+    match LIMIT.get(slot) {
+        Some(limit) => limit.load(Ordering::Relaxed),
+        None => u64::MAX,
+    }
+}
+
+/// Whether charging `bytes` more would take `engine` past its published limit. Only asked for
+/// large blocks (at least [`crate::DIRECT_THRESHOLD`]), before they are placed, so that one
+/// block cannot carry an engine far past its limit before the over flag is set; small blocks
+/// overshoot by at most a thread's batch.
+#[inline]
+pub(crate) fn would_cross(engine: usize, bytes: u64) -> bool {
+    match LIMIT.get(engine) {
+        Some(limit) => {
+            let limit = limit.load(Ordering::Relaxed);
+            limit != u64::MAX && charged_at(engine).saturating_add(bytes) > limit
+        }
+        None => false,
+    }
+}
+
+/// Sets the limit above which `engine`'s new allocations go to its overflow region (`None`:
+/// no limit). The governor publishes each engine's limit here.
+pub fn set_overflow_limit(engine: EngineId, limit: Option<u64>) {
+    let e = engine.index();
+    if let Some(slot) = LIMIT.get(e) {
+        slot.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+        update_over(e, crate::charged(engine));
+    }
 }

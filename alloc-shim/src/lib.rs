@@ -26,12 +26,14 @@
 mod alloc;
 mod arena;
 mod events;
+mod guard;
 mod ledger;
 #[cfg(nodedb_mem_loom)]
 #[doc(hidden)]
 pub mod model;
 mod numa;
 mod overflow;
+mod pin;
 mod pushout;
 mod size_class;
 mod sync;
@@ -43,29 +45,32 @@ pub use alloc::{
 };
 pub use arena::{
     ArenaFailure, ArenaStats, ArenaStatsByNode, MAX_RANGE_BYTES, MIN_RANGE_BYTES, NumaPolicy,
-    OverflowBreaches, OverflowFigures, OverflowPolicy, OverflowStats, RANGE_BYTES_ENV,
-    allocator_resident, arena_failure, arena_index, arena_stats, arena_stats_by_node, arenas_ready,
-    enable_overflow, is_forked_child, is_overflow, is_overflowing, machine_topology,
-    mbind_failures, node_of, node_range_bytes, overflow_breaches, overflow_figures,
-    overflow_region, overflow_stats, owner, page_out_overflow, purge_all_arenas, purge_engine,
-    range_bytes, range_exhaustions, set_numa_policy, set_overflow_limit, set_overflow_policy,
-    shards,
+    RANGE_BYTES_ENV, allocator_resident, arena_failure, arena_index, arena_stats,
+    arena_stats_by_node, arenas_ready, is_overflow, machine_topology, mbind_failures, node_of,
+    node_range_bytes, owner, purge_all_arenas, purge_engine, range_bytes, range_exhaustions,
+    set_numa_policy, shards,
 };
 pub use events::thread_events_active;
+pub use guard::{EngineGuard, GUARD_SLOTS};
 pub use ledger::{
     BATCH, DIRECT_THRESHOLD, FAST_MAX, HEADROOM, HEADROOM_MAX, HEADROOM_MIN, INTERVAL, charged,
-    charged_peak, overflow_charged, take_window_peak,
+    charged_peak, overflow_charged, set_overflow_limit, take_window_peak,
 };
 pub use numa::{MAX_CPUS, MAX_NODES, Topology};
-pub use overflow::{OverflowError, OverflowRegion, PageOutMethod, fault as overflow_fault};
+pub use overflow::{
+    OverflowBreaches, OverflowError, OverflowFigures, OverflowPolicy, OverflowRegion,
+    OverflowStats, PageOutMethod, enable_overflow, fault as overflow_fault, is_forked_child,
+    is_overflowing, overflow_breaches, overflow_figures, overflow_region, overflow_stats,
+    page_out_overflow, set_overflow_policy,
+};
+pub use pin::{NumaError, bind_thread_to_local_numa, pin_thread_arena, thread_node};
 pub use pushout::{
     PushOutStats, push_out_checks, push_out_stats, resident, resident_target, set_resident_target,
 };
 pub use thread::{
-    EngineGuard, GUARD_SLOTS, HOME_SWITCH_AFTER, current_engine, explicit_caches_created,
-    flush_thread, home_engine, home_switches, thread_settlements,
+    HOME_SWITCH_AFTER, current_engine, explicit_caches_created, flush_thread, home_engine,
+    home_switches, thread_settlements,
 };
-pub use thread::{NumaError, bind_thread_to_local_numa, pin_thread_arena, thread_node};
 
 use core::fmt;
 use core::str::FromStr;

@@ -21,7 +21,8 @@
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::EngineId;
-use crate::arena::{ARENA_ENGINES, overflow_region_of};
+use crate::arena::ARENA_ENGINES;
+use crate::overflow::overflow_region_of;
 
 /// The resident target in bytes (`u64::MAX`: none, no inline push-out).
 static TARGET: AtomicU64 = AtomicU64::new(u64::MAX);

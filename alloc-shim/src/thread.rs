@@ -19,7 +19,6 @@
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_uint};
-use std::marker::PhantomData;
 use std::mem::size_of;
 use std::ptr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +27,7 @@ use tikv_jemalloc_sys as jem;
 
 use crate::EngineId;
 use crate::arena::{SLOTS, arena_of, topology};
+use crate::guard::GuardStack;
 use crate::ledger::{self, INTERVAL};
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
@@ -118,12 +118,8 @@ fn bind_thread_arena(arena: c_uint) -> Option<c_uint> {
 pub(crate) struct ThreadState {
     /// Engine of the most recently entered guard still alive (see [`EngineGuard`]).
     current: Cell<u8>,
-    /// Engines of the live guards, in the order entered (the first [`GUARD_SLOTS`]).
-    guards: [Cell<u8>; GUARD_SLOTS],
-    /// Bit `i` set: the guard entered at depth `i` is alive.
-    alive: Cell<u64>,
-    /// Guards entered and not yet known dropped: the stack's height.
-    depth: Cell<u32>,
+    /// The thread's live guards.
+    guards: GuardStack,
     /// Engine whose arena this thread is bound to.
     home: Cell<u8>,
     /// `home` while the home path may allocate without asking (headroom held, hook armed),
@@ -192,9 +188,6 @@ fn home_addresses(home: usize) -> (usize, usize) {
     }
 }
 
-/// Guards per thread whose drops may come in any order (deeper ones must drop in reverse).
-pub const GUARD_SLOTS: usize = 64;
-
 const NO_TCACHE: u32 = u32::MAX;
 const TCACHE_FAILED: u32 = u32::MAX - 1;
 static TCACHES_CREATED: AtomicU64 = AtomicU64::new(0);
@@ -209,9 +202,7 @@ impl ThreadState {
     const fn new() -> ThreadState {
         ThreadState {
             current: Cell::new(UNATTRIBUTED),
-            guards: [const { Cell::new(UNATTRIBUTED) }; GUARD_SLOTS],
-            alive: Cell::new(0),
-            depth: Cell::new(0),
+            guards: GuardStack::new(),
             home: Cell::new(UNATTRIBUTED),
             fast_alloc: Cell::new(CLOSED),
             alloc_open: Cell::new(false),
@@ -295,7 +286,7 @@ impl ThreadState {
 
     /// Moves this thread's engine memory to `node`'s arenas (rebinding home if it is an
     /// engine).
-    fn set_node(&self, node: usize) {
+    pub(crate) fn set_node(&self, node: usize) {
         self.node.set(node as u8);
         let home = self.home();
         if home < crate::arena::ARENA_ENGINES
@@ -343,7 +334,7 @@ impl ThreadState {
     #[inline]
     #[must_use]
     pub(crate) fn on_alloc(&self, owner: usize, bytes: u64) -> bool {
-        ledger::try_charge(owner, bytes, crate::arena::limit_of(owner))
+        ledger::try_charge(owner, bytes, ledger::limit_of(owner))
     }
 
     /// Credits `bytes` of a block owned by `owner`, freed by a slower path, at once.
@@ -714,228 +705,23 @@ pub fn home_switches() -> u64 {
     HOME_SWITCHES.load(Ordering::Relaxed)
 }
 
-/// Attributes the calling thread's allocations to an engine until dropped.
-///
-/// # Overlapping guards
-///
-/// A thread's guards form a stack in the order they were entered, and **the current engine is
-/// that of the most recently entered guard still alive** (`Unattributed` when none is). So
-/// guards may be dropped in any order: dropping an inner guard first restores the outer one's
-/// engine, as usual; dropping an outer guard first changes nothing until the inner one goes
-/// too; once every guard is gone the thread is back in `Unattributed`, where it started. The
-/// rule holds for the first [`GUARD_SLOTS`] (64) guards alive at once on a thread; a guard
-/// entered deeper than that restores, when dropped, the engine that was current when it was
-/// entered (the rule for strictly nested guards).
-///
-/// ```
-/// use nodedb_mem_alloc::{EngineGuard, EngineId, current_engine};
-///
-/// assert_eq!(current_engine(), EngineId::Unattributed);
-/// {
-///     let _q = EngineGuard::enter(EngineId::Query);
-///     assert_eq!(current_engine(), EngineId::Query);
-///     {
-///         let _v = EngineGuard::enter(EngineId::Vector);
-///         assert_eq!(current_engine(), EngineId::Vector);
-///     }
-///     assert_eq!(current_engine(), EngineId::Query);
-/// }
-/// assert_eq!(current_engine(), EngineId::Unattributed);
-///
-/// // Out of order: a `Vec` drops its guards front to back.
-/// let guards = vec![EngineGuard::enter(EngineId::Query), EngineGuard::enter(EngineId::Vector)];
-/// assert_eq!(current_engine(), EngineId::Vector);
-/// drop(guards);
-/// assert_eq!(current_engine(), EngineId::Unattributed);
-/// ```
-///
-/// A guard belongs to its thread: it cannot be sent to another one.
-///
-/// ```compile_fail
-/// use nodedb_mem_alloc::{EngineGuard, EngineId};
-/// let g = EngineGuard::enter(EngineId::Query);
-/// std::thread::spawn(move || drop(g));
-/// ```
-#[derive(Debug)]
-#[must_use = "the engine is current only while the guard lives"]
-pub struct EngineGuard {
-    /// The guard's depth on its thread's stack, and the engine current before it (`None`:
-    /// entered during teardown, when the thread state was unreachable; dropping does nothing).
-    entered: Option<(u32, u8)>,
-    _not_send: PhantomData<*const ()>,
-}
-
-impl EngineGuard {
-    /// Makes `engine` the calling thread's current engine. During thread teardown (after the
-    /// thread's state is gone) this does nothing, and allocations stay attributed by address.
-    #[inline(always)]
-    pub fn enter(engine: EngineId) -> EngineGuard {
-        let entered = THREAD.try_with(|t| t.enter_guard(engine as u8)).ok();
-        EngineGuard {
-            entered,
-            _not_send: PhantomData,
-        }
-    }
-}
-
-impl Drop for EngineGuard {
-    #[inline(always)]
-    fn drop(&mut self) {
-        if let Some((depth, previous)) = self.entered {
-            let _ = THREAD.try_with(|t| t.leave_guard(depth, previous));
-        }
-    }
-}
-
 impl ThreadState {
     /// Pushes a guard for `engine`; returns its depth and the engine current before it.
     #[inline(always)]
-    fn enter_guard(&self, engine: u8) -> (u32, u8) {
+    pub(crate) fn enter_guard(&self, engine: u8) -> (u32, u8) {
         self.visits.set(0);
-        let depth = self.depth.get();
-        if let Some(slot) = self.guards.get(depth as usize) {
-            slot.set(engine);
-            self.alive.set(self.alive.get() | 1u64.wrapping_shl(depth));
-        }
-        self.depth.set(depth.saturating_add(1));
+        let depth = self.guards.push(engine);
         let previous = self.current.get();
         self.set_current(engine);
         (depth, previous)
     }
 
-    /// Drops the guard entered at `depth`: marks it dead, pops the dead guards off the top of
-    /// the stack, and makes the top live guard's engine current (see [`EngineGuard`]).
+    /// Drops the guard entered at `depth` (see `GuardStack::pop`).
     #[inline(always)]
-    fn leave_guard(&self, depth: u32, previous: u8) {
+    pub(crate) fn leave_guard(&self, depth: u32, previous: u8) {
         self.visits.set(0);
-        let slots = GUARD_SLOTS as u32;
-        if depth >= slots {
-            // Beyond the tracked slots: strictly nested guards only.
-            if self.depth.get() == depth + 1 {
-                self.depth.set(depth);
-            }
-            self.set_current(previous);
-            return;
-        }
-        self.alive.set(self.alive.get() & !1u64.wrapping_shl(depth));
-        let mut top = self.depth.get();
-        if top > slots {
-            // Deeper guards are still alive above this one: they stay current.
-            return;
-        }
-        while top > 0 && self.alive.get() & 1u64.wrapping_shl(top - 1) == 0 {
-            top -= 1;
-        }
-        self.depth.set(top);
-        let current = match top.checked_sub(1) {
-            Some(i) => self.guards.get(i as usize).map_or(UNATTRIBUTED, Cell::get),
-            None => UNATTRIBUTED,
-        };
-        self.set_current(current);
-    }
-}
-
-/// Why a thread could not be pinned. The thread is left as it was.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NumaError {
-    /// The machine has no such CPU.
-    NoSuchCore {
-        /// The CPU asked for.
-        core: usize,
-        /// CPUs the machine has.
-        cores: usize,
-    },
-    /// A system call failed (`EPERM`: not allowed to run there; `EINVAL`: outside the
-    /// thread's allowed CPUs, e.g. a container's cpuset).
-    Os {
-        /// What was being done.
-        op: &'static str,
-        /// `errno`.
-        errno: i32,
-    },
-}
-
-impl std::fmt::Display for NumaError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NumaError::NoSuchCore { core, cores } => {
-                write!(
-                    f,
-                    "no CPU {core}: this machine has {cores} (0 to {})",
-                    cores.saturating_sub(1)
-                )
-            }
-            NumaError::Os { op, errno } => write!(
-                f,
-                "{op} failed: {}",
-                std::io::Error::from_raw_os_error(*errno)
-            ),
+        if let Some(current) = self.guards.pop(depth, previous) {
+            self.set_current(current);
         }
     }
-}
-
-impl std::error::Error for NumaError {}
-
-fn set_affinity(cpus: impl Iterator<Item = usize>) -> Result<(), NumaError> {
-    // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for cpu in cpus {
-        // SAFETY: CPU_SET bounds-checks against the set's size.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        return Err(NumaError::Os {
-            op: "sched_setaffinity",
-            errno: std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EINVAL),
-        });
-    }
-    Ok(())
-}
-
-fn configured_cpus() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-    usize::try_from(n).unwrap_or(1).max(1)
-}
-
-/// Pins the calling thread to CPU `core` and its engine allocations to that core's NUMA node's
-/// arenas (for thread-per-core runtimes). Returns the node. On error the thread keeps its
-/// affinity and arenas.
-pub fn pin_thread_arena(core: usize) -> Result<usize, NumaError> {
-    let cores = configured_cpus();
-    if core >= cores || core >= crate::numa::MAX_CPUS {
-        return Err(NumaError::NoSuchCore { core, cores });
-    }
-    set_affinity(std::iter::once(core))?;
-    let node = topology().placement_for_cpu(core);
-    let _ = THREAD.try_with(|t| t.set_node(node));
-    Ok(node)
-}
-
-/// Restricts the calling thread to the CPUs of the NUMA node it runs on now, and its engine
-/// allocations to that node's arenas. Returns the node. On error the thread is unchanged.
-pub fn bind_thread_to_local_numa() -> Result<usize, NumaError> {
-    // SAFETY: sched_getcpu has no preconditions.
-    let cpu = unsafe { libc::sched_getcpu() };
-    let cpu = usize::try_from(cpu).map_err(|_| NumaError::Os {
-        op: "sched_getcpu",
-        errno: std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::ENOSYS),
-    })?;
-    let topo = topology();
-    let node = topo.node_of_cpu(cpu);
-    set_affinity(topo.cpus_of(node).filter(|&c| c < configured_cpus()))?;
-    let place = topo.memory_node_for(node);
-    let _ = THREAD.try_with(|t| t.set_node(place));
-    Ok(place)
-}
-
-/// The NUMA node the calling thread's engine allocations come from.
-pub fn thread_node() -> usize {
-    THREAD.try_with(ThreadState::node).unwrap_or(0)
 }

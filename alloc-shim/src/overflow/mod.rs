@@ -1,0 +1,435 @@
+//! Overflow: where an engine's implicit allocations go while it is over its limit — one
+//! file-backed [`OverflowRegion`] and jemalloc arena per engine, the policy for what overflow
+//! cannot take, its counters, and what a child of `fork` does without it.
+
+mod region;
+
+pub use region::{OverflowError, OverflowRegion, PageOutMethod, fault};
+
+use std::ffi::{c_uint, c_void};
+use std::mem::size_of;
+use std::ptr;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use tikv_jemalloc_sys as jem;
+
+use crate::EngineId;
+use crate::arena::{
+    ARENA_ENGINES, EngineHooks, OVERFLOW_SLOT, arena_ctl_name, arena_of, create_arena,
+    engine_hooks, layout, range_bytes,
+};
+use crate::ledger::{is_over, would_cross};
+
+/// What happens when an engine's overflow region cannot take an allocation (full, or its
+/// file cannot grow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OverflowPolicy {
+    /// Serve it from the engine's normal arena and count a breach (the default: nothing
+    /// fails, the budget is exceeded and says so).
+    #[default]
+    FallBack,
+    /// Return null, so fallible allocations (`try_reserve`) fail; infallible ones abort.
+    FailAllocation,
+}
+
+const OVERFLOW_OFF: u8 = 0;
+const OVERFLOW_ON: u8 = 1;
+
+static OVERFLOW_STATE: AtomicU8 = AtomicU8::new(OVERFLOW_OFF);
+static OVERFLOW_POLICY: AtomicU8 = AtomicU8::new(0);
+static OVERFLOW_ARENA: [AtomicU32; ARENA_ENGINES] = [const { AtomicU32::new(0) }; ARENA_ENGINES];
+static OVERFLOW_NEXT: [AtomicUsize; ARENA_ENGINES] = [const { AtomicUsize::new(0) }; ARENA_ENGINES];
+static OVERFLOW_REGIONS: [std::sync::OnceLock<crate::OverflowRegion>; ARENA_ENGINES] =
+    [const { std::sync::OnceLock::new() }; ARENA_ENGINES];
+/// Allocations that overflow could not take and that were served normally instead.
+static BREACHES: AtomicU64 = AtomicU64::new(0);
+/// Allocations refused (null) because overflow could not take them.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Extents the overflow hook could not provide (region full or file growth failed).
+static OVERFLOW_EXTENT_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+static OVERFLOW_HOOKS: [EngineHooks; ARENA_ENGINES] = [
+    engine_hooks(OVERFLOW_SLOT, 0),
+    engine_hooks(OVERFLOW_SLOT + 1, 0),
+    engine_hooks(OVERFLOW_SLOT + 2, 0),
+    engine_hooks(OVERFLOW_SLOT + 3, 0),
+    engine_hooks(OVERFLOW_SLOT + 4, 0),
+];
+
+/// Whether a new block of `usable` bytes for `engine` belongs in its overflow region: the
+/// engine is over its limit, or the block is large and would take it over.
+#[inline]
+pub(crate) fn wants_overflow(engine: usize, usable: u64) -> bool {
+    is_over(engine) || (usable >= crate::DIRECT_THRESHOLD && would_cross(engine, usable))
+}
+
+/// The overflow arena of engine `e`, when overflow is enabled.
+pub(crate) fn overflow_arena(e: usize) -> Option<c_uint> {
+    if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
+        return None;
+    }
+    OVERFLOW_ARENA.get(e).map(|a| a.load(Ordering::Relaxed))
+}
+
+/// The configured policy for allocations overflow cannot take.
+pub(crate) fn overflow_policy() -> OverflowPolicy {
+    if OVERFLOW_POLICY.load(Ordering::Relaxed) == 1 {
+        OverflowPolicy::FailAllocation
+    } else {
+        OverflowPolicy::FallBack
+    }
+}
+
+/// Per engine: allocations overflow could not take that were served normally (`[0]` count,
+/// `[1]` bytes) and that were refused.
+static ENGINE_BREACHES: [[AtomicU64; 2]; ARENA_ENGINES] =
+    [const { [const { AtomicU64::new(0) }; 2] }; ARENA_ENGINES];
+static ENGINE_REFUSALS: [[AtomicU64; 2]; ARENA_ENGINES] =
+    [const { [const { AtomicU64::new(0) }; 2] }; ARENA_ENGINES];
+
+/// Counts an allocation of `bytes` for `engine` that overflow could not take and that was
+/// served from the engine's normal arena.
+pub(crate) fn count_breach(engine: usize, bytes: u64) {
+    BREACHES.fetch_add(1, Ordering::Relaxed);
+    if let Some([n, b]) = ENGINE_BREACHES.get(engine) {
+        n.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Counts an allocation of `bytes` for `engine` refused because overflow could not take it.
+pub(crate) fn count_refusal(engine: usize, bytes: u64) {
+    REFUSED.fetch_add(1, Ordering::Relaxed);
+    if let Some([n, b]) = ENGINE_REFUSALS.get(engine) {
+        n.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// One engine's allocations that its overflow region could not take: served from its normal
+/// arena past its limit (policy `FallBack`) or refused (`FailAllocation`), counted and in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverflowBreaches {
+    /// Allocations served normally past the limit.
+    pub breaches: u64,
+    /// Their bytes.
+    pub breach_bytes: u64,
+    /// Allocations refused.
+    pub refused: u64,
+    /// Their bytes.
+    pub refused_bytes: u64,
+}
+
+/// The breaches and refusals of `engine`'s overflow (zero for `Unattributed`).
+pub fn overflow_breaches(engine: EngineId) -> OverflowBreaches {
+    let (Some([bn, bb]), Some([rn, rb])) = (
+        ENGINE_BREACHES.get(engine.index()),
+        ENGINE_REFUSALS.get(engine.index()),
+    ) else {
+        return OverflowBreaches::default();
+    };
+    OverflowBreaches {
+        breaches: bn.load(Ordering::Relaxed),
+        breach_bytes: bb.load(Ordering::Relaxed),
+        refused: rn.load(Ordering::Relaxed),
+        refused_bytes: rb.load(Ordering::Relaxed),
+    }
+}
+
+/// What one engine's overflow region holds on disk and in memory now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverflowFigures {
+    /// Bytes of the region backed by its file so far (it never shrinks).
+    pub backed: u64,
+    /// Bytes of the region resident in memory now (`mincore`).
+    pub resident: u64,
+    /// Bytes of disk the backing file occupies (`st_blocks`; punched holes free them).
+    pub disk: u64,
+    /// The region's capacity.
+    pub capacity: u64,
+}
+
+impl OverflowFigures {
+    /// Bytes of the region backed by the file but not resident: pushed out (or evicted by the
+    /// kernel), to be read back from the disk on the next touch.
+    pub fn paged_out(&self) -> u64 {
+        self.backed.saturating_sub(self.resident)
+    }
+}
+
+/// Reads `engine`'s overflow figures from the kernel (`mincore` over the region, 16 MiB per
+/// call into a stack buffer, and `fstat`): milliseconds for gigabytes; sample it. Zero without
+/// overflow.
+pub fn overflow_figures(engine: EngineId) -> OverflowFigures {
+    use std::os::fd::AsRawFd;
+    let Some(region) = overflow_region(engine) else {
+        return OverflowFigures::default();
+    };
+    let len = region.len();
+    let mut resident = 0u64;
+    let mut vec = [0u8; 4096];
+    let mut at = 0usize;
+    while at < len {
+        let n = (len - at).min(vec.len() * 4096);
+        // SAFETY: `[base + at, base + at + n)` is a mapped part of the region (`at + n <= len`,
+        // page-aligned); `vec` has room for one byte per page of it.
+        let rc = unsafe { libc::mincore(region.base().add(at).cast(), n, vec.as_mut_ptr()) };
+        if rc != 0 {
+            break;
+        }
+        let pages = n.div_ceil(4096);
+        resident += vec[..pages].iter().filter(|&&b| b & 1 != 0).count() as u64 * 4096;
+        at += n;
+    }
+    // SAFETY: an all-zero stat is valid for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the region's open descriptor and a stat to write.
+    let disk = if unsafe { libc::fstat(region.file().as_raw_fd(), &mut st) } == 0 {
+        (st.st_blocks as u64).saturating_mul(512)
+    } else {
+        0
+    };
+    OverflowFigures {
+        backed: len as u64,
+        resident,
+        disk,
+        capacity: region.capacity() as u64,
+    }
+}
+
+/// # Safety
+/// `zero` and `commit` must be valid pointers (jemalloc's hook arguments).
+pub(crate) unsafe fn overflow_extent(
+    e: usize,
+    size: usize,
+    alignment: usize,
+    zero: *mut bool,
+    commit: *mut bool,
+) -> *mut c_void {
+    if FORKED.load(Ordering::Relaxed) {
+        // The child has no overflow mapping (and must not grow the parent's file).
+        return ptr::null_mut();
+    }
+    let (Some(region), Some(next)) = (
+        OVERFLOW_REGIONS.get(e).and_then(std::sync::OnceLock::get),
+        OVERFLOW_NEXT.get(e),
+    ) else {
+        return ptr::null_mut();
+    };
+    let base = region.base() as usize;
+    let mut cur = next.load(Ordering::Relaxed);
+    loop {
+        let start = (base + cur).next_multiple_of(alignment) - base;
+        let end = start.saturating_add(size);
+        if end > region.capacity() {
+            OVERFLOW_EXTENT_FAILURES.fetch_add(1, Ordering::Relaxed);
+            return ptr::null_mut();
+        }
+        match next.compare_exchange_weak(cur, end, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => {
+                if region.grow_to(end).is_err() {
+                    // The range stays unused (the bump pointer never goes back); the file
+                    // could not back it.
+                    OVERFLOW_EXTENT_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    return ptr::null_mut();
+                }
+                // SAFETY: valid pointers per the contract. Fresh file blocks read as zeros and
+                // the mapping is readable and writable.
+                unsafe {
+                    *zero = true;
+                    *commit = true;
+                }
+                return (base + start) as *mut c_void;
+            }
+            Err(seen) => cur = seen,
+        }
+    }
+}
+
+/// Creates every engine's overflow region in `dir` (`capacity` bytes each, at most
+/// [`range_bytes`])
+/// over its reserved overflow range, and the overflow arenas. Once per process.
+pub fn enable_overflow(
+    dir: &std::path::Path,
+    capacity: usize,
+    allow_tmpfs: bool,
+    policy: OverflowPolicy,
+) -> Result<(), crate::OverflowError> {
+    let err = |op: &'static str, errno: i32| crate::OverflowError::Os { op, errno };
+    if arena_of(0, 0, 0).is_none() {
+        return Err(err("creating the engine arenas", libc::ENOMEM));
+    }
+    let range = range_bytes();
+    if capacity > range {
+        return Err(crate::OverflowError::Exhausted {
+            requested: capacity,
+            capacity: range,
+        });
+    }
+    if OVERFLOW_REGIONS.iter().any(|r| r.get().is_some()) {
+        return Err(err("enabling overflow (already enabled)", libc::EEXIST));
+    }
+    let (base, range_shift, _) = layout();
+    // The arenas first: without their metadata outside the hooks, a forked child would die.
+    let mut arenas = [0; ARENA_ENGINES];
+    for (slot, hooks) in arenas.iter_mut().zip(&OVERFLOW_HOOKS) {
+        match create_arena(hooks) {
+            Ok((arena, false)) => *slot = arena,
+            Ok((_, true)) => {
+                return Err(err(
+                    "creating an overflow arena safe across fork",
+                    libc::ENOTSUP,
+                ));
+            }
+            Err(rc) => return Err(err("creating an overflow arena", rc)),
+        }
+    }
+    for (e, slot) in OVERFLOW_REGIONS.iter().enumerate() {
+        let at = (base + ((OVERFLOW_SLOT + e) << range_shift)) as *mut u8;
+        let region =
+            crate::overflow::OverflowRegion::create_at(dir, capacity, allow_tmpfs, Some(at))?;
+        if slot.set(region).is_err() {
+            return Err(err("enabling overflow (already enabled)", libc::EEXIST));
+        }
+    }
+    for (slot, arena) in OVERFLOW_ARENA.iter().zip(arenas) {
+        set_retain_grow_limit(arena, OVERFLOW_GROW_LIMIT);
+        slot.store(arena, Ordering::Relaxed);
+    }
+    set_overflow_policy(policy);
+    OVERFLOW_STATE.store(OVERFLOW_ON, Ordering::Release);
+    Ok(())
+}
+
+/// The most an overflow arena asks its region for at once (beyond what one allocation needs).
+/// jemalloc grows an arena's retained memory geometrically; a request that does not fit what is
+/// left of the region fails although smaller ones would: with 1 MiB blocks, a 512 MiB region
+/// filled to ~400 MiB. With growth capped at 4 MiB, at most that much of a region is lost.
+const OVERFLOW_GROW_LIMIT: usize = 4 << 20;
+
+/// `arena.<arena>.retain_grow_limit = limit`.
+fn set_retain_grow_limit(arena: c_uint, limit: usize) -> bool {
+    let name = arena_ctl_name(arena, b".retain_grow_limit");
+    let mut value = limit;
+    // SAFETY: `arena.<i>.retain_grow_limit` takes a `size_t` (we pass one with its size) and
+    // returns nothing we ask for; the name is NUL-terminated.
+    let rc = unsafe {
+        jem::mallctl(
+            name.as_ptr().cast(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::from_mut(&mut value).cast(),
+            size_of::<usize>(),
+        )
+    };
+    rc == 0
+}
+
+/// Changes what happens when overflow cannot take an allocation.
+pub fn set_overflow_policy(policy: OverflowPolicy) {
+    OVERFLOW_POLICY.store(
+        u8::from(policy == OverflowPolicy::FailAllocation),
+        Ordering::Relaxed,
+    );
+}
+
+/// Whether `engine`'s new allocations currently go to its overflow region.
+pub fn is_overflowing(engine: EngineId) -> bool {
+    is_over(engine.index()) && overflow_arena(engine.index()).is_some()
+}
+
+/// Counters of the overflow path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverflowStats {
+    /// Allocations served normally because overflow could not take them (policy `FallBack`).
+    pub breaches: u64,
+    /// Allocations refused because overflow could not take them (policy `FailAllocation`).
+    pub refused: u64,
+    /// Extents the overflow regions could not provide.
+    pub extent_failures: u64,
+}
+
+/// The overflow path's counters.
+pub fn overflow_stats() -> OverflowStats {
+    OverflowStats {
+        breaches: BREACHES.load(Ordering::Relaxed),
+        refused: REFUSED.load(Ordering::Relaxed),
+        extent_failures: OVERFLOW_EXTENT_FAILURES.load(Ordering::Relaxed),
+    }
+}
+
+/// Pushes every overflow region's pages out of memory and out of the page cache (see
+/// [`crate::OverflowRegion::push_out`]). Returns the bytes swept.
+pub fn page_out_overflow() -> u64 {
+    let mut total = 0u64;
+    if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
+        return 0;
+    }
+    for region in OVERFLOW_REGIONS.iter().filter_map(std::sync::OnceLock::get) {
+        let len = region.len();
+        if len > 0 && region.push_out(0, len).is_ok() {
+            total += len as u64;
+        }
+    }
+    total
+}
+
+/// The overflow region of `engine`, once enabled (`None` in a child of `fork`, which does not
+/// inherit the regions).
+pub fn overflow_region(engine: EngineId) -> Option<&'static crate::OverflowRegion> {
+    if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
+        return None;
+    }
+    OVERFLOW_REGIONS
+        .get(engine.index())
+        .and_then(std::sync::OnceLock::get)
+}
+
+/// [`overflow_region`] by engine index.
+pub(crate) fn overflow_region_of(e: usize) -> Option<&'static crate::OverflowRegion> {
+    EngineId::from_index(e).and_then(overflow_region)
+}
+
+// ---------------------------------------------------------------------------------------------
+// fork: the child keeps the engine arenas (private memory, copied as usual) but not overflow.
+
+/// Whether this process is a child of `fork` of a process that had the engine arenas.
+static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Registers [`after_fork_in_child`] once the arenas exist.
+pub(crate) fn register_fork_handler() {
+    // SAFETY: the child handler is an `extern "C" fn()` that lives as long as the process.
+    unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+}
+
+/// Whether this process is a child of `fork` (overflow is off in it).
+pub fn is_forked_child() -> bool {
+    FORKED.load(Ordering::Relaxed)
+}
+
+/// Runs in a child of `fork`, on its only thread, before `fork` returns there. The overflow
+/// mappings are `MADV_DONTFORK` (the child sharing the parent's file pages would corrupt the
+/// parent's heap), so the child has none: turn overflow off, so the child's engines allocate in
+/// their normal arenas, and reserve the holes again so nothing else is mapped inside the
+/// overflow ranges (whose addresses would be taken for overflow blocks). Only system calls and
+/// atomic stores: safe between `fork` and `exec`.
+extern "C" fn after_fork_in_child() {
+    FORKED.store(true, Ordering::Relaxed);
+    OVERFLOW_STATE.store(OVERFLOW_OFF, Ordering::Release);
+    crate::pushout::after_fork_in_child();
+    for region in OVERFLOW_REGIONS.iter().filter_map(std::sync::OnceLock::get) {
+        // SAFETY: the region's range lies inside our reservation; in the child nothing is
+        // mapped there any more (the parent's mapping was not inherited), so replacing it with
+        // an inaccessible reservation affects no memory of the child's.
+        unsafe {
+            libc::mmap(
+                region.base().cast(),
+                region.capacity(),
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            );
+        }
+    }
+}
