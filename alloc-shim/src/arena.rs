@@ -5,14 +5,13 @@
 //! (`owner_of`, `arena_of`) is lock-free, allocation-free and cannot panic.
 
 use std::ffi::{c_uint, c_void};
-use std::mem::size_of;
 use std::ptr;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use tikv_jemalloc_sys as jem;
 use tikv_jemalloc_sys::extent_hooks_t;
 
 use crate::EngineId;
+use crate::mallctl::{self, Mib, arena_name};
 use crate::numa::{MAX_NODES, Topology};
 
 /// Engines with an arena of their own: every engine but `Unattributed`, which is served by
@@ -602,46 +601,25 @@ struct ArenaConfig {
 /// control, falls back to `arenas.create` (metadata through the hooks) and says so in the
 /// second value. Returns the arena index, or jemalloc's error code.
 pub(crate) fn create_arena(hooks: &'static EngineHooks) -> Result<(c_uint, bool), i32> {
-    let mut arena: c_uint = 0;
-    let mut len = size_of::<c_uint>();
-    let mut config = ArenaConfig {
-        extent_hooks: ptr::from_ref(&hooks.hooks).cast_mut(),
+    let extent_hooks = ptr::from_ref(&hooks.hooks).cast_mut();
+    let config = ArenaConfig {
+        extent_hooks,
         metadata_use_hooks: false,
     };
-    // SAFETY: `experimental.arenas_create_ext` reads an `arena_config_t` from `newp` (our
-    // `repr(C)` copy of it, with its size) and writes an `unsigned` to `oldp` (`len` is its
-    // size). The hooks are a `static`, valid for the life of the process as jemalloc requires,
-    // and never written through.
-    let rc = unsafe {
-        jem::mallctl(
-            c"experimental.arenas_create_ext".as_ptr(),
-            ptr::from_mut(&mut arena).cast(),
-            &mut len,
-            ptr::from_mut(&mut config).cast(),
-            size_of::<ArenaConfig>(),
-        )
-    };
-    if rc == 0 {
-        return Ok((arena, false));
+    // SAFETY: `experimental.arenas_create_ext` takes an `arena_config_t` (our `repr(C)` copy)
+    // and returns an `unsigned`. The hooks are a `static`, valid for the life of the process
+    // as jemalloc requires, and never written through.
+    match unsafe {
+        mallctl::write_read::<ArenaConfig, c_uint>(c"experimental.arenas_create_ext", config)
+    } {
+        Ok(arena) => return Ok((arena, false)),
+        Err(libc::ENOENT) => {}
+        Err(rc) => return Err(rc),
     }
-    if rc != libc::ENOENT {
-        return Err(rc);
-    }
-    let mut len = size_of::<c_uint>();
-    let mut new_hooks = ptr::from_ref(&hooks.hooks).cast_mut();
-    // SAFETY: `arenas.create` reads an `extent_hooks_t *` from `newp` (size matches) and
-    // writes an `unsigned` to `oldp` (`len` is its size). The hooks are a `static`, valid for
-    // the life of the process as jemalloc requires, and never written through.
-    let rc = unsafe {
-        jem::mallctl(
-            c"arenas.create".as_ptr(),
-            ptr::from_mut(&mut arena).cast(),
-            &mut len,
-            ptr::from_mut(&mut new_hooks).cast(),
-            size_of::<*mut extent_hooks_t>(),
-        )
-    };
-    if rc == 0 { Ok((arena, true)) } else { Err(rc) }
+    // SAFETY: `arenas.create` takes an `extent_hooks_t *` and returns an `unsigned`; the hooks
+    // as above.
+    unsafe { mallctl::write_read::<*mut extent_hooks_t, c_uint>(c"arenas.create", extent_hooks) }
+        .map(|arena| (arena, true))
 }
 
 /// [`shards`] arenas per engine and node with memory (the node threads of a memoryless node
@@ -880,53 +858,22 @@ pub struct ArenaStats {
     pub mapped: u64,
 }
 
-/// MIBs of the per-arena statistics, looked up once; element 2 is the arena index.
-struct StatMibs {
-    resident: [usize; 4],
-    pactive: [usize; 4],
-    pdirty: [usize; 4],
-    mapped: [usize; 4],
+/// The per-arena statistics, resolved once; component 2 is the arena index.
+static RESIDENT: Mib<4> = Mib::new(c"stats.arenas.0.resident");
+static PACTIVE: Mib<4> = Mib::new(c"stats.arenas.0.pactive");
+static PDIRTY: Mib<4> = Mib::new(c"stats.arenas.0.pdirty");
+static MAPPED: Mib<4> = Mib::new(c"stats.arenas.0.mapped");
+
+/// Statistic `mib` of `arena` (all these are `size_t`), 0 if unavailable.
+fn read_stat(mib: &Mib<4>, arena: usize) -> u64 {
+    // SAFETY: the per-arena `resident`, `pactive`, `pdirty` and `mapped` are `size_t`.
+    unsafe { mib.read_at::<usize>(Some((2, arena))) }.map_or(0, |v| v as u64)
 }
 
-fn name_to_mib(name: &std::ffi::CStr) -> Option<[usize; 4]> {
-    let mut mib = [0usize; 4];
-    let mut len = mib.len();
-    // SAFETY: `mib` has room for `len` elements; jemalloc writes at most that many and stores
-    // the count back in `len`.
-    let rc = unsafe { jem::mallctlnametomib(name.as_ptr(), mib.as_mut_ptr(), &mut len) };
-    (rc == 0 && len == 4).then_some(mib)
-}
-
-fn stat_mibs() -> Option<&'static StatMibs> {
-    static MIBS: std::sync::OnceLock<Option<StatMibs>> = std::sync::OnceLock::new();
-    MIBS.get_or_init(|| {
-        Some(StatMibs {
-            resident: name_to_mib(c"stats.arenas.0.resident")?,
-            pactive: name_to_mib(c"stats.arenas.0.pactive")?,
-            pdirty: name_to_mib(c"stats.arenas.0.pdirty")?,
-            mapped: name_to_mib(c"stats.arenas.0.mapped")?,
-        })
-    })
-    .as_ref()
-}
-
-fn read_mib(mib: &[usize; 4], arena: usize) -> u64 {
-    let mut m = *mib;
-    m[2] = arena;
-    let mut value: usize = 0;
-    let mut len = size_of::<usize>();
-    // SAFETY: these statistics are `size_t`; `value` and `len` describe a buffer of that size.
-    let rc = unsafe {
-        jem::mallctlbymib(
-            m.as_ptr(),
-            m.len(),
-            ptr::from_mut(&mut value).cast(),
-            &mut len,
-            ptr::null_mut(),
-            0,
-        )
-    };
-    if rc == 0 { value as u64 } else { 0 }
+/// Asks jemalloc to refresh its statistics.
+fn refresh_stats() {
+    // SAFETY: `epoch` takes a `uint64_t`.
+    let _ = unsafe { mallctl::write(c"epoch", 1u64) };
 }
 
 /// Refreshes jemalloc's statistics (`epoch`) and reads every engine's arena figures (summed
@@ -944,26 +891,20 @@ pub type ArenaStatsByNode = [[ArenaStats; MAX_NODES]; EngineId::COUNT];
 pub fn arena_stats_by_node() -> ([ArenaStats; EngineId::COUNT], ArenaStatsByNode) {
     let mut out = [ArenaStats::default(); EngineId::COUNT];
     let mut by_node = [[ArenaStats::default(); MAX_NODES]; EngineId::COUNT];
-    let Some(mibs) = stat_mibs().filter(|_| arenas_ready()) else {
+    if !arenas_ready()
+        || ![&RESIDENT, &PACTIVE, &PDIRTY, &MAPPED]
+            .iter()
+            .all(|m| m.resolve())
+    {
         return (out, by_node);
-    };
-    let mut epoch: u64 = 1;
-    // SAFETY: writing `epoch` takes a u64; we pass one and its size, and read nothing back.
-    unsafe {
-        jem::mallctl(
-            c"epoch".as_ptr(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            ptr::from_mut(&mut epoch).cast(),
-            size_of::<u64>(),
-        );
     }
+    refresh_stats();
     let page = 4096u64;
     let read = |arena: usize| ArenaStats {
-        resident: read_mib(&mibs.resident, arena),
-        active: read_mib(&mibs.pactive, arena) * page,
-        dirty: read_mib(&mibs.pdirty, arena) * page,
-        mapped: read_mib(&mibs.mapped, arena),
+        resident: read_stat(&RESIDENT, arena),
+        active: read_stat(&PACTIVE, arena) * page,
+        dirty: read_stat(&PDIRTY, arena) * page,
+        mapped: read_stat(&MAPPED, arena),
     };
     /// `MALLCTL_ARENAS_ALL`: statistics merged over every arena.
     const ALL_ARENAS: usize = 4096;
@@ -1022,46 +963,9 @@ pub fn purge_engine(engine: EngineId) -> bool {
     any && ok
 }
 
-/// `arena.<arena>.purge`, the name built on the stack.
+/// `arena.<arena>.purge`.
 fn purge_arena(arena: c_uint) -> bool {
-    let name = arena_ctl_name(arena, b".purge");
-    // SAFETY: `arena.<i>.purge` takes and returns nothing; the name is NUL-terminated.
-    let rc = unsafe {
-        jem::mallctl(
-            name.as_ptr().cast(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            0,
-        )
-    };
-    rc == 0
-}
-
-/// `arena.<arena><suffix>` as a NUL-terminated name on the stack (`suffix` at most 36 bytes:
-/// 6 + 10 digits + 36 < 64 leaves the terminating zero).
-pub(crate) fn arena_ctl_name(arena: c_uint, suffix: &[u8]) -> [u8; 64] {
-    let mut name = [0u8; 64];
-    let prefix = b"arena.";
-    name[..prefix.len()].copy_from_slice(prefix);
-    let mut at = prefix.len();
-    let mut digits = [0u8; 10];
-    let (mut n, mut len) = (arena, 0);
-    loop {
-        digits[len] = b'0' + (n % 10) as u8;
-        len += 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for d in digits[..len].iter().rev() {
-        name[at] = *d;
-        at += 1;
-    }
-    let suffix = &suffix[..suffix.len().min(36)];
-    name[at..at + suffix.len()].copy_from_slice(suffix);
-    name
+    mallctl::run(arena_name(arena, b".purge").as_cstr())
 }
 
 /// The index of `engine`'s first arena (node 0, shard 0), for callers that want to inspect it
@@ -1073,42 +977,16 @@ pub fn arena_index(engine: EngineId) -> Option<u32> {
 /// Returns every arena's dirty and muzzy pages to the system now (`arena.<all>.purge`).
 /// Takes milliseconds when there is much to purge; call it from a background thread.
 pub fn purge_all_arenas() -> bool {
-    // SAFETY: `arena.4096.purge` (MALLCTL_ARENAS_ALL) takes and returns nothing.
-    let rc = unsafe {
-        jem::mallctl(
-            c"arena.4096.purge".as_ptr(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            0,
-        )
-    };
-    rc == 0
+    // `MALLCTL_ARENAS_ALL`.
+    mallctl::run(c"arena.4096.purge")
 }
 
 /// jemalloc's `stats.resident` after refreshing its statistics: bytes of physical memory in
 /// pages jemalloc holds (data, metadata, dirty pages). `None` if statistics are unavailable.
 pub fn allocator_resident() -> Option<u64> {
-    let mut epoch: u64 = 1;
-    let mut value: usize = 0;
-    let mut len = size_of::<usize>();
-    // SAFETY: `epoch` takes a u64; `stats.resident` returns a size_t into `value` (`len` is its
-    // size).
-    let rc = unsafe {
-        jem::mallctl(
-            c"epoch".as_ptr(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            ptr::from_mut(&mut epoch).cast(),
-            size_of::<u64>(),
-        );
-        jem::mallctl(
-            c"stats.resident".as_ptr(),
-            ptr::from_mut(&mut value).cast(),
-            &mut len,
-            ptr::null_mut(),
-            0,
-        )
-    };
-    (rc == 0).then_some(value as u64)
+    refresh_stats();
+    // SAFETY: `stats.resident` is a `size_t`.
+    unsafe { mallctl::read::<usize>(c"stats.resident") }
+        .ok()
+        .map(|v| v as u64)
 }

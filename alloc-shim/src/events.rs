@@ -13,14 +13,10 @@
 //! thread keeps checking its counters itself on a slower path (see `thread.rs`), with the
 //! same bounds.
 
-use std::ffi::c_void;
-use std::mem::size_of;
-use std::ptr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use tikv_jemalloc_sys as jem;
-
 use crate::ledger::INTERVAL;
+use crate::mallctl;
 use crate::thread::THREAD;
 
 /// jemalloc's `user_hook_object_t` (`include/jemalloc/internal/thread_event_registry.h`).
@@ -52,22 +48,17 @@ pub(crate) fn ensure_hook() -> bool {
     {
         return HOOK.load(Ordering::Acquire) == ACTIVE;
     }
-    let mut hook = UserHook {
+    let hook = UserHook {
         callback: on_thread_event,
         interval: INTERVAL,
         is_alloc_only: false,
     };
-    // SAFETY: `experimental.hooks.thread_event` reads one `user_hook_object_t` from `newp`
-    // (our `repr(C)` copy, with its exact size) and writes nothing. The callback is a plain
-    // function, valid for the life of the process, that neither allocates nor unwinds.
-    let rc = unsafe {
-        jem::mallctl(
-            c"experimental.hooks.thread_event".as_ptr(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            ptr::from_mut(&mut hook).cast(),
-            size_of::<UserHook>(),
-        )
+    // SAFETY: `experimental.hooks.thread_event` takes one `user_hook_object_t` (our `repr(C)`
+    // copy). The callback is a plain function, valid for the life of the process, that neither
+    // allocates nor unwinds.
+    let rc = match unsafe { mallctl::write(c"experimental.hooks.thread_event", hook) } {
+        Ok(()) => 0,
+        Err(rc) => rc,
     };
     let state = if rc == 0 { ACTIVE } else { FAILED };
     HOOK.store(state, Ordering::Release);
@@ -94,20 +85,9 @@ unsafe extern "C" fn on_thread_event(is_alloc: bool, _allocated: u64, _deallocat
 /// `None` if this jemalloc cannot say. The pointers stay valid for the thread's life.
 pub(crate) fn thread_counters() -> Option<(*const u64, *const u64)> {
     fn read(name: &std::ffi::CStr) -> Option<*const u64> {
-        let mut p: *mut u64 = ptr::null_mut();
-        let mut len = size_of::<*mut u64>();
-        // SAFETY: `thread.allocatedp` / `thread.deallocatedp` write one `uint64_t *` to
-        // `oldp`; `len` is its size.
-        let rc = unsafe {
-            jem::mallctl(
-                name.as_ptr(),
-                ptr::from_mut(&mut p).cast::<c_void>(),
-                &mut len,
-                ptr::null_mut(),
-                0,
-            )
-        };
-        (rc == 0 && !p.is_null()).then_some(p.cast_const())
+        // SAFETY: `thread.allocatedp` and `thread.deallocatedp` are `uint64_t *`.
+        let p = unsafe { mallctl::read::<*mut u64>(name) }.ok()?;
+        (!p.is_null()).then_some(p.cast_const())
     }
     Some((read(c"thread.allocatedp")?, read(c"thread.deallocatedp")?))
 }

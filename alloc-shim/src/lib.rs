@@ -28,6 +28,7 @@ mod arena;
 mod events;
 mod guard;
 mod ledger;
+mod mallctl;
 #[cfg(nodedb_mem_loom)]
 #[doc(hidden)]
 pub mod model;

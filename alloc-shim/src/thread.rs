@@ -19,7 +19,6 @@
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_uint};
-use std::mem::size_of;
 use std::ptr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -29,6 +28,7 @@ use crate::EngineId;
 use crate::arena::{SLOTS, arena_of, topology};
 use crate::guard::GuardStack;
 use crate::ledger::{self, INTERVAL};
+use crate::mallctl::{self, Mib};
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
 pub const HOME_SWITCH_AFTER: u32 = 128;
@@ -53,65 +53,22 @@ const NO_SHARD: u8 = u8::MAX;
 /// The shard the next thread to need one gets (taken once per thread).
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
-static MIB_THREAD_ARENA: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
-static MIB_TCACHE_FLUSH: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
+static THREAD_ARENA: Mib<2> = Mib::new(c"thread.arena");
+static TCACHE_FLUSH: Mib<3> = Mib::new(c"thread.tcache.flush");
 static HOME_SWITCHES: AtomicU64 = AtomicU64::new(0);
 
-/// Looks up the MIBs of `thread.arena` and `thread.tcache.flush` (once, at initialisation).
+/// Resolves `thread.arena` and `thread.tcache.flush` (once, at initialisation).
 pub(crate) fn lookup_mibs() -> bool {
-    fn lookup<const N: usize>(name: &std::ffi::CStr, out: &[AtomicUsize; N]) -> bool {
-        let mut mib = [0usize; N];
-        let mut len = N;
-        // SAFETY: `mib` has room for `len` entries; jemalloc writes at most that many.
-        let rc = unsafe { jem::mallctlnametomib(name.as_ptr(), mib.as_mut_ptr(), &mut len) };
-        if rc != 0 || len != N {
-            return false;
-        }
-        for (slot, v) in out.iter().zip(mib) {
-            slot.store(v, Ordering::Relaxed);
-        }
-        true
-    }
-    lookup(c"thread.arena", &MIB_THREAD_ARENA) && lookup(c"thread.tcache.flush", &MIB_TCACHE_FLUSH)
+    THREAD_ARENA.resolve() && TCACHE_FLUSH.resolve()
 }
 
-/// Binds the calling thread to `arena`, returning the arena it was bound to.
+/// Binds the calling thread to `arena` and flushes its cache (which held the old arena's
+/// blocks), returning the arena it was bound to.
 fn bind_thread_arena(arena: c_uint) -> Option<c_uint> {
-    let mib = MIB_THREAD_ARENA
-        .each_ref()
-        .map(|m| m.load(Ordering::Relaxed));
-    let mut old: c_uint = 0;
-    let mut old_len = size_of::<c_uint>();
-    let mut new = arena;
-    // SAFETY: `thread.arena` reads and writes an `unsigned`; both buffers are one, with their
-    // sizes. The MIB was produced by `mallctlnametomib` for this name.
-    let rc = unsafe {
-        jem::mallctlbymib(
-            mib.as_ptr(),
-            mib.len(),
-            ptr::from_mut(&mut old).cast(),
-            &mut old_len,
-            ptr::from_mut(&mut new).cast(),
-            size_of::<c_uint>(),
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    let flush = MIB_TCACHE_FLUSH
-        .each_ref()
-        .map(|m| m.load(Ordering::Relaxed));
-    // SAFETY: `thread.tcache.flush` takes and returns nothing. Failure (no tcache) is fine.
-    unsafe {
-        jem::mallctlbymib(
-            flush.as_ptr(),
-            flush.len(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            0,
-        );
-    }
+    // SAFETY: `thread.arena` reads and writes an `unsigned`.
+    let old = unsafe { THREAD_ARENA.swap::<c_uint>(arena) }.ok()?;
+    // Failure (the thread has no cache) is fine.
+    TCACHE_FLUSH.run();
     Some(old)
 }
 
@@ -583,19 +540,11 @@ impl ThreadState {
         self.home.set(DETACHED);
         self.reroute();
         for slot in &self.tcaches {
-            let mut tc = slot.replace(TCACHE_FAILED);
+            let tc = slot.replace(TCACHE_FAILED);
             if tc < TCACHE_FAILED {
                 // SAFETY: `tcache.destroy` takes the `unsigned` index of a cache this thread
                 // created and no longer uses (the slot now says failed, so nothing picks it up).
-                unsafe {
-                    jem::mallctl(
-                        c"tcache.destroy".as_ptr(),
-                        ptr::null_mut(),
-                        ptr::null_mut(),
-                        ptr::from_mut(&mut tc).cast(),
-                        size_of::<c_uint>(),
-                    );
-                }
+                let _ = unsafe { mallctl::write(c"tcache.destroy", tc) };
             }
         }
     }
@@ -623,22 +572,14 @@ impl ThreadState {
             slot.set(TCACHE_FAILED);
             return jem::MALLOCX_TCACHE_NONE;
         }
-        let mut tc: c_uint = 0;
-        let mut len = size_of::<c_uint>();
-        // SAFETY: `tcache.create` writes an `unsigned` to `oldp`; `len` is its size.
-        let rc = unsafe {
-            jem::mallctl(
-                c"tcache.create".as_ptr(),
-                ptr::from_mut(&mut tc).cast(),
-                &mut len,
-                ptr::null_mut(),
-                0,
-            )
+        // SAFETY: `tcache.create` returns an `unsigned`.
+        let tc = match unsafe { mallctl::read::<c_uint>(c"tcache.create") } {
+            Ok(tc) if tc < TCACHE_FAILED => tc,
+            _ => {
+                slot.set(TCACHE_FAILED);
+                return jem::MALLOCX_TCACHE_NONE;
+            }
         };
-        if rc != 0 || tc >= TCACHE_FAILED {
-            slot.set(TCACHE_FAILED);
-            return jem::MALLOCX_TCACHE_NONE;
-        }
         TCACHES_CREATED.fetch_add(1, Ordering::Relaxed);
         slot.set(tc);
         jem::MALLOCX_TCACHE(tc as usize)

@@ -7,16 +7,13 @@ mod region;
 pub use region::{OverflowError, OverflowRegion, PageOutMethod, fault};
 
 use std::ffi::{c_uint, c_void};
-use std::mem::size_of;
 use std::ptr;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use tikv_jemalloc_sys as jem;
-
 use crate::EngineId;
 use crate::arena::{
-    ARENA_ENGINES, EngineHooks, OVERFLOW_SLOT, arena_ctl_name, arena_of, create_arena,
-    engine_hooks, layout, range_bytes,
+    ARENA_ENGINES, EngineHooks, OVERFLOW_SLOT, arena_of, create_arena, engine_hooks, layout,
+    range_bytes,
 };
 use crate::ledger::{is_over, would_cross};
 
@@ -309,20 +306,9 @@ const OVERFLOW_GROW_LIMIT: usize = 4 << 20;
 
 /// `arena.<arena>.retain_grow_limit = limit`.
 fn set_retain_grow_limit(arena: c_uint, limit: usize) -> bool {
-    let name = arena_ctl_name(arena, b".retain_grow_limit");
-    let mut value = limit;
-    // SAFETY: `arena.<i>.retain_grow_limit` takes a `size_t` (we pass one with its size) and
-    // returns nothing we ask for; the name is NUL-terminated.
-    let rc = unsafe {
-        jem::mallctl(
-            name.as_ptr().cast(),
-            ptr::null_mut(),
-            ptr::null_mut(),
-            ptr::from_mut(&mut value).cast(),
-            size_of::<usize>(),
-        )
-    };
-    rc == 0
+    let name = crate::mallctl::arena_name(arena, b".retain_grow_limit");
+    // SAFETY: `arena.<i>.retain_grow_limit` takes a `size_t`.
+    unsafe { crate::mallctl::write(name.as_cstr(), limit) }.is_ok()
 }
 
 /// Changes what happens when overflow cannot take an allocation.
