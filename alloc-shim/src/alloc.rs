@@ -126,6 +126,9 @@ fn align_flags(size: usize, align: usize) -> c_int {
 }
 
 /// Allocates on the fast path: the thread's arena and cache.
+///
+/// # Safety
+/// `size > 0`; `flags` holds at most a power-of-two alignment (`MALLOCX_LG_ALIGN`).
 #[inline(always)]
 unsafe fn fast_alloc(size: usize, flags: c_int, zero: bool) -> *mut c_void {
     // SAFETY: size > 0 (GlobalAlloc callers guarantee it), and `flags` only holds an
@@ -150,6 +153,9 @@ impl ThreadState {
 
     /// An allocation off the fast path: for an engine over its limit (its overflow arena), or
     /// for an engine other than home (a visit).
+    ///
+    /// # Safety
+    /// `size > 0`; `flags` holds at most the alignment; `usable` is the block's usable size.
     #[inline(never)]
     unsafe fn slow_alloc(&self, size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
         let engine = self.current();
@@ -314,6 +320,10 @@ impl ThreadState {
 
     /// A free of a block owned by an engine other than home: into this thread's explicit cache
     /// for the owner, never into the default cache.
+    ///
+    /// # Safety
+    /// `ptr` is a live block of this allocator, owned by `owner`, allocated with `size` and
+    /// alignment flags `flags`, of `usable` bytes.
     #[inline(never)]
     unsafe fn foreign_free(
         &self,
@@ -553,6 +563,10 @@ fn thread_state() -> Option<*const ThreadState> {
     THREAD.try_with(|t| t as *const ThreadState).ok()
 }
 
+/// `GlobalAlloc::alloc` and `alloc_zeroed`.
+///
+/// # Safety
+/// As for [`GlobalAlloc::alloc`]: `layout` has a non-zero size.
 #[inline(always)]
 unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     let (size, align) = (layout.size(), layout.align());
@@ -693,6 +707,10 @@ unsafe fn detached_entry(size: usize, align: usize, zero: bool) -> *mut u8 {
 // Without the thread's state (during its teardown, after our thread-local is destroyed): no
 // batching, no cache for foreign objects, the ledger updated at once, owner by address.
 
+/// An allocation on a thread past its exit flush.
+///
+/// # Safety
+/// `size > 0`; `flags` holds at most the alignment; `usable` is the block's usable size.
 #[cold]
 unsafe fn detached_alloc(size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
     DETACHED.fetch_add(1, Ordering::Relaxed);
@@ -719,6 +737,11 @@ unsafe fn detached_alloc(size: usize, flags: c_int, usable: u64, zero: bool) -> 
     p
 }
 
+/// A free on a thread past its exit flush.
+///
+/// # Safety
+/// `ptr` is a live block of this allocator allocated with `size` and alignment flags `flags`,
+/// of `usable` bytes.
 #[cold]
 unsafe fn detached_dealloc(ptr: *mut u8, size: usize, flags: c_int, usable: u64) {
     DETACHED.fetch_add(1, Ordering::Relaxed);
@@ -728,6 +751,11 @@ unsafe fn detached_dealloc(ptr: *mut u8, size: usize, flags: c_int, usable: u64)
     ledger::credit(owner, usable);
 }
 
+/// A `realloc` on a thread past its exit flush.
+///
+/// # Safety
+/// As for [`GlobalAlloc::realloc`], with `flags` the new size's alignment flags and the two
+/// usable sizes those of the old and new layouts.
 #[cold]
 unsafe fn detached_realloc(
     ptr: *mut u8,
