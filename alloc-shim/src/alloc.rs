@@ -808,8 +808,10 @@ unsafe impl GlobalAlloc for GovernedAlloc {
         };
         // SAFETY: this thread's own state, as in `alloc_impl`.
         let t = unsafe { &*t };
-        if size | align <= FAST_MAX && t.frees_fast(ptr) {
-            // The home path: a home block, counted by jemalloc, settled later.
+        if t.frees_fast(ptr) {
+            // The home path: a home block of any size, counted by jemalloc, settled later (a
+            // free of more than the interval makes jemalloc call the hook inside it, so it is
+            // settled before this call returns).
             let flags = if align <= MIN_ALIGN && align <= size {
                 0
             } else {

@@ -257,3 +257,28 @@ fn threads_sharing_an_engine_never_take_its_ledger_past_the_limit() {
     assert_eq!(settled(engine), base, "both threads exited: exact");
     assert_eq!(overflow_charged(engine), base_over);
 }
+
+#[test]
+fn a_large_block_freed_on_the_home_path_is_credited_before_the_free_returns() {
+    let _s = serial();
+    let engine = EngineId::Query;
+    let _g = make_home(engine);
+    let base = settled(engine);
+    let (events_before, _) = thread_settlements();
+    let big: Vec<u8> = vec![1; 2 << 20];
+    let with = charged(engine);
+    assert!(
+        with >= base + (2 << 20) && with < base + (2 << 20) + BATCH,
+        "{with} charged for {} B live",
+        base + (2 << 20)
+    );
+    drop(big);
+    // No flush: the free crossed the interval, so jemalloc called the hook inside it.
+    let after = charged(engine);
+    assert!(
+        after >= base && after < base + BATCH,
+        "{after} charged once the block is gone (base {base})"
+    );
+    assert!(thread_settlements().0 > events_before);
+    assert_eq!(settled(engine), base);
+}
