@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tikv_jemalloc_sys as jem;
 
-use crate::arena::{self, owner_of};
+use crate::arena::owner_of;
 use crate::ledger::{self, DIRECT_THRESHOLD, FAST_MAX};
 use crate::overflow;
 use crate::size_class::usable_size;
+use crate::slot::Slot;
 use crate::thread::{THREAD, ThreadState};
 
 /// jemalloc guarantees this alignment for every allocation of at least this size
@@ -94,7 +95,7 @@ pub fn range_fallbacks(engine: crate::EngineId) -> RangeFallbacks {
 #[cold]
 #[inline(never)]
 unsafe fn range_fallback(
-    engine: usize,
+    engine: Slot,
     auto: std::ffi::c_uint,
     size: usize,
     flags: c_int,
@@ -107,7 +108,10 @@ unsafe fn range_fallback(
     // and maybe zeroing.
     let p = unsafe { jem::mallocx(size, f) }.cast::<u8>();
     if !p.is_null()
-        && let (Some(n), Some(b)) = (FALLBACKS.get(engine), FALLBACK_BYTES.get(engine))
+        && let (Some(n), Some(b)) = (
+            FALLBACKS.get(engine.index()),
+            FALLBACK_BYTES.get(engine.index()),
+        )
     {
         n.fetch_add(1, Ordering::Relaxed);
         b.fetch_add(usable, Ordering::Relaxed);
@@ -201,13 +205,13 @@ impl ThreadState {
     #[inline(never)]
     unsafe fn failed(
         &self,
-        engine: usize,
+        engine: Slot,
         size: usize,
         flags: c_int,
         usable: u64,
         zero: bool,
     ) -> *mut u8 {
-        if engine >= arena::ARENA_ENGINES {
+        if !engine.has_arena() {
             return std::ptr::null_mut();
         }
         // SAFETY: the caller's contract; the thread's automatic arena (or arena 0).
@@ -220,7 +224,7 @@ impl ThreadState {
 
     /// Charges a block that overflow could not take (a breach, already counted) where it is,
     /// past the owner's limit if need be.
-    fn charge_where_it_is(&self, owner: usize, usable: u64) {
+    fn charge_where_it_is(&self, owner: Slot, usable: u64) {
         if !self.on_alloc(owner, usable) {
             ledger::charge(owner, usable);
         }
@@ -234,20 +238,20 @@ impl ThreadState {
     #[inline(always)]
     unsafe fn overflow_alloc(
         &self,
-        engine: usize,
+        engine: Slot,
         overflow: std::ffi::c_uint,
         size: usize,
         flags: c_int,
         zero: bool,
     ) -> *mut u8 {
         let z = if zero { jem::MALLOCX_ZERO } else { 0 };
-        let cache = self.cache_flag(arena::OVERFLOW_SLOT + engine);
+        let cache = self.cache_flag(engine.overflow().unwrap_or(Slot::UNATTRIBUTED));
         let f = flags | z | cache | jem::MALLOCX_ARENA(overflow as usize);
         // SAFETY: size > 0; flags name an existing arena, this thread's cache for its slot (or
         // none), an alignment and maybe zeroing.
         let p = unsafe { jem::mallocx(size, f) }.cast::<u8>();
         if !p.is_null() {
-            crate::pushout::note(engine, size as u64, p);
+            crate::pushout::note(engine.index(), size as u64, p);
         }
         p
     }
@@ -328,7 +332,7 @@ impl ThreadState {
     unsafe fn foreign_free(
         &self,
         ptr: *mut u8,
-        owner: usize,
+        owner: Slot,
         size: usize,
         flags: c_int,
         usable: u64,
@@ -344,14 +348,7 @@ impl ThreadState {
     ///
     /// # Safety
     /// `ptr` is a live block of this allocator with that size and alignment, owned by `owner`.
-    unsafe fn free_owned(
-        &self,
-        ptr: *mut u8,
-        owner: usize,
-        size: usize,
-        flags: c_int,
-        usable: u64,
-    ) {
+    unsafe fn free_owned(&self, ptr: *mut u8, owner: Slot, size: usize, flags: c_int, usable: u64) {
         if owner == self.home() {
             // SAFETY: the caller's contract.
             unsafe { jem::sdallocx(ptr.cast(), size, flags) };
@@ -381,7 +378,7 @@ impl ThreadState {
         // as a new block of that size would go there.
         if new_usable > old_usable
             && new_usable >= DIRECT_THRESHOLD
-            && owner < arena::ARENA_ENGINES
+            && owner.has_arena()
             && (ledger::is_over(owner) || ledger::would_cross(owner, new_usable - old_usable))
             && let Some(overflow) = overflow::overflow_arena(owner)
         {
@@ -426,7 +423,7 @@ impl ThreadState {
         // SAFETY: `ptr` is live and from this allocator; new_size > 0 (GlobalAlloc contract).
         let q = unsafe { jem::rallocx(ptr.cast(), new_size, flags) }.cast::<u8>();
         if q.is_null() {
-            if owner >= arena::ARENA_ENGINES {
+            if !owner.has_arena() {
                 return q;
             }
             // The owner's range is full: move the block out of it, as a new block would go.
@@ -445,8 +442,8 @@ impl ThreadState {
             return q;
         }
         self.on_free(owner, old_usable);
-        if owner >= arena::OVERFLOW_SLOT && new_usable > old_usable {
-            crate::pushout::note(owner - arena::OVERFLOW_SLOT, new_usable - old_usable, q);
+        if owner.is_overflow() && new_usable > old_usable {
+            crate::pushout::note(owner.engine().index(), new_usable - old_usable, q);
         }
         if fell_back {
             self.charge_where_it_is(owner_of(q), new_usable);
@@ -482,7 +479,7 @@ impl ThreadState {
     unsafe fn account(
         &self,
         p: *mut u8,
-        owner: usize,
+        owner: Slot,
         size: usize,
         flags: c_int,
         usable: u64,
@@ -508,7 +505,7 @@ impl ThreadState {
     unsafe fn relocate(
         &self,
         p: *mut u8,
-        owner: usize,
+        owner: Slot,
         size: usize,
         flags: c_int,
         usable: u64,
@@ -526,7 +523,7 @@ impl ThreadState {
             // names this thread's cache for the owner (or none, or the default for home).
             unsafe { jem::sdallocx(ptr.cast(), size, flags | cache) };
         };
-        if owner < arena::ARENA_ENGINES
+        if owner.has_arena()
             && let Some(overflow) = overflow::overflow_arena(owner)
         {
             // SAFETY: size > 0 (the caller's block has it); `overflow` is the owner's overflow
@@ -720,16 +717,7 @@ unsafe fn detached_alloc(size: usize, flags: c_int, usable: u64, zero: bool) -> 
     if p.is_null() {
         // The thread may still be bound to an engine arena whose range is full.
         // SAFETY: as above; arena 0 is automatic.
-        p = unsafe {
-            range_fallback(
-                crate::EngineId::Unattributed as usize,
-                0,
-                size,
-                flags,
-                usable,
-                zero != 0,
-            )
-        };
+        p = unsafe { range_fallback(Slot::UNATTRIBUTED, 0, size, flags, usable, zero != 0) };
     }
     if !p.is_null() {
         ledger::charge(owner_of(p), usable);
@@ -841,10 +829,7 @@ unsafe impl GlobalAlloc for GovernedAlloc {
         };
         // SAFETY: this thread's own state, as in `alloc_impl`.
         let t = unsafe { &*t };
-        if old_size | new_size | align <= FAST_MAX
-            && t.frees_fast(ptr)
-            && t.fast_alloc() == t.home()
-        {
+        if old_size | new_size | align <= FAST_MAX && t.frees_fast(ptr) && t.fast_alloc_open() {
             // The home path: a home block staying home (a moved block comes from this thread's
             // arena, home's), both sides counted by jemalloc.
             let flags = align_flags(new_size, align);

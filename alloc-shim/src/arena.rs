@@ -14,17 +14,8 @@ use crate::EngineId;
 use crate::mallctl::{self, Mib, arena_name};
 use crate::numa::{MAX_NODES, Topology};
 
-/// Engines with an arena of their own: every engine but `Unattributed`, which is served by
-/// jemalloc's automatic arenas (its memory is whatever lies outside the engines' ranges).
-pub(crate) const ARENA_ENGINES: usize = EngineId::COUNT - 1;
-
-/// The slot of engine `e`'s overflow range and arena: `OVERFLOW_SLOT + e`.
-pub(crate) const OVERFLOW_SLOT: usize = EngineId::COUNT;
-
-/// Ranges reserved: one per engine with an arena, one unused for `Unattributed` (so its index
-/// is never a real owner), one overflow range per engine. The owner of a pointer is its range's
-/// index, a *slot*: `0..5` an engine, `5` Unattributed, `6..11` an engine's overflow.
-pub(crate) const SLOTS: usize = OVERFLOW_SLOT + ARENA_ENGINES;
+use crate::slot::Slot;
+pub(crate) use crate::slot::{ARENA_ENGINES, OVERFLOW_SLOT, SLOTS};
 
 /// Smallest range per slot the allocator settles for (64 MiB): below it, the engine arenas are
 /// not created and `install()` says why.
@@ -146,30 +137,17 @@ static HOOKS: [[EngineHooks; MAX_NODES]; ARENA_ENGINES] = {
     all
 };
 
-/// The slot that owns `ptr` (see [`SLOTS`]): the range holding it, else `Unattributed`.
+/// The slot that owns `ptr` (see `slot.rs`): the range holding it, else `Unattributed`.
 #[inline(always)]
-pub(crate) fn owner_of(ptr: *const u8) -> usize {
+pub(crate) fn owner_of(ptr: *const u8) -> Slot {
     let l = LAYOUT.load(Ordering::Relaxed);
     // Before the ranges exist the layout is 0 (base and shift 0), and a heap pointer's "slot"
     // is the pointer itself, far above the count.
-    let slot = (ptr as usize)
-        .wrapping_sub(l & BASE_MASK)
-        .wrapping_shr((l & SHIFT_MASK) as u32);
-    if slot < SLOTS {
-        slot
-    } else {
-        EngineId::Unattributed as usize
-    }
-}
-
-/// The engine a slot belongs to (an overflow slot belongs to its engine).
-pub(crate) fn engine_of_slot(slot: usize) -> EngineId {
-    let e = if slot >= OVERFLOW_SLOT {
-        slot - OVERFLOW_SLOT
-    } else {
-        slot
-    };
-    EngineId::from_index(e).unwrap_or(EngineId::Unattributed)
+    Slot::at(
+        (ptr as usize)
+            .wrapping_sub(l & BASE_MASK)
+            .wrapping_shr((l & SHIFT_MASK) as u32),
+    )
 }
 
 /// The arena of `engine` on `node` (the node a thread's memory should come from) for a thread
@@ -178,7 +156,7 @@ pub(crate) fn engine_of_slot(slot: usize) -> EngineId {
 #[inline(always)]
 pub(crate) fn arena_of(engine: usize, node: usize, shard: usize) -> Option<c_uint> {
     if engine >= OVERFLOW_SLOT {
-        return crate::overflow::overflow_arena(engine - OVERFLOW_SLOT);
+        return crate::overflow::overflow_arena(Slot::at(engine - OVERFLOW_SLOT));
     }
     if engine >= ARENA_ENGINES {
         return None;
@@ -222,7 +200,7 @@ pub(crate) fn topology() -> &'static Topology {
 
 /// The node a pointer's memory was placed on (0 outside the engines' ranges).
 pub fn node_of(ptr: *const u8) -> usize {
-    if owner_of(ptr) >= ARENA_ENGINES {
+    if !owner_of(ptr).has_arena() {
         return 0;
     }
     let (base, range_shift, node_shift) = layout();
@@ -929,7 +907,7 @@ pub fn arena_stats_by_node() -> ([ArenaStats; EngineId::COUNT], ArenaStatsByNode
         }
     }
     for e in 0..ARENA_ENGINES {
-        if let Some(a) = crate::overflow::overflow_arena(e) {
+        if let Some(a) = crate::overflow::overflow_arena(Slot::at(e)) {
             subtract(&read(a as usize));
         }
     }
@@ -940,12 +918,12 @@ pub fn arena_stats_by_node() -> ([ArenaStats; EngineId::COUNT], ArenaStatsByNode
 /// The engine that owns the heap block at `ptr`, judged by its address alone: the engine
 /// whose range (or overflow range) holds it, or `Unattributed` for memory outside them all.
 pub fn owner(ptr: *const u8) -> EngineId {
-    engine_of_slot(owner_of(ptr))
+    owner_of(ptr).engine()
 }
 
 /// Whether the heap block at `ptr` lives in an engine's overflow range.
 pub fn is_overflow(ptr: *const u8) -> bool {
-    owner_of(ptr) >= OVERFLOW_SLOT
+    owner_of(ptr).is_overflow()
 }
 
 /// Returns the dirty pages of `engine`'s arenas (on every node) to the system now

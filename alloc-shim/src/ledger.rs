@@ -32,7 +32,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::EngineId;
-use crate::arena::{ARENA_ENGINES, OVERFLOW_SLOT, SLOTS};
+use crate::slot::{ARENA_ENGINES, SLOTS, Slot};
 use crate::sync::Word;
 
 /// The per-thread bound (64 KiB): a thread's headroom and its home bytes not yet settled keep
@@ -88,17 +88,17 @@ const EMPTY: EngineLedger = EngineLedger {
 static LEDGER: [EngineLedger; SLOTS] = [EMPTY; SLOTS];
 
 #[inline(always)]
-fn ledger(engine: usize) -> &'static EngineLedger {
-    // `engine` always comes from an `EngineId` or `owner_of`, both `< COUNT`; fall back to the
-    // unattributed bucket rather than panic if that were ever broken.
-    match LEDGER.get(engine) {
+fn ledger(slot: Slot) -> &'static EngineLedger {
+    // A `Slot` is always below `SLOTS`; fall back to the unattributed bucket rather than panic
+    // if that were ever broken.
+    match LEDGER.get(slot.index()) {
         Some(l) => l,
-        None => &LEDGER[EngineId::Unattributed as usize],
+        None => &LEDGER[Slot::UNATTRIBUTED.index()],
     }
 }
 
 #[inline(always)]
-pub(crate) fn charge(engine: usize, bytes: u64) {
+pub(crate) fn charge(engine: Slot, bytes: u64) {
     let l = ledger(engine);
     let now = add(&l.charged, bytes);
     charged_to(l, engine, now);
@@ -120,7 +120,7 @@ pub(crate) fn sub<W: Word>(w: &W, bytes: u64) -> u64 {
 /// did. The check and the charge are one compare-and-swap, so concurrent charges cannot
 /// together pass the limit: a ledger charged only through here never exceeds it.
 #[inline]
-pub(crate) fn try_charge(engine: usize, bytes: u64, limit: u64) -> bool {
+pub(crate) fn try_charge(engine: Slot, bytes: u64, limit: u64) -> bool {
     if limit == u64::MAX {
         charge(engine, bytes);
         return true;
@@ -132,7 +132,7 @@ pub(crate) fn try_charge(engine: usize, bytes: u64, limit: u64) -> bool {
             true
         }
         None => {
-            if engine < ARENA_ENGINES {
+            if engine.has_arena() {
                 update_over(engine, limit);
             }
             false
@@ -235,7 +235,7 @@ pub(crate) fn settle_home<W: Word>(
 
 /// [`settle_home`] on `engine`'s ledger; returns the headroom the thread holds afterwards.
 #[inline]
-pub(crate) fn settle(engine: usize, held: u64, added: u64, freed: u64, buy: bool) -> u64 {
+pub(crate) fn settle(engine: Slot, held: u64, added: u64, freed: u64, buy: bool) -> u64 {
     let l = ledger(engine);
     let limit = limit_of(engine);
     let (headroom, now) = settle_home(&l.charged, held, added, freed, buy, limit);
@@ -247,14 +247,14 @@ pub(crate) fn settle(engine: usize, held: u64, added: u64, freed: u64, buy: bool
 
 /// After a charge brought `l` to `now`: the peaks and the over-limit flag.
 #[inline(always)]
-fn charged_to(l: &EngineLedger, engine: usize, now: u64) {
+fn charged_to(l: &EngineLedger, engine: Slot, now: u64) {
     if l.peak.load(Ordering::Relaxed) < now {
         l.peak.fetch_max(now, Ordering::AcqRel);
     }
     if l.window_peak.load(Ordering::Relaxed) < now {
         l.window_peak.fetch_max(now, Ordering::AcqRel);
     }
-    if engine < ARENA_ENGINES {
+    if engine.has_arena() {
         update_over(engine, now);
     }
 }
@@ -262,9 +262,9 @@ fn charged_to(l: &EngineLedger, engine: usize, now: u64) {
 /// Gives back `bytes`; the caller holds them (as live bytes of an object being freed, or as
 /// its own headroom), so the counter cannot go below zero.
 #[inline(always)]
-pub(crate) fn credit(engine: usize, bytes: u64) {
+pub(crate) fn credit(engine: Slot, bytes: u64) {
     let now = sub(&ledger(engine).charged, bytes);
-    if engine < ARENA_ENGINES {
+    if engine.has_arena() {
         update_over(engine, now);
     }
 }
@@ -273,12 +273,12 @@ pub(crate) fn credit(engine: usize, bytes: u64) {
 /// that have not flushed, their headroom less their unsettled home bytes (less than [`BATCH`]
 /// per thread; see the module docs).
 pub fn charged(engine: EngineId) -> u64 {
-    ledger(engine.index()).charged.load(Ordering::Acquire)
+    ledger(Slot::of(engine)).charged.load(Ordering::Acquire)
 }
 
 /// [`charged`] by slot index, for the allocator's limit checks.
 #[inline]
-pub(crate) fn charged_at(slot: usize) -> u64 {
+pub(crate) fn charged_at(slot: Slot) -> u64 {
     ledger(slot).charged.load(Ordering::Relaxed)
 }
 
@@ -286,23 +286,21 @@ pub(crate) fn charged_at(slot: usize) -> u64 {
 /// home is an overflow region, so they are charged and credited as they happen). Zero for
 /// `Unattributed`, which never overflows.
 pub fn overflow_charged(engine: EngineId) -> u64 {
-    if engine.index() >= ARENA_ENGINES {
-        return 0;
+    match Slot::of(engine).overflow() {
+        Some(slot) => ledger(slot).charged.load(Ordering::Acquire),
+        None => 0,
     }
-    ledger(OVERFLOW_SLOT + engine.index())
-        .charged
-        .load(Ordering::Acquire)
 }
 
 /// The highest value [`charged`] has reached for `engine`.
 pub fn charged_peak(engine: EngineId) -> u64 {
-    ledger(engine.index()).peak.load(Ordering::Acquire)
+    ledger(Slot::of(engine)).peak.load(Ordering::Acquire)
 }
 
 /// The highest value of [`charged`] since the previous call, restarting the window at the
 /// current value. For rebalancing: "how busy was this engine lately".
 pub fn take_window_peak(engine: EngineId) -> u64 {
-    let l = ledger(engine.index());
+    let l = ledger(Slot::of(engine));
     let now = l.charged.load(Ordering::Acquire);
     l.window_peak.swap(now, Ordering::AcqRel).max(now)
 }
@@ -318,8 +316,8 @@ static OVER: [std::sync::atomic::AtomicBool; ARENA_ENGINES] =
 
 /// Whether `engine`'s new allocations should go to its overflow arena now.
 #[inline(always)]
-pub(crate) fn is_over(engine: usize) -> bool {
-    match OVER.get(engine) {
+pub(crate) fn is_over(engine: Slot) -> bool {
+    match OVER.get(engine.index()) {
         Some(flag) => flag.load(Ordering::Relaxed),
         None => false,
     }
@@ -328,8 +326,8 @@ pub(crate) fn is_over(engine: usize) -> bool {
 /// Re-evaluates `engine`'s over-limit flag after its ledger moved to `charged`: set at the
 /// limit, cleared below 95 % of it (hysteresis, so the flag does not flap on one block).
 #[inline]
-pub(crate) fn update_over(engine: usize, charged: u64) {
-    let (Some(limit), Some(flag)) = (LIMIT.get(engine), OVER.get(engine)) else {
+pub(crate) fn update_over(engine: Slot, charged: u64) {
+    let (Some(limit), Some(flag)) = (LIMIT.get(engine.index()), OVER.get(engine.index())) else {
         return;
     };
     let limit = limit.load(Ordering::Relaxed);
@@ -344,8 +342,8 @@ pub(crate) fn update_over(engine: usize, charged: u64) {
 
 /// The limit published for ledger slot `slot` (`u64::MAX`: none; overflow slots have none).
 #[inline]
-pub(crate) fn limit_of(slot: usize) -> u64 {
-    match LIMIT.get(slot) {
+pub(crate) fn limit_of(slot: Slot) -> u64 {
+    match LIMIT.get(slot.index()) {
         Some(limit) => limit.load(Ordering::Relaxed),
         None => u64::MAX,
     }
@@ -356,8 +354,8 @@ pub(crate) fn limit_of(slot: usize) -> u64 {
 /// block cannot carry an engine far past its limit before the over flag is set; small blocks
 /// overshoot by at most a thread's batch.
 #[inline]
-pub(crate) fn would_cross(engine: usize, bytes: u64) -> bool {
-    match LIMIT.get(engine) {
+pub(crate) fn would_cross(engine: Slot, bytes: u64) -> bool {
+    match LIMIT.get(engine.index()) {
         Some(limit) => {
             let limit = limit.load(Ordering::Relaxed);
             limit != u64::MAX && charged_at(engine).saturating_add(bytes) > limit
@@ -369,9 +367,8 @@ pub(crate) fn would_cross(engine: usize, bytes: u64) -> bool {
 /// Sets the limit above which `engine`'s new allocations go to its overflow region (`None`:
 /// no limit). The governor publishes each engine's limit here.
 pub fn set_overflow_limit(engine: EngineId, limit: Option<u64>) {
-    let e = engine.index();
-    if let Some(slot) = LIMIT.get(e) {
+    if let Some(slot) = LIMIT.get(engine.index()) {
         slot.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
-        update_over(e, crate::charged(engine));
+        update_over(Slot::of(engine), crate::charged(engine));
     }
 }

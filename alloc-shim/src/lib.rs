@@ -37,6 +37,7 @@ mod overflow;
 mod pin;
 mod pushout;
 mod size_class;
+mod slot;
 mod sync;
 mod thread;
 

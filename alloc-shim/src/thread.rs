@@ -29,6 +29,7 @@ use crate::arena::{SLOTS, arena_of, topology};
 use crate::guard::GuardStack;
 use crate::ledger::{self, INTERVAL};
 use crate::mallctl::{self, Mib};
+use crate::slot::Slot;
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
 pub const HOME_SWITCH_AFTER: u32 = 128;
@@ -128,9 +129,9 @@ pub(crate) struct ThreadState {
 /// The addresses of `home`'s blocks as `(start, length)` for a wrapping range test: its range,
 /// or for `Unattributed` everything outside the ranges (all memory when there are none).
 /// Empty (the home path closed for frees) while the layout may still change.
-fn home_addresses(home: usize) -> (usize, usize) {
+fn home_addresses(home: Slot) -> (usize, usize) {
     use crate::arena::{Ranges, SLOTS, slot_range};
-    if home == UNATTRIBUTED as usize {
+    if home == Slot::UNATTRIBUTED {
         match slot_range(SLOTS) {
             // `p - end < 2^64 - len` (wrapping) holds exactly for `p` outside `[start, end)`.
             Ranges::At(start, len) => (start.wrapping_add(len), len.wrapping_neg()),
@@ -138,7 +139,7 @@ fn home_addresses(home: usize) -> (usize, usize) {
             Ranges::NotYet => (0, 0),
         }
     } else {
-        match slot_range(home) {
+        match slot_range(home.index()) {
             Ranges::At(start, len) => (start, len),
             Ranges::None | Ranges::NotYet => (0, 0),
         }
@@ -184,13 +185,13 @@ impl ThreadState {
     }
 
     #[inline(always)]
-    pub(crate) fn current(&self) -> usize {
-        self.current.get() as usize
+    pub(crate) fn current(&self) -> Slot {
+        Slot::from_byte(self.current.get())
     }
 
     #[inline(always)]
-    pub(crate) fn home(&self) -> usize {
-        self.home.get() as usize
+    pub(crate) fn home(&self) -> Slot {
+        Slot::from_byte(self.home.get())
     }
 
     /// The automatic arena jemalloc gave this thread (arena 0 if never learnt).
@@ -205,11 +206,11 @@ impl ThreadState {
     /// The arena to name explicitly when serving `engine` away from home: the engine's arena,
     /// or for `Unattributed` the thread's automatic arena (arena 0 if never learnt).
     #[inline(always)]
-    pub(crate) fn visit_arena(&self, engine: usize) -> Option<c_uint> {
-        if engine == UNATTRIBUTED as usize {
+    pub(crate) fn visit_arena(&self, engine: Slot) -> Option<c_uint> {
+        if engine == Slot::UNATTRIBUTED {
             Some(self.auto_arena())
         } else {
-            arena_of(engine, self.node(), self.shard())
+            arena_of(engine.index(), self.node(), self.shard())
         }
     }
 
@@ -246,8 +247,8 @@ impl ThreadState {
     pub(crate) fn set_node(&self, node: usize) {
         self.node.set(node as u8);
         let home = self.home();
-        if home < crate::arena::ARENA_ENGINES
-            && let Some(arena) = arena_of(home, node, self.shard())
+        if home.has_arena()
+            && let Some(arena) = arena_of(home.index(), node, self.shard())
         {
             bind_thread_arena(arena);
         }
@@ -256,7 +257,7 @@ impl ThreadState {
     /// Counts a visit to `engine` (the current engine, so the run of visits is reset whenever
     /// a guard is entered or left); after enough of them, moves home there.
     #[inline(always)]
-    pub(crate) fn note_visit(&self, engine: usize) {
+    pub(crate) fn note_visit(&self, engine: Slot) {
         let n = self.visits.get().saturating_add(1);
         self.visits.set(n);
         if n >= HOME_SWITCH_AFTER {
@@ -265,7 +266,7 @@ impl ThreadState {
     }
 
     #[cold]
-    fn move_home(&self, engine: usize) {
+    fn move_home(&self, engine: Slot) {
         self.visits.set(0);
         if self.home.get() == DETACHED {
             return;
@@ -278,7 +279,7 @@ impl ThreadState {
                 self.auto_arena.set(old);
             }
             self.flush();
-            self.home.set(engine as u8);
+            self.home.set(engine.byte());
             self.reroute();
             HOME_SWITCHES.fetch_add(1, Ordering::Relaxed);
         }
@@ -290,13 +291,13 @@ impl ThreadState {
     /// [`crate::set_overflow_limit`]): the caller then moves the block to overflow.
     #[inline]
     #[must_use]
-    pub(crate) fn on_alloc(&self, owner: usize, bytes: u64) -> bool {
+    pub(crate) fn on_alloc(&self, owner: Slot, bytes: u64) -> bool {
         ledger::try_charge(owner, bytes, ledger::limit_of(owner))
     }
 
     /// Credits `bytes` of a block owned by `owner`, freed by a slower path, at once.
     #[inline]
-    pub(crate) fn on_free(&self, owner: usize, bytes: u64) {
+    pub(crate) fn on_free(&self, owner: Slot, bytes: u64) {
         ledger::credit(owner, bytes);
     }
 
@@ -311,9 +312,10 @@ impl ThreadState {
         self.flags.get() & REGISTERED != 0
     }
 
+    /// Whether the home path may allocate for home (the current engine aside).
     #[inline(always)]
-    pub(crate) fn fast_alloc(&self) -> usize {
-        self.fast_alloc.get() as usize
+    pub(crate) fn fast_alloc_open(&self) -> bool {
+        self.fast_alloc.get() != CLOSED
     }
 
     /// Whether the home path may allocate now (the current engine is home, with headroom).
@@ -461,7 +463,7 @@ impl ThreadState {
         self.fast_alloc.set(fast);
         self.alloc_open.set(self.current.get() == fast);
         let (start, len) = if open && f & DALLOC_SEEN != 0 {
-            home_addresses(home as usize)
+            home_addresses(Slot::from_byte(home))
         } else {
             (0, 0)
         };
@@ -554,8 +556,8 @@ impl ThreadState {
     /// An explicit cache only ever receives blocks of its engine, allocated from or freed to
     /// that engine's arena, so it never hands one engine's block to another.
     #[inline(always)]
-    pub(crate) fn cache_flag(&self, engine: usize) -> c_int {
-        match self.tcaches.get(engine).map(Cell::get) {
+    pub(crate) fn cache_flag(&self, engine: Slot) -> c_int {
+        match self.tcaches.get(engine.index()).map(Cell::get) {
             Some(tc) if tc < TCACHE_FAILED => jem::MALLOCX_TCACHE(tc as usize),
             Some(NO_TCACHE) => self.create_cache(engine),
             _ => jem::MALLOCX_TCACHE_NONE,
@@ -563,8 +565,8 @@ impl ThreadState {
     }
 
     #[cold]
-    fn create_cache(&self, engine: usize) -> c_int {
-        let Some(slot) = self.tcaches.get(engine) else {
+    fn create_cache(&self, engine: Slot) -> c_int {
+        let Some(slot) = self.tcaches.get(engine.index()) else {
             return jem::MALLOCX_TCACHE_NONE;
         };
         // The exit flush destroys the caches: it must be registered before one exists.
@@ -626,7 +628,7 @@ pub fn thread_settlements() -> (u64, u64) {
 /// The engine the calling thread's allocations are attributed to now.
 pub fn current_engine() -> EngineId {
     THREAD
-        .try_with(|t| EngineId::from_index(t.current()))
+        .try_with(|t| EngineId::from_index(t.current().index()))
         .ok()
         .flatten()
         .unwrap_or(EngineId::Unattributed)
@@ -635,7 +637,7 @@ pub fn current_engine() -> EngineId {
 /// The calling thread's home engine (see the module docs of the allocator).
 pub fn home_engine() -> EngineId {
     THREAD
-        .try_with(|t| EngineId::from_index(t.home()))
+        .try_with(|t| EngineId::from_index(t.home().index()))
         .ok()
         .flatten()
         .unwrap_or(EngineId::Unattributed)

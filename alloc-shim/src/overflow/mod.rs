@@ -16,6 +16,7 @@ use crate::arena::{
     range_bytes,
 };
 use crate::ledger::{is_over, would_cross};
+use crate::slot::Slot;
 
 /// What happens when an engine's overflow region cannot take an allocation (full, or its
 /// file cannot grow).
@@ -56,16 +57,18 @@ static OVERFLOW_HOOKS: [EngineHooks; ARENA_ENGINES] = [
 /// Whether a new block of `usable` bytes for `engine` belongs in its overflow region: the
 /// engine is over its limit, or the block is large and would take it over.
 #[inline]
-pub(crate) fn wants_overflow(engine: usize, usable: u64) -> bool {
+pub(crate) fn wants_overflow(engine: Slot, usable: u64) -> bool {
     is_over(engine) || (usable >= crate::DIRECT_THRESHOLD && would_cross(engine, usable))
 }
 
 /// The overflow arena of engine `e`, when overflow is enabled.
-pub(crate) fn overflow_arena(e: usize) -> Option<c_uint> {
+pub(crate) fn overflow_arena(e: Slot) -> Option<c_uint> {
     if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
         return None;
     }
-    OVERFLOW_ARENA.get(e).map(|a| a.load(Ordering::Relaxed))
+    OVERFLOW_ARENA
+        .get(e.index())
+        .map(|a| a.load(Ordering::Relaxed))
 }
 
 /// The configured policy for allocations overflow cannot take.
@@ -86,18 +89,18 @@ static ENGINE_REFUSALS: [[AtomicU64; 2]; ARENA_ENGINES] =
 
 /// Counts an allocation of `bytes` for `engine` that overflow could not take and that was
 /// served from the engine's normal arena.
-pub(crate) fn count_breach(engine: usize, bytes: u64) {
+pub(crate) fn count_breach(engine: Slot, bytes: u64) {
     BREACHES.fetch_add(1, Ordering::Relaxed);
-    if let Some([n, b]) = ENGINE_BREACHES.get(engine) {
+    if let Some([n, b]) = ENGINE_BREACHES.get(engine.index()) {
         n.fetch_add(1, Ordering::Relaxed);
         b.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
 /// Counts an allocation of `bytes` for `engine` refused because overflow could not take it.
-pub(crate) fn count_refusal(engine: usize, bytes: u64) {
+pub(crate) fn count_refusal(engine: Slot, bytes: u64) {
     REFUSED.fetch_add(1, Ordering::Relaxed);
-    if let Some([n, b]) = ENGINE_REFUSALS.get(engine) {
+    if let Some([n, b]) = ENGINE_REFUSALS.get(engine.index()) {
         n.fetch_add(1, Ordering::Relaxed);
         b.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -321,7 +324,7 @@ pub fn set_overflow_policy(policy: OverflowPolicy) {
 
 /// Whether `engine`'s new allocations currently go to its overflow region.
 pub fn is_overflowing(engine: EngineId) -> bool {
-    is_over(engine.index()) && overflow_arena(engine.index()).is_some()
+    is_over(Slot::of(engine)) && overflow_arena(Slot::of(engine)).is_some()
 }
 
 /// Counters of the overflow path.
