@@ -353,7 +353,10 @@ fn main() {
         let mut paired: Vec<f64> = g.iter().zip(&p).map(|(g, p)| g / p).collect();
         let gm = median(&mut g);
         if p.is_empty() {
-            println!("{w:<10} {gm:>12.2} {:>12} {:>8} {:>8}   {gs}", "-", "-", "-");
+            println!(
+                "{w:<10} {gm:>12.2} {:>12} {:>8} {:>8}   {gs}",
+                "-", "-", "-"
+            );
         } else {
             let pm = median(&mut p);
             println!(
