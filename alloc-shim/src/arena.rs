@@ -79,7 +79,7 @@ static ARENA: [[[AtomicU32; MAX_SHARDS]; MAX_NODES]; ARENA_ENGINES] =
 static SHARDS: AtomicUsize = AtomicUsize::new(1);
 
 /// How many arenas each engine has per node: the largest node's CPU count, at most
-/// [`MAX_SHARDS`].
+/// four.
 pub fn shards() -> usize {
     SHARDS.load(Ordering::Relaxed)
 }
