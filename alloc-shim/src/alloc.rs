@@ -577,12 +577,8 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     // The home path: jemalloc's own fast path, its counters our only bookkeeping. It serves
     // home's arena through a cache that only ever holds home's blocks (foreign frees bypass
     // it, and moving home flushes it), so the owner is home without looking.
-    if t.alloc_open() {
+    if size | align <= t.alloc_limit() {
         let p = if align <= MIN_ALIGN && align <= size {
-            if size > FAST_MAX {
-                // SAFETY: as below.
-                return unsafe { t.alloc_slow(size, align, zero) };
-            }
             // SAFETY: size > 0 (GlobalAlloc contract); jemalloc's natural alignment suffices.
             unsafe {
                 if zero {
@@ -591,11 +587,9 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
                     jem::malloc(size)
                 }
             }
-        } else if size | align <= FAST_MAX {
+        } else {
             // SAFETY: size > 0; the flags hold only a power-of-two alignment.
             unsafe { fast_alloc(size, align_flags(size, align), zero) }
-        } else {
-            core::ptr::null_mut()
         }
         .cast::<u8>();
         if !p.is_null() {

@@ -38,6 +38,12 @@ const UNATTRIBUTED: u8 = EngineId::Unattributed as u8;
 /// The home of a thread whose exit flush has run: no engine, so every operation takes the
 /// immediate (unbatched) path and names its arena explicitly.
 const DETACHED: u8 = u8::MAX;
+/// The home path's limit while it is open or closed (see `alloc_limit`).
+#[inline(always)]
+const fn open_limit(open: bool) -> usize {
+    if open { crate::ledger::FAST_MAX } else { 0 }
+}
+
 /// No engine: the value of `fast_alloc` while the home path is closed.
 pub(crate) const CLOSED: u8 = u8::MAX - 1;
 
@@ -83,9 +89,9 @@ pub(crate) struct ThreadState {
     /// `home` while the home path may allocate without asking (headroom held, hook armed),
     /// else [`CLOSED`]: the fast path's one test is `current == fast_alloc`.
     fast_alloc: Cell<u8>,
-    /// `current == fast_alloc`, kept up to date by every change of either: the home path's
-    /// one test.
-    alloc_open: Cell<bool>,
+    /// [`FAST_MAX`](crate::FAST_MAX) while `current == fast_alloc`, else 0; kept up to date
+    /// by every change of either. The home path's one test is `size | align <= alloc_limit`.
+    alloc_limit: Cell<usize>,
     /// The home path frees a block at `ptr` without asking when
     /// `ptr - free_start < free_len` (wrapping): the addresses of home's range while the hook
     /// is armed for frees (for `Unattributed`, everything outside the ranges, as a wrapped
@@ -163,7 +169,7 @@ impl ThreadState {
             guards: GuardStack::new(),
             home: Cell::new(UNATTRIBUTED),
             fast_alloc: Cell::new(CLOSED),
-            alloc_open: Cell::new(false),
+            alloc_limit: Cell::new(0),
             free_start: Cell::new(0),
             free_len: Cell::new(0),
             flags: Cell::new(0),
@@ -318,17 +324,19 @@ impl ThreadState {
         self.fast_alloc.get() != CLOSED
     }
 
-    /// Whether the home path may allocate now (the current engine is home, with headroom).
+    /// The largest request (and alignment, in one mask) the home path takes now: `FAST_MAX`
+    /// while the current engine is home with headroom, else 0.
     #[inline(always)]
-    pub(crate) fn alloc_open(&self) -> bool {
-        self.alloc_open.get()
+    pub(crate) fn alloc_limit(&self) -> usize {
+        self.alloc_limit.get()
     }
 
     /// Makes `engine` current.
     #[inline(always)]
     fn set_current(&self, engine: u8) {
         self.current.set(engine);
-        self.alloc_open.set(engine == self.fast_alloc.get());
+        self.alloc_limit
+            .set(open_limit(engine == self.fast_alloc.get()));
     }
 
     /// Whether the home path may free the block at `ptr` (home's, with the hook armed).
@@ -461,7 +469,7 @@ impl ThreadState {
             CLOSED
         };
         self.fast_alloc.set(fast);
-        self.alloc_open.set(self.current.get() == fast);
+        self.alloc_limit.set(open_limit(self.current.get() == fast));
         let (start, len) = if open && f & DALLOC_SEEN != 0 {
             home_addresses(Slot::from_byte(home))
         } else {
