@@ -368,7 +368,22 @@ impl MemoryGovernor {
         })
     }
 
+    /// Whether `bytes` more would be admitted for `engine` right now (its limit and the global
+    /// ceiling, counting what the allocator has charged), the answer [`reserve`](Self::reserve)
+    /// would give, without holding anything. Unlike a reservation taken and dropped at once,
+    /// the question leaves no trace in the engine's usage or peak: for a pool that only asks
+    /// and lets the allocator charge the memory when it is allocated (see
+    /// `nodedb-mem-datafusion`). A refusal is counted and reported as `reserve`'s would be.
+    pub fn check_admission(&self, engine: EngineId, bytes: u64) -> Result<()> {
+        self.admit_then(engine, bytes, false)
+    }
+
     fn admit(&self, engine: EngineId, bytes: u64) -> Result<()> {
+        self.admit_then(engine, bytes, true)
+    }
+
+    /// Admission for `bytes`: committed as a reservation (`commit`), or given back at once.
+    fn admit_then(&self, engine: EngineId, bytes: u64, commit: bool) -> Result<()> {
         if bytes == 0 {
             return Ok(());
         }
@@ -403,8 +418,13 @@ impl MemoryGovernor {
             });
             return Err(MemError::ceiling_exceeded(engine, bytes, used, g.ceiling));
         }
-        g.raise(bytes);
-        b.commit_reservation(bytes);
+        if commit {
+            g.raise(bytes);
+            b.commit_reservation(bytes);
+        } else {
+            g.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+            b.cancel_admission(bytes);
+        }
         Ok(())
     }
 

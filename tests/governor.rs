@@ -490,3 +490,32 @@ fn the_fallible_allocator_refuses_past_the_budget_and_counts_exactly() {
     assert_eq!(gov.usage(EngineId::Query), 0);
     gov.check_consistency().unwrap();
 }
+
+#[test]
+fn checking_admission_answers_as_reserve_would_and_holds_nothing() {
+    let gov = nodedb_mem::MemoryGovernor::builder()
+        .global_ceiling(10 * MIB)
+        .overhead_reserve(0.0)
+        .budget(EngineId::Query, 4 * MIB)
+        .build()
+        .unwrap();
+    gov.check_admission(EngineId::Query, 4 * MIB).unwrap();
+    assert_eq!(gov.usage(EngineId::Query), 0);
+    assert_eq!(gov.budget(EngineId::Query).peak(), 0);
+    let held = gov.reserve(EngineId::Query, 3 * MIB).unwrap();
+    let err = gov.check_admission(EngineId::Query, 2 * MIB).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        gov.reserve(EngineId::Query, 2 * MIB)
+            .unwrap_err()
+            .to_string(),
+        "the same refusal as reserve's"
+    );
+    assert_eq!(gov.budget(EngineId::Query).rejections(), 2);
+    gov.check_admission(EngineId::Query, MIB).unwrap();
+    assert_eq!(gov.usage(EngineId::Query), 3 * MIB);
+    assert_eq!(gov.budget(EngineId::Query).peak(), 3 * MIB);
+    drop(held);
+    assert_eq!(gov.usage(EngineId::Query), 0);
+    gov.check_consistency().unwrap();
+}

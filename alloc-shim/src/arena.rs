@@ -154,20 +154,14 @@ pub(crate) fn owner_of(ptr: *const u8) -> Slot {
 /// of shard `shard` (any number: taken modulo the shards created), once the arenas exist;
 /// `None` for `Unattributed`, before initialisation, and if it failed.
 #[inline(always)]
-pub(crate) fn arena_of(engine: usize, node: usize, shard: usize) -> Option<c_uint> {
-    if engine >= OVERFLOW_SLOT {
-        return crate::overflow::overflow_arena(Slot::at(engine - OVERFLOW_SLOT));
+pub(crate) fn arena_of(engine: Slot, node: usize, shard: usize) -> Option<c_uint> {
+    if engine.is_overflow() {
+        return crate::overflow::overflow_arena(Slot::of(engine.engine()));
     }
-    if engine >= ARENA_ENGINES {
+    if !engine.has_arena() || !ensure_arenas() {
         return None;
     }
-    if STATE.load(Ordering::Acquire) != READY {
-        init();
-        if STATE.load(Ordering::Acquire) != READY {
-            return None;
-        }
-    }
-    let row = ARENA.get(engine)?;
+    let row = ARENA.get(engine.index())?;
     let shard = shard % shards().max(1);
     let at = |node: usize| {
         row.get(node)
@@ -190,6 +184,15 @@ fn arenas_of(engine: usize) -> impl Iterator<Item = (usize, c_uint)> {
                 .filter(|&(_, a)| a != 0)
         })
     })
+}
+
+/// Creates the ranges and arenas if nobody has yet (see `init`); whether they exist.
+#[inline]
+pub(crate) fn ensure_arenas() -> bool {
+    if STATE.load(Ordering::Acquire) != READY {
+        init();
+    }
+    STATE.load(Ordering::Acquire) == READY
 }
 
 /// The topology the arenas were laid out for (one node before they exist).
@@ -234,7 +237,7 @@ pub fn mbind_failures() -> u64 {
 
 /// The machine's NUMA topology as the allocator uses it.
 pub fn machine_topology() -> Topology {
-    let _ = arena_of(0, 0, 0);
+    ensure_arenas();
     *topology()
 }
 
@@ -381,7 +384,7 @@ impl std::error::Error for ArenaFailure {}
 /// Why the engine arenas do not exist, once creating them failed (`None` while they exist or
 /// have not been tried).
 pub fn arena_failure() -> Option<ArenaFailure> {
-    let _ = arena_of(0, 0, 0);
+    ensure_arenas();
     let f = FAILURE.load(Ordering::Acquire);
     let errno = (f & 0xffff_ffff) as u32 as i32;
     match f >> 32 {
@@ -933,7 +936,7 @@ pub fn is_overflow(ptr: *const u8) -> bool {
 pub fn purge_engine(engine: EngineId) -> bool {
     let mut any = false;
     let mut ok = true;
-    let _ = arena_of(0, 0, 0); // create the arenas if need be
+    ensure_arenas();
     for (_, arena) in arenas_of(engine.index()) {
         any = true;
         ok &= purge_arena(arena);
@@ -949,7 +952,7 @@ fn purge_arena(arena: c_uint) -> bool {
 /// The index of `engine`'s first arena (node 0, shard 0), for callers that want to inspect it
 /// with `mallctl`; the engine has [`shards`] such arenas per node.
 pub fn arena_index(engine: EngineId) -> Option<u32> {
-    arena_of(engine.index(), 0, 0)
+    arena_of(Slot::of(engine), 0, 0)
 }
 
 /// Returns every arena's dirty and muzzy pages to the system now (`arena.<all>.purge`).

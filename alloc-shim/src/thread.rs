@@ -216,7 +216,7 @@ impl ThreadState {
         if engine == Slot::UNATTRIBUTED {
             Some(self.auto_arena())
         } else {
-            arena_of(engine.index(), self.node(), self.shard())
+            arena_of(engine, self.node(), self.shard())
         }
     }
 
@@ -254,7 +254,7 @@ impl ThreadState {
         self.node.set(node as u8);
         let home = self.home();
         if home.has_arena()
-            && let Some(arena) = arena_of(home.index(), node, self.shard())
+            && let Some(arena) = arena_of(home, node, self.shard())
         {
             bind_thread_arena(arena);
         }

@@ -6,9 +6,10 @@
 //! [`EngineId::Query`]) has left under its budget and the global ceiling *right now* — usage
 //! that includes the bytes the global allocator has already charged to the engine.
 //!
-//! No byte is counted twice: the governor's admission is a reservation taken and released at
-//! once (nothing stays reserved in the governor for the operator's memory); the allocator's own
-//! charge, when the operator really allocates, is what counts against the budget.
+//! No byte is counted twice: the governor's admission is only a question
+//! ([`MemoryGovernor::check_admission`]: nothing is reserved in the governor for the operator's
+//! memory, and nothing shows in the engine's usage or peak); the allocator's own charge, when
+//! the operator really allocates, is what counts against the budget.
 //!
 //! **Grants not yet allocated count as a margin.** DataFusion's partitions ask together and
 //! allocate after; each would be admitted against the same headroom. So the pool remembers
@@ -154,27 +155,24 @@ impl MemoryPool for GovernorPool {
         let mut m = self.margin();
         m.catch_up(self.gov.budget(self.engine).used());
         let wanted = additional as u64;
-        // Admission for this request beside the grants not yet allocated, taken and released
-        // at once (the allocator charges the memory when it is allocated), under the pool's
+        // Admission for this request beside the grants not yet allocated, asked without holding
+        // anything (the allocator charges the memory when it is allocated), under the pool's
         // lock so concurrent askers see each other's grants.
-        let refused = match self.gov.reserve(self.engine, wanted + m.outstanding) {
-            Ok(admitted) => {
-                drop(admitted);
-                None
-            }
+        let refused = match self
+            .gov
+            .check_admission(self.engine, wanted + m.outstanding)
+        {
+            Ok(()) => None,
             Err(e) if m.outstanding == 0 => Some(e.to_string()),
             // Refused with the margin: say so in terms of this request.
-            Err(_) => match self.gov.reserve(self.engine, wanted) {
-                Ok(alone) => {
-                    drop(alone);
-                    Some(format!(
-                        "cannot admit {} for engine {}: it fits the engine's budget alone, but \
+            Err(_) => match self.gov.check_admission(self.engine, wanted) {
+                Ok(()) => Some(format!(
+                    "cannot admit {} for engine {}: it fits the engine's budget alone, but \
                          not beside {} granted to other consumers and not allocated yet",
-                        nodedb_mem::ByteSize(wanted),
-                        self.engine,
-                        nodedb_mem::ByteSize(m.outstanding)
-                    ))
-                }
+                    nodedb_mem::ByteSize(wanted),
+                    self.engine,
+                    nodedb_mem::ByteSize(m.outstanding)
+                )),
                 Err(e) => Some(e.to_string()),
             },
         };

@@ -133,3 +133,26 @@ fn two_consumers_asking_at_once_cannot_both_take_the_same_headroom() {
         assert_eq!(granted, 1, "both partitions were admitted against 64 MiB");
     }
 }
+
+#[test]
+fn asking_leaves_no_trace_in_the_engines_usage_or_peak() {
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .budget(EngineId::Query, 64 << 20)
+        .build()
+        .unwrap();
+    let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(gov.clone(), EngineId::Query));
+    let r = MemoryConsumer::new("asker").register(&pool);
+    r.try_grow(48 << 20).unwrap();
+    // Granted: DataFusion's view holds it, the governor holds nothing and never did.
+    assert_eq!(pool.reserved(), 48 << 20);
+    assert_eq!(gov.usage(EngineId::Query), 0);
+    assert_eq!(gov.budget(EngineId::Query).peak(), 0);
+    assert_eq!(gov.budget(EngineId::Query).reserved(), 0);
+    // A refusal is still the governor's, with its reason: asked beside the 48 MiB granted and
+    // not yet allocated, then alone, both refused and counted.
+    let err = r.try_grow(128 << 20).unwrap_err().to_string();
+    assert!(err.contains("for engine query"), "{err}");
+    assert_eq!(gov.budget(EngineId::Query).rejections(), 2);
+    assert_eq!(gov.budget(EngineId::Query).peak(), 0);
+}

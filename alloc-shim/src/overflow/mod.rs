@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::EngineId;
 use crate::arena::{
-    ARENA_ENGINES, EngineHooks, OVERFLOW_SLOT, arena_of, create_arena, engine_hooks, layout,
+    ARENA_ENGINES, EngineHooks, OVERFLOW_SLOT, create_arena, engine_hooks, ensure_arenas, layout,
     range_bytes,
 };
 use crate::ledger::{is_over, would_cross};
@@ -256,7 +256,7 @@ pub fn enable_overflow(
     policy: OverflowPolicy,
 ) -> Result<(), crate::OverflowError> {
     let err = |op: &'static str, errno: i32| crate::OverflowError::Os { op, errno };
-    if arena_of(0, 0, 0).is_none() {
+    if !ensure_arenas() {
         return Err(err("creating the engine arenas", libc::ENOMEM));
     }
     let range = range_bytes();
