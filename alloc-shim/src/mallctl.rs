@@ -31,6 +31,27 @@ pub(crate) fn run(name: &CStr) -> bool {
     }
 }
 
+/// jemalloc's answer for an output buffer of `R`: the value written, or the error (a size other
+/// than `R`'s is `EINVAL`, as jemalloc itself reports it).
+///
+/// # Safety
+/// `value` is the buffer jemalloc was given, with `len` its size on return, and jemalloc
+/// returned `rc`.
+unsafe fn answer<R: Copy>(
+    rc: std::ffi::c_int,
+    len: usize,
+    value: std::mem::MaybeUninit<R>,
+) -> Result<R, i32> {
+    if rc != 0 {
+        return Err(rc);
+    }
+    if len != size_of::<R>() {
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: success, and `len == size_of::<R>()` bytes of an `R` were written.
+    Ok(unsafe { value.assume_init() })
+}
+
 /// Reads control `name` as a `T`.
 ///
 /// # Safety
@@ -50,14 +71,8 @@ pub(crate) unsafe fn read<T: Copy>(name: &CStr) -> Result<T, i32> {
             0,
         )
     };
-    if rc != 0 {
-        return Err(rc);
-    }
-    if len != size_of::<T>() {
-        return Err(libc::EINVAL);
-    }
-    // SAFETY: jemalloc returned success and wrote `len == size_of::<T>()` bytes of a `T`.
-    Ok(unsafe { value.assume_init() })
+    // SAFETY: `value` was the buffer, `len` its size on return.
+    unsafe { answer(rc, len, value) }
 }
 
 /// Writes `value` to control `name`.
@@ -99,14 +114,8 @@ pub(crate) unsafe fn write_read<W, R: Copy>(name: &CStr, mut new: W) -> Result<R
             size_of::<W>(),
         )
     };
-    if rc != 0 {
-        return Err(rc);
-    }
-    if len != size_of::<R>() {
-        return Err(libc::EINVAL);
-    }
-    // SAFETY: success, and `len == size_of::<R>()` bytes of an `R` were written.
-    Ok(unsafe { value.assume_init() })
+    // SAFETY: `value` was the buffer, `len` its size on return.
+    unsafe { answer(rc, len, value) }
 }
 
 /// A control's name resolved to a MIB (`mallctlnametomib`) the first time it is used, so later
@@ -206,14 +215,8 @@ impl<const N: usize> Mib<N> {
                 0,
             )
         };
-        if rc != 0 {
-            return Err(rc);
-        }
-        if len != size_of::<R>() {
-            return Err(libc::EINVAL);
-        }
-        // SAFETY: success, and `len == size_of::<R>()` bytes of an `R` were written.
-        Ok(unsafe { value.assume_init() })
+        // SAFETY: `value` was the buffer, `len` its size on return.
+        unsafe { answer(rc, len, value) }
     }
 
     /// Writes `new` and reads the previous value, both `T` (`thread.arena`).
@@ -238,14 +241,8 @@ impl<const N: usize> Mib<N> {
                 size_of::<T>(),
             )
         };
-        if rc != 0 {
-            return Err(rc);
-        }
-        if len != size_of::<T>() {
-            return Err(libc::EINVAL);
-        }
-        // SAFETY: success, and `len == size_of::<T>()` bytes of a `T` were written.
-        Ok(unsafe { old.assume_init() })
+        // SAFETY: `old` was the buffer, `len` its size on return.
+        unsafe { answer(rc, len, old) }
     }
 }
 
