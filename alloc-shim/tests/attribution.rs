@@ -1,30 +1,19 @@
 //! Exact attribution by the global allocator. This binary installs `GovernedAlloc`.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use nodedb_mem_alloc::{
-    EngineGuard, EngineId, GovernedAlloc, HOME_SWITCH_AFTER, charged, current_engine, flush_thread,
-    home_engine, owner,
+    EngineGuard, EngineId, GovernedAlloc, HOME_SWITCH_AFTER, charged, current_engine, home_engine,
+    owner,
 };
+
+use common::{serial, settled};
 
 #[global_allocator]
 static ALLOC: GovernedAlloc = GovernedAlloc::new();
-
-/// Tests share the process-wide ledger: run them one at a time (nextest runs one per process
-/// anyway; `cargo test` runs them on threads).
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// `charged(engine)` with this thread's prepaid credit published.
-fn settled(engine: EngineId) -> u64 {
-    flush_thread();
-    charged(engine)
-}
 
 #[test]
 fn a_block_that_is_its_own_size_class_is_charged_exactly() {

@@ -6,33 +6,25 @@
 //! the environment) run this binary again with one `#[ignore]`d test selected; the parent
 //! checks the child's exit status and output.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::sync::Mutex;
 
 use nodedb_mem_alloc::{
     EngineGuard, EngineId, GovernedAlloc, OverflowPolicy, RANGE_BYTES_ENV, arena_failure,
-    arenas_ready, charged, current_engine, enable_overflow, flush_thread, is_forked_child,
-    is_overflow, overflow_charged, owner, range_bytes, range_fallbacks, set_overflow_limit,
+    arenas_ready, current_engine, enable_overflow, is_forked_child, is_overflow, overflow_charged,
+    owner, range_bytes, range_fallbacks, set_overflow_limit,
 };
+
+use common::{serial, settled};
 
 #[global_allocator]
 static ALLOC: GovernedAlloc = GovernedAlloc::new();
 
 const MIB: usize = 1 << 20;
 const GIB: usize = 1 << 30;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn settled(engine: EngineId) -> u64 {
-    flush_thread();
-    charged(engine)
-}
 
 #[path = "../../tests/common/child.rs"]
 mod child;

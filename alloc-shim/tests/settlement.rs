@@ -1,28 +1,20 @@
 //! The home path leaves counting to jemalloc and settles later: the bounds that leaves, at
 //! every step. This binary installs `GovernedAlloc`.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout};
-use std::sync::Mutex;
 
 use nodedb_mem_alloc::{
     BATCH, EngineGuard, EngineId, GovernedAlloc, HOME_SWITCH_AFTER, INTERVAL, OverflowPolicy,
-    charged, enable_overflow, flush_thread, home_engine, is_overflow, overflow_charged, owner,
+    charged, enable_overflow, home_engine, is_overflow, overflow_charged, owner,
     set_overflow_limit, thread_events_active, thread_settlements,
 };
 
+use common::{serial, settled};
+
 #[global_allocator]
 static ALLOC: GovernedAlloc = GovernedAlloc::new();
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn settled(engine: EngineId) -> u64 {
-    flush_thread();
-    charged(engine)
-}
 
 /// jemalloc size classes, so a block's usable size is its request.
 const CLASSES: [usize; 16] = [
