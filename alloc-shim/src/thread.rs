@@ -14,8 +14,10 @@
 //! allocations visiting the current engine within one guard scope, the thread makes it home
 //! (rebind + flush). Entering or leaving a guard is a few thread-local writes.
 //!
-//! Whatever the cache or the binding does, charges and credits go to the engine that owns the
-//! pointer by address, so the ledger stays exact even when an allocation lands elsewhere.
+//! Home-path allocations are home's by construction (the thread's bound arena, through a cache
+//! that only ever holds home's blocks) and are settled to home from jemalloc's counters; every
+//! other charge, and every credit, goes to the engine that owns the pointer by address, so the
+//! ledger stays exact whichever thread frees a block.
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_uint};
@@ -533,7 +535,7 @@ impl ThreadState {
         self.headroom.get() > 0
     }
 
-    /// Registers the thread's exit flush (before the thread may hold credit or caches) and says
+    /// Registers the thread's exit flush (before the thread may hold headroom, unsettled bytes or caches) and says
     /// whether that worked; if it has already run, the thread is tearing down: detach it.
     fn exit_flush_registered(&self) -> bool {
         if EXIT_FLUSH.try_with(|_| ()).is_ok() {
