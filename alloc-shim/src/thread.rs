@@ -446,11 +446,8 @@ impl ThreadState {
         if !self.is_registered() || self.is_detached() {
             return;
         }
-        let (a, d) = self.home_counters();
-        let added = a.wrapping_sub(self.settled[0].get());
-        let freed = d.wrapping_sub(self.settled[1].get());
-        self.settled[0].set(a);
-        self.settled[1].set(d);
+        let (now, added, freed) = self.unsettled();
+        self.mark_settled(now);
         let home = self.home();
         let held = self.headroom.replace(0);
         self.headroom
@@ -490,14 +487,11 @@ impl ThreadState {
         self.events.set(self.events.get().wrapping_add(1));
         let seen = if is_alloc { ALLOC_SEEN } else { DALLOC_SEEN };
         let flags = self.flags.get();
-        if flags & seen != 0 && !self.in_slow.get() && self.headroom.get() > 0 {
-            let (a, d) = self.home_counters();
-            let added = a.wrapping_sub(self.settled[0].get());
-            let freed = d.wrapping_sub(self.settled[1].get());
+        if flags & seen != 0 && self.headroom.get() > 0 {
+            let (now, added, freed) = self.unsettled();
             if let ledger::Plan::Keep(left) = ledger::plan(self.headroom.get(), added, freed, true)
             {
-                self.settled[0].set(a);
-                self.settled[1].set(d);
+                self.mark_settled(now);
                 self.headroom.set(left);
                 self.settlements.set(self.settlements.get().wrapping_add(1));
                 return;
@@ -512,12 +506,27 @@ impl ThreadState {
     /// hook would have.
     #[inline]
     pub(crate) fn check(&self) {
-        let (a, d) = self.home_counters();
-        if a.wrapping_sub(self.settled[0].get()) >= INTERVAL
-            || d.wrapping_sub(self.settled[1].get()) >= INTERVAL
-        {
+        let (_, added, freed) = self.unsettled();
+        if added >= INTERVAL || freed >= INTERVAL {
             self.settle(true);
         }
+    }
+
+    /// The home counters now, and the bytes allocated and freed on the home path since the
+    /// last settlement.
+    #[inline]
+    fn unsettled(&self) -> ((u64, u64), u64, u64) {
+        let (a, d) = self.home_counters();
+        let added = a.wrapping_sub(self.settled[0].get());
+        let freed = d.wrapping_sub(self.settled[1].get());
+        ((a, d), added, freed)
+    }
+
+    /// Records `now` (from [`ThreadState::unsettled`]) as settled.
+    #[inline]
+    fn mark_settled(&self, (a, d): (u64, u64)) {
+        self.settled[0].set(a);
+        self.settled[1].set(d);
     }
 
     /// Before a home allocation off the fast path: registers the thread if need be and buys
