@@ -5,7 +5,8 @@
 //! what it leaves in the page cache to its engine, and past the engine's page-cache budget
 //! writes back and drops the pages behind itself (`sync_file_range`, then
 //! `POSIX_FADV_DONTNEED`; RocksDB's `bytes_per_sync` and drop-behind), so a bulk flush streams
-//! through the cache instead of filling it. A [`GovernedReader`] does the same for one-pass
+//! through the cache instead of filling it; [`MemoryGovernor::direct_writer`] writes around the
+//! cache altogether (`O_DIRECT`). A [`GovernedReader`] does the same for one-pass
 //! reads. [`Protected`] keeps an engine's hot mapped data resident (`mlock`), counted against
 //! its budget and the ceiling.
 //!
@@ -56,6 +57,9 @@ pub struct PageCacheStats {
     pub dropped: u64,
     /// Bytes of protected (locked) regions.
     pub protected: u64,
+    /// Bytes governed writers wrote with direct I/O (`O_DIRECT`), past the page cache, in
+    /// total.
+    pub direct_written: u64,
     /// Bytes of the engine's governed directories' files found in the page cache at the last
     /// sweep (before it dropped them).
     pub dirs_cached: u64,
@@ -72,6 +76,7 @@ pub(crate) struct PageCacheLedger {
     peak: AtomicU64,
     dropped: AtomicU64,
     protected: AtomicU64,
+    direct: AtomicU64,
     dirs_cached: AtomicU64,
     dirs_peak: AtomicU64,
     dirs_dropped: AtomicU64,
@@ -97,6 +102,7 @@ impl PageCacheLedger {
             peak: self.peak.load(Ordering::Acquire),
             dropped: self.dropped.load(Ordering::Relaxed),
             protected: self.protected.load(Ordering::Acquire),
+            direct_written: self.direct.load(Ordering::Relaxed),
             dirs_cached: self.dirs_cached.load(Ordering::Acquire),
             dirs_peak: self.dirs_peak.load(Ordering::Acquire),
             dirs_dropped: self.dirs_dropped.load(Ordering::Relaxed),
@@ -336,6 +342,16 @@ impl Behind {
         r
     }
 
+    /// Moves past `n` bytes written around the page cache (direct I/O): nothing is charged
+    /// for them. Only called with nothing left behind.
+    fn skip(&mut self, n: u64) {
+        debug_assert_eq!(self.dropped_to, self.pos, "skipping with pages left behind");
+        self.pos += n;
+        self.dropped_to = self.pos;
+        self.started_to = self.pos;
+        self.ledger().direct.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Gives the charge back without touching the file (when the file is gone or failed).
     fn forget(&mut self) {
         let len = self.pos - self.dropped_to;
@@ -384,8 +400,13 @@ fn fadvise_dontneed(file: &File, offset: u64, len: u64) -> io::Result<()> {
 
 /// A sequential writer over a file the caller opened, whose page-cache footprint is charged to
 /// an engine and held under its page-cache budget (see the module docs): after each write the
-/// engine's governed I/O has at most its budget plus that write left in the page cache. Writes go to the file
-/// at its current position, as `File`'s own `write` does; errors come back unchanged.
+/// engine's governed I/O has at most its budget plus that write left in the page cache. Writes
+/// go to the file at its current position, as `File`'s own `write` does (at its end if it was
+/// opened for appending); errors come back unchanged.
+///
+/// A writer made by [`MemoryGovernor::direct_writer`] writes around the page cache instead
+/// (`O_DIRECT`) and leaves nothing there but a partial block at either end; see
+/// [`is_direct`](Self::is_direct).
 ///
 /// Dropping the writer writes back and drops what it left behind, ignoring errors; call
 /// [`finish`](Self::finish) to see them and get the file back.
@@ -393,18 +414,154 @@ fn fadvise_dontneed(file: &File, offset: u64, len: u64) -> io::Result<()> {
 pub struct GovernedWriter {
     file: Option<File>,
     behind: Behind,
+    direct: Option<Direct>,
+}
+
+/// Bytes a direct writer gathers before it writes them (a multiple of every alignment it
+/// accepts).
+const DIRECT_CHUNK: usize = SYNC_CHUNK as usize;
+
+/// A direct writer's state: an aligned buffer of what is not written yet, and the descriptor's
+/// flags to put back.
+#[derive(Debug)]
+struct Direct {
+    buf: AlignedBuf,
+    /// Bytes gathered in `buf`.
+    len: usize,
+    /// Offsets and lengths of direct writes are multiples of this.
+    align: usize,
+    /// Bytes still to write through the page cache before the position is aligned.
+    head: usize,
+    /// The descriptor's flags before `O_DIRECT` was set on it; `None` until it is set.
+    flags: Option<libc::c_int>,
+}
+
+/// A zeroed heap buffer of [`DIRECT_CHUNK`] bytes aligned to `align`, as `O_DIRECT` needs.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.layout.size())
+            .field("align", &self.layout.align())
+            .finish()
+    }
+}
+
+// SAFETY: the buffer is owned by this value alone; it is plain bytes.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads the bytes.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new(align: usize) -> io::Result<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(DIRECT_CHUNK, align)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr).ok_or(io::ErrorKind::OutOfMemory)?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` holds `layout.size()` initialised (zeroed) bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// The file's alignment for direct I/O (`statx`'s `STATX_DIOALIGN`: the larger of the memory
+/// and offset alignments, at least 512 B), or `None` where its file system does not do direct
+/// I/O. Kernels before 6.1 do not report it: 4 KiB is assumed there (every common block size).
+fn direct_alignment(file: &File) -> Option<usize> {
+    // SAFETY: an all-zero `statx` is valid for the kernel to fill.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor the `File` owns, an empty path with `AT_EMPTY_PATH` (the descriptor
+    // itself), and a `statx` to write.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Some(4096);
+    }
+    if stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    let align = (stx.stx_dio_offset_align.max(stx.stx_dio_mem_align) as usize).max(512);
+    (align.is_power_of_two() && align <= DIRECT_CHUNK).then_some(align)
+}
+
+fn get_flags(file: &File) -> io::Result<libc::c_int> {
+    // SAFETY: a descriptor the `File` owns; reads its status flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags)
+}
+
+fn set_flags(file: &File, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: a descriptor the `File` owns; sets its status flags (the access mode is ignored).
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl GovernedWriter {
-    pub(crate) fn new(gov: &MemoryGovernor, engine: EngineId, mut file: File) -> Result<Self> {
-        let pos = file.stream_position().map_err(|source| MemError::Io {
-            what: "reading the file position for a governed writer".into(),
-            source,
-        })?;
-        Ok(GovernedWriter {
+    pub(crate) fn new(
+        gov: &MemoryGovernor,
+        engine: EngineId,
+        mut file: File,
+        direct: bool,
+    ) -> Result<Self> {
+        let io_err = |what: &str| {
+            let what = format!("{what} for a governed writer");
+            move |source| MemError::Io { what, source }
+        };
+        let flags = get_flags(&file).map_err(io_err("reading the file's flags"))?;
+        // An appending descriptor writes at the end whatever its position says.
+        let pos = if flags & libc::O_APPEND != 0 {
+            file.seek(io::SeekFrom::End(0))
+        } else {
+            file.stream_position()
+        }
+        .map_err(io_err("reading the file position"))?;
+        let direct = match direct.then(|| direct_alignment(&file)).flatten() {
+            Some(align) => Some(Direct {
+                buf: AlignedBuf::new(align).map_err(io_err("allocating the direct-I/O buffer"))?,
+                len: 0,
+                align,
+                head: (pos.next_multiple_of(align as u64) - pos) as usize,
+                flags: None,
+            }),
+            None => None,
+        };
+        let mut w = GovernedWriter {
             file: Some(file),
             behind: Behind::new(gov, engine, pos),
-        })
+            direct,
+        };
+        if w.direct.as_ref().is_some_and(|d| d.head == 0) {
+            w.begin_direct()
+                .map_err(io_err("setting O_DIRECT on the file"))?;
+        }
+        Ok(w)
     }
 
     /// The engine the writer's page cache is charged to.
@@ -417,8 +574,17 @@ impl GovernedWriter {
         self.behind.pos - self.behind.dropped_to
     }
 
+    /// Whether the writer writes around the page cache (`O_DIRECT`). False for
+    /// [`MemoryGovernor::writer`]'s writers, and for a direct writer whose file system does not
+    /// do direct I/O or refused a direct write: those write through the page cache and drop
+    /// behind, as any governed writer does. A direct writer that starts at an unaligned
+    /// position writes up to the next aligned offset through the page cache first.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
     /// The file written to (for inspection; write through the writer so its pages are
-    /// counted).
+    /// counted). A direct writer may still hold up to 1 MiB it has not written to it.
     pub fn file(&self) -> &File {
         match &self.file {
             Some(f) => f,
@@ -427,34 +593,157 @@ impl GovernedWriter {
     }
 
     /// Writes everything back to the file, waits for it, drops it from the page cache and
-    /// returns the file. After this the data is on disk (`sync_file_range` with both waits;
-    /// call `sync_all` on the file as well for the metadata).
+    /// returns the file. After this the data is on disk (`sync_file_range` with both waits, or
+    /// direct writes; call `sync_all` on the file as well for the metadata), and a direct
+    /// writer has put the descriptor's flags back as they were.
     pub fn finish(mut self) -> io::Result<File> {
+        let r = self.end_direct();
         let file = self
             .file
             .take()
             .ok_or_else(|| io::Error::other("writer already finished"))?;
-        self.behind.close(&file, true)?;
+        let closed = self.behind.close(&file, true);
+        r.and(closed)?;
         Ok(file)
+    }
+
+    /// The position is aligned: drop the head written through the cache and set `O_DIRECT`.
+    /// Where the descriptor refuses it, the writer goes on through the page cache.
+    fn begin_direct(&mut self) -> io::Result<()> {
+        let (Some(file), Some(d)) = (self.file.as_ref(), self.direct.as_mut()) else {
+            return Ok(());
+        };
+        self.behind.drop_all(file, true)?;
+        let flags = get_flags(file)?;
+        match set_flags(file, flags | libc::O_DIRECT) {
+            Ok(()) => d.flags = Some(flags),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Writes the whole aligned blocks gathered (all of them if `all`, and then the partial
+    /// block at the end through the page cache). A direct write refused with `EINVAL` (an
+    /// alignment the file system did not report) turns the writer into a buffered one and
+    /// writes the rest through the page cache.
+    fn write_gathered(&mut self, all: bool) -> io::Result<()> {
+        let (Some(file), Some(d)) = (self.file.as_ref(), self.direct.as_mut()) else {
+            return Ok(());
+        };
+        let mut out: &File = file;
+        // Without `O_DIRECT` on the descriptor (put back after a refusal or a failed write of
+        // the rest), everything goes through the page cache.
+        let whole = if d.flags.is_some() {
+            d.len - d.len % d.align
+        } else {
+            0
+        };
+        let mut done = 0;
+        while done < whole {
+            let chunk = &d.buf.as_mut()[done..whole];
+            match out.write(chunk) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) if n % d.align == 0 => {
+                    self.behind.skip(n as u64);
+                    done += n;
+                }
+                Ok(n) => {
+                    // A short write off the alignment: the rest goes through the cache.
+                    self.behind.skip(n as u64);
+                    done += n;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                Err(e) => {
+                    d.buf.as_mut().copy_within(done..d.len, 0);
+                    d.len -= done;
+                    return Err(e);
+                }
+            }
+        }
+        d.buf.as_mut().copy_within(done..d.len, 0);
+        d.len -= done;
+        if d.len == 0 || (d.len < d.align && !all && d.flags.is_some()) {
+            return Ok(());
+        }
+        // What is left goes through the page cache: the partial block at the end, or
+        // everything after a refused direct write.
+        if let Some(flags) = d.flags.take() {
+            set_flags(file, flags)?;
+        }
+        while d.len > 0 {
+            let r = match out.write(&d.buf.as_mut()[..d.len]) {
+                Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    d.buf.as_mut().copy_within(n..d.len, 0);
+                    d.len -= n;
+                    self.behind.advance(file, n as u64, true)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+                Err(e) => Err(e),
+            };
+            r?;
+        }
+        self.direct = None;
+        Ok(())
+    }
+
+    /// Writes what a direct writer gathered and puts the descriptor's flags back (also when
+    /// writing failed).
+    fn end_direct(&mut self) -> io::Result<()> {
+        let r = self.write_gathered(true);
+        if let (Some(file), Some(d)) = (self.file.as_ref(), self.direct.take())
+            && let Some(flags) = d.flags
+        {
+            set_flags(file, flags)?;
+        }
+        r
     }
 }
 
 impl Write for GovernedWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let head = match self.direct.as_mut() {
+            None => buf.len(),
+            Some(d) if d.head > 0 => d.head.min(buf.len()),
+            Some(d) => {
+                if d.len == DIRECT_CHUNK {
+                    self.write_gathered(false)?;
+                }
+                if let Some(d) = self.direct.as_mut() {
+                    let n = (DIRECT_CHUNK - d.len).min(buf.len());
+                    d.buf.as_mut()[d.len..d.len + n].copy_from_slice(&buf[..n]);
+                    d.len += n;
+                    return Ok(n);
+                }
+                buf.len()
+            }
+        };
         let file = self
             .file
             .as_mut()
             .ok_or_else(|| io::Error::other("writer finished"))?;
-        let n = file.write(buf)?;
+        let n = file.write(&buf[..head])?;
         let file = self
             .file
             .as_ref()
             .ok_or_else(|| io::Error::other("writer finished"))?;
         self.behind.advance(file, n as u64, true)?;
+        if let Some(d) = self.direct.as_mut() {
+            d.head -= n;
+            if d.head == 0 {
+                self.begin_direct()?;
+            }
+        }
         Ok(n)
     }
 
+    /// Hands the file what a direct writer gathered (whole blocks; a partial block at the end
+    /// stays gathered until more follows or the writer finishes) and flushes the file.
     fn flush(&mut self) -> io::Result<()> {
+        self.write_gathered(false)?;
         match self.file.as_mut() {
             Some(f) => f.flush(),
             None => Ok(()),
@@ -464,6 +753,7 @@ impl Write for GovernedWriter {
 
 impl Drop for GovernedWriter {
     fn drop(&mut self) {
+        let _ = self.end_direct();
         if let Some(file) = self.file.take() {
             let _ = self.behind.close(&file, true);
         }

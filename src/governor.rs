@@ -221,7 +221,22 @@ impl MemoryGovernor {
     /// to `engine` and held under the engine's page-cache budget: past it, it writes back and
     /// drops its pages behind itself. See [`GovernedWriter`](crate::GovernedWriter).
     pub fn writer(&self, engine: EngineId, file: std::fs::File) -> Result<crate::GovernedWriter> {
-        crate::cache::GovernedWriter::new(self, engine, file)
+        crate::cache::GovernedWriter::new(self, engine, file, false)
+    }
+
+    /// A writer like [`writer`](Self::writer) that writes around the page cache with direct
+    /// I/O (`O_DIRECT`, set on the caller's descriptor and put back by `finish`): it gathers
+    /// 1 MiB in an aligned buffer and writes it at once, so a bulk flush leaves nothing in the
+    /// cache but a partial block at either end, which goes through the cache and is dropped
+    /// behind. Where the file system does not do direct I/O it is an ordinary governed writer
+    /// ([`GovernedWriter::is_direct`] says which). `O_DIRECT` is a flag of the open file
+    /// description, so descriptors cloned from `file` share it until the writer finishes.
+    pub fn direct_writer(
+        &self,
+        engine: EngineId,
+        file: std::fs::File,
+    ) -> Result<crate::GovernedWriter> {
+        crate::cache::GovernedWriter::new(self, engine, file, true)
     }
 
     /// A one-pass reader over `file` whose page-cache footprint is charged to `engine` and

@@ -263,7 +263,7 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 38] = [
+        let per_engine: [(&str, &str, &str, Field); 39] = [
             (
                 "engine_governed_dir_cached_bytes",
                 "gauge",
@@ -287,6 +287,12 @@ impl Snapshot {
                 "gauge",
                 "Page cache the engine's governed I/O has left behind and not dropped.",
                 |e| e.page_cache.left_behind.into(),
+            ),
+            (
+                "engine_page_cache_direct_bytes_total",
+                "counter",
+                "Bytes the engine's governed writers wrote with direct I/O, past the page cache.",
+                |e| e.page_cache.direct_written.into(),
             ),
             (
                 "engine_page_cache_dropped_bytes_total",

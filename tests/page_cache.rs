@@ -233,3 +233,154 @@ fn a_governed_directory_is_swept_out_of_the_page_cache() {
     assert_eq!(back.len(), 256 * MIB);
     assert!(back.iter().all(|&b| b == 3));
 }
+
+/// The byte at file offset `i` of the direct-I/O tests (position-dependent, so a block written
+/// twice or out of place shows).
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+fn o_direct_set(file: &File) -> bool {
+    // SAFETY: our descriptor; reads its status flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    assert!(flags >= 0);
+    flags & libc::O_DIRECT != 0
+}
+
+#[test]
+fn a_direct_flush_leaves_nothing_cached_and_loses_nothing() {
+    let gov = governor(8 * MIB as u64);
+    let total: u64 = 64 * MIB as u64 + 12_345;
+    // The writer starts at an unaligned position, after 100 bytes written plainly.
+    let mut file = scratch();
+    let lead: Vec<u8> = (0..100).map(pattern).collect();
+    file.write_all(&lead).unwrap();
+    file.sync_all().unwrap();
+    let mut w = gov.direct_writer(TS, file).unwrap();
+    assert!(
+        w.is_direct(),
+        "the target directory's file system does direct I/O"
+    );
+    // Writes of an odd size, so no write lines up with a block.
+    let piece = 3 * MIB as u64 / 2 + 7;
+    let mut pos = 100u64;
+    let mut most_cached = 0u64;
+    while pos < 100 + total {
+        let n = piece.min(100 + total - pos);
+        let buf: Vec<u8> = (pos..pos + n).map(pattern).collect();
+        w.write_all(&buf).unwrap();
+        pos += n;
+        assert!(
+            o_direct_set(w.file()),
+            "O_DIRECT on the descriptor while writing"
+        );
+        most_cached = most_cached.max(nodedb_mem::cached_bytes(w.file()).unwrap());
+        assert_eq!(w.left_behind(), 0, "nothing charged between the ends");
+    }
+    let file = w.finish().unwrap();
+    assert!(!o_direct_set(&file), "the descriptor's flags put back");
+    let after = nodedb_mem::cached_bytes(&file).unwrap();
+    let stats = gov.page_cache(TS);
+    eprintln!(
+        "direct flush of {} MiB: at most {most_cached} B cached while writing, {after} B after; \
+         {} B direct, {} B through the cache",
+        total >> 20,
+        stats.direct_written,
+        stats.dropped
+    );
+    // Only the partial blocks at either end went through the cache, and were dropped.
+    assert_eq!(stats.direct_written + stats.dropped, total);
+    assert!(stats.dropped < 8192, "{stats:?}");
+    assert_eq!(stats.left_behind, 0);
+    assert!(
+        most_cached <= 64 << 10,
+        "{most_cached} B cached while writing"
+    );
+    assert!(after <= 8192, "{after} B cached after finish");
+    // Every byte where it belongs, and nothing past the end.
+    assert_eq!(file.metadata().unwrap().len(), 100 + total);
+    let mut back = Vec::new();
+    File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back.len() as u64, 100 + total);
+    if let Some(i) = (0..back.len()).find(|&i| back[i] != pattern(i as u64)) {
+        panic!("byte {i} differs");
+    }
+    let text = gov.prometheus();
+    assert!(text.contains(&format!(
+        "nodedb_mem_engine_page_cache_direct_bytes_total{{engine=\"timeseries\"}} {}",
+        stats.direct_written
+    )));
+}
+
+#[test]
+fn a_direct_writer_dropped_unfinished_writes_everything() {
+    let gov = governor(8 * MIB as u64);
+    let file = scratch();
+    let view = file.try_clone().unwrap();
+    let total = 3 * MIB as u64 + 5;
+    let mut w = gov.direct_writer(TS, file).unwrap();
+    let buf: Vec<u8> = (0..total).map(pattern).collect();
+    w.write_all(&buf).unwrap();
+    // Up to 1 MiB is still gathered in the writer; dropping it writes that too.
+    drop(w);
+    assert!(!o_direct_set(&view));
+    assert_eq!(view.metadata().unwrap().len(), total);
+    let mut back = Vec::new();
+    File::open(format!("/proc/self/fd/{}", view.as_raw_fd()))
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(back == buf, "contents differ");
+    assert_eq!(gov.page_cache(TS).left_behind, 0);
+}
+
+#[test]
+fn an_appending_writer_drops_what_it_appended() {
+    // A file opened for appending with 32 MiB in it already, not cached.
+    let path = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut f = File::create(path.path()).unwrap();
+    f.write_all(&vec![1u8; 32 * MIB]).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: our descriptor; advice only.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    drop(f);
+    let budget = 8 * MIB as u64;
+    for direct in [false, true] {
+        let gov = governor(budget);
+        let before = std::fs::metadata(path.path()).unwrap().len();
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path.path())
+            .unwrap();
+        let mut w = if direct {
+            gov.direct_writer(TS, file).unwrap()
+        } else {
+            gov.writer(TS, file).unwrap()
+        };
+        let chunk = vec![2u8; MIB];
+        for _ in 0..64 {
+            w.write_all(&chunk).unwrap();
+        }
+        let file = w.finish().unwrap();
+        let len = file.metadata().unwrap().len();
+        assert_eq!(len, before + 64 * MIB as u64);
+        // What was appended is what was dropped: the cache holds none of it. (Measured through
+        // a readable descriptor: an append-only one cannot be mapped.)
+        let cached = nodedb_mem::cached_bytes(&File::open(path.path()).unwrap()).unwrap();
+        eprintln!("appending (direct: {direct}): {cached} B of the file cached after finish");
+        assert!(cached <= budget, "{cached} B cached (direct: {direct})");
+        let stats = gov.page_cache(TS);
+        assert_eq!(stats.dropped + stats.direct_written, 64 * MIB as u64);
+        let mut back = Vec::new();
+        let mut reread = File::open(path.path()).unwrap();
+        reread.read_to_end(&mut back).unwrap();
+        assert!(back[before as usize..].iter().all(|&b| b == 2));
+        assert!(back[..32 * MIB].iter().all(|&b| b == 1));
+        // Reading it back cached it all: out again for the next round.
+        // SAFETY: our descriptor; advice only.
+        unsafe { libc::posix_fadvise(reread.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+}
