@@ -3,13 +3,14 @@
 //! it in a 1 GiB guest); on a large one nothing is under pressure and every mode looks alike.
 //!
 //! ```text
-//! cache_pressure DIR [--index-mib N] [--flush-mib N] [--mode MODE]...
+//! cache_pressure DIR [--index-mib N] [--flush-mib N] [--query-pages N] [--mode MODE]...
 //! ```
 //!
-//! For each mode: the vector engine's index (a file of `--index-mib` under `DIR`) is mapped and
-//! read once, a query thread keeps reading random pages of it, and the timeseries engine
-//! flushes `--flush-mib` to a new file under `DIR` in 1 MiB writes. The index's residency
-//! (`mincore`) is sampled every 64 MiB of the flush. Modes:
+//! For each mode: the vector engine's index (a file of `--index-mib` under `DIR`, default 256)
+//! is mapped and read once, a query thread reads `--query-pages` random pages of it every
+//! 10 ms (default 16), and the timeseries engine flushes `--flush-mib` (default 2048) to a new
+//! file under `DIR` in 1 MiB writes. The index's residency (`mincore`) is sampled every 16 MiB
+//! of the flush; the query thread's major faults count the pages it had to read back. Modes:
 //!
 //! * `plain`: plain `File` writes, the index unprotected;
 //! * `governed`: a governed writer (32 MiB page-cache budget), the index unprotected;
@@ -42,13 +43,14 @@ struct Args {
     dir: PathBuf,
     index_mib: u64,
     flush_mib: u64,
+    query_pages: u64,
     modes: Vec<String>,
 }
 
 fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let mut dir = None;
-    let (mut index_mib, mut flush_mib, mut modes) = (256, 2048, Vec::new());
+    let (mut index_mib, mut flush_mib, mut query_pages, mut modes) = (256, 2048, 16, Vec::new());
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Result<u64, String> {
             let v = it.next().ok_or(format!("{name} needs a value"))?;
@@ -60,6 +62,7 @@ fn parse() -> Result<Args, String> {
         match a.as_str() {
             "--index-mib" => index_mib = num("--index-mib")?,
             "--flush-mib" => flush_mib = num("--flush-mib")?,
+            "--query-pages" => query_pages = num("--query-pages")?,
             "--mode" => {
                 let m = it.next().ok_or("--mode needs a value")?;
                 if !MODES.contains(&m.as_str()) {
@@ -71,7 +74,9 @@ fn parse() -> Result<Args, String> {
             _ => return Err(format!("unknown argument {a:?}")),
         }
     }
-    let dir = dir.ok_or("usage: cache_pressure DIR [--index-mib N] [--flush-mib N] [--mode M]")?;
+    let dir = dir.ok_or(
+        "usage: cache_pressure DIR [--index-mib N] [--flush-mib N] [--query-pages N] [--mode M]",
+    )?;
     if !dir.is_dir() {
         return Err(format!("{}: not a directory", dir.display()));
     }
@@ -82,6 +87,7 @@ fn parse() -> Result<Args, String> {
         dir,
         index_mib,
         flush_mib,
+        query_pages,
         modes,
     })
 }
@@ -168,7 +174,7 @@ fn run(args: &Args, mode: &str) -> Result<Outcome, Box<dyn std::error::Error>> {
     let residency = || resident_bytes(bytes).map_or(0.0, |r| r as f64 / len as f64);
     let start_residency = residency();
 
-    // The query thread: 64 random pages every millisecond, checked against the pattern.
+    // The query thread: `query_pages` random pages every 10 ms, checked against the pattern.
     let stop = AtomicBool::new(false);
     let worst_ns = AtomicU64::new(0);
     let pages = bytes.len() / PAGE;
@@ -178,7 +184,7 @@ fn run(args: &Args, mode: &str) -> Result<Outcome, Box<dyn std::error::Error>> {
             let mut x = 0x9e37_79b9_7f4a_7c15u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                for _ in 0..64 {
+                for _ in 0..args.query_pages {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
@@ -188,7 +194,7 @@ fn run(args: &Args, mode: &str) -> Result<Outcome, Box<dyn std::error::Error>> {
                     assert_eq!(u64::from_le_bytes(id), p as u64, "index page {p} differs");
                 }
                 worst_ns.fetch_max(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(10));
             }
             major_faults() - before
         });
@@ -243,7 +249,7 @@ fn flush(
     let t = Instant::now();
     for i in 1..=args.flush_mib {
         out.write_all(&chunk)?;
-        if i % 64 == 0 {
+        if i % 16 == 0 {
             min_res = min_res.min(residency());
             max_cached = max_cached.max(page_cache());
         }
@@ -279,11 +285,12 @@ fn main() {
         match run(&args, mode) {
             Ok(o) => {
                 println!(
-                    "RESULT mode={mode} index_mib={} flush_mib={} flush_s={:.2} \
+                    "RESULT mode={mode} index_mib={} flush_mib={} query_pages={} flush_s={:.2} \
                      flush_mib_per_s={:.0} index_min_residency={:.3} index_end_residency={:.3} \
                      query_major_faults={} query_worst_ms={:.2} page_cache_max_mib={}",
                     args.index_mib,
                     args.flush_mib,
+                    args.query_pages,
                     o.flush_secs,
                     args.flush_mib as f64 / o.flush_secs,
                     o.min_residency,

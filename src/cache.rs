@@ -57,6 +57,9 @@ pub struct PageCacheStats {
     pub dropped: u64,
     /// Bytes of protected (locked) regions.
     pub protected: u64,
+    /// Bytes of protected regions resident in memory when these figures were taken (`mincore`
+    /// over each region): `protected` while the locks hold.
+    pub protected_resident: u64,
     /// Bytes governed writers wrote with direct I/O (`O_DIRECT`), past the page cache, in
     /// total.
     pub direct_written: u64,
@@ -76,6 +79,8 @@ pub(crate) struct PageCacheLedger {
     peak: AtomicU64,
     dropped: AtomicU64,
     protected: AtomicU64,
+    /// The protected regions, as (address, length), for their residency.
+    regions: std::sync::Mutex<Vec<(usize, usize)>>,
     direct: AtomicU64,
     dirs_cached: AtomicU64,
     dirs_peak: AtomicU64,
@@ -102,6 +107,10 @@ impl PageCacheLedger {
             peak: self.peak.load(Ordering::Acquire),
             dropped: self.dropped.load(Ordering::Relaxed),
             protected: self.protected.load(Ordering::Acquire),
+            protected_resident: crate::sync::lock(&self.regions)
+                .iter()
+                .map(|&(addr, len)| resident_range(addr, len).unwrap_or(0))
+                .sum(),
             direct_written: self.direct.load(Ordering::Relaxed),
             dirs_cached: self.dirs_cached.load(Ordering::Acquire),
             dirs_peak: self.dirs_peak.load(Ordering::Acquire),
@@ -868,9 +877,9 @@ impl<'a> Protected<'a> {
                 source,
             });
         }
-        gov.page_cache_ledger(engine)
-            .protected
-            .fetch_add(len, Ordering::AcqRel);
+        let ledger = gov.page_cache_ledger(engine);
+        ledger.protected.fetch_add(len, Ordering::AcqRel);
+        crate::sync::lock(&ledger.regions).push((data.as_ptr() as usize, data.len()));
         Ok(Protected {
             data,
             gov: gov.clone(),
@@ -899,8 +908,14 @@ impl Drop for Protected<'_> {
     fn drop(&mut self) {
         // SAFETY: the same range we locked, still borrowed.
         unsafe { libc::munlock(self.data.as_ptr().cast(), self.data.len()) };
-        self.gov
-            .page_cache_ledger(self.engine)
+        let ledger = self.gov.page_cache_ledger(self.engine);
+        let region = (self.data.as_ptr() as usize, self.data.len());
+        let mut regions = crate::sync::lock(&ledger.regions);
+        if let Some(i) = regions.iter().position(|&r| r == region) {
+            regions.swap_remove(i);
+        }
+        drop(regions);
+        ledger
             .protected
             .fetch_sub(self.data.len() as u64, Ordering::AcqRel);
         // The reservation is released after this, as the field drops.
@@ -909,15 +924,22 @@ impl Drop for Protected<'_> {
 
 /// Bytes of `data` (mapped memory) resident now, by `mincore` over its pages.
 pub fn resident_bytes(data: &[u8]) -> io::Result<u64> {
+    resident_range(data.as_ptr() as usize, data.len())
+}
+
+/// Bytes of the pages of `[addr, addr + len)` resident now (`ENOMEM` where part of it is not
+/// mapped).
+fn resident_range(addr: usize, len: usize) -> io::Result<u64> {
     const PAGE: usize = 4096;
-    if data.is_empty() {
+    if len == 0 {
         return Ok(0);
     }
-    let start = data.as_ptr() as usize & !(PAGE - 1);
-    let end = (data.as_ptr() as usize + data.len()).next_multiple_of(PAGE);
+    let start = addr & !(PAGE - 1);
+    let end = (addr + len).next_multiple_of(PAGE);
     let mut vec = vec![0u8; (end - start) / PAGE];
-    // SAFETY: `[start, end)` covers the borrowed slice's pages, all mapped; `vec` has one byte
-    // per page.
+    // SAFETY: `mincore` reads only the kernel's page tables for `[start, end)` (page-aligned),
+    // failing with `ENOMEM` for addresses not mapped; it writes one byte per page into `vec`,
+    // which has exactly that many.
     if unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -263,7 +263,7 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 39] = [
+        let per_engine: [(&str, &str, &str, Field); 40] = [
             (
                 "engine_governed_dir_cached_bytes",
                 "gauge",
@@ -305,6 +305,12 @@ impl Snapshot {
                 "gauge",
                 "Bytes of the engine's mapped data locked resident.",
                 |e| e.page_cache.protected.into(),
+            ),
+            (
+                "engine_protected_resident_bytes",
+                "gauge",
+                "Bytes of the engine's protected regions resident in memory (mincore).",
+                |e| e.page_cache.protected_resident.into(),
             ),
             (
                 "engine_overflow_paged_out_bytes",

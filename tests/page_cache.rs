@@ -176,11 +176,17 @@ fn a_protected_region_stays_resident_and_counts_against_the_budget() {
         "counted against the engine"
     );
     assert_eq!(gov.page_cache(v).protected, 32 * MIB as u64);
+    assert_eq!(gov.page_cache(v).protected_resident, 32 * MIB as u64);
     let text = gov.prometheus();
-    assert!(text.contains(&format!(
-        "nodedb_mem_engine_protected_bytes{{engine=\"vector\"}} {}",
-        32 * MIB
-    )));
+    for name in ["protected_bytes", "protected_resident_bytes"] {
+        assert!(
+            text.contains(&format!(
+                "nodedb_mem_engine_{name}{{engine=\"vector\"}} {}",
+                32 * MIB
+            )),
+            "{name}"
+        );
+    }
     // Dropping the page cache does not evict locked pages.
     // SAFETY: as above.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
@@ -196,6 +202,7 @@ fn a_protected_region_stays_resident_and_counts_against_the_budget() {
     drop(p);
     assert_eq!(gov.usage(v), before);
     assert_eq!(gov.page_cache(v).protected, 0);
+    assert_eq!(gov.page_cache(v).protected_resident, 0);
 }
 
 #[test]
