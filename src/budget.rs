@@ -59,6 +59,12 @@ pub struct Budget {
     /// Bytes of limit lent to other engines, and borrowed from them, over the lifetime.
     lent_total: AtomicU64,
     borrowed_total: AtomicU64,
+    /// Bytes of limit this engine took back after lending it, and gave back after borrowing
+    /// it, over the lifetime.
+    taken_back_total: AtomicU64,
+    returned_total: AtomicU64,
+    /// Rebalancing moves that changed this engine's limit.
+    moves: AtomicU64,
     /// Whether the global allocator's ledger for this engine counts as usage (an installed
     /// governor) or not (a standalone one).
     #[cfg_attr(
@@ -101,6 +107,9 @@ impl Budget {
             transitions: AtomicU64::new(0),
             lent_total: AtomicU64::new(0),
             borrowed_total: AtomicU64::new(0),
+            taken_back_total: AtomicU64::new(0),
+            returned_total: AtomicU64::new(0),
+            moves: AtomicU64::new(0),
             from_allocator,
         }
     }
@@ -205,6 +214,20 @@ impl Budget {
     pub fn borrowed_total(&self) -> u64 {
         self.borrowed_total.load(Ordering::Relaxed)
     }
+    /// Total bytes of limit this engine has taken back from borrowers after lending it (when
+    /// it became busy again).
+    pub fn taken_back_total(&self) -> u64 {
+        self.taken_back_total.load(Ordering::Relaxed)
+    }
+    /// Total bytes of borrowed limit this engine has given back to lenders that took it back.
+    pub fn returned_total(&self) -> u64 {
+        self.returned_total.load(Ordering::Relaxed)
+    }
+    /// Rebalancing moves that changed this engine's limit (lending, borrowing, taking back and
+    /// giving back each count one).
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Relaxed)
+    }
 
     /// Takes `bytes` of headroom if what is left still covers the allocator's bytes. The only
     /// admission decision. On refusal returns the headroom seen and the allocator bytes read.
@@ -294,15 +317,29 @@ impl Budget {
         }
         self.limit.store(limit - bytes, Ordering::Release);
         self.lent_total.fetch_add(bytes, Ordering::Relaxed);
+        self.moves.fetch_add(1, Ordering::Relaxed);
         true
     }
 
     /// Raises the limit by `bytes`. Caller holds the rebalance lock and has checked the cap.
     pub(crate) fn borrow(&self, bytes: u64) {
         debug_assert!(self.limit() + bytes <= self.cap);
+        self.raise_limit(bytes);
+        self.borrowed_total.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Raises the limit by `bytes` that this engine lent earlier, up to at most its `base`.
+    /// Caller holds the rebalance lock.
+    pub(crate) fn take_back(&self, bytes: u64) {
+        debug_assert!(self.limit() + bytes <= self.base);
+        self.raise_limit(bytes);
+        self.taken_back_total.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn raise_limit(&self, bytes: u64) {
         self.limit.fetch_add(bytes, Ordering::AcqRel);
         self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
-        self.borrowed_total.fetch_add(bytes, Ordering::Relaxed);
+        self.moves.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Lowers the limit by `bytes` even below current usage (a lender is taking its headroom
@@ -311,6 +348,8 @@ impl Budget {
         debug_assert!(self.limit() >= self.base + bytes);
         self.headroom.fetch_sub(to_i64(bytes), Ordering::AcqRel);
         self.limit.fetch_sub(bytes, Ordering::AcqRel);
+        self.returned_total.fetch_add(bytes, Ordering::Relaxed);
+        self.moves.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Returns the highest usage since the last call and starts a new window at current usage.

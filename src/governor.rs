@@ -345,6 +345,14 @@ impl MemoryGovernor {
         self.budget(engine).limit()
     }
 
+    /// Every engine's current limit (by [`EngineId::index`]), read together: limits change
+    /// only in rebalancing steps, and this waits for one in progress, so the figures are from
+    /// one moment and sum to at most the ceiling.
+    pub fn limits(&self) -> [u64; EngineId::COUNT] {
+        let _serial = lock(&self.inner.rebalance_lock);
+        EngineId::ALL.map(|e| self.budget(e).limit())
+    }
+
     /// Usage of all engines together.
     pub fn global_usage(&self) -> u64 {
         let g = &self.inner.global;
@@ -569,7 +577,7 @@ impl MemoryGovernor {
                 }
                 let x = need.min(surplus);
                 self.budget(d).give_back(x);
-                b.borrow(x);
+                b.take_back(x);
                 record(d, e, x);
                 need -= x;
             }

@@ -45,6 +45,12 @@ pub struct EngineSnapshot {
     pub lent_total: u64,
     /// Limit borrowed from other engines, in total.
     pub borrowed_total: u64,
+    /// Lent limit taken back from borrowers, in total.
+    pub taken_back_total: u64,
+    /// Borrowed limit given back to lenders that took it back, in total.
+    pub returned_total: u64,
+    /// Rebalancing moves that changed the engine's limit.
+    pub rebalance_moves: u64,
     /// jemalloc's figures for the engine's arenas, summed over nodes (zero for a standalone
     /// governor).
     pub arena: ArenaStats,
@@ -108,6 +114,9 @@ impl EngineSnapshot {
             pressure_transitions: b.pressure_transitions(),
             lent_total: b.lent_total(),
             borrowed_total: b.borrowed_total(),
+            taken_back_total: b.taken_back_total(),
+            returned_total: b.returned_total(),
+            rebalance_moves: b.moves(),
             arena,
             arena_by_node,
             range_bytes,
@@ -263,7 +272,7 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 40] = [
+        let per_engine: [(&str, &str, &str, Field); 43] = [
             (
                 "engine_governed_dir_cached_bytes",
                 "gauge",
@@ -473,6 +482,24 @@ impl Snapshot {
                 "counter",
                 "Limit borrowed from other engines by rebalancing.",
                 |e| e.borrowed_total.into(),
+            ),
+            (
+                "engine_taken_back_bytes_total",
+                "counter",
+                "Lent limit the engine took back from borrowers when it became busy.",
+                |e| e.taken_back_total.into(),
+            ),
+            (
+                "engine_returned_bytes_total",
+                "counter",
+                "Borrowed limit the engine gave back to lenders taking it back.",
+                |e| e.returned_total.into(),
+            ),
+            (
+                "engine_rebalance_moves_total",
+                "counter",
+                "Rebalancing moves that changed the engine's limit.",
+                |e| e.rebalance_moves.into(),
             ),
             (
                 "engine_arena_resident_bytes",

@@ -210,10 +210,26 @@ fn idle_engines_lend_to_busy_ones_and_get_it_back() {
     assert_eq!(gov.pressure(q), PressureLevel::Critical); // 36 of 40 MiB
     let total: u64 = EngineId::ALL.iter().map(|&e| gov.limit(e)).sum();
     assert!(total <= 100 * MIB);
+    assert_eq!(gov.limits().iter().sum::<u64>(), total);
+    assert_eq!(gov.limits()[v.index()], 40 * MIB);
     gov.check_consistency().unwrap();
     let snap = gov.snapshot();
-    assert!(snap.engine(q).borrowed_total >= 20 * MIB);
-    assert!(snap.engine(v).lent_total > 0);
+    let (sq, sv) = (snap.engine(q), snap.engine(v));
+    assert_eq!(sq.borrowed_total, 20 * MIB);
+    assert_eq!(sv.lent_total, 20 * MIB);
+    // Taking back is counted apart from borrowing, and giving back apart from lending.
+    assert_eq!((sv.taken_back_total, sv.borrowed_total), (20 * MIB, 0));
+    assert_eq!((sq.returned_total, sq.lent_total), (20 * MIB, 0));
+    // Each side of each move counts one.
+    assert_eq!((sq.rebalance_moves, sv.rebalance_moves), (2, 2));
+    let text = gov.prometheus();
+    for line in [
+        "nodedb_mem_engine_taken_back_bytes_total{engine=\"vector\"} 20971520",
+        "nodedb_mem_engine_returned_bytes_total{engine=\"query\"} 20971520",
+        "nodedb_mem_engine_rebalance_moves_total{engine=\"query\"} 2",
+    ] {
+        assert!(text.contains(line), "{line}");
+    }
     assert!(
         snap.events.iter().any(
             |e| matches!(e.kind, EventKind::Rebalance { from, to, .. } if from == q && to == v)

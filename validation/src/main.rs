@@ -68,13 +68,13 @@ struct Args {
     /// The process's global memory ceiling [default: 1GiB; 512MiB with --short].
     #[arg(long, value_parser = bytes)]
     ceiling: Option<u64>,
-    /// The Vector engine's budget [default: 160MiB; 48MiB with --short].
+    /// The Vector engine's budget [default: 160MiB; 24MiB with --short].
     #[arg(long, value_parser = bytes)]
     vector_budget: Option<u64>,
     /// The Timeseries engine's budget [default: 128MiB; 16MiB with --short].
     #[arg(long, value_parser = bytes)]
     timeseries_budget: Option<u64>,
-    /// The Query engine's budget [default: 256MiB; 24MiB with --short].
+    /// The Query engine's budget [default: 256MiB; 16MiB with --short].
     #[arg(long, value_parser = bytes)]
     query_budget: Option<u64>,
     /// Seconds the engines work for [default: 30; 6 with --short].
@@ -129,7 +129,15 @@ enum Workload {
 struct Settings {
     ceiling: u64,
     budgets: [u64; 3],
+    /// The most each engine may borrow up to.
+    caps: [u64; 3],
     duration_s: f64,
+    /// Timeseries ingests in bursts of this long with idle gaps of `ts_gap_s` between them
+    /// (its table flushed at the end of each burst).
+    ts_burst_s: f64,
+    ts_gap_s: f64,
+    /// Seconds between two GROUP BY queries (the waves of the Query engine).
+    query_pause_s: f64,
     scale: f64,
     memtable_bytes: u64,
     vectors: usize,
@@ -150,14 +158,23 @@ impl Settings {
         };
         let scale = a.scale.unwrap_or(if a.short { 0.04 } else { 1.0 });
         let rows = ((16_000_000.0 * scale) as u64).max(1000);
+        let budgets = [
+            pick(a.vector_budget, 160 << 20, 24 << 20),
+            pick(a.timeseries_budget, 128 << 20, 16 << 20),
+            pick(a.query_budget, 256 << 20, 16 << 20),
+        ];
+        let duration_s = a.duration.unwrap_or(if a.short { 6.0 } else { 30.0 });
         Settings {
             ceiling: pick(a.ceiling, 1 << 30, 512 << 20),
-            budgets: [
-                pick(a.vector_budget, 160 << 20, 48 << 20),
-                pick(a.timeseries_budget, 128 << 20, 16 << 20),
-                pick(a.query_budget, 256 << 20, 24 << 20),
-            ],
-            duration_s: a.duration.unwrap_or(if a.short { 6.0 } else { 30.0 }),
+            budgets,
+            // The engines whose demand comes and goes may borrow up to twice their budget;
+            // the vector index, built once, lends what it does not use.
+            caps: [budgets[0], 2 * budgets[1], 2 * budgets[2]],
+            duration_s,
+            // Three or four bursts and waves over the run.
+            ts_burst_s: duration_s / 8.0,
+            ts_gap_s: duration_s / 12.0,
+            query_pause_s: duration_s / 15.0,
             scale,
             memtable_bytes: a.memtable,
             vectors: ((100_000.0 * scale) as usize).max(500),
@@ -263,12 +280,20 @@ fn run(args: &Args) -> Result<bool, String> {
             .budget(EngineId::Vector, s.budgets[0])
             .budget(EngineId::Timeseries, s.budgets[1])
             .budget(EngineId::Query, s.budgets[2])
-            // The verdict holds each engine to its budget: the background thread that
-            // `install` starts rebalances, so cap each engine at its budget (lending
-            // downwards stays possible, borrowing above it does not).
-            .cap(EngineId::Vector, s.budgets[0])
-            .cap(EngineId::Timeseries, s.budgets[1])
-            .cap(EngineId::Query, s.budgets[2])
+            // Engines this workload does not run get a token budget, and what no engine owns
+            // (`Unattributed`: the runtime, the sampler) an eighth of the ceiling it never
+            // lends, so the busy engines live on each other's idle time and the vector index's
+            // spare room, and the limits they can reach together stay well under the ceiling.
+            .budget(EngineId::Sparse, 1u64 << 20)
+            .budget(EngineId::Crdt, 1u64 << 20)
+            .budget(EngineId::Unattributed, s.ceiling / 8)
+            .floor(EngineId::Unattributed, s.ceiling / 8)
+            // The background thread that `install` starts rebalances: idle engines lend,
+            // busy ones borrow up to their cap (one and a half budgets, so the process keeps
+            // room under the ceiling for what no engine owns) and lenders take theirs back.
+            .cap(EngineId::Vector, s.caps[0])
+            .cap(EngineId::Timeseries, s.caps[1])
+            .cap(EngineId::Query, s.caps[2])
             .overflow(OverflowConfig::in_dir(&overflow_dir))
             .install()
             .map_err(|e| format!("configuring the governor: {e}"))?;
@@ -329,6 +354,8 @@ fn run(args: &Args) -> Result<bool, String> {
         segments: args.out.join("segments.gorilla"),
         seed: s.seed,
         deadline,
+        burst: Duration::from_secs_f64(s.ts_burst_s),
+        gap: Duration::from_secs_f64(s.ts_gap_s),
     };
     let qcfg = query::QueryConfig {
         rows: s.query_rows,
@@ -337,6 +364,7 @@ fn run(args: &Args) -> Result<bool, String> {
         spill_dir: spill_dir.clone(),
         deadline,
         max_queries: u64::MAX,
+        pause: Duration::from_secs_f64(s.query_pause_s),
     };
     let spawn = |name: &str| std::thread::Builder::new().name(name.to_owned());
     let err = |e: std::io::Error| format!("starting an engine thread: {e}");
@@ -412,6 +440,32 @@ fn run(args: &Args) -> Result<bool, String> {
     Ok(rep.passed())
 }
 
+/// Samples where an engine's usage was above its limit.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Overruns {
+    /// Above the limit by more than the allocator's bound.
+    above: usize,
+    /// Of those, samples where usage also grew by more than the bound since the previous one:
+    /// the only way past a limit is a lender taking it back, which lowers the limit under
+    /// usage the engine already had; growing past it would be a breach.
+    grew: usize,
+}
+
+fn limit_overruns(samples: &[monitor::Sample], i: usize, bound: u64) -> Overruns {
+    let mut o = Overruns::default();
+    let mut prev = 0u64;
+    for x in samples {
+        if x.usage[i] > x.limit[i] + bound {
+            o.above += 1;
+            if x.usage[i] > prev + bound {
+                o.grew += 1;
+            }
+        }
+        prev = x.usage[i];
+    }
+    o
+}
+
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site: every figure of the run"
@@ -431,11 +485,20 @@ fn build_report(
     let secs = |d: Duration| d.as_secs_f64().max(1e-9);
     let overflow_peak = |i: usize| samples.iter().map(|x| x.overflow[i]).max().unwrap_or(0);
     let peak_sampled = samples.iter().map(|x| x.rss).max().unwrap_or(0);
+    let limits = |i: usize| samples.iter().map(move |x| x.limit[i]);
     let engine = |i: usize, throughput: f64, unit: &'static str, details: serde_json::Value| {
         let e = ENGINES[i];
+        let b = gov.map(|g| g.budget(e));
         EngineReport {
             name: e.name(),
             budget_bytes: gov.map(|_| s.budgets[i]),
+            lent_bytes: b.map(|b| b.lent_total()),
+            borrowed_bytes: b.map(|b| b.borrowed_total()),
+            taken_back_bytes: b.map(|b| b.taken_back_total()),
+            returned_bytes: b.map(|b| b.returned_total()),
+            limit_min_bytes: gov.and(limits(i).min()),
+            limit_max_bytes: gov.and(limits(i).max()),
+            moves: b.map(|b| b.moves()),
             peak_bytes: gov.map(|g| g.budget(e).peak()),
             overflow_peak_bytes: gov.map(|_| overflow_peak(i)),
             page_cache_peak_bytes: gov.map(|g| {
@@ -476,6 +539,7 @@ fn build_report(
                 "points": to.points,
                 "pressure_flushes": to.pressure_flushes,
                 "size_flushes": to.size_flushes,
+                "burst_flushes": to.burst_flushes,
                 "flush_seconds": secs(to.flush_time),
                 "raw_bytes": to.raw_bytes,
                 "compressed_bytes": to.compressed_bytes,
@@ -509,15 +573,94 @@ fn build_report(
     let [vector_ran, ts_ran, query_ran] = s.running;
 
     let mut checks = Vec::new();
-    if gov.is_some() {
-        for e in &engines {
-            let (peak, budget) = (e.peak_bytes.unwrap_or(0), e.budget_bytes.unwrap_or(0));
+    if let Some(g) = gov {
+        // The allocator's ledger never passes a limit; what it has not settled yet is less
+        // than `BATCH` per thread.
+        let threads = samples.iter().map(|x| x.threads).max().unwrap_or(1).max(1);
+        let bound = nodedb_mem::BATCH * threads;
+        for (i, e) in engines.iter().enumerate() {
+            let k = ENGINES.iter().position(|x| x.name() == e.name).unwrap_or(i);
+            let over = limit_overruns(samples, k, bound);
+            let (lo, hi) = (
+                e.limit_min_bytes.unwrap_or(0),
+                e.limit_max_bytes.unwrap_or(0),
+            );
             checks.push(Check::new(
-                format!("{} within its budget", e.name),
-                peak <= budget,
-                format!("peak {} of {}", ByteSize(peak), ByteSize(budget)),
+                format!("{} within its moving limit", e.name),
+                over.grew == 0,
+                format!(
+                    "peak {} under limits {} .. {} (budget {}); {} samples above a limit taken back \
+                     under it, none growing past it by more than {} ({} threads x {})",
+                    ByteSize(e.peak_bytes.unwrap_or(0)),
+                    ByteSize(lo),
+                    ByteSize(hi),
+                    ByteSize(e.budget_bytes.unwrap_or(0)),
+                    over.above,
+                    ByteSize(bound),
+                    threads,
+                    ByteSize(nodedb_mem::BATCH),
+                ),
             ));
         }
+        let most = samples.iter().map(|x| x.limits_sum).max().unwrap_or(0);
+        checks.push(Check::new(
+            "limits summed within the ceiling at every sample",
+            most <= g.ceiling(),
+            format!(
+                "at most {} of {} over {} samples",
+                ByteSize(most),
+                ByteSize(g.ceiling()),
+                samples.len()
+            ),
+        ));
+    }
+    // Borrowing and taking back need engines whose demand comes and goes beside each other:
+    // the mixed workload, all three engines at once.
+    if gov.is_some() && vector_ran && ts_ran && query_ran {
+        let borrowed: Vec<String> = engines
+            .iter()
+            .filter(|e| e.borrowed_bytes.unwrap_or(0) > 0)
+            .map(|e| {
+                format!(
+                    "{} borrowed {} (limit up to {})",
+                    e.name,
+                    ByteSize(e.borrowed_bytes.unwrap_or(0)),
+                    ByteSize(e.limit_max_bytes.unwrap_or(0))
+                )
+            })
+            .collect();
+        checks.push(Check::new(
+            "a busy engine borrowed from idle ones",
+            !borrowed.is_empty(),
+            if borrowed.is_empty() {
+                "no engine borrowed".to_owned()
+            } else {
+                borrowed.join(", ")
+            },
+        ));
+        let took: Vec<String> = engines
+            .iter()
+            .filter(|e| e.taken_back_bytes.unwrap_or(0) > 0)
+            .map(|e| {
+                format!(
+                    "{} lent {} and took {} back",
+                    e.name,
+                    ByteSize(e.lent_bytes.unwrap_or(0)),
+                    ByteSize(e.taken_back_bytes.unwrap_or(0))
+                )
+            })
+            .collect();
+        checks.push(Check::new(
+            "a lender took its limit back when it became busy",
+            !took.is_empty(),
+            if took.is_empty() {
+                "no engine took limit back".to_owned()
+            } else {
+                took.join(", ")
+            },
+        ));
+    }
+    if gov.is_some() {
         if s.expect_spill && query_ran {
             checks.push(Check::new(
                 "DataFusion spilled when the governor said no",
@@ -635,5 +778,48 @@ fn build_report(
         checks,
         governor_figures,
         note,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(usage: u64, limit: u64) -> monitor::Sample {
+        monitor::Sample {
+            usage: [0, 0, usage],
+            limit: [0, 0, limit],
+            ..monitor::Sample::default()
+        }
+    }
+
+    #[test]
+    fn usage_over_a_limit_taken_back_passes_but_growing_past_it_does_not() {
+        const M: u64 = 1 << 20;
+        // Within the limit, then the limit taken back under usage, which then falls.
+        let fine = [
+            at(10 * M, 16 * M),
+            at(14 * M, 16 * M),
+            at(14 * M, 8 * M),
+            at(9 * M, 8 * M),
+        ];
+        assert_eq!(
+            limit_overruns(&fine, 2, 64 << 10),
+            Overruns { above: 2, grew: 0 }
+        );
+        // Growing while above the limit is a breach; within the bound it is not.
+        let grew = [
+            at(10 * M, 8 * M),
+            at(12 * M, 8 * M),
+            at(12 * M + 1000, 8 * M),
+        ];
+        assert_eq!(
+            limit_overruns(&grew, 2, 64 << 10),
+            Overruns { above: 3, grew: 2 }
+        );
+        assert_eq!(
+            limit_overruns(&[at(8 * M + 1000, 8 * M)], 2, 64 << 10),
+            Overruns::default()
+        );
     }
 }

@@ -24,6 +24,24 @@ pub(crate) struct Sample {
     /// Per engine (in [`ENGINES`] order): usage and overflow bytes (zero without a governor).
     pub(crate) usage: [u64; 3],
     pub(crate) overflow: [u64; 3],
+    /// Per engine: its limit at the sample (the rebalancer moves it; zero without a governor).
+    pub(crate) limit: [u64; 3],
+    /// Every engine's limit summed (all of [`EngineId::ALL`], read together).
+    pub(crate) limits_sum: u64,
+    /// Threads of the process.
+    pub(crate) threads: u64,
+}
+
+/// The process's thread count, from `/proc/self/status` (0 if unreadable).
+pub(crate) fn threads_now() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The resident set size now, from `/proc/self/statm` (0 if unreadable).
@@ -82,12 +100,16 @@ impl Sampler {
                     let mut x = Sample {
                         t_ms: started.elapsed().as_millis() as u64,
                         rss: rss_now(),
+                        threads: threads_now(),
                         ..Sample::default()
                     };
                     if let Some(g) = gov {
+                        let limits = g.limits();
+                        x.limits_sum = limits.iter().sum();
                         for (i, e) in ENGINES.into_iter().enumerate() {
                             x.usage[i] = g.usage(e);
                             x.overflow[i] = g.budget(e).overflow_bytes();
+                            x.limit[i] = limits[e.index()];
                         }
                     }
                     samples.push(x);
@@ -189,8 +211,8 @@ impl Display {
                 mib(ceiling)
             );
             for (i, e) in ENGINES.into_iter().enumerate() {
-                let usage = gov.map_or("-".to_owned(), |g| {
-                    format!("{}/{}", mib(sample.usage[i]), mib(g.limit(e)))
+                let usage = gov.map_or("-".to_owned(), |_| {
+                    format!("{}/{}", mib(sample.usage[i]), mib(sample.limit[i]))
                 });
                 let state = if stats[i].is_done() {
                     "done".to_owned()
@@ -243,21 +265,38 @@ impl Display {
             ))
         )];
         lines.push(format!(
-            "  {:<11} {:>25} {:>9} {:>11} {:>7} {:>10} {:>16}",
-            "engine", "usage / limit", "pressure", "overflow", "spills", "rejected", "throughput"
+            "  {:<11} {:>25} {:>11} {:>9} {:>11} {:>7} {:>10} {:>16}",
+            "engine",
+            "usage / limit",
+            "vs budget",
+            "pressure",
+            "overflow",
+            "spills",
+            "rejected",
+            "throughput"
         ));
         for (i, e) in ENGINES.into_iter().enumerate() {
-            let (usage, pressure) = match gov {
+            let limit = sample.limit[i];
+            let (usage, moved, pressure) = match gov {
                 Some(g) => (
                     format!(
                         "{} / {} ({:>3.0}%)",
                         mib(sample.usage[i]).trim_end_matches(" MiB"),
-                        mib(g.limit(e)),
-                        sample.usage[i] as f64 * 100.0 / g.limit(e).max(1) as f64
+                        mib(limit),
+                        sample.usage[i] as f64 * 100.0 / limit.max(1) as f64
                     ),
+                    // Positive: borrowed from idle engines; negative: lent to busy ones.
+                    {
+                        let d = i128::from(limit) - i128::from(g.budget(e).base());
+                        format!(
+                            "{}{:.1}",
+                            if d < 0 { "-" } else { "+" },
+                            d.unsigned_abs() as f64 / f64::from(1 << 20)
+                        )
+                    },
                     g.pressure(e).name().to_owned(),
                 ),
-                None => ("(no governor)".to_owned(), "-".to_owned()),
+                None => ("(no governor)".to_owned(), "-".to_owned(), "-".to_owned()),
             };
             let state = if stats[i].is_done() {
                 "done".to_owned()
@@ -265,9 +304,10 @@ impl Display {
                 format!("{} {}/s", rate(rates[i]), self.units[i])
             };
             lines.push(format!(
-                "  {:<11} {:>25} {:>9} {:>11} {:>7} {:>10} {:>16}",
+                "  {:<11} {:>25} {:>11} {:>9} {:>11} {:>7} {:>10} {:>16}",
                 e.name(),
                 usage,
+                moved,
                 pressure,
                 mib(sample.overflow[i]),
                 stats[i].spills(),

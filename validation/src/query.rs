@@ -49,6 +49,8 @@ pub(crate) struct QueryConfig {
     pub(crate) deadline: Instant,
     /// At most this many queries.
     pub(crate) max_queries: u64,
+    /// Idle time between two queries (the engine's demand comes in waves).
+    pub(crate) pause: Duration,
 }
 
 /// What the engine did.
@@ -248,6 +250,11 @@ async fn queries(
             o.wrong_results += 1;
             o.first_error.get_or_insert(e);
         }
+        drop(batches);
+        // The loop runs on this thread (`block_on`) and nothing else waits for it here: a
+        // plain sleep idles it without holding a runtime worker.
+        let wake = (Instant::now() + cfg.pause).min(cfg.deadline);
+        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
     }
     o.elapsed = started.elapsed();
     Ok(o)
@@ -308,6 +315,7 @@ mod tests {
             spill_dir: dir,
             deadline: Instant::now(),
             max_queries: 1,
+            pause: Duration::ZERO,
         };
         let o = run(&cfg, None, &stats).expect("runs");
         assert_eq!(

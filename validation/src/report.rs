@@ -23,6 +23,19 @@ pub(crate) struct EngineReport {
     /// writers; sampled at each background tick for governed directories such as DataFusion's
     /// spill directory); `null` without a governor.
     pub(crate) page_cache_peak_bytes: Option<u64>,
+    /// Limit lent to busy engines by rebalancing, in total (`null` without a governor).
+    pub(crate) lent_bytes: Option<u64>,
+    /// Limit borrowed from idle engines, in total.
+    pub(crate) borrowed_bytes: Option<u64>,
+    /// Lent limit taken back from borrowers when the engine became busy again, in total.
+    pub(crate) taken_back_bytes: Option<u64>,
+    /// Borrowed limit given back to lenders taking theirs back, in total.
+    pub(crate) returned_bytes: Option<u64>,
+    /// The lowest and highest limit sampled.
+    pub(crate) limit_min_bytes: Option<u64>,
+    pub(crate) limit_max_bytes: Option<u64>,
+    /// Rebalancing moves that changed the engine's limit.
+    pub(crate) moves: Option<u64>,
     pub(crate) spills: u64,
     pub(crate) rejections: u64,
     pub(crate) throughput: f64,
@@ -82,16 +95,28 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\n  {:<11} {:>12} {:>12} {:>13} {:>7} {:>9} {:>22}",
-            "engine", "budget", "peak", "overflow peak", "spills", "rejected", "throughput"
+            "\n  {:<11} {:>12} {:>25} {:>12} {:>13} {:>7} {:>9} {:>22}",
+            "engine",
+            "budget",
+            "limit min .. max",
+            "peak",
+            "overflow peak",
+            "spills",
+            "rejected",
+            "throughput"
         );
         let opt = |v: Option<u64>| v.map_or("-".to_owned(), mib);
         for e in &self.engines {
+            let range = match (e.limit_min_bytes, e.limit_max_bytes) {
+                (Some(lo), Some(hi)) => format!("{} .. {}", mib(lo), mib(hi)),
+                _ => "-".to_owned(),
+            };
             let _ = writeln!(
                 s,
-                "  {:<11} {:>12} {:>12} {:>13} {:>7} {:>9} {:>22}",
+                "  {:<11} {:>12} {:>25} {:>12} {:>13} {:>7} {:>9} {:>22}",
                 e.name,
                 opt(e.budget_bytes),
+                range,
                 opt(e.peak_bytes),
                 opt(e.overflow_peak_bytes),
                 e.spills,
@@ -130,15 +155,15 @@ impl Report {
 
 /// Writes `timeline.csv`: one row per sample.
 pub(crate) fn write_csv(path: &Path, samples: &[Sample]) -> std::io::Result<()> {
-    let mut s = String::from("t_ms,rss_bytes");
+    let mut s = String::from("t_ms,rss_bytes,limits_sum_bytes");
     for e in ENGINES {
-        let _ = write!(s, ",{e}_usage_bytes,{e}_overflow_bytes");
+        let _ = write!(s, ",{e}_usage_bytes,{e}_overflow_bytes,{e}_limit_bytes");
     }
     s.push('\n');
     for x in samples {
-        let _ = write!(s, "{},{}", x.t_ms, x.rss);
+        let _ = write!(s, "{},{},{}", x.t_ms, x.rss, x.limits_sum);
         for i in 0..ENGINES.len() {
-            let _ = write!(s, ",{},{}", x.usage[i], x.overflow[i]);
+            let _ = write!(s, ",{},{},{}", x.usage[i], x.overflow[i], x.limit[i]);
         }
         s.push('\n');
     }
@@ -212,15 +237,18 @@ pub(crate) fn write_svg(
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
                 });
+            // The limit as the rebalancer moved it, drawn in steps.
+            let mut steps = Vec::with_capacity(samples.len() * 2);
+            for (k, s) in samples.iter().enumerate() {
+                if k > 0 {
+                    steps.push((t(s), to_mib(samples[k - 1].limit[i])));
+                }
+                steps.push((t(s), to_mib(s.limit[i])));
+            }
             chart
-                .draw_series(DashedLineSeries::new(
-                    vec![(0.0, to_mib(budgets[i])), (t_end, to_mib(budgets[i]))],
-                    6,
-                    4,
-                    c.stroke_width(1),
-                ))
+                .draw_series(DashedLineSeries::new(steps, 6, 4, c.stroke_width(1)))
                 .map_err(|x| e(&x))?
-                .label(format!("{engine} budget {}", mib(budgets[i])))
+                .label(format!("{engine} limit (budget {})", mib(budgets[i])))
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(1))
                 });
@@ -263,6 +291,9 @@ mod tests {
                 rss: (100 + i) << 20,
                 usage: [i << 20, (2 * i) << 20, (3 * i) << 20],
                 overflow: [0, 0, u64::from(i > 10) << 20],
+                limit: [64 << 20, (64 + u64::from(i > 5)) << 20, 64 << 20],
+                limits_sum: 192 << 20,
+                threads: 4,
             })
             .collect()
     }
@@ -276,13 +307,15 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "t_ms,rss_bytes,vector_usage_bytes,vector_overflow_bytes,timeseries_usage_bytes,\
-             timeseries_overflow_bytes,query_usage_bytes,query_overflow_bytes"
+            "t_ms,rss_bytes,limits_sum_bytes,vector_usage_bytes,vector_overflow_bytes,\
+             vector_limit_bytes,timeseries_usage_bytes,timeseries_overflow_bytes,\
+             timeseries_limit_bytes,query_usage_bytes,query_overflow_bytes,query_limit_bytes"
         );
         assert_eq!(lines.len(), 21);
         assert_eq!(
             lines[12],
-            "275,116391936,11534336,0,23068672,0,34603008,1048576"
+            "275,116391936,201326592,11534336,0,67108864,23068672,0,68157440,34603008,1048576,\
+             67108864"
         );
     }
 
@@ -296,7 +329,7 @@ mod tests {
             "ceiling 1024.0 MiB",
             "resident (VmRSS)",
             "vector usage",
-            "timeseries budget 64.0 MiB",
+            "timeseries limit (budget 64.0 MiB)",
             "query overflow",
         ] {
             assert!(svg.contains(label), "{label} missing");

@@ -25,6 +25,10 @@ pub(crate) struct TsConfig {
     pub(crate) segments: PathBuf,
     pub(crate) seed: u64,
     pub(crate) deadline: Instant,
+    /// Ingest in bursts this long, each ended by a flush of the table ...
+    pub(crate) burst: Duration,
+    /// ... and followed by this long idle (zero: ingest without pause).
+    pub(crate) gap: Duration,
 }
 
 /// What the engine did.
@@ -36,6 +40,8 @@ pub(crate) struct TsOutcome {
     pub(crate) pressure_flushes: u64,
     /// Flushes at the table's fixed size.
     pub(crate) size_flushes: u64,
+    /// Flushes at the end of a burst, before an idle gap.
+    pub(crate) burst_flushes: u64,
     /// Time spent flushing (ingest stalls).
     pub(crate) flush_time: Duration,
     pub(crate) raw_bytes: u64,
@@ -57,6 +63,7 @@ struct Series {
 enum Reason {
     Pressure,
     Size,
+    Burst,
     End,
 }
 
@@ -122,6 +129,7 @@ pub(crate) fn run(
         match reason {
             Reason::Pressure => o.pressure_flushes += 1,
             Reason::Size => o.size_flushes += 1,
+            Reason::Burst => o.burst_flushes += 1,
             Reason::End => {}
         }
         o.flush_time += t0.elapsed();
@@ -129,7 +137,19 @@ pub(crate) fn run(
     };
 
     let mut n = 0u64;
+    let mut burst_started = Instant::now();
     while n < cfg.points && Instant::now() < cfg.deadline {
+        if !cfg.gap.is_zero() && burst_started.elapsed() >= cfg.burst {
+            // The burst is over: flush the table and stay idle for the gap (the governor
+            // sees an idle engine and lends its limit to busy ones meanwhile).
+            flush(&mut table, Reason::Burst, &mut o)
+                .map_err(|e| format!("writing segments: {e}"))?;
+            in_table = 0;
+            let wake = (Instant::now() + cfg.gap).min(cfg.deadline);
+            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+            burst_started = Instant::now();
+            continue;
+        }
         let end = (n + BATCH).min(cfg.points);
         for i in n..end {
             let s = (i % series_n as u64) as usize;

@@ -76,10 +76,62 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
         .map(|e| e["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["vector", "timeseries", "query"]);
+    // Limits move: every engine's peak is within the most its limit reached (plus what the
+    // allocator has not settled, under 64 KiB a thread), idle engines lent, busy ones
+    // borrowed, and the limits never summed past the ceiling.
+    let threads = 64;
     for e in engines {
-        let (peak, budget) = (e["peak_bytes"].as_u64(), e["budget_bytes"].as_u64());
-        assert!(peak.unwrap() > 0 && peak <= budget, "{e}");
+        let peak = e["peak_bytes"].as_u64().unwrap();
+        let (lo, hi) = (
+            e["limit_min_bytes"].as_u64().unwrap(),
+            e["limit_max_bytes"].as_u64().unwrap(),
+        );
+        let budget = e["budget_bytes"].as_u64().unwrap();
+        assert!(peak > 0 && peak <= hi + threads * (64 << 10), "{e}");
+        assert!(lo <= budget && budget <= hi, "{e}");
+        for k in [
+            "lent_bytes",
+            "borrowed_bytes",
+            "taken_back_bytes",
+            "returned_bytes",
+            "moves",
+        ] {
+            assert!(e[k].is_u64(), "{k}: {e}");
+        }
         assert!(e["throughput"].as_f64().unwrap() > 0.0, "{e}");
+    }
+    assert!(
+        engines[0]["lent_bytes"].as_u64().unwrap() > 0,
+        "the idle index lent"
+    );
+    assert!(
+        engines
+            .iter()
+            .any(|e| e["borrowed_bytes"].as_u64().unwrap() > 0)
+    );
+    assert!(
+        engines
+            .iter()
+            .any(|e| e["taken_back_bytes"].as_u64().unwrap() > 0)
+    );
+    assert!(
+        engines
+            .iter()
+            .any(|e| e["limit_max_bytes"].as_u64() > e["budget_bytes"].as_u64())
+    );
+    let names: Vec<&str> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for check in [
+        "query within its moving limit",
+        "limits summed within the ceiling at every sample",
+        "a busy engine borrowed from idle ones",
+        "a lender took its limit back when it became busy",
+    ] {
+        assert!(names.contains(&check), "{check}: {names:?}");
     }
     assert!(
         engines[2]["spills"].as_u64().unwrap() > 0,
@@ -131,9 +183,27 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
         .map(|l| l.split(',').next().unwrap().parse().unwrap())
         .collect();
     assert!(t.windows(2).all(|w| w[0] <= w[1]));
+    // The limits as sampled: they move, and their sum never passes the ceiling.
+    let col = |name: &str| {
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let i = header.iter().position(|h| *h == name).expect(name);
+        rows.iter()
+            .map(|l| l.split(',').nth(i).unwrap().parse::<u64>().unwrap())
+            .collect::<Vec<u64>>()
+    };
+    assert!(
+        col("limits_sum_bytes")
+            .iter()
+            .all(|&x| x > 0 && x <= ceiling)
+    );
+    let query_limits = col("query_limit_bytes");
+    assert!(
+        query_limits.windows(2).any(|w| w[0] != w[1]),
+        "the query limit never moved"
+    );
     let svg = std::fs::read_to_string(dir.path().join("timeline.svg")).expect("timeline.svg");
     assert!(
-        svg.starts_with("<svg") && svg.contains("query budget"),
+        svg.starts_with("<svg") && svg.contains("query limit (budget"),
         "not a plot"
     );
 }
@@ -204,7 +274,8 @@ fn one_engine_can_run_alone() {
     assert_eq!(
         checks,
         [
-            "timeseries within its budget",
+            "timeseries within its moving limit",
+            "limits summed within the ceiling at every sample",
             "timeseries flushed on the spill controller's word",
             "peak RSS (VmHWM) under the ceiling",
             "timeseries segments decode to their points"
