@@ -16,8 +16,20 @@
 //! what it granted that the allocator has not charged yet (*outstanding*: grants, less the
 //! growth of the engine's charged bytes since, less what consumers gave back), and admits a
 //! request only if it fits together with the outstanding grants. The margin lives in the
-//! pool, not in the governor's ledger, so it never shows as usage. The pool
-//! keeps DataFusion's view of what its consumers reserved ([`MemoryPool::reserved`]) for
+//! pool, not in the governor's ledger, so it never shows as usage.
+//!
+//! **Consumers that cannot spill get what DataFusion's own pool would give them.** A sort's
+//! merge of its spill files, or any consumer registered without `with_can_spill(true)`, fails
+//! the query when refused, where a spillable one spills. The governor counts real memory, so
+//! the budget alone leaves such a consumer less than DataFusion's `FairSpillPool` at the same
+//! limit would (a `row_number() OVER (PARTITION BY … ORDER BY …)` over 2 M rows failed at a
+//! 32 MiB budget that way). The pool grants them, as `FairSpillPool` does, while what
+//! unspillable consumers hold stays within the engine's limit, even where the budget's
+//! headroom is taken by real usage ([`GovernorPool::overdrafts`] counts those grants); the
+//! governor's allocator still never lets the engine's ledger pass its limit and places what
+//! they allocate beyond it in the engine's overflow region.
+//!
+//! The pool keeps DataFusion's view of what its consumers reserved ([`MemoryPool::reserved`]) for
 //! DataFusion's own bookkeeping and reports.
 //!
 //! ```
@@ -55,6 +67,9 @@ pub struct GovernorPool {
     reserved: AtomicUsize,
     /// `try_grow` calls refused (each is a spill or an error in the operator).
     refusals: AtomicU64,
+    /// Grants to consumers that cannot spill which the engine's budget alone would have
+    /// refused.
+    overdrafts: AtomicU64,
     /// Grants not yet charged by the allocator, and the engine's charged bytes when that was
     /// last brought up to date.
     margin: Mutex<Margin>,
@@ -64,6 +79,8 @@ pub struct GovernorPool {
 struct Margin {
     outstanding: u64,
     last_used: u64,
+    /// What consumers that cannot spill hold, by DataFusion's accounting.
+    unspillable: u64,
 }
 
 impl Margin {
@@ -100,6 +117,7 @@ impl GovernorPool {
             name: "nodedb-mem governor pool".to_owned(),
             reserved: AtomicUsize::new(0),
             refusals: AtomicU64::new(0),
+            overdrafts: AtomicU64::new(0),
             margin: Mutex::new(Margin::default()),
         }
     }
@@ -112,6 +130,13 @@ impl GovernorPool {
     /// How many `try_grow` calls were refused.
     pub fn refusals(&self) -> u64 {
         self.refusals.load(Ordering::Relaxed)
+    }
+
+    /// How many grants went to consumers that cannot spill past what the engine's budget had
+    /// room for (see the crate docs: the allocator puts what they allocate past the limit in
+    /// the engine's overflow region).
+    pub fn overdrafts(&self) -> u64 {
+        self.overdrafts.load(Ordering::Relaxed)
     }
 
     /// Granted bytes the allocator has not charged yet (the margin later requests must fit
@@ -132,15 +157,21 @@ impl MemoryPool for GovernorPool {
         &self.name
     }
 
-    fn grow(&self, _reservation: &MemoryReservation, additional: usize) {
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        if !reservation.consumer().can_spill() {
+            self.margin().unspillable += additional as u64;
+        }
         self.reserved.fetch_add(additional, Ordering::AcqRel);
     }
 
-    fn shrink(&self, _reservation: &MemoryReservation, shrink: usize) {
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
         {
             let mut m = self.margin();
             m.catch_up(self.gov.budget(self.engine).used());
             m.outstanding -= (shrink as u64).min(m.outstanding);
+            if !reservation.consumer().can_spill() {
+                m.unspillable -= (shrink as u64).min(m.unspillable);
+            }
         }
         // DataFusion shrinks only what it grew; a larger shrink would be its bug, and the pool
         // keeps its counter at zero rather than wrapping.
@@ -176,9 +207,25 @@ impl MemoryPool for GovernorPool {
                 Err(e) => Some(e.to_string()),
             },
         };
+        // A consumer that cannot spill (a sort's merge, a read-back after spilling) fails
+        // the query when refused, where a spillable one would spill. As DataFusion's own
+        // `FairSpillPool` does, grant it as long as what such consumers hold stays within the
+        // engine's limit; the governor's allocator keeps the engine's ledger under the limit
+        // anyway and places what it allocates beyond in the engine's overflow region.
+        let unspillable = !reservation.consumer().can_spill();
+        let refused = match refused {
+            Some(_) if unspillable && m.unspillable + wanted <= self.gov.limit(self.engine) => {
+                self.overdrafts.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            other => other,
+        };
         match refused {
             None => {
                 m.outstanding += wanted;
+                if unspillable {
+                    m.unspillable += wanted;
+                }
                 self.reserved.fetch_add(additional, Ordering::AcqRel);
                 Ok(())
             }

@@ -34,7 +34,9 @@ fn grants_within_the_budget_and_refuses_past_it() {
 
     // The operator allocates what it reserved; the allocator (here: `charge`) counts it.
     gov.charge(EngineId::Query, (40 * MIB) as u64);
-    let b = MemoryConsumer::new("sort").register(&pool);
+    let b = MemoryConsumer::new("sort")
+        .with_can_spill(true)
+        .register(&pool);
     let err = b.try_grow(30 * MIB).unwrap_err();
     assert!(
         matches!(err, DataFusionError::ResourcesExhausted(_)),
@@ -155,4 +157,45 @@ fn asking_leaves_no_trace_in_the_engines_usage_or_peak() {
     assert!(err.contains("for engine query"), "{err}");
     assert_eq!(gov.budget(EngineId::Query).rejections(), 2);
     assert_eq!(gov.budget(EngineId::Query).peak(), 0);
+}
+
+#[test]
+fn consumers_that_cannot_spill_are_granted_up_to_the_limit_beside_real_usage() {
+    let (gov, pool) = pool();
+    let p = pool.downcast_ref::<GovernorPool>().unwrap();
+    // Spillable consumers took the budget and allocated it.
+    let agg = MemoryConsumer::new("agg")
+        .with_can_spill(true)
+        .register(&pool);
+    agg.try_grow(60 * MIB).unwrap();
+    gov.charge(EngineId::Query, (60 * MIB) as u64);
+    // A spillable consumer is refused: it spills.
+    let sort = MemoryConsumer::new("ExternalSorter")
+        .with_can_spill(true)
+        .register(&pool);
+    assert!(sort.try_grow(8 * MIB).is_err());
+    // A merge cannot spill: refusing it would fail the query. It is granted while what
+    // unspillable consumers hold stays within the engine's 64 MiB limit (its bytes past the
+    // limit go to the engine's overflow region when allocated).
+    let merge = MemoryConsumer::new("ExternalSorterMerge").register(&pool);
+    merge.try_grow(8 * MIB).unwrap();
+    merge.try_grow(40 * MIB).unwrap();
+    assert_eq!(p.overdrafts(), 2);
+    let err = merge.try_grow(17 * MIB).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("consumer ExternalSorterMerge, holding 50331648 bytes"),
+        "{err}"
+    );
+    merge.try_grow(16 * MIB).unwrap();
+    assert_eq!(p.overdrafts(), 3);
+    // Given back, the room is there again for unspillable consumers.
+    merge.shrink(32 * MIB);
+    merge.try_grow(32 * MIB).unwrap();
+    assert_eq!(p.refusals(), 2);
+    drop((agg, sort, merge));
+    assert_eq!(pool.reserved(), 0);
+    // Nothing the pool granted was ever reserved in the governor.
+    assert_eq!(gov.budget(EngineId::Query).reserved(), 0);
+    gov.credit(EngineId::Query, (60 * MIB) as u64).unwrap();
 }
