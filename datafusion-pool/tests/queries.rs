@@ -219,12 +219,12 @@ fn compare(limit: u64) -> (u64, u64) {
 fn spillable_queries_finish_at_32_mib_wherever_fair_spill_does() {
     // The budget is tight: the governor refused memory and operators spilled. The row_number
     // query's sort merges what it spilled through an unspillable consumer, which the budget
-    // alone refused (the query failed with `ResourcesExhausted` before).
-    let (refusals, overdrafts) = compare(32 * MIB);
-    assert!(
-        refusals > 0 && overdrafts > 0,
-        "{refusals} refusals, {overdrafts} overdrafts"
-    );
+    // alone refused (the query failed with `ResourcesExhausted` before the pool granted such
+    // consumers what `FairSpillPool` would). Whether a given run needs such a grant depends
+    // on how the two partitions interleave (2–8 grants alone, none on a loaded machine), so
+    // only the outcome is asserted; `tests/pool.rs` pins the rule itself.
+    let (refusals, _) = compare(32 * MIB);
+    assert!(refusals > 0, "{refusals} refusals");
 }
 
 #[test]
