@@ -445,46 +445,30 @@ struct Direct {
     flags: Option<libc::c_int>,
 }
 
-/// A zeroed heap buffer of [`DIRECT_CHUNK`] bytes aligned to `align`, as `O_DIRECT` needs.
+/// [`DIRECT_CHUNK`] bytes aligned to `align`, as `O_DIRECT` needs: an aligned window into a
+/// plain vector one alignment longer.
+#[derive(Debug)]
 struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
+    bytes: Vec<u8>,
+    offset: usize,
 }
-
-impl std::fmt::Debug for AlignedBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf")
-            .field("len", &self.layout.size())
-            .field("align", &self.layout.align())
-            .finish()
-    }
-}
-
-// SAFETY: the buffer is owned by this value alone; it is plain bytes.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: shared access only reads the bytes.
-unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     fn new(align: usize) -> io::Result<AlignedBuf> {
-        let layout = std::alloc::Layout::from_size_align(DIRECT_CHUNK, align)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(ptr).ok_or(io::ErrorKind::OutOfMemory)?;
-        Ok(AlignedBuf { ptr, layout })
+        let mut bytes = Vec::new();
+        bytes
+            .try_reserve_exact(DIRECT_CHUNK + align)
+            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        bytes.resize(DIRECT_CHUNK + align, 0);
+        let offset = bytes.as_ptr().align_offset(align);
+        if offset > align {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(AlignedBuf { bytes, offset })
     }
 
     fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` holds `layout.size()` initialised (zeroed) bytes owned by `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this very layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        &mut self.bytes[self.offset..self.offset + DIRECT_CHUNK]
     }
 }
 
