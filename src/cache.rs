@@ -107,7 +107,7 @@ impl PageCacheLedger {
             peak: self.peak.load(Ordering::Acquire),
             dropped: self.dropped.load(Ordering::Relaxed),
             protected: self.protected.load(Ordering::Acquire),
-            protected_resident: crate::sync::lock(&self.regions)
+            protected_resident: lock_regions(&self.regions)
                 .iter()
                 .map(|&(addr, len)| resident_range(addr, len).unwrap_or(0))
                 .sum(),
@@ -124,6 +124,14 @@ impl PageCacheLedger {
         self.dirs_peak.fetch_max(cached, Ordering::AcqRel);
         self.dirs_dropped.fetch_add(dropped, Ordering::Relaxed);
     }
+}
+
+/// The protected regions' list (a std mutex: this ledger is not part of the loom models, whose
+/// `crate::sync` swaps in loom's types).
+fn lock_regions(
+    m: &std::sync::Mutex<Vec<(usize, usize)>>,
+) -> std::sync::MutexGuard<'_, Vec<(usize, usize)>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What one sweep of a governed directory found.
@@ -863,7 +871,7 @@ impl<'a> Protected<'a> {
         }
         let ledger = gov.page_cache_ledger(engine);
         ledger.protected.fetch_add(len, Ordering::AcqRel);
-        crate::sync::lock(&ledger.regions).push((data.as_ptr() as usize, data.len()));
+        lock_regions(&ledger.regions).push((data.as_ptr() as usize, data.len()));
         Ok(Protected {
             data,
             gov: gov.clone(),
@@ -894,7 +902,7 @@ impl Drop for Protected<'_> {
         unsafe { libc::munlock(self.data.as_ptr().cast(), self.data.len()) };
         let ledger = self.gov.page_cache_ledger(self.engine);
         let region = (self.data.as_ptr() as usize, self.data.len());
-        let mut regions = crate::sync::lock(&ledger.regions);
+        let mut regions = lock_regions(&ledger.regions);
         if let Some(i) = regions.iter().position(|&r| r == region) {
             regions.swap_remove(i);
         }
