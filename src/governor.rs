@@ -229,8 +229,9 @@ impl MemoryGovernor {
     /// 1 MiB in an aligned buffer and writes it at once, so a bulk flush leaves nothing in the
     /// cache but a partial block at either end, which goes through the cache and is dropped
     /// behind. Where the file system does not do direct I/O it is an ordinary governed writer
-    /// ([`GovernedWriter::is_direct`](crate::GovernedWriter::is_direct) says which). `O_DIRECT` is a flag of the open file
-    /// description, so descriptors cloned from `file` share it until the writer finishes.
+    /// ([`GovernedWriter::is_direct`](crate::GovernedWriter::is_direct) says which).
+    /// `O_DIRECT` is a flag of the open file description, so descriptors cloned from `file`
+    /// share it until the writer finishes.
     pub fn direct_writer(
         &self,
         engine: EngineId,
