@@ -119,12 +119,7 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
             .iter()
             .any(|e| e["limit_max_bytes"].as_u64() > e["budget_bytes"].as_u64())
     );
-    let names: Vec<&str> = r["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let names = check_names(&r);
     for check in [
         "query within its moving limit",
         "limits summed within the ceiling at every sample",
@@ -265,12 +260,7 @@ fn one_engine_can_run_alone() {
     assert_eq!(engines.len(), 1);
     assert_eq!(engines[0]["name"], "timeseries");
     assert!(engines[0]["details"]["pressure_flushes"].as_u64().unwrap() > 0);
-    let checks: Vec<&str> = r["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let checks = check_names(&r);
     assert_eq!(
         checks,
         [
@@ -341,4 +331,14 @@ fn the_version_is_printed() {
     c.stdout.take().unwrap().read_to_string(&mut s).unwrap();
     assert!(c.wait().unwrap().success());
     assert!(s.starts_with("nodedb-mem-validation 0.1.0"), "{s}");
+}
+
+/// The names of the verdict's checks in `report.json`, in order.
+fn check_names(r: &serde_json::Value) -> Vec<&str> {
+    r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
 }
