@@ -18,6 +18,25 @@
 //! request only if it fits together with the outstanding grants. The margin lives in the
 //! pool, not in the governor's ledger, so it never shows as usage.
 //!
+//! DataFusion's own view counts too: where its consumers hold more than the engine's charged
+//! bytes (a hash aggregation reserves headroom for the sort it would need to spill, before it
+//! allocates it), the difference is granted memory not allocated yet, whichever is larger.
+//!
+//! **A margin for growth DataFusion makes before it asks.** Operators allocate first and ask
+//! after: a hash aggregation doubles its table (the new one allocated beside the old, 68 MiB at
+//! four million groups) and then asks for the difference. The pool admits a request only if
+//! it also leaves a margin free: a quarter of the engine's limit by default
+//! ([`GovernorPool::with_margin_percent`]), more if the engine has been seen holding more than
+//! that past its limit (in its overflow region under an installed governor, or charged past
+//! the limit otherwise; learned up to half the limit, [`GovernorPool::margin`]). Spillable
+//! operators then spill that much earlier, and the next doubling lands within the limit
+//! instead of in overflow. What the engine holds in overflow counts as usage while it lasts.
+//! The margin is not reserved anywhere: the allocator's charges use it freely. It applies to
+//! consumers that hold memory already (they can spill to make room); one that holds nothing
+//! yet is admitted against the budget and the pool's outstanding grants alone, since refusing
+//! it would fail its query (DataFusion's `FairSpillPool` gives every spillable consumer a
+//! share for the same reason).
+//!
 //! **Consumers that cannot spill get what DataFusion's own pool would give them.** A sort's
 //! merge of its spill files, or any consumer registered without `with_can_spill(true)`, fails
 //! the query when refused, where a spillable one spills. The governor counts real memory, so
@@ -58,6 +77,9 @@ use datafusion_common::{DataFusionError, Result};
 use datafusion_execution::memory_pool::{MemoryLimit, MemoryPool, MemoryReservation};
 use nodedb_mem::{EngineId, MemoryGovernor};
 
+/// The share of the engine's limit kept free beside grants unless configured otherwise.
+const DEFAULT_MARGIN_PERCENT: u8 = 25;
+
 /// A [`MemoryPool`] whose `try_grow` asks a [`MemoryGovernor`] (see the crate docs).
 pub struct GovernorPool {
     gov: MemoryGovernor,
@@ -70,6 +92,8 @@ pub struct GovernorPool {
     /// Grants to consumers that cannot spill which the engine's budget alone would have
     /// refused.
     overdrafts: AtomicU64,
+    /// The margin kept free before anything is learned, in percent of the engine's limit.
+    margin_percent: u8,
     /// Grants not yet charged by the allocator, and the engine's charged bytes when that was
     /// last brought up to date.
     margin: Mutex<Margin>,
@@ -79,6 +103,8 @@ pub struct GovernorPool {
 struct Margin {
     outstanding: u64,
     last_used: u64,
+    /// The largest excess over the engine's limit seen so far (at most half of it).
+    learned: u64,
     /// What consumers that cannot spill hold, by DataFusion's accounting.
     unspillable: u64,
 }
@@ -90,6 +116,19 @@ impl Margin {
         self.outstanding -= growth.min(self.outstanding);
         self.last_used = used;
     }
+
+    /// Learns from what the engine holds past its limit right now.
+    fn learn(&mut self, excess: u64, limit: u64) {
+        self.learned = self.learned.max(excess.min(limit / 2));
+    }
+}
+
+/// The engine's figures a pool call looks at.
+#[derive(Debug, Clone, Copy)]
+struct Engine {
+    used: u64,
+    overflow: u64,
+    limit: u64,
 }
 
 impl fmt::Debug for GovernorPool {
@@ -118,8 +157,41 @@ impl GovernorPool {
             reserved: AtomicUsize::new(0),
             refusals: AtomicU64::new(0),
             overdrafts: AtomicU64::new(0),
+            margin_percent: DEFAULT_MARGIN_PERCENT,
             margin: Mutex::new(Margin::default()),
         }
+    }
+
+    /// Keeps `percent` of the engine's limit free beside every grant to a spillable consumer
+    /// (default 25; see the crate docs), at most 50. A margin learned from the engine's excess
+    /// over its limit can still raise it, up to half the limit.
+    ///
+    /// ```
+    /// use nodedb_mem::{EngineId, MemoryGovernor};
+    /// use nodedb_mem_datafusion::GovernorPool;
+    ///
+    /// let gov = MemoryGovernor::builder().global_ceiling(1 << 30).build()?;
+    /// let pool = GovernorPool::new(gov.clone(), EngineId::Query).with_margin_percent(10)?;
+    /// let err = GovernorPool::new(gov, EngineId::Query).with_margin_percent(60).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid configuration `margin_percent` = 60: at most 50 (the margin is part of \
+    ///      the limit; a larger one would leave spillable operators less than it keeps free)"
+    /// );
+    /// # Ok::<(), nodedb_mem::MemError>(())
+    /// ```
+    pub fn with_margin_percent(mut self, percent: u8) -> nodedb_mem::Result<GovernorPool> {
+        if percent > 50 {
+            return Err(nodedb_mem::MemError::InvalidConfig {
+                field: "margin_percent".into(),
+                value: percent.to_string(),
+                reason: "at most 50 (the margin is part of the limit; a larger one would leave \
+                         spillable operators less than it keeps free)"
+                    .into(),
+            });
+        }
+        self.margin_percent = percent;
+        Ok(self)
     }
 
     /// The engine whose budget this pool spends.
@@ -142,13 +214,66 @@ impl GovernorPool {
     /// Granted bytes the allocator has not charged yet (the margin later requests must fit
     /// beside), as of the pool's last call.
     pub fn outstanding(&self) -> u64 {
-        self.margin().outstanding
+        self.margin_state().outstanding
     }
 
-    fn margin(&self) -> std::sync::MutexGuard<'_, Margin> {
+    /// The margin kept free for growth that operators make before they ask, as of the pool's
+    /// last call: the configured share of the engine's limit, or the largest excess over the
+    /// limit seen so far (at most half the limit) where that is larger. See the crate docs.
+    pub fn margin(&self) -> u64 {
+        let learned = self.margin_state().learned;
+        self.margin_for(learned, self.gov.limit(self.engine))
+    }
+
+    fn margin_for(&self, learned: u64, limit: u64) -> u64 {
+        // At most half of a u64: the product fits u128, the quotient u64.
+        let share = u128::from(limit) * u128::from(self.margin_percent) / 100;
+        learned.max(u64::try_from(share).unwrap_or(limit))
+    }
+
+    /// Reads the engine's figures and brings the margin up to date with them.
+    fn look(&self, m: &mut Margin) -> Engine {
+        let b = self.gov.budget(self.engine);
+        let e = Engine {
+            used: b.used(),
+            overflow: b.overflow_bytes(),
+            limit: b.limit(),
+        };
+        m.catch_up(e.used);
+        m.learn(
+            e.overflow
+                .max((e.used + e.overflow).saturating_sub(e.limit)),
+            e.limit,
+        );
+        e
+    }
+
+    fn margin_state(&self) -> std::sync::MutexGuard<'_, Margin> {
         self.margin
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// What a request did not fit beside, in words: the parts that are not zero.
+fn beside_text(outstanding: u64, overflow: u64, margin: u64) -> String {
+    let parts = [
+        (outstanding, "granted and not allocated yet"),
+        (overflow, "the engine holds in its overflow region"),
+        (
+            margin,
+            "of margin for growth operators make before they ask",
+        ),
+    ];
+    let said: Vec<String> = parts
+        .iter()
+        .filter(|(bytes, _)| *bytes > 0)
+        .map(|(bytes, what)| format!("{} {what}", nodedb_mem::ByteSize(*bytes)))
+        .collect();
+    match said.as_slice() {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
 }
 
@@ -159,15 +284,15 @@ impl MemoryPool for GovernorPool {
 
     fn grow(&self, reservation: &MemoryReservation, additional: usize) {
         if !reservation.consumer().can_spill() {
-            self.margin().unspillable += additional as u64;
+            self.margin_state().unspillable += additional as u64;
         }
         self.reserved.fetch_add(additional, Ordering::AcqRel);
     }
 
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
         {
-            let mut m = self.margin();
-            m.catch_up(self.gov.budget(self.engine).used());
+            let mut m = self.margin_state();
+            self.look(&mut m);
             m.outstanding -= (shrink as u64).min(m.outstanding);
             if !reservation.consumer().can_spill() {
                 m.unspillable -= (shrink as u64).min(m.unspillable);
@@ -183,26 +308,41 @@ impl MemoryPool for GovernorPool {
     }
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
-        let mut m = self.margin();
-        m.catch_up(self.gov.budget(self.engine).used());
+        let mut m = self.margin_state();
+        let e = self.look(&mut m);
         let wanted = additional as u64;
-        // Admission for this request beside the grants not yet allocated, asked without holding
-        // anything (the allocator charges the memory when it is allocated), under the pool's
-        // lock so concurrent askers see each other's grants.
-        let refused = match self
-            .gov
-            .check_admission(self.engine, wanted + m.outstanding)
-        {
+        // Admission for this request beside the grants not yet allocated, asked without
+        // holding anything (the allocator charges the memory when it is allocated), under the
+        // pool's lock so concurrent askers see each other's grants. A spillable consumer that
+        // already holds memory (it can spill to make room) is held to more: the grants counted
+        // by DataFusion's view where that is larger, what the engine holds in overflow, and
+        // the margin for growth operators make before they ask. One that holds nothing yet
+        // cannot make room by spilling and would fail its query if refused; like
+        // `FairSpillPool`'s share for every spillable consumer, it is spared those.
+        let unspillable = !reservation.consumer().can_spill();
+        let strict = !unspillable && reservation.size() > 0;
+        let (pending, overflow, margin) = if strict {
+            (
+                m.outstanding
+                    .max((self.reserved() as u64).saturating_sub(e.used)),
+                e.overflow,
+                self.margin_for(m.learned, e.limit),
+            )
+        } else {
+            (m.outstanding, 0, 0)
+        };
+        let beside = pending + overflow + margin;
+        let refused = match self.gov.check_admission(self.engine, wanted + beside) {
             Ok(()) => None,
-            Err(e) if m.outstanding == 0 => Some(e.to_string()),
-            // Refused with the margin: say so in terms of this request.
+            Err(e) if beside == 0 => Some(e.to_string()),
+            // Refused with what lies beside it: say so in terms of this request.
             Err(_) => match self.gov.check_admission(self.engine, wanted) {
                 Ok(()) => Some(format!(
                     "cannot admit {} for engine {}: it fits the engine's budget alone, but \
-                         not beside {} granted to other consumers and not allocated yet",
+                     not beside {}",
                     nodedb_mem::ByteSize(wanted),
                     self.engine,
-                    nodedb_mem::ByteSize(m.outstanding)
+                    beside_text(pending, overflow, margin)
                 )),
                 Err(e) => Some(e.to_string()),
             },
@@ -212,9 +352,8 @@ impl MemoryPool for GovernorPool {
         // `FairSpillPool` does, grant it as long as what such consumers hold stays within the
         // engine's limit; the governor's allocator keeps the engine's ledger under the limit
         // anyway and places what it allocates beyond in the engine's overflow region.
-        let unspillable = !reservation.consumer().can_spill();
         let refused = match refused {
-            Some(_) if unspillable && m.unspillable + wanted <= self.gov.limit(self.engine) => {
+            Some(_) if unspillable && m.unspillable + wanted <= e.limit => {
                 self.overdrafts.fetch_add(1, Ordering::Relaxed);
                 None
             }

@@ -16,8 +16,11 @@ fn pool() -> (MemoryGovernor, Arc<dyn MemoryPool>) {
         .budget(EngineId::Query, (64 * MIB) as u64)
         .build()
         .unwrap();
-    let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(gov.clone(), EngineId::Query));
-    (gov, pool)
+    // No margin: these tests follow one rule at a time (the margin has tests of its own).
+    let pool = GovernorPool::new(gov.clone(), EngineId::Query)
+        .with_margin_percent(0)
+        .unwrap();
+    (gov, Arc::new(pool) as Arc<dyn MemoryPool>)
 }
 
 #[test]
@@ -91,7 +94,7 @@ fn grants_not_yet_allocated_are_a_margin_for_the_next_request() {
     assert_eq!(
         err.to_string(),
         "Resources exhausted: cannot admit 30 MiB for engine query: it fits the engine's budget \
-         alone, but not beside 40 MiB granted to other consumers and not allocated yet \
+         alone, but not beside 40 MiB granted and not allocated yet \
          (consumer partition 1, holding 0 bytes)"
     );
     // Partition 0 allocates what it was granted (the allocator charges it): the margin retires
@@ -198,4 +201,143 @@ fn consumers_that_cannot_spill_are_granted_up_to_the_limit_beside_real_usage() {
     // Nothing the pool granted was ever reserved in the governor.
     assert_eq!(gov.budget(EngineId::Query).reserved(), 0);
     gov.credit(EngineId::Query, (60 * MIB) as u64).unwrap();
+}
+
+fn default_pool() -> (MemoryGovernor, Arc<dyn MemoryPool>) {
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .budget(EngineId::Query, (64 * MIB) as u64)
+        .build()
+        .unwrap();
+    let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(gov.clone(), EngineId::Query));
+    (gov, pool)
+}
+
+#[test]
+fn spillable_consumers_leave_a_quarter_of_the_limit_free_by_default() {
+    let (gov, pool) = default_pool();
+    let p = pool.downcast_ref::<GovernorPool>().unwrap();
+    assert_eq!(p.margin(), (16 * MIB) as u64);
+    let agg = MemoryConsumer::new("agg")
+        .with_can_spill(true)
+        .register(&pool);
+    agg.try_grow(48 * MIB).unwrap();
+    gov.charge(EngineId::Query, (48 * MIB) as u64);
+    let err = agg.try_grow(MIB).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Resources exhausted: cannot admit 1 MiB for engine query: it fits the engine's budget \
+         alone, but not beside 16 MiB of margin for growth operators make before they ask \
+         (consumer agg, holding 50331648 bytes)"
+    );
+    // The margin is not reserved: the allocator's charges use it (here: the operator's own
+    // growth before it asks), and a consumer that cannot spill is granted without it.
+    gov.charge(EngineId::Query, (8 * MIB) as u64);
+    let merge = MemoryConsumer::new("merge").register(&pool);
+    merge.try_grow(8 * MIB).unwrap();
+    assert_eq!(p.overdrafts(), 0, "8 MiB fit the limit: no overdraft");
+    assert_eq!(gov.budget(EngineId::Query).reserved(), 0);
+    drop((agg, merge));
+    gov.credit(EngineId::Query, (56 * MIB) as u64).unwrap();
+}
+
+#[test]
+fn the_margin_grows_to_the_largest_excess_seen_and_no_further_than_half_the_limit() {
+    let (gov, pool) = default_pool();
+    let p = pool.downcast_ref::<GovernorPool>().unwrap();
+    let agg = MemoryConsumer::new("agg")
+        .with_can_spill(true)
+        .register(&pool);
+    agg.try_grow(8 * MIB).unwrap();
+    // The engine goes 24 MiB past its limit (an operator grew before it asked).
+    gov.charge(EngineId::Query, (88 * MIB) as u64);
+    assert!(agg.try_grow(MIB).is_err());
+    assert_eq!(p.margin(), (24 * MIB) as u64);
+    // Freed again, the margin stays learned: beside it and the 8 MiB agg holds by DataFusion's
+    // count (nothing charged), 32 MiB fit and 33 do not.
+    gov.credit(EngineId::Query, (88 * MIB) as u64).unwrap();
+    let err = agg.try_grow(33 * MIB).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Resources exhausted: cannot admit 33 MiB for engine query: it fits the engine's budget \
+         alone, but not beside 8 MiB granted and not allocated yet and 24 MiB of margin for \
+         growth operators make before they ask (consumer agg, holding 8388608 bytes)"
+    );
+    agg.try_grow(32 * MIB).unwrap();
+    agg.free();
+    // A larger excess raises it, to half the limit at most.
+    gov.charge(EngineId::Query, (104 * MIB) as u64);
+    assert!(agg.try_grow(MIB).is_err());
+    assert_eq!(p.margin(), (32 * MIB) as u64);
+    gov.credit(EngineId::Query, (104 * MIB) as u64).unwrap();
+}
+
+#[test]
+fn a_spillable_consumer_holding_nothing_is_spared_the_margin() {
+    let (gov, pool) = default_pool();
+    gov.charge(EngineId::Query, (56 * MIB) as u64);
+    let holder = MemoryConsumer::new("holder")
+        .with_can_spill(true)
+        .register(&pool);
+    holder.grow(MIB);
+    // Holding memory, it can spill to make room: held to the 16 MiB margin.
+    assert!(holder.try_grow(4 * MIB).is_err());
+    // Holding nothing, a refusal would fail its query: it gets what fits the budget.
+    let fresh = MemoryConsumer::new("fresh")
+        .with_can_spill(true)
+        .register(&pool);
+    fresh.try_grow(7 * MIB).unwrap();
+    let p = pool.downcast_ref::<GovernorPool>().unwrap();
+    assert_eq!((p.refusals(), p.overdrafts()), (1, 0));
+    drop((holder, fresh));
+    gov.credit(EngineId::Query, (56 * MIB) as u64).unwrap();
+}
+
+#[test]
+fn what_datafusion_holds_beyond_the_charged_bytes_counts_as_granted() {
+    let (gov, pool) = pool();
+    let other = MemoryConsumer::new("other")
+        .with_can_spill(true)
+        .register(&pool);
+    other.try_grow(MIB).unwrap();
+    // Another consumer holds 30 MiB by DataFusion's accounting (its infallible `grow`, or
+    // headroom an aggregation reserves for a later sort) that nothing has allocated yet.
+    let agg = MemoryConsumer::new("agg")
+        .with_can_spill(true)
+        .register(&pool);
+    agg.grow(30 * MIB);
+    let err = other.try_grow(34 * MIB).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Resources exhausted: cannot admit 34 MiB for engine query: it fits the engine's budget \
+         alone, but not beside 31 MiB granted and not allocated yet (consumer other, holding \
+         1048576 bytes)"
+    );
+    other.try_grow(33 * MIB).unwrap();
+    // Allocated, the bytes are counted once: charged, no longer pending.
+    gov.charge(EngineId::Query, (64 * MIB) as u64);
+    assert!(other.try_grow(MIB).unwrap_err().to_string().contains(
+        "cannot reserve 1 MiB for engine query: 64 MiB already used of its 64 MiB limit"
+    ));
+    drop((agg, other));
+    gov.credit(EngineId::Query, (64 * MIB) as u64).unwrap();
+}
+
+#[test]
+fn the_margin_share_is_checked() {
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .build()
+        .unwrap();
+    let pool = GovernorPool::new(gov.clone(), EngineId::Query)
+        .with_margin_percent(50)
+        .unwrap();
+    assert_eq!(pool.margin(), gov.limit(EngineId::Query) / 2);
+    let err = GovernorPool::new(gov, EngineId::Query)
+        .with_margin_percent(51)
+        .unwrap_err();
+    assert!(
+        matches!(&err, nodedb_mem::MemError::InvalidConfig { field, .. } if field == "margin_percent"),
+        "{err}"
+    );
 }
