@@ -32,10 +32,11 @@
 //! operators then spill that much earlier, and the next doubling lands within the limit
 //! instead of in overflow. What the engine holds in overflow counts as usage while it lasts.
 //! The margin is not reserved anywhere: the allocator's charges use it freely. It applies to
-//! consumers that hold memory already (they can spill to make room); one that holds nothing
-//! yet is admitted against the budget and the pool's outstanding grants alone, since refusing
-//! it would fail its query (DataFusion's `FairSpillPool` gives every spillable consumer a
-//! share for the same reason).
+//! consumers that hold a share of the limit already (a thirty-second, at least 1 MiB: they
+//! can spill to make room); one that holds less is admitted against the budget and the pool's
+//! outstanding grants alone, since refusing it would fail its query — an aggregation that has
+//! just spilled re-reserves its small state and fails if refused (DataFusion's
+//! `FairSpillPool` gives every spillable consumer a share for the same reason).
 //!
 //! **Consumers that cannot spill get what DataFusion's own pool would give them.** A sort's
 //! merge of its spill files, or any consumer registered without `with_can_spill(true)`, fails
@@ -47,6 +48,12 @@
 //! headroom is taken by real usage ([`GovernorPool::overdrafts`] counts those grants); the
 //! governor's allocator still never lets the engine's ledger pass its limit and places what
 //! they allocate beyond it in the engine's overflow region.
+//!
+//! `RepartitionExec` is treated the same way, though it registers as spillable: its spill path
+//! (a refused batch written to a spill pool its reader then waits on) can stop a query for good
+//! when two input tasks spill at once — every worker waits and nothing wakes them
+//! (apache/datafusion#24883; seen here with DataFusion 55.2, a GROUP BY on two partitions that
+//! never finished). Its reservations only cover batches in flight between partitions.
 //!
 //! The pool keeps DataFusion's view of what its consumers reserved ([`MemoryPool::reserved`]) for
 //! DataFusion's own bookkeeping and reports.
@@ -255,6 +262,19 @@ impl GovernorPool {
     }
 }
 
+/// Whether a spillable consumer holding `held` bytes holds enough to make room by spilling
+/// (a thirty-second of the engine's limit, at least 1 MiB) and so is held to the margin.
+fn holds_enough(held: u64, limit: u64) -> bool {
+    held >= (limit / 32).max(1 << 20)
+}
+
+/// Whether the pool treats `reservation`'s consumer as one that spills when refused: not a
+/// `RepartitionExec`, whose spill path can hang a query (see the crate docs).
+fn spills(reservation: &MemoryReservation) -> bool {
+    let consumer = reservation.consumer();
+    consumer.can_spill() && !consumer.name().starts_with("RepartitionExec")
+}
+
 /// What a request did not fit beside, in words: the parts that are not zero.
 fn beside_text(outstanding: u64, overflow: u64, margin: u64) -> String {
     let parts = [
@@ -283,7 +303,7 @@ impl MemoryPool for GovernorPool {
     }
 
     fn grow(&self, reservation: &MemoryReservation, additional: usize) {
-        if !reservation.consumer().can_spill() {
+        if !spills(reservation) {
             self.margin_state().unspillable += additional as u64;
         }
         self.reserved.fetch_add(additional, Ordering::AcqRel);
@@ -294,7 +314,7 @@ impl MemoryPool for GovernorPool {
             let mut m = self.margin_state();
             self.look(&mut m);
             m.outstanding -= (shrink as u64).min(m.outstanding);
-            if !reservation.consumer().can_spill() {
+            if !spills(reservation) {
                 m.unspillable -= (shrink as u64).min(m.unspillable);
             }
         }
@@ -314,13 +334,15 @@ impl MemoryPool for GovernorPool {
         // Admission for this request beside the grants not yet allocated, asked without
         // holding anything (the allocator charges the memory when it is allocated), under the
         // pool's lock so concurrent askers see each other's grants. A spillable consumer that
-        // already holds memory (it can spill to make room) is held to more: the grants counted
-        // by DataFusion's view where that is larger, what the engine holds in overflow, and
-        // the margin for growth operators make before they ask. One that holds nothing yet
-        // cannot make room by spilling and would fail its query if refused; like
-        // `FairSpillPool`'s share for every spillable consumer, it is spared those.
-        let unspillable = !reservation.consumer().can_spill();
-        let strict = !unspillable && reservation.size() > 0;
+        // already holds a share of the limit (it can spill to make room) is held to more: the
+        // grants counted by DataFusion's view where that is larger, what the engine holds in
+        // overflow, and the margin for growth operators make before they ask. One that holds
+        // little cannot make room by spilling and would fail its query if refused (an
+        // aggregation re-reserving its small state right after a spill, or merging its spill
+        // files); like `FairSpillPool`'s share for every spillable consumer, it is spared
+        // those.
+        let unspillable = !spills(reservation);
+        let strict = !unspillable && holds_enough(reservation.size() as u64, e.limit);
         let (pending, overflow, margin) = if strict {
             (
                 m.outstanding

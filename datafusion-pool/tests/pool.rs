@@ -273,23 +273,30 @@ fn the_margin_grows_to_the_largest_excess_seen_and_no_further_than_half_the_limi
 }
 
 #[test]
-fn a_spillable_consumer_holding_nothing_is_spared_the_margin() {
+fn a_spillable_consumer_holding_little_is_spared_the_margin() {
     let (gov, pool) = default_pool();
     gov.charge(EngineId::Query, (56 * MIB) as u64);
     let holder = MemoryConsumer::new("holder")
         .with_can_spill(true)
         .register(&pool);
-    holder.grow(MIB);
-    // Holding memory, it can spill to make room: held to the 16 MiB margin.
-    assert!(holder.try_grow(4 * MIB).is_err());
-    // Holding nothing, a refusal would fail its query: it gets what fits the budget.
+    holder.grow(2 * MIB);
+    // Holding a thirty-second of the limit (2 MiB of 64), it can spill to make room: held to
+    // the 16 MiB margin.
+    assert!(holder.try_grow(2 * MIB).is_err());
+    // Holding less (an aggregation just after its spill), a refusal would fail its query: it
+    // gets what fits the budget.
+    let small = MemoryConsumer::new("small")
+        .with_can_spill(true)
+        .register(&pool);
+    small.grow(MIB);
+    small.try_grow(2 * MIB).unwrap();
     let fresh = MemoryConsumer::new("fresh")
         .with_can_spill(true)
         .register(&pool);
-    fresh.try_grow(7 * MIB).unwrap();
+    fresh.try_grow(2 * MIB).unwrap();
     let p = pool.downcast_ref::<GovernorPool>().unwrap();
     assert_eq!((p.refusals(), p.overdrafts()), (1, 0));
-    drop((holder, fresh));
+    drop((holder, small, fresh));
     gov.credit(EngineId::Query, (56 * MIB) as u64).unwrap();
 }
 
@@ -299,21 +306,21 @@ fn what_datafusion_holds_beyond_the_charged_bytes_counts_as_granted() {
     let other = MemoryConsumer::new("other")
         .with_can_spill(true)
         .register(&pool);
-    other.try_grow(MIB).unwrap();
+    other.try_grow(2 * MIB).unwrap();
     // Another consumer holds 30 MiB by DataFusion's accounting (its infallible `grow`, or
     // headroom an aggregation reserves for a later sort) that nothing has allocated yet.
     let agg = MemoryConsumer::new("agg")
         .with_can_spill(true)
         .register(&pool);
     agg.grow(30 * MIB);
-    let err = other.try_grow(34 * MIB).unwrap_err();
+    let err = other.try_grow(33 * MIB).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "Resources exhausted: cannot admit 34 MiB for engine query: it fits the engine's budget \
-         alone, but not beside 31 MiB granted and not allocated yet (consumer other, holding \
-         1048576 bytes)"
+        "Resources exhausted: cannot admit 33 MiB for engine query: it fits the engine's budget \
+         alone, but not beside 32 MiB granted and not allocated yet (consumer other, holding \
+         2097152 bytes)"
     );
-    other.try_grow(33 * MIB).unwrap();
+    other.try_grow(32 * MIB).unwrap();
     // Allocated, the bytes are counted once: charged, no longer pending.
     gov.charge(EngineId::Query, (64 * MIB) as u64);
     assert!(other.try_grow(MIB).unwrap_err().to_string().contains(
@@ -340,4 +347,28 @@ fn the_margin_share_is_checked() {
         matches!(&err, nodedb_mem::MemError::InvalidConfig { field, .. } if field == "margin_percent"),
         "{err}"
     );
+}
+
+#[test]
+fn repartition_is_granted_like_a_consumer_that_cannot_spill() {
+    let (gov, pool) = default_pool();
+    let p = pool.downcast_ref::<GovernorPool>().unwrap();
+    gov.charge(EngineId::Query, (60 * MIB) as u64);
+    // Registered as spillable, as DataFusion does; refusing it would send it down the spill
+    // path that can hang the query. Granted within the limit despite the real usage.
+    let rep = MemoryConsumer::new("RepartitionExec[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    rep.try_grow(8 * MIB).unwrap();
+    rep.try_grow(8 * MIB).unwrap();
+    assert_eq!(p.overdrafts(), 2);
+    assert!(rep.try_grow(60 * MIB).is_err());
+    // An aggregation holding memory is still held to the margin.
+    let agg = MemoryConsumer::new("GroupedHashAggregateStream[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    agg.grow(MIB);
+    assert!(agg.try_grow(MIB).is_err());
+    drop((rep, agg));
+    gov.credit(EngineId::Query, (60 * MIB) as u64).unwrap();
 }

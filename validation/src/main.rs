@@ -44,6 +44,11 @@ fn bytes(s: &str) -> Result<u64, String> {
     }
 }
 
+/// A size that may be zero ("0" for none).
+fn bytes_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" { Ok(0) } else { bytes(s) }
+}
+
 fn positive(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
@@ -85,6 +90,12 @@ struct Args {
     /// --short].
     #[arg(long, value_parser = positive)]
     scale: Option<f64>,
+    /// Documents the vector engine keeps beside its index once built, split among its
+    /// vectors (the rows its searches return), allocated with no reservation: past its budget
+    /// they live in its overflow region (the run then checks that the live data passed the
+    /// ceiling while resident memory stayed under it).
+    #[arg(long, value_parser = bytes_or_zero, default_value = "0")]
+    documents: u64,
     /// The timeseries table's fixed flush size, governor or not.
     #[arg(long, value_parser = bytes, default_value = "512MiB")]
     memtable: u64,
@@ -141,6 +152,8 @@ struct Settings {
     scale: f64,
     memtable_bytes: u64,
     vectors: usize,
+    /// Bytes of documents the vector engine keeps beside its index.
+    documents_bytes: u64,
     query_rows: u64,
     query_groups: u64,
     series: usize,
@@ -164,8 +177,9 @@ impl Settings {
             pick(a.query_budget, 256 << 20, 16 << 20),
         ];
         let duration_s = a.duration.unwrap_or(if a.short { 6.0 } else { 30.0 });
+        let ceiling = pick(a.ceiling, 1 << 30, 512 << 20);
         Settings {
-            ceiling: pick(a.ceiling, 1 << 30, 512 << 20),
+            ceiling,
             budgets,
             // The engines whose demand comes and goes may borrow up to twice their budget;
             // the vector index, built once, lends what it does not use.
@@ -178,6 +192,7 @@ impl Settings {
             scale,
             memtable_bytes: a.memtable,
             vectors: ((100_000.0 * scale) as usize).max(500),
+            documents_bytes: a.documents,
             query_rows: rows,
             query_groups: rows / 2,
             series: 1000,
@@ -318,9 +333,10 @@ fn run(args: &Args) -> Result<bool, String> {
         ),
     }
     println!(
-        "  {} vectors of {} dimensions; {} rows in {} groups; {} series, table flushed at {}",
+        "  {} vectors of {} dimensions with {} of documents; {} rows in {} groups; {} series, table flushed at {}",
         s.vectors,
         vector::DIM,
+        ByteSize(s.documents_bytes),
         s.query_rows,
         s.query_groups,
         s.series,
@@ -346,6 +362,7 @@ fn run(args: &Args) -> Result<bool, String> {
         deadline,
         max_queries: u64::MAX,
         vectors_file: args.out.join("vectors.f32"),
+        documents: s.documents_bytes,
     };
     let tcfg = timeseries::TsConfig {
         series: s.series,
@@ -390,7 +407,26 @@ fn run(args: &Args) -> Result<bool, String> {
         .map_err(err)?;
 
     let mut display = Display::new(["ops", "points", "rows"]);
+    // An engine that never finishes (a library deadlock) fails the run instead of hanging it:
+    // the engines stop at the deadline, and their last steps (a query, a flush, the recall
+    // check) take seconds.
+    let give_up = Duration::from_secs_f64(s.duration_s * 3.0 + 120.0);
     while !stats.iter().all(|s| s.is_done()) {
+        if started.elapsed() > give_up {
+            let stuck: Vec<&str> = ENGINES
+                .iter()
+                .zip(&stats)
+                .filter(|(_, st)| !st.is_done())
+                .map(|(e, _)| e.name())
+                .collect();
+            return Err(format!(
+                "the {} engine{} did not finish {} s after the start (the run lasts {} s)",
+                stuck.join(" and "),
+                if stuck.len() > 1 { "s" } else { "" },
+                give_up.as_secs(),
+                s.duration_s
+            ));
+        }
         std::thread::sleep(Duration::from_millis(if display.is_terminal() {
             250
         } else {
@@ -531,6 +567,10 @@ fn build_report(
                 "protected_min_residency": vo.min_residency,
                 "protect_refused": vo.protect_refused,
                 "admission_bytes_per_vector": vo.bytes_per_vector,
+                "documents": vo.documents,
+                "document_bytes": vo.document_bytes,
+                "documents_read": vo.documents_read,
+                "documents_corrupt": vo.documents_corrupt,
             }),
         ),
         engine(
@@ -716,6 +756,45 @@ fn build_report(
             ),
         ));
     }
+    let live_peak = samples.iter().map(|x| x.live).max().unwrap_or(0);
+    if gov.is_some() && vector_ran && s.documents_bytes > 0 {
+        // The documents take the process's live data past the ceiling while resident memory
+        // stays under it: the overflow regions hold the rest.
+        checks.push(Check::new(
+            "live data beyond the ceiling",
+            live_peak > s.ceiling,
+            format!(
+                "at most {} live (charged to engines plus held in overflow) at one sample, \
+                 {:.0} % of the {} ceiling",
+                ByteSize(live_peak),
+                live_peak as f64 * 100.0 / s.ceiling as f64,
+                ByteSize(s.ceiling)
+            ),
+        ));
+        checks.push(Check::new(
+            "resident memory reached three quarters of the ceiling",
+            hwm >= s.ceiling / 4 * 3,
+            format!(
+                "VmHWM {} ({:.1} % of {})",
+                ByteSize(hwm),
+                hwm as f64 * 100.0 / s.ceiling as f64,
+                ByteSize(s.ceiling)
+            ),
+        ));
+    }
+    if vector_ran && vo.documents > 0 {
+        checks.push(Check::new(
+            "vector documents read back intact",
+            vo.documents_read > 0 && vo.documents_corrupt == 0,
+            format!(
+                "{} of {} documents ({}) read back by searches, {} corrupt",
+                vo.documents_read,
+                vo.documents,
+                ByteSize(vo.document_bytes),
+                vo.documents_corrupt
+            ),
+        ));
+    }
     if vector_ran {
         checks.push(Check::new(
             "vector recall@10 at least 0.70 (the index answers queries)",
@@ -776,6 +855,7 @@ fn build_report(
         ceiling_bytes: s.ceiling,
         peak_rss_bytes: hwm,
         peak_sampled_rss_bytes: peak_sampled,
+        live_peak_bytes: gov.map(|_| live_peak),
         duration_seconds: elapsed.as_secs_f64(),
         sample_interval_ms: args.sample_ms,
         settings: serde_json::to_value(s).unwrap_or_default(),

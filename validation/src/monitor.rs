@@ -30,6 +30,9 @@ pub(crate) struct Sample {
     pub(crate) limits_sum: u64,
     /// Threads of the process.
     pub(crate) threads: u64,
+    /// Live heap data: every engine's charged bytes plus its overflow (zero without a
+    /// governor).
+    pub(crate) live: u64,
 }
 
 /// The process's thread count, from `/proc/self/status` (0 if unreadable).
@@ -106,6 +109,13 @@ impl Sampler {
                     if let Some(g) = gov {
                         let limits = g.limits();
                         x.limits_sum = limits.iter().sum();
+                        x.live = EngineId::ALL
+                            .iter()
+                            .map(|&e| {
+                                let b = g.budget(e);
+                                b.used() + b.overflow_bytes()
+                            })
+                            .sum();
                         for (i, e) in ENGINES.into_iter().enumerate() {
                             x.usage[i] = g.usage(e);
                             x.overflow[i] = g.budget(e).overflow_bytes();

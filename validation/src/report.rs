@@ -75,6 +75,9 @@ pub(crate) struct Report {
     pub(crate) peak_rss_bytes: u64,
     /// The highest sampled `VmRSS`.
     pub(crate) peak_sampled_rss_bytes: u64,
+    /// The most live heap data at one sample: every engine's charged bytes plus what its
+    /// overflow region holds, resident or pushed out (governor only).
+    pub(crate) live_peak_bytes: Option<u64>,
     pub(crate) duration_seconds: f64,
     pub(crate) sample_interval_ms: u64,
     pub(crate) settings: serde_json::Value,
@@ -124,9 +127,13 @@ impl Report {
                 format!("{:.0} {}", e.throughput, e.throughput_unit)
             );
         }
+        let live = match self.live_peak_bytes {
+            Some(l) => format!("; live data at most {}", mib(l)),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "\n  peak RSS (VmHWM) {} against a ceiling of {}\n",
+            "\n  peak RSS (VmHWM) {} against a ceiling of {}{live}\n",
             mib(self.peak_rss_bytes),
             mib(self.ceiling_bytes)
         );

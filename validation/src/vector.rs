@@ -36,6 +36,10 @@ pub(crate) struct VecConfig {
     pub(crate) max_queries: u64,
     /// Where the built vectors are written, then mapped and (with a governor) protected.
     pub(crate) vectors_file: std::path::PathBuf,
+    /// Bytes of documents kept beside the index once it is built (split evenly among the
+    /// vectors, at least 64 B each; 0 for none): the rows a search returns, allocated without
+    /// a reservation, so what passes the engine's limit lives in its overflow region.
+    pub(crate) documents: u64,
 }
 
 /// What the engine did.
@@ -61,6 +65,31 @@ pub(crate) struct VecOutcome {
     pub(crate) protect_refused: Option<String>,
     /// Whether the refusal came from the system (`mlock` and `RLIMIT_MEMLOCK`), not the budget.
     pub(crate) protect_refused_by_system: bool,
+    /// Documents kept and their total size.
+    pub(crate) documents: usize,
+    pub(crate) document_bytes: u64,
+    /// Documents of search results read back while queries ran, and those whose bytes were
+    /// not the ones written.
+    pub(crate) documents_read: u64,
+    pub(crate) documents_corrupt: u64,
+}
+
+/// Bytes of each document for `total` over `count` vectors (a multiple of 8, at least 64).
+fn document_size(total: u64, count: usize) -> usize {
+    let each = total / count.max(1) as u64;
+    usize::try_from(each).unwrap_or(usize::MAX).max(64) & !7
+}
+
+/// Document `i` of `len` bytes: its number in the first 8 bytes, then its low byte repeated.
+fn document(i: usize, len: usize) -> Box<[u8]> {
+    let mut d = vec![i as u8; len].into_boxed_slice();
+    d[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    d
+}
+
+/// Whether `d` is document `i` as written (its number, and its last byte).
+fn document_intact(d: &[u8], i: usize) -> bool {
+    d.len() >= 8 && d[..8] == (i as u64).to_le_bytes() && d.last() == Some(&(i as u8))
 }
 
 /// Generates vector `i`: one of 64 cluster centres plus noise, the same for the same seed.
@@ -148,6 +177,18 @@ pub(crate) fn run(
         }
         None => None,
     };
+    // The documents: allocated with no reservation, as a store would, past the budget into
+    // the engine's overflow region (pushed out to its file as resident memory nears the
+    // ceiling), so the process holds more live data than the ceiling.
+    let docs: Vec<Box<[u8]>> = if cfg.documents > 0 {
+        let len = document_size(cfg.documents, o.inserted);
+        (0..o.inserted).map(|i| document(i, len)).collect()
+    } else {
+        Vec::new()
+    };
+    o.documents = docs.len();
+    o.document_bytes = docs.iter().map(|d| d.len() as u64).sum();
+
     o.min_residency = 1.0;
     let sample_residency = |o: &mut VecOutcome| {
         let resident = nodedb_mem::resident_bytes(mapped.bytes()).unwrap_or(0);
@@ -170,7 +211,14 @@ pub(crate) fn run(
     loop {
         make_query(&mut rng, &mut q);
         let found = index.search(&q, K, EF_SEARCH);
-        std::hint::black_box(found);
+        // The best hit's document, as a search returning rows would read it.
+        if let Some(d) = found
+            .first()
+            .and_then(|n| docs.get(n.d_id).map(|d| (n.d_id, d)))
+        {
+            o.documents_read += 1;
+            o.documents_corrupt += u64::from(!document_intact(d.1, d.0));
+        }
         o.queries += 1;
         stats.add_ops(1);
         if o.queries % 256 == 0 {
@@ -201,6 +249,7 @@ pub(crate) fn run(
     }
     o.recall = hits as f64 / (sample * K.min(o.inserted)) as f64;
     sample_residency(&mut o);
+    drop(docs);
     drop(index);
     drop(protected);
     drop(mapped);
@@ -265,6 +314,19 @@ mod tests {
     }
 
     #[test]
+    fn documents_carry_their_number_and_are_sized_evenly() {
+        assert_eq!(document_size(1 << 20, 1000), 1048);
+        assert_eq!(document_size(100, 1000), 64);
+        assert_eq!(document_size(1 << 20, 0), 1 << 20);
+        let d = document(300, 64);
+        assert!(document_intact(&d, 300));
+        assert!(!document_intact(&d, 301));
+        let mut bad = d.clone();
+        bad[63] ^= 1;
+        assert!(!document_intact(&bad, 300));
+    }
+
+    #[test]
     fn a_small_index_finds_its_own_neighbours() {
         let stats = EngineStats::default();
         let dir = tempfile::tempdir().unwrap();
@@ -276,8 +338,11 @@ mod tests {
             deadline: Instant::now() + Duration::from_secs(600),
             max_queries: 100,
             vectors_file: dir.path().join("vectors.f32"),
+            documents: 2_000 * 1000,
         };
         let o = run(&cfg, None, &stats).expect("runs");
+        assert_eq!((o.documents, o.document_bytes), (2_000, 2_000 * 1000));
+        assert_eq!((o.documents_read, o.documents_corrupt), (100, 0));
         assert_eq!(
             std::fs::metadata(dir.path().join("vectors.f32"))
                 .unwrap()
