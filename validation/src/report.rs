@@ -301,6 +301,7 @@ mod tests {
                 limit: [64 << 20, (64 + u64::from(i > 5)) << 20, 64 << 20],
                 limits_sum: 192 << 20,
                 threads: 4,
+                live: 0,
             })
             .collect()
     }

@@ -274,6 +274,50 @@ fn one_engine_can_run_alone() {
 }
 
 #[test]
+fn documents_take_the_live_data_past_the_ceiling_while_resident_memory_stays_under_it() {
+    let dir = out_dir();
+    let out = Command::new(BIN)
+        .args([
+            "--short",
+            "--engines",
+            "vector",
+            "--documents",
+            "640MiB",
+            "--duration",
+            "3",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let r = report(dir.path());
+    let ceiling = r["ceiling_bytes"].as_u64().unwrap();
+    assert_eq!(ceiling, 512 << 20);
+    assert!(r["live_peak_bytes"].as_u64().unwrap() > ceiling, "{r}");
+    assert!(r["peak_rss_bytes"].as_u64().unwrap() <= ceiling, "{r}");
+    let v = &r["engines"][0];
+    assert!(
+        v["overflow_peak_bytes"].as_u64().unwrap() > 512 << 20,
+        "{v}"
+    );
+    // Split evenly among the vectors, each a multiple of 8 bytes: at most 8 B each short.
+    let docs = v["details"]["documents"].as_u64().unwrap();
+    let bytes = v["details"]["document_bytes"].as_u64().unwrap();
+    assert!(bytes <= 640 << 20 && bytes + 8 * docs > 640 << 20, "{v}");
+    assert_eq!(v["details"]["documents_corrupt"], 0);
+    let checks = check_names(&r);
+    for name in [
+        "live data beyond the ceiling",
+        "resident memory reached three quarters of the ceiling",
+        "vector documents read back intact",
+    ] {
+        assert!(checks.contains(&name), "{checks:?}");
+    }
+}
+
+#[test]
 fn bad_settings_are_refused_before_any_work() {
     let cases: [(&[&str], &str); 7] = [
         (
