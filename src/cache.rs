@@ -88,6 +88,11 @@ pub(crate) struct PageCacheLedger {
 }
 
 impl PageCacheLedger {
+    /// Bytes of the engine's data protected (locked resident) now.
+    pub(crate) fn protected_bytes(&self) -> u64 {
+        self.protected.load(Ordering::Acquire)
+    }
+
     fn add(&self, bytes: u64) -> u64 {
         let now = self.left.fetch_add(bytes, Ordering::AcqRel) + bytes;
         self.peak.fetch_max(now, Ordering::AcqRel);
@@ -872,6 +877,8 @@ impl<'a> Protected<'a> {
         let ledger = gov.page_cache_ledger(engine);
         ledger.protected.fetch_add(len, Ordering::AcqRel);
         lock_regions(&ledger.regions).push((data.as_ptr() as usize, data.len()));
+        // The heap's share of the limit shrinks by what is locked beside it.
+        gov.publish_limits();
         Ok(Protected {
             data,
             gov: gov.clone(),
@@ -910,6 +917,7 @@ impl Drop for Protected<'_> {
         ledger
             .protected
             .fetch_sub(self.data.len() as u64, Ordering::AcqRel);
+        self.gov.publish_limits();
         // The reservation is released after this, as the field drops.
     }
 }

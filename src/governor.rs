@@ -193,15 +193,22 @@ impl MemoryGovernor {
         }
     }
 
-    /// Tells the allocator each engine's current limit, above which its new allocations go
-    /// to its overflow region (installed governors only).
+    /// Tells the allocator each engine's current limit for its heap, above which its new
+    /// allocations go to its overflow region (installed governors only): the engine's limit
+    /// less its protected mapped data (counted against the limit by a reservation, beside the
+    /// heap), so that the two together stay within the limit. Called when limits move and when
+    /// protected regions come and go, under the rebalancing lock, so two publishers cannot
+    /// store stale figures out of order.
     pub(crate) fn publish_limits(&self) {
         // Without overflow regions there is nowhere to reroute to: publishing limits would only
         // send the over-limit engines' allocations down the slow path for nothing.
         #[cfg(not(nodedb_mem_loom))]
         if self.is_installed() && nodedb_mem_alloc::overflow_region(EngineId::Vector).is_some() {
+            let _serial = lock(&self.inner.rebalance_lock);
             for e in EngineId::ALL {
-                nodedb_mem_alloc::set_overflow_limit(e, Some(self.limit(e)));
+                let protected = self.page_cache_ledger(e).protected_bytes();
+                let heap = self.limit(e).saturating_sub(protected);
+                nodedb_mem_alloc::set_overflow_limit(e, Some(heap));
             }
         }
     }

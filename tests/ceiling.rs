@@ -252,3 +252,67 @@ fn rerouting_starts_at_the_limit_and_does_not_flap() {
     assert!(nodedb_mem::is_overflow(one_more.as_ptr()));
     drop((blocks, one_more));
 }
+
+#[test]
+fn protected_data_lowers_the_point_where_the_heap_reroutes() {
+    use std::io::Write;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(CEILING)
+        .budget(Q, 16 * MIB as u64)
+        .overflow(OverflowConfig::in_dir(dir.path()))
+        .background(None)
+        .install()
+        .unwrap();
+    let limit = gov.limit(Q);
+    let path = dir.path().join("hot.bin");
+    let mut file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(&vec![7u8; 4 * MIB]).unwrap();
+    let mapped = nodedb_mem::MappedFile::open(&file).unwrap();
+    let protected = match gov.protect(Q, mapped.bytes()) {
+        Ok(p) => p,
+        // A system that lets this user lock nothing refuses with the reason; nothing to test.
+        Err(e @ nodedb_mem::MemError::Io { .. }) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(gov.budget(Q).reserved(), 4 * MIB as u64);
+    // The heap has the limit less the 4 MiB locked beside it: it reroutes there, and the
+    // engine's usage (heap and protected data) stays within the limit.
+    let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(8192);
+    let mut rerouted_at = None;
+    for i in 0..8192 {
+        {
+            let _g = EngineGuard::enter(Q);
+            blocks.push(vec![1u8; 4096]);
+        }
+        assert_within_limit(gov, 1, &format!("block {i}"));
+        if rerouted_at.is_none() && nodedb_mem::is_overflow(blocks[i].as_ptr()) {
+            rerouted_at = Some(gov.usage(Q));
+        }
+    }
+    let at = rerouted_at.expect("the heap rerouted to overflow");
+    assert!(
+        at + 2 * BATCH >= limit && at <= limit + BATCH,
+        "rerouting began at {at} B of usage (heap and 4 MiB protected), limit {limit} B"
+    );
+    // Unprotected, the heap has the whole limit again: after the blocks in overflow are freed,
+    // new ones go to the engine's arena.
+    drop(protected);
+    drop(blocks);
+    flush_thread();
+    let back = {
+        let _g = EngineGuard::enter(Q);
+        vec![3u8; 4096]
+    };
+    assert!(!nodedb_mem::is_overflow(back.as_ptr()));
+    drop(back);
+}

@@ -476,6 +476,21 @@ fn run(args: &Args) -> Result<bool, String> {
     Ok(rep.passed())
 }
 
+/// The process's user and system CPU seconds so far (zeros if `getrusage` fails).
+fn cpu_times() -> (f64, f64) {
+    // SAFETY: `getrusage` writes one `rusage` into the zeroed value it is given and reads
+    // nothing else; RUSAGE_SELF is a valid selector.
+    let (rc, ru) = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut ru), ru)
+    };
+    if rc != 0 {
+        return (0.0, 0.0);
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    (secs(ru.ru_utime), secs(ru.ru_stime))
+}
+
 /// Samples where an engine's usage was above its limit.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Overruns {
@@ -820,6 +835,7 @@ fn build_report(
     }
 
     let passed = checks.iter().all(|c| c.passed);
+    let cpu = cpu_times();
     let governor_figures = match gov {
         Some(g) => {
             let snap = g.snapshot();
@@ -855,6 +871,15 @@ fn build_report(
         ceiling_bytes: s.ceiling,
         peak_rss_bytes: hwm,
         peak_sampled_rss_bytes: peak_sampled,
+        cpu_user_seconds: cpu.0,
+        cpu_system_seconds: cpu.1,
+        cpu_ns_per_unit: match s.running {
+            [true, false, false] => Some(vo.queries),
+            [false, true, false] => Some(to.points),
+            [false, false, true] => Some(qo.rows),
+            _ => None,
+        }
+        .map(|units| (cpu.0 + cpu.1) * 1e9 / units.max(1) as f64),
         live_peak_bytes: gov.map(|_| live_peak),
         duration_seconds: elapsed.as_secs_f64(),
         sample_interval_ms: args.sample_ms,

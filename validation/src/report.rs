@@ -75,6 +75,13 @@ pub(crate) struct Report {
     pub(crate) peak_rss_bytes: u64,
     /// The highest sampled `VmRSS`.
     pub(crate) peak_sampled_rss_bytes: u64,
+    /// The process's CPU time over the run (`getrusage`), user and system.
+    pub(crate) cpu_user_seconds: f64,
+    pub(crate) cpu_system_seconds: f64,
+    /// With one engine alone: user + system CPU time per unit of its work (a vector query, a
+    /// timeseries point, a GROUP BY row), in nanoseconds; the vector engine's build (a fixed
+    /// amount of work for a given `--scale`) is included in its queries' cost.
+    pub(crate) cpu_ns_per_unit: Option<f64>,
     /// The most live heap data at one sample: every engine's charged bytes plus what its
     /// overflow region holds, resident or pushed out (governor only).
     pub(crate) live_peak_bytes: Option<u64>,
@@ -133,9 +140,18 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "\n  peak RSS (VmHWM) {} against a ceiling of {}{live}\n",
+            "\n  peak RSS (VmHWM) {} against a ceiling of {}{live}",
             mib(self.peak_rss_bytes),
             mib(self.ceiling_bytes)
+        );
+        let per_unit = match self.cpu_ns_per_unit {
+            Some(ns) => format!(", {ns:.1} ns per unit of work"),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "  CPU time {:.2} s user + {:.2} s system{per_unit}\n",
+            self.cpu_user_seconds, self.cpu_system_seconds
         );
         for c in &self.checks {
             let _ = writeln!(

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# CPU time per unit of work (user + system, the whole process) for each engine of the main job
+# alone, at a ceiling where nothing spills, with the governor and on plain jemalloc
+# (--no-governor), runs alternated so the machine's drift touches both alike.
+#
+#   bash scripts/cpu-overhead.sh [runs per side, default 3] [seconds per run, default 15]
+#
+# Prints one line per run and the median of each side per engine with their ratio.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs="${1:-3}"
+secs="${2:-15}"
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release -p nodedb-mem-validation --locked
+bin="$target_dir/release/nodedb-mem-validation"
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+# Room for everything: no budget refuses, nothing spills or overflows.
+common=(--ceiling 8GiB --vector-budget 1536MiB --timeseries-budget 1536MiB --query-budget 2560MiB
+    --expect-spill false --duration "$secs")
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+for engine in vector timeseries query; do
+    : >"$out/$engine.on"
+    : >"$out/$engine.off"
+    for ((i = 1; i <= runs; i++)); do
+        for side in on off; do
+            flags=()
+            [[ $side == off ]] && flags=(--no-governor)
+            "$bin" "${common[@]}" --engines "$engine" "${flags[@]}" --out "$out/run" >"$out/log" 2>&1 || {
+                echo "run failed ($engine, governor $side):"
+                tail -20 "$out/log"
+                exit 1
+            }
+            ns=$(sed -n 's/.*"cpu_ns_per_unit": *\([0-9.e+-]*\).*/\1/p' "$out/run/report.json")
+            echo "$ns" >>"$out/$engine.$side"
+            echo "$engine run $i governor $side: $ns ns per unit"
+        done
+    done
+    on=$(median <"$out/$engine.on")
+    off=$(median <"$out/$engine.off")
+    awk -v e="$engine" -v a="$on" -v b="$off" \
+        'BEGIN { printf "%s: median %.1f ns per unit governed, %.1f plain, ratio %.3f\n", e, a, b, a / b }' |
+        tee -a "$out/summary"
+done
+echo
+cat "$out/summary"
