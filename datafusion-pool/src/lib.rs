@@ -36,7 +36,9 @@
 //! can spill to make room); one that holds less is admitted against the budget and the pool's
 //! outstanding grants alone, since refusing it would fail its query — an aggregation that has
 //! just spilled re-reserves its small state and fails if refused (DataFusion's
-//! `FairSpillPool` gives every spillable consumer a share for the same reason).
+//! `FairSpillPool` gives every spillable consumer a share for the same reason). Refused even
+//! so (the engine at its limit by real usage), it is granted anyway while what it holds stays
+//! under that share, counted in [`GovernorPool::overdrafts`].
 //!
 //! **Consumers that cannot spill get what DataFusion's own pool would give them.** A sort's
 //! merge of its spill files, or any consumer registered without `with_can_spill(true)`, fails
@@ -374,8 +376,18 @@ impl MemoryPool for GovernorPool {
         // `FairSpillPool` does, grant it as long as what such consumers hold stays within the
         // engine's limit; the governor's allocator keeps the engine's ledger under the limit
         // anyway and places what it allocates beyond in the engine's overflow region.
+        // A spillable consumer that holds little has nothing to spill that would make room
+        // either (an aggregation re-reserving its small state right after spilling, which
+        // fails its query if refused): it is granted while what it holds stays under the
+        // share that would make it strict.
+        let held = reservation.size() as u64;
+        let small = !unspillable && !holds_enough(held + wanted, e.limit);
         let refused = match refused {
             Some(_) if unspillable && m.unspillable + wanted <= e.limit => {
+                self.overdrafts.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Some(_) if small => {
                 self.overdrafts.fetch_add(1, Ordering::Relaxed);
                 None
             }

@@ -267,7 +267,7 @@ fn the_margin_grows_to_the_largest_excess_seen_and_no_further_than_half_the_limi
     agg.free();
     // A larger excess raises it, to half the limit at most.
     gov.charge(EngineId::Query, (104 * MIB) as u64);
-    assert!(agg.try_grow(MIB).is_err());
+    assert!(agg.try_grow(4 * MIB).is_err());
     assert_eq!(p.margin(), (32 * MIB) as u64);
     gov.credit(EngineId::Query, (104 * MIB) as u64).unwrap();
 }
@@ -371,4 +371,31 @@ fn repartition_is_granted_like_a_consumer_that_cannot_spill() {
     assert!(agg.try_grow(MIB).is_err());
     drop((rep, agg));
     gov.credit(EngineId::Query, (60 * MIB) as u64).unwrap();
+}
+
+#[test]
+fn a_spillable_consumer_holding_little_is_granted_even_at_the_limit() {
+    let (gov, pool) = default_pool();
+    let p = pool.downcast_ref::<GovernorPool>().unwrap();
+    // The engine is at its limit by real usage (a take-back lowered it, say).
+    gov.charge(EngineId::Query, (64 * MIB) as u64);
+    // An aggregation that has just spilled re-reserves its small state: refusing it would
+    // fail the query, spilling again would free nothing. Granted while it holds under a
+    // thirty-second of the limit (2 MiB of 64).
+    let agg = MemoryConsumer::new("FinalHashAggregateStream[1]")
+        .with_can_spill(true)
+        .register(&pool);
+    agg.try_grow(256 << 10).unwrap();
+    agg.try_grow(1 << 20).unwrap();
+    assert_eq!(p.overdrafts(), 2);
+    // Past that share it holds enough to spill: refused.
+    let err = agg.try_grow(1 << 20).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("64 MiB already used of its 64 MiB limit"),
+        "{err}"
+    );
+    assert_eq!(p.refusals(), 1);
+    drop(agg);
+    gov.credit(EngineId::Query, (64 * MIB) as u64).unwrap();
 }

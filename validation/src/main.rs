@@ -92,10 +92,11 @@ struct Args {
     scale: Option<f64>,
     /// Documents the vector engine keeps beside its index once built, split among its
     /// vectors (the rows its searches return), allocated with no reservation: past its budget
-    /// they live in its overflow region (the run then checks that the live data passed the
-    /// ceiling while resident memory stayed under it).
-    #[arg(long, value_parser = bytes_or_zero, default_value = "0")]
-    documents: u64,
+    /// they live in its overflow region, and the verdict checks that the live data passed the
+    /// ceiling while resident memory stayed under it [default: three quarters of the ceiling;
+    /// none with --short; 0 for none].
+    #[arg(long, value_parser = bytes_or_zero)]
+    documents: Option<u64>,
     /// The timeseries table's fixed flush size, governor or not.
     #[arg(long, value_parser = bytes, default_value = "512MiB")]
     memtable: u64,
@@ -192,7 +193,9 @@ impl Settings {
             scale,
             memtable_bytes: a.memtable,
             vectors: ((100_000.0 * scale) as usize).max(500),
-            documents_bytes: a.documents,
+            documents_bytes: a
+                .documents
+                .unwrap_or(if a.short { 0 } else { ceiling / 4 * 3 }),
             query_rows: rows,
             query_groups: rows / 2,
             series: 1000,

@@ -128,6 +128,12 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
     ] {
         assert!(names.contains(&check), "{check}: {names:?}");
     }
+    // No documents in the short run by default: the live data is what the engines hold.
+    assert_eq!(r["engines"][0]["details"]["documents"], 0);
+    assert!(
+        !names.contains(&"live data beyond the ceiling"),
+        "{names:?}"
+    );
     assert!(
         engines[2]["spills"].as_u64().unwrap() > 0,
         "DataFusion did not spill"
