@@ -3,13 +3,16 @@
 # alone, at a ceiling where nothing spills, with the governor and on plain jemalloc
 # (--no-governor), runs alternated so the machine's drift touches both alike.
 #
-#   bash scripts/cpu-overhead.sh [runs per side, default 3] [seconds per run, default 15]
+#   bash scripts/cpu-overhead.sh [runs per side, default 3] [seconds per run, default 15] [engines]
+#
+# engines: a space-separated subset of "vector timeseries query" (default all three).
 #
 # Prints one line per run and the median of each side per engine with their ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-3}"
 secs="${2:-15}"
+engines="${3:-vector timeseries query}"
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo build --release -p nodedb-mem-validation --locked
 bin="$target_dir/release/nodedb-mem-validation"
@@ -21,7 +24,7 @@ common=(--ceiling 8GiB --vector-budget 1536MiB --timeseries-budget 1536MiB --que
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-for engine in vector timeseries query; do
+for engine in $engines; do
     : >"$out/$engine.on"
     : >"$out/$engine.off"
     for ((i = 1; i <= runs; i++)); do
