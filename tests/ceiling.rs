@@ -38,6 +38,19 @@ fn install() -> (&'static MemoryGovernor, tempfile::TempDir) {
     (gov, dir)
 }
 
+/// A 16 MiB Query budget and no background thread, so the limit stays put.
+fn install_without_background() -> (&'static MemoryGovernor, tempfile::TempDir) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(CEILING)
+        .budget(Q, 16 * MIB as u64)
+        .overflow(OverflowConfig::in_dir(dir.path()))
+        .background(None)
+        .install()
+        .unwrap();
+    (gov, dir)
+}
+
 /// Engine usage may pass the limit by at most one thread's batch (per allocating thread).
 fn assert_within_limit(gov: &MemoryGovernor, threads: u64, at: &str) {
     let usage = gov.usage(Q);
@@ -206,14 +219,7 @@ fn two_threads_of_four_kib_vecs_twice_the_ceiling() {
 /// flapping), and `flush_thread` does not end the rerouting.
 #[test]
 fn rerouting_starts_at_the_limit_and_does_not_flap() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let gov = MemoryGovernor::builder()
-        .global_ceiling(CEILING)
-        .budget(Q, 16 * MIB as u64)
-        .overflow(OverflowConfig::in_dir(dir.path()))
-        .background(None)
-        .install()
-        .unwrap();
+    let (gov, _dir) = install_without_background();
     let limit = gov.limit(Q);
     let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(16384);
     let mut first_overflow = None;
@@ -256,14 +262,7 @@ fn rerouting_starts_at_the_limit_and_does_not_flap() {
 #[test]
 fn protected_data_lowers_the_point_where_the_heap_reroutes() {
     use std::io::Write;
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let gov = MemoryGovernor::builder()
-        .global_ceiling(CEILING)
-        .budget(Q, 16 * MIB as u64)
-        .overflow(OverflowConfig::in_dir(dir.path()))
-        .background(None)
-        .install()
-        .unwrap();
+    let (gov, dir) = install_without_background();
     let limit = gov.limit(Q);
     let path = dir.path().join("hot.bin");
     let mut file = std::fs::File::options()

@@ -18,6 +18,22 @@ fn report(dir: &std::path::Path) -> Value {
     serde_json::from_str(&text).expect("valid JSON")
 }
 
+/// Runs the binary with `args` and its output in a fresh directory; asserts it passed and
+/// returns the directory with its `report.json`.
+fn run_passing(args: &[&str]) -> (tempfile::TempDir, Value) {
+    let dir = out_dir();
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let r = report(dir.path());
+    (dir, r)
+}
+
 fn scrape(addr: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).expect("connects to the metrics endpoint");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -246,22 +262,7 @@ fn without_the_governor_the_report_says_the_ceiling_was_exceeded() {
 
 #[test]
 fn one_engine_can_run_alone() {
-    let dir = out_dir();
-    let out = Command::new(BIN)
-        .args([
-            "--short",
-            "--engines",
-            "timeseries",
-            "--duration",
-            "2",
-            "--out",
-        ])
-        .arg(dir.path())
-        .output()
-        .expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
-    let r = report(dir.path());
+    let (_dir, r) = run_passing(&["--short", "--engines", "timeseries", "--duration", "2"]);
     let engines = r["engines"].as_array().expect("engines");
     assert_eq!(engines.len(), 1);
     assert_eq!(engines[0]["name"], "timeseries");
@@ -281,24 +282,15 @@ fn one_engine_can_run_alone() {
 
 #[test]
 fn documents_take_the_live_data_past_the_ceiling_while_resident_memory_stays_under_it() {
-    let dir = out_dir();
-    let out = Command::new(BIN)
-        .args([
-            "--short",
-            "--engines",
-            "vector",
-            "--documents",
-            "640MiB",
-            "--duration",
-            "3",
-            "--out",
-        ])
-        .arg(dir.path())
-        .output()
-        .expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
-    let r = report(dir.path());
+    let (_dir, r) = run_passing(&[
+        "--short",
+        "--engines",
+        "vector",
+        "--documents",
+        "640MiB",
+        "--duration",
+        "3",
+    ]);
     let ceiling = r["ceiling_bytes"].as_u64().unwrap();
     assert_eq!(ceiling, 512 << 20);
     assert!(r["live_peak_bytes"].as_u64().unwrap() > ceiling, "{r}");
