@@ -18,9 +18,8 @@ fn report(dir: &std::path::Path) -> Value {
     serde_json::from_str(&text).expect("valid JSON")
 }
 
-/// Runs the binary with `args` and its output in a fresh directory; asserts it passed and
-/// returns the directory with its `report.json`.
-fn run_passing(args: &[&str]) -> (tempfile::TempDir, Value) {
+/// Runs the binary with `args` and its output in a fresh directory, to its end.
+fn run_in_fresh_dir(args: &[&str]) -> (tempfile::TempDir, std::process::Output) {
     let dir = out_dir();
     let out = Command::new(BIN)
         .args(args)
@@ -28,6 +27,13 @@ fn run_passing(args: &[&str]) -> (tempfile::TempDir, Value) {
         .arg(dir.path())
         .output()
         .expect("runs");
+    (dir, out)
+}
+
+/// Runs the binary with `args` in a fresh directory; asserts it passed and returns the
+/// directory with its `report.json`.
+fn run_passing(args: &[&str]) -> (tempfile::TempDir, Value) {
+    let (dir, out) = run_in_fresh_dir(args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     let r = report(dir.path());
@@ -336,13 +342,7 @@ fn bad_settings_are_refused_before_any_work() {
         ),
     ];
     for (args, message) in cases {
-        let dir = out_dir();
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--out")
-            .arg(dir.path())
-            .output()
-            .expect("runs");
+        let (_dir, out) = run_in_fresh_dir(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(message), "{args:?}: {stderr}");
