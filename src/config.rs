@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use crate::EngineId;
 use crate::ceiling::{self, CeilingSource, MEMORY_LIMIT_ENV};
 use crate::error::{MemError, Result};
-use crate::governor::MemoryGovernor;
 use crate::pressure::PressureThresholds;
 use crate::size::{ByteSize, Size, fraction_of};
 
@@ -150,7 +149,7 @@ impl RebalanceConfig {
     }
 }
 
-/// Builds a [`MemoryGovernor`]. Every setting has a working default; [`build`](Self::build)
+/// Builds a [`MemoryGovernor`](crate::MemoryGovernor). Every setting has a working default; [`build`](Self::build)
 /// rejects any inconsistent combination with an error naming the setting and its value.
 ///
 /// ```
@@ -316,7 +315,8 @@ impl GovernorBuilder {
     }
 
     /// Sets the margin kept between resident memory and the ceiling (default 5 % of the
-    /// ceiling); see [`MemoryGovernor::check_resident`].
+    /// ceiling); see
+    /// [`MemoryGovernor::check_resident`](crate::MemoryGovernor::check_resident).
     pub fn rss_margin(mut self, margin: impl Into<Size>) -> Self {
         self.rss_margin = margin.into();
         self
@@ -402,24 +402,6 @@ impl GovernorBuilder {
             root: root.into(),
         };
         self
-    }
-
-    /// Validates the configuration and builds a standalone governor.
-    pub fn build(self) -> Result<MemoryGovernor> {
-        Ok(MemoryGovernor::from_config(self.validate()?, false))
-    }
-
-    /// Validates the configuration, builds the governor and binds it to the global allocator:
-    /// from now on every heap byte counts against its engine's budget. Once per process; a
-    /// second call fails with [`MemError::AlreadyInstalled`], and a process whose
-    /// `#[global_allocator]` is not [`GovernedAlloc`](crate::GovernedAlloc) gets
-    /// [`MemError::AllocatorNotGlobal`].
-    ///
-    /// Memory allocated before `install` was attributed already (the allocator keeps its
-    /// ledger from the first allocation), so it counts from the first instant.
-    #[cfg(not(nodedb_mem_loom))]
-    pub fn install(self) -> Result<&'static MemoryGovernor> {
-        crate::install::install(self.validate()?)
     }
 
     pub(crate) fn validate(self) -> Result<Config> {

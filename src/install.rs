@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use crate::config::Config;
+use crate::config::{Config, GovernorBuilder};
 use crate::error::{MemError, Result};
 use crate::governor::MemoryGovernor;
 use crate::{EngineGuard, EngineId};
@@ -38,7 +38,21 @@ pub(crate) fn capacity_from_disk(dir: &std::path::Path) -> Result<u64> {
     }
 }
 
-pub(crate) fn install(config: Config) -> Result<&'static MemoryGovernor> {
+impl GovernorBuilder {
+    /// Validates the configuration, builds the governor and binds it to the global allocator:
+    /// from now on every heap byte counts against its engine's budget. Once per process; a
+    /// second call fails with [`MemError::AlreadyInstalled`], and a process whose
+    /// `#[global_allocator]` is not [`GovernedAlloc`](crate::GovernedAlloc) gets
+    /// [`MemError::AllocatorNotGlobal`].
+    ///
+    /// Memory allocated before `install` was attributed already (the allocator keeps its
+    /// ledger from the first allocation), so it counts from the first instant.
+    pub fn install(self) -> Result<&'static MemoryGovernor> {
+        install(self.validate()?)
+    }
+}
+
+fn install(config: Config) -> Result<&'static MemoryGovernor> {
     if INSTALLED.get().is_some() {
         return Err(MemError::AlreadyInstalled);
     }

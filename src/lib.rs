@@ -23,10 +23,14 @@ mod future;
 mod governor;
 #[cfg(not(nodedb_mem_loom))]
 mod install;
+mod ledger;
 mod metrics;
 mod pressure;
+mod rebalance;
 #[cfg(not(nodedb_mem_loom))]
 mod rebalancer;
+mod reclaim;
+mod resident;
 mod rss;
 mod size;
 mod spill;
@@ -49,12 +53,10 @@ pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
 pub use fallible::EngineAllocator;
 #[cfg(not(nodedb_mem_loom))]
 pub use future::{EngineExt, InEngine};
-pub use governor::{
-    DIRTY_ALLOWANCE_MIN, MemoryGovernor, RebalanceMove, RebalanceReport, ReclaimerHandle,
-    Reservation,
-};
+pub use governor::{DIRTY_ALLOWANCE_MIN, MemoryGovernor};
 #[cfg(not(nodedb_mem_loom))]
 pub use install::installed;
+pub use ledger::Reservation;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
     ArenaFailure, ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GUARD_SLOTS,
@@ -68,8 +70,10 @@ pub use nodedb_mem_alloc::{
     thread_node,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
+pub use rebalance::{RebalanceMove, RebalanceReport};
 #[cfg(not(nodedb_mem_loom))]
 pub use rebalancer::Rebalancer;
+pub use reclaim::{Reclaimer, ReclaimerHandle};
 pub use rss::RssSample;
 pub use size::{ByteSize, Size, SizeError};
-pub use spill::{Reclaimer, SpillAction, SpillConfig, SpillController};
+pub use spill::{SpillAction, SpillConfig, SpillController};

@@ -186,16 +186,13 @@ impl SpillController {
     }
 }
 
-/// Something an engine can free on request: caches, buffered data that can be flushed,
-/// operator state that can spill. Register it with
-/// [`MemoryGovernor::register_reclaimer`]; the governor calls it when it needs memory back
-/// (an engine over its limit after a rebalancing step, or the process at critical pressure).
-///
-/// Both methods are called from the governor's threads (the rebalancer), never from the
-/// allocator: they may allocate, lock and take their time.
-pub trait Reclaimer: Send + Sync {
-    /// Bytes this reclaimer could free now.
-    fn reclaimable(&self) -> u64;
-    /// Frees up to `bytes` (more is fine); returns how many it freed.
-    fn reclaim(&self, bytes: u64) -> u64;
+impl MemoryGovernor {
+    /// A spill controller for `engine` (see [`SpillController`]).
+    pub fn spill_controller(
+        &self,
+        engine: EngineId,
+        config: SpillConfig,
+    ) -> Result<SpillController> {
+        SpillController::new(self.clone(), engine, config)
+    }
 }

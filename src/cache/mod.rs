@@ -34,110 +34,122 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use crate::EngineId;
 use crate::error::{MemError, Result};
-use crate::governor::{MemoryGovernor, Reservation};
+use crate::governor::MemoryGovernor;
+use crate::ledger::Reservation;
+use crate::sync::lock;
+
+pub(crate) mod ledger;
+
+pub use ledger::PageCacheStats;
+use ledger::{PageCacheLedger, lock_regions, resident_range};
+
+impl MemoryGovernor {
+    /// A writer over `file` (from its current position) whose page-cache footprint is charged
+    /// to `engine` and held under the engine's page-cache budget: past it, it writes back and
+    /// drops its pages behind itself. See [`GovernedWriter`](crate::GovernedWriter).
+    pub fn writer(&self, engine: EngineId, file: std::fs::File) -> Result<crate::GovernedWriter> {
+        crate::cache::GovernedWriter::new(self, engine, file, false)
+    }
+
+    /// A writer like [`writer`](Self::writer) that writes around the page cache with direct
+    /// I/O (`O_DIRECT`, set on the caller's descriptor and put back by `finish`): it gathers
+    /// 1 MiB in an aligned buffer and writes it at once, so a bulk flush leaves nothing in the
+    /// cache but a partial block at either end, which goes through the cache and is dropped
+    /// behind. Where the file system does not do direct I/O it is an ordinary governed writer
+    /// ([`GovernedWriter::is_direct`](crate::GovernedWriter::is_direct) says which).
+    /// `O_DIRECT` is a flag of the open file description, so descriptors cloned from `file`
+    /// share it until the writer finishes.
+    pub fn direct_writer(
+        &self,
+        engine: EngineId,
+        file: std::fs::File,
+    ) -> Result<crate::GovernedWriter> {
+        crate::cache::GovernedWriter::new(self, engine, file, true)
+    }
+
+    /// A one-pass reader over `file` whose page-cache footprint is charged to `engine` and
+    /// dropped behind past its page-cache budget. See [`GovernedReader`](crate::GovernedReader).
+    pub fn reader(&self, engine: EngineId, file: std::fs::File) -> Result<crate::GovernedReader> {
+        crate::cache::GovernedReader::new(self, engine, file)
+    }
+
+    /// Keeps `data` (mapped memory: an index, the upper layers of a graph) resident for as long
+    /// as the guard lives: reserves its size against `engine`'s budget and the ceiling (a
+    /// refusal is the usual [`MemError::BudgetExceeded`] / [`MemError::CeilingExceeded`]),
+    /// then locks it with `mlock` (refused by `RLIMIT_MEMLOCK`: [`MemError::Io`], saying the
+    /// limit and how to raise it).
+    pub fn protect<'a>(&self, engine: EngineId, data: &'a [u8]) -> Result<crate::Protected<'a>> {
+        crate::cache::Protected::new(self, engine, data)
+    }
+
+    /// Drops the files under `dir` from the page cache behind whoever writes them (for files a
+    /// library writes itself, such as DataFusion's spill files): at every tick of the background
+    /// thread, or at [`sweep_governed_dirs`](Self::sweep_governed_dirs), each file's dirty pages
+    /// are handed to write-back and its clean pages dropped, and what was cached is reported as
+    /// `engine`'s (`PageCacheStats::dirs_cached`). Sampled, not bounded: between two sweeps the
+    /// writer can fill the cache at its own pace; use [`writer`](Self::writer) where the code
+    /// that writes is yours. A directory that does not exist is refused.
+    pub fn govern_dir(&self, engine: EngineId, dir: impl Into<std::path::PathBuf>) -> Result<()> {
+        let dir = dir.into();
+        if !dir.is_dir() {
+            return Err(MemError::config(
+                "governed directory",
+                dir.display(),
+                "not a directory",
+            ));
+        }
+        lock(&self.inner.governed_dirs).push((engine, dir));
+        Ok(())
+    }
+
+    /// Sweeps every governed directory now (see [`govern_dir`](Self::govern_dir)) and returns
+    /// what it found, summed over them. The background thread calls this at every tick.
+    pub fn sweep_governed_dirs(&self) -> crate::SweepStats {
+        let dirs = lock(&self.inner.governed_dirs).clone();
+        let mut total = crate::SweepStats::default();
+        let mut per_engine = [crate::SweepStats::default(); EngineId::COUNT];
+        for (engine, dir) in &dirs {
+            crate::cache::sweep_dir(dir, 0, &mut per_engine[engine.index()]);
+        }
+        for e in EngineId::ALL {
+            let s = per_engine[e.index()];
+            if dirs.iter().any(|(d, _)| *d == e) {
+                self.page_cache_ledger(e).swept(
+                    s.cached_before,
+                    s.cached_before.saturating_sub(s.cached_after),
+                );
+            }
+            total.files += s.files;
+            total.cached_before += s.cached_before;
+            total.cached_after += s.cached_after;
+        }
+        total
+    }
+
+    /// `engine`'s page-cache figures: budget, what governed I/O left behind and its peak,
+    /// bytes dropped behind, protected bytes.
+    pub fn page_cache(&self, engine: EngineId) -> crate::PageCacheStats {
+        self.page_cache_ledger(engine)
+            .stats(self.page_cache_budget(engine))
+    }
+
+    /// The page cache `engine`'s governed I/O may leave behind.
+    pub fn page_cache_budget(&self, engine: EngineId) -> u64 {
+        self.inner.page_cache_budget[engine.index()]
+    }
+
+    pub(crate) fn page_cache_ledger(&self, engine: EngineId) -> &PageCacheLedger {
+        &self.inner.page_cache[engine.index()]
+    }
+}
 
 /// Writes are handed to the kernel for write-back in chunks of this size (RocksDB's
 /// `bytes_per_sync`), and dropped behind in chunks of it.
 pub const SYNC_CHUNK: u64 = 1 << 20;
-
-/// One engine's page-cache figures.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PageCacheStats {
-    /// The engine's page-cache budget for governed I/O.
-    pub budget: u64,
-    /// Bytes governed I/O has left in the page cache and not dropped yet.
-    pub left_behind: u64,
-    /// The highest `left_behind` seen.
-    pub peak: u64,
-    /// Bytes written back and dropped behind, in total.
-    pub dropped: u64,
-    /// Bytes of protected (locked) regions.
-    pub protected: u64,
-    /// Bytes of protected regions resident in memory when these figures were taken (`mincore`
-    /// over each region): `protected` while the locks hold.
-    pub protected_resident: u64,
-    /// Bytes governed writers wrote with direct I/O (`O_DIRECT`), past the page cache, in
-    /// total.
-    pub direct_written: u64,
-    /// Bytes of the engine's governed directories' files found in the page cache at the last
-    /// sweep (before it dropped them).
-    pub dirs_cached: u64,
-    /// The most a sweep found cached.
-    pub dirs_peak: u64,
-    /// Bytes those sweeps found cached and dropped, in total.
-    pub dirs_dropped: u64,
-}
-
-/// Per-engine page-cache ledger (inside the governor).
-#[derive(Debug, Default)]
-pub(crate) struct PageCacheLedger {
-    left: AtomicU64,
-    peak: AtomicU64,
-    dropped: AtomicU64,
-    protected: AtomicU64,
-    /// The protected regions, as (address, length), for their residency.
-    regions: std::sync::Mutex<Vec<(usize, usize)>>,
-    direct: AtomicU64,
-    dirs_cached: AtomicU64,
-    dirs_peak: AtomicU64,
-    dirs_dropped: AtomicU64,
-}
-
-impl PageCacheLedger {
-    /// Bytes of the engine's data protected (locked resident) now.
-    pub(crate) fn protected_bytes(&self) -> u64 {
-        self.protected.load(Ordering::Acquire)
-    }
-
-    fn add(&self, bytes: u64) -> u64 {
-        let now = self.left.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        self.peak.fetch_max(now, Ordering::AcqRel);
-        now
-    }
-
-    /// Gives back `bytes` this caller added (it never gives back more than it added).
-    fn sub(&self, bytes: u64) {
-        self.left.fetch_sub(bytes, Ordering::AcqRel);
-        self.dropped.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    pub(crate) fn stats(&self, budget: u64) -> PageCacheStats {
-        PageCacheStats {
-            budget,
-            left_behind: self.left.load(Ordering::Acquire),
-            peak: self.peak.load(Ordering::Acquire),
-            dropped: self.dropped.load(Ordering::Relaxed),
-            protected: self.protected.load(Ordering::Acquire),
-            protected_resident: lock_regions(&self.regions)
-                .iter()
-                .map(|&(addr, len)| resident_range(addr, len).unwrap_or(0))
-                .sum(),
-            direct_written: self.direct.load(Ordering::Relaxed),
-            dirs_cached: self.dirs_cached.load(Ordering::Acquire),
-            dirs_peak: self.dirs_peak.load(Ordering::Acquire),
-            dirs_dropped: self.dirs_dropped.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Records one sweep of the engine's governed directories.
-    pub(crate) fn swept(&self, cached: u64, dropped: u64) {
-        self.dirs_cached.store(cached, Ordering::Release);
-        self.dirs_peak.fetch_max(cached, Ordering::AcqRel);
-        self.dirs_dropped.fetch_add(dropped, Ordering::Relaxed);
-    }
-}
-
-/// The protected regions' list (a std mutex: this ledger is not part of the loom models, whose
-/// `crate::sync` swaps in loom's types).
-fn lock_regions(
-    m: &std::sync::Mutex<Vec<(usize, usize)>>,
-) -> std::sync::MutexGuard<'_, Vec<(usize, usize)>> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// What one sweep of a governed directory found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -925,23 +937,4 @@ impl Drop for Protected<'_> {
 /// Bytes of `data` (mapped memory) resident now, by `mincore` over its pages.
 pub fn resident_bytes(data: &[u8]) -> io::Result<u64> {
     resident_range(data.as_ptr() as usize, data.len())
-}
-
-/// Bytes of the pages of `[addr, addr + len)` resident now (`ENOMEM` where part of it is not
-/// mapped).
-fn resident_range(addr: usize, len: usize) -> io::Result<u64> {
-    const PAGE: usize = 4096;
-    if len == 0 {
-        return Ok(0);
-    }
-    let start = addr & !(PAGE - 1);
-    let end = (addr + len).next_multiple_of(PAGE);
-    let mut vec = vec![0u8; (end - start) / PAGE];
-    // SAFETY: `mincore` reads only the kernel's page tables for `[start, end)` (page-aligned),
-    // failing with `ENOMEM` for addresses not mapped; it writes one byte per page into `vec`,
-    // which has exactly that many.
-    if unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE as u64)
 }

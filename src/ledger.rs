@@ -1,0 +1,299 @@
+//! The ledger every reservation goes through: the engines' budgets, the global ledger under the
+//! ceiling, and [`Reservation`], which gives back exactly what it was admitted.
+//!
+//! A [`Reservation`] holds the ledger itself (not the whole governor), so the governor can hold
+//! the ledger without either module naming the other's types in a circle.
+
+use std::fmt;
+
+use crossbeam_utils::CachePadded;
+
+use crate::EngineId;
+use crate::budget::{Budget, checked_sub, raise_max, take_headroom, to_i64};
+use crate::error::{MemError, Result};
+use crate::events::{EventKind, EventLog};
+use crate::pressure::ThresholdsPpm;
+use crate::sync::{Arc, AtomicI64, AtomicU8, AtomicU64, Ordering};
+
+/// The process-wide counterpart of a [`Budget`]: usage of all engines against the ceiling.
+pub(crate) struct GlobalLedger {
+    pub(crate) ceiling: u64,
+    /// `ceiling - usage`; the global admission word.
+    pub(crate) headroom: AtomicI64,
+    pub(crate) usage: AtomicU64,
+    pub(crate) peak: AtomicU64,
+    pub(crate) rejections: AtomicU64,
+    pub(crate) level: AtomicU8,
+    pub(crate) transitions: AtomicU64,
+    /// Whether the global allocator's ledger counts (see `Budget::allocator_bytes`).
+    pub(crate) from_allocator: bool,
+    /// Resident memory beyond the governed usage at the last sample (allocator overhead,
+    /// fragmentation, code, stacks): counted against the ceiling by admission and pressure.
+    pub(crate) rss_excess: AtomicU64,
+    /// Engine arenas purged because their dirty pages passed the allowance.
+    pub(crate) dirty_purges: AtomicU64,
+}
+
+impl GlobalLedger {
+    pub(crate) fn new(ceiling: u64, from_allocator: bool) -> GlobalLedger {
+        GlobalLedger {
+            ceiling,
+            headroom: AtomicI64::new(to_i64(ceiling)),
+            usage: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            rejections: AtomicU64::new(0),
+            level: AtomicU8::new(crate::PressureLevel::Normal as u8),
+            transitions: AtomicU64::new(0),
+            from_allocator,
+            rss_excess: AtomicU64::new(0),
+            dirty_purges: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes the global allocator has charged to all engines together.
+    pub(crate) fn allocator_bytes(&self) -> u64 {
+        #[cfg(not(nodedb_mem_loom))]
+        if self.from_allocator {
+            return EngineId::ALL
+                .iter()
+                .map(|&e| nodedb_mem_alloc::charged(e))
+                .sum();
+        }
+        0
+    }
+
+    pub(crate) fn own_usage(&self) -> u64 {
+        self.usage.load(Ordering::Acquire)
+    }
+
+    /// Usage of all engines together: reservations and direct charges, and the allocator's.
+    pub(crate) fn usage(&self) -> u64 {
+        self.own_usage() + self.allocator_bytes()
+    }
+
+    fn take_headroom(&self, bytes: u64) -> std::result::Result<(), (i64, u64)> {
+        let ext = self.allocator_bytes() + self.rss_excess.load(Ordering::Acquire);
+        take_headroom(&self.headroom, bytes, ext)
+    }
+
+    fn raise(&self, bytes: u64) {
+        let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes + self.allocator_bytes();
+        raise_max(&self.peak, now);
+    }
+
+    /// Lowers usage after the engine-level decrement; cannot underflow because every byte in
+    /// an engine's ledger entered the global ledger first.
+    fn lower(&self, bytes: u64) {
+        let lowered = checked_sub(&self.usage, bytes);
+        debug_assert!(lowered.is_ok(), "global usage below an engine's");
+        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+    }
+}
+
+/// The engines' budgets and the global ledger, with the admission rules over both.
+pub(crate) struct Ledger {
+    pub(crate) budgets: [CachePadded<Budget>; EngineId::COUNT],
+    pub(crate) global: CachePadded<GlobalLedger>,
+    pub(crate) events: EventLog,
+    pub(crate) ppm: ThresholdsPpm,
+}
+
+impl Ledger {
+    pub(crate) fn budget(&self, engine: EngineId) -> &Budget {
+        &self.budgets[engine.index()]
+    }
+
+    /// Admission for `bytes`: committed as a reservation (`commit`), or given back at once.
+    pub(crate) fn admit(&self, engine: EngineId, bytes: u64, commit: bool) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let b = self.budget(engine);
+        if let Err(refused) = b.try_admit(bytes) {
+            self.events.record(EventKind::BudgetRejected {
+                engine,
+                requested: bytes,
+                used: refused.usage,
+                limit: refused.limit,
+            });
+            return Err(MemError::budget_exceeded(
+                engine,
+                bytes,
+                refused.usage,
+                refused.limit,
+            ));
+        }
+        let g = &self.global;
+        if let Err((headroom, ext)) = g.take_headroom(bytes) {
+            b.cancel_admission(bytes);
+            b.count_rejection();
+            g.rejections.fetch_add(1, Ordering::Relaxed);
+            let own = u64::try_from(i128::from(g.ceiling) - i128::from(headroom)).unwrap_or(0);
+            let used = own + ext;
+            self.events.record(EventKind::CeilingRejected {
+                engine,
+                requested: bytes,
+                used,
+                ceiling: g.ceiling,
+            });
+            return Err(MemError::ceiling_exceeded(engine, bytes, used, g.ceiling));
+        }
+        if commit {
+            g.raise(bytes);
+            b.commit_reservation(bytes);
+        } else {
+            g.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+            b.cancel_admission(bytes);
+        }
+        Ok(())
+    }
+
+    fn release(&self, engine: EngineId, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.budget(engine).release(bytes)?;
+        self.global.lower(bytes);
+        Ok(())
+    }
+
+    /// Charges `bytes` of live memory to `engine`, unconditionally.
+    pub(crate) fn charge(&self, engine: EngineId, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let g = &self.global;
+        g.headroom.fetch_sub(to_i64(bytes), Ordering::AcqRel);
+        g.raise(bytes);
+        self.budget(engine).charge(bytes);
+    }
+
+    /// Credits `bytes` of freed memory to `engine`; refuses, changing nothing, if more than is
+    /// charged.
+    pub(crate) fn credit(&self, engine: EngineId, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.budget(engine).credit(bytes)?;
+        self.global.lower(bytes);
+        Ok(())
+    }
+}
+
+/// Reserves `bytes` for `engine` in `ledger`, or refuses with a deterministic error.
+pub(crate) fn reserve(ledger: &Arc<Ledger>, engine: EngineId, bytes: u64) -> Result<Reservation> {
+    ledger.admit(engine, bytes, true)?;
+    Ok(Reservation {
+        ledger: Arc::clone(ledger),
+        engine,
+        size: bytes,
+    })
+}
+
+/// Bytes admitted for one engine, given back when dropped.
+///
+/// Like DataFusion's `MemoryReservation`: grow it with [`try_grow`](Self::try_grow), give part
+/// back with [`shrink`](Self::shrink), hand part to another owner with
+/// [`split`](Self::split).
+///
+/// ```
+/// use nodedb_mem::{EngineId, MemoryGovernor};
+/// let gov = MemoryGovernor::builder().global_ceiling(16 << 20).build()?;
+/// let mut a = gov.reserve(EngineId::Vector, 4096)?;
+/// let b = a.split(1024)?;
+/// assert_eq!((a.size(), b.size()), (3072, 1024));
+/// a.shrink(72)?;
+/// assert_eq!(gov.usage(EngineId::Vector), 4024);
+/// drop((a, b));
+/// assert_eq!(gov.usage(EngineId::Vector), 0);
+/// # Ok::<(), nodedb_mem::MemError>(())
+/// ```
+pub struct Reservation {
+    ledger: Arc<Ledger>,
+    engine: EngineId,
+    size: u64,
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("engine", &self.engine)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Reservation {
+    /// The engine the bytes are reserved for.
+    pub fn engine(&self) -> EngineId {
+        self.engine
+    }
+
+    /// Bytes held.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reserves `bytes` more, or refuses (holding what it held) with the same error as
+    /// [`MemoryGovernor::reserve`](crate::MemoryGovernor::reserve).
+    pub fn try_grow(&mut self, bytes: u64) -> Result<()> {
+        self.ledger.admit(self.engine, bytes, true)?;
+        self.size += bytes;
+        Ok(())
+    }
+
+    /// Grows or shrinks to exactly `new_size`; refuses a growth that does not fit.
+    pub fn try_resize(&mut self, new_size: u64) -> Result<()> {
+        if new_size >= self.size {
+            self.try_grow(new_size - self.size)
+        } else {
+            self.shrink(self.size - new_size)
+        }
+    }
+
+    /// Gives `bytes` back to the engine's budget.
+    pub fn shrink(&mut self, bytes: u64) -> Result<()> {
+        self.check_holds(bytes)?;
+        self.ledger.release(self.engine, bytes)?;
+        self.size -= bytes;
+        Ok(())
+    }
+
+    /// Moves `bytes` of this reservation into a new one for the same engine.
+    pub fn split(&mut self, bytes: u64) -> Result<Reservation> {
+        self.check_holds(bytes)?;
+        self.size -= bytes;
+        Ok(Reservation {
+            ledger: Arc::clone(&self.ledger),
+            engine: self.engine,
+            size: bytes,
+        })
+    }
+
+    /// Gives everything back; returns how many bytes that was.
+    pub fn free(&mut self) -> u64 {
+        let size = std::mem::take(&mut self.size);
+        // A reservation releases exactly what it was admitted, so this cannot be refused; if a
+        // bug ever made it so, the ledger counts it in `over_releases` and stays unchanged.
+        let released = self.ledger.release(self.engine, size);
+        debug_assert!(released.is_ok(), "{released:?}");
+        size
+    }
+
+    fn check_holds(&self, bytes: u64) -> Result<()> {
+        if bytes > self.size {
+            return Err(MemError::ReservationTooSmall {
+                engine: self.engine,
+                requested: bytes,
+                reserved: self.size,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
