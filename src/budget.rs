@@ -241,13 +241,12 @@ impl Budget {
         raise_max(&self.window_peak, now);
     }
 
-    /// Admission: takes `bytes` of headroom if the limit allows, else counts a rejection and
-    /// reports what the refused compare-and-swap saw. Follow with
-    /// [`commit_reservation`](Self::commit_reservation) or
+    /// Admission: takes `bytes` of headroom if the limit allows, else reports what the refused
+    /// compare-and-swap saw (the caller counts the rejection, unless it is a waiting request's
+    /// retry). Follow with [`commit_reservation`](Self::commit_reservation) or
     /// [`cancel_admission`](Self::cancel_admission).
     pub(crate) fn try_admit(&self, bytes: u64) -> std::result::Result<(), Refused> {
         self.take_headroom(bytes).map_err(|(headroom, ext)| {
-            self.count_rejection();
             let limit = self.limit();
             // `usage` as the refused CAS saw it, from the same word, not a second read.
             let own = u64::try_from(i128::from(limit) - i128::from(headroom)).unwrap_or(0);
@@ -475,7 +474,8 @@ mod tests {
 
     impl Budget {
         fn try_reserve(&self, bytes: u64) -> std::result::Result<(), Refused> {
-            self.try_admit(bytes)?;
+            self.try_admit(bytes)
+                .inspect_err(|_| self.count_rejection())?;
             self.commit_reservation(bytes);
             Ok(())
         }

@@ -45,6 +45,58 @@ pub enum MemError {
         /// `ceiling - used`, or zero when usage is already above the ceiling.
         available: u64,
     },
+    /// A scoped reservation fit the engine's limit but not the limit of a scope on its path
+    /// (the scope named, or one above it).
+    #[error(
+        "cannot reserve {} for engine {engine} in scope {scope}: {} already used of its {} limit, {} available",
+        ByteSize(*requested), ByteSize(*used), ByteSize(*limit), ByteSize(*available)
+    )]
+    ScopeExceeded {
+        /// The path of the scope that refused (`sales/acme`).
+        scope: String,
+        /// The engine asked for memory.
+        engine: EngineId,
+        /// Bytes asked for.
+        requested: u64,
+        /// The scope's usage (its reservations and those below it) when it refused.
+        used: u64,
+        /// The scope's limit when it refused.
+        limit: u64,
+        /// `limit - used`, or zero when usage is already above the limit.
+        available: u64,
+    },
+    /// `remove_scope` found reservations or child scopes alive in the scope; nothing changed.
+    #[error(
+        "cannot remove scope {scope}: {reservations} reservation(s) holding {} and {children} child scope(s) are alive in it; drop them first (a limit of 0 refuses new reservations meanwhile)",
+        ByteSize(*bytes)
+    )]
+    ScopeInUse {
+        /// The scope's path.
+        scope: String,
+        /// Live reservations made in it.
+        reservations: u64,
+        /// Bytes reserved in it and below it.
+        bytes: u64,
+        /// Live child scopes.
+        children: u64,
+    },
+    /// The scope was removed: nothing can be reserved in it, created under it or changed.
+    #[error("scope {scope} was removed")]
+    ScopeRemoved {
+        /// The scope's path.
+        scope: String,
+    },
+    /// A waiting reservation's time ran out; `refusal` is what admission answered at the
+    /// deadline (a [`BudgetExceeded`](MemError::BudgetExceeded),
+    /// [`ScopeExceeded`](MemError::ScopeExceeded) or
+    /// [`CeilingExceeded`](MemError::CeilingExceeded)).
+    #[error("waited {} ms for memory: {refusal}", waited.as_millis())]
+    WaitTimedOut {
+        /// How long the request waited.
+        waited: std::time::Duration,
+        /// The refusal at the deadline.
+        refusal: Box<MemError>,
+    },
     /// A release or free of more bytes than the engine was charged: an accounting bug in the
     /// caller. Nothing was changed.
     #[error(
@@ -158,6 +210,23 @@ impl MemError {
         }
     }
 
+    pub(crate) fn scope_exceeded(
+        scope: &str,
+        engine: EngineId,
+        requested: u64,
+        used: u64,
+        limit: u64,
+    ) -> Self {
+        MemError::ScopeExceeded {
+            scope: scope.to_owned(),
+            engine,
+            requested,
+            used,
+            limit,
+            available: limit.saturating_sub(used),
+        }
+    }
+
     pub(crate) fn config(
         field: impl Into<String>,
         value: impl ToString,
@@ -170,13 +239,18 @@ impl MemError {
         }
     }
 
-    /// True for the two admission refusals ([`MemError::BudgetExceeded`],
-    /// [`MemError::CeilingExceeded`]): the caller should spill or apply backpressure.
+    /// True for the admission refusals ([`MemError::BudgetExceeded`],
+    /// [`MemError::ScopeExceeded`], [`MemError::CeilingExceeded`], and a
+    /// [`MemError::WaitTimedOut`] that ended in one): the caller should spill or apply
+    /// backpressure.
     pub fn is_over_budget(&self) -> bool {
-        matches!(
-            self,
-            MemError::BudgetExceeded { .. } | MemError::CeilingExceeded { .. }
-        )
+        match self {
+            MemError::BudgetExceeded { .. }
+            | MemError::ScopeExceeded { .. }
+            | MemError::CeilingExceeded { .. } => true,
+            MemError::WaitTimedOut { refusal, .. } => refusal.is_over_budget(),
+            _ => false,
+        }
     }
 }
 

@@ -98,6 +98,39 @@ pub enum EventKind {
         /// Bytes refused so far, in total.
         refused_bytes: u64,
     },
+    /// A scoped reservation was refused by a scope's limit.
+    ScopeRejected {
+        /// The scope that refused.
+        scope: crate::ScopeId,
+        /// The engine asked for memory.
+        engine: EngineId,
+        /// Bytes asked for.
+        requested: u64,
+        /// The scope's usage at the refusal.
+        used: u64,
+        /// The scope's limit at the refusal.
+        limit: u64,
+    },
+    /// A scope's limit was changed.
+    ScopeLimit {
+        /// The scope.
+        scope: crate::ScopeId,
+        /// The limit before.
+        from: u64,
+        /// The limit after.
+        to: u64,
+        /// The scope's usage when it changed.
+        usage: u64,
+    },
+    /// A scope's pressure level changed.
+    ScopePressure {
+        /// The scope.
+        scope: crate::ScopeId,
+        /// Level before.
+        from: PressureLevel,
+        /// Level after.
+        to: PressureLevel,
+    },
     /// The rebalancer moved limit from one engine to another.
     Rebalance {
         /// The engine whose limit shrank.
@@ -151,7 +184,13 @@ impl EventLog {
     /// Records an event and emits it as a `tracing` event now.
     pub(crate) fn record(&self, kind: EventKind) {
         let event = self.push(kind, true);
-        emit(&event);
+        emit(&event, None);
+    }
+
+    /// Records an event about the scope at `path` and emits it now, naming the scope.
+    pub(crate) fn record_scope(&self, kind: EventKind, path: &str) {
+        let event = self.push(kind, true);
+        emit(&event, Some(path));
     }
 
     fn push(&self, kind: EventKind, traced: bool) -> BreachEvent {
@@ -171,7 +210,7 @@ impl EventLog {
         let mut history = lock(&self.history);
         while let Some(p) = self.pending.pop() {
             if !p.traced {
-                emit(&p.event);
+                emit(&p.event, None);
             }
             if history.len() == EVENT_CAPACITY {
                 history.pop_front();
@@ -198,7 +237,10 @@ impl EventLog {
     }
 }
 
-fn emit(e: &BreachEvent) {
+/// Emits `e` to `tracing`; `path` names the scope of a scope event where the caller knows it
+/// (its number is given either way).
+fn emit(e: &BreachEvent, path: Option<&str>) {
+    let path = path.unwrap_or("");
     match e.kind {
         EventKind::BudgetRejected {
             engine,
@@ -283,6 +325,47 @@ fn emit(e: &BreachEvent) {
             to = to.name(),
             bytes,
             "rebalanced budget"
+        ),
+        EventKind::ScopeRejected {
+            scope,
+            engine,
+            requested,
+            used,
+            limit,
+        } => tracing::warn!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            scope = path,
+            scope_id = scope.get(),
+            engine = engine.name(),
+            requested,
+            used,
+            limit,
+            "reservation refused by a scope's limit"
+        ),
+        EventKind::ScopeLimit {
+            scope,
+            from,
+            to,
+            usage,
+        } => tracing::info!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            scope = path,
+            scope_id = scope.get(),
+            from,
+            to,
+            usage,
+            "scope limit changed"
+        ),
+        EventKind::ScopePressure { scope, from, to } => tracing::info!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            scope = path,
+            scope_id = scope.get(),
+            from = from.name(),
+            to = to.name(),
+            "scope pressure level changed"
         ),
     }
 }

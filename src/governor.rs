@@ -11,11 +11,13 @@ use crate::ceiling::CeilingSource;
 use crate::config::{Config, GovernorBuilder, RebalanceConfig};
 use crate::error::Result;
 use crate::events::{EventKind, EventLog};
-use crate::ledger::{GlobalLedger, Ledger, Reservation};
+use crate::ledger::{GlobalLedger, Ledger};
 use crate::pressure::{PressureLevel, PressureThresholds};
 use crate::reclaim::{Reclaimer, ReclaimerHandle, Reclaimers};
 use crate::rss::RssSample;
+use crate::scope::ScopeTree;
 use crate::sync::{Arc, Mutex, Ordering, lock};
+use crate::wait::Queues;
 
 /// The least dirty memory an engine's arenas may keep before
 /// [`MemoryGovernor::check_resident`] purges them (else a quarter of the engine's limit).
@@ -109,8 +111,11 @@ impl MemoryGovernor {
                 ledger: Arc::new(Ledger {
                     budgets,
                     global: CachePadded::new(GlobalLedger::new(c.ceiling, from_allocator)),
+                    scopes: ScopeTree::new(),
                     events: EventLog::new(),
                     ppm: c.thresholds.to_ppm(),
+                    waiters: Queues::new(),
+                    ticker: Default::default(),
                 }),
                 thresholds: c.thresholds,
                 rebalance: c.rebalance,
@@ -211,49 +216,6 @@ impl MemoryGovernor {
         g.peak.load(Ordering::Acquire)
     }
 
-    /// Reserves `bytes` for `engine`, or refuses with a deterministic error.
-    ///
-    /// Admission is one compare-and-swap on the engine's headroom (`limit - usage`) and one on
-    /// the global headroom (`ceiling - usage`): a reservation is admitted only if it fits both
-    /// at that instant, whatever other threads do, so reservations alone can never take an
-    /// engine past its limit or the process past its ceiling. If the ceiling refuses, the
-    /// engine's admission is undone (a concurrent reservation of the same engine may be
-    /// refused in that instant — conservative, never over-admitting).
-    ///
-    /// Two honest uses: hold the reservation across an allocation you are about to make and
-    /// drop it once the allocator has charged the memory; or hold it for the lifetime of memory
-    /// the allocator does not see (file mappings, I/O buffers, foreign allocators). Never keep
-    /// a reservation for memory the allocator also charges, or the bytes count twice.
-    ///
-    /// Reserving zero bytes always succeeds and holds nothing.
-    pub fn reserve(&self, engine: EngineId, bytes: u64) -> Result<Reservation> {
-        crate::ledger::reserve(&self.inner.ledger, engine, bytes)
-    }
-
-    /// Whether `bytes` more would be admitted for `engine` right now (its limit and the global
-    /// ceiling, counting what the allocator has charged), the answer [`reserve`](Self::reserve)
-    /// would give, without holding anything. Unlike a reservation taken and dropped at once,
-    /// the question leaves no trace in the engine's usage or peak: for a pool that only asks
-    /// and lets the allocator charge the memory when it is allocated (see
-    /// `nodedb-mem-datafusion`). A refusal is counted and reported as `reserve`'s would be.
-    pub fn check_admission(&self, engine: EngineId, bytes: u64) -> Result<()> {
-        self.inner.ledger.admit(engine, bytes, false)
-    }
-
-    /// Charges `bytes` of live memory to `engine`, unconditionally: the global allocator's
-    /// entry point, and for allocators of your own that the global allocator does not see.
-    /// Usage may go above the limit this way; pressure rises and reservations are refused
-    /// until it falls.
-    pub fn charge(&self, engine: EngineId, bytes: u64) {
-        self.inner.ledger.charge(engine, bytes);
-    }
-
-    /// Credits `bytes` of freed memory to `engine`. Crediting more than is charged is a bug in
-    /// the caller: it is refused with [`MemError::OverRelease`](crate::MemError::OverRelease) and changes nothing.
-    pub fn credit(&self, engine: EngineId, bytes: u64) -> Result<()> {
-        self.inner.ledger.credit(engine, bytes)
-    }
-
     /// `engine`'s pressure level, with hysteresis. O(1), lock-free, allocation-free.
     ///
     /// A change of level is recorded as a breach event (emitted to `tracing` at the next
@@ -339,6 +301,7 @@ impl MemoryGovernor {
                     by_node[e.index()],
                     inner.ledger.global.from_allocator,
                     self.page_cache(e),
+                    inner.ledger.waiters.figures(e),
                 )
             })
         };
@@ -363,6 +326,17 @@ impl MemoryGovernor {
             } else {
                 Default::default()
             },
+            scopes: self
+                .scopes()
+                .iter()
+                .map(|s| {
+                    let waiting = inner.ledger.waiters.waiting_in(s.id());
+                    s.node.snapshot(self.scope_pressure(s), waiting)
+                })
+                .collect(),
+            waits_granted: inner.ledger.waiters.granted.load(Ordering::Relaxed),
+            waits_timed_out: inner.ledger.waiters.timed_out.load(Ordering::Relaxed),
+            waits_cancelled: inner.ledger.waiters.cancelled.load(Ordering::Relaxed),
         }
     }
 

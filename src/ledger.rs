@@ -13,7 +13,9 @@ use crate::budget::{Budget, checked_sub, raise_max, take_headroom, to_i64};
 use crate::error::{MemError, Result};
 use crate::events::{EventKind, EventLog};
 use crate::pressure::ThresholdsPpm;
+use crate::scope::{Scope, ScopeNode, ScopeTree};
 use crate::sync::{Arc, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use crate::wait::{Attempt, Queues, Ticker, Waiter};
 
 /// The process-wide counterpart of a [`Budget`]: usage of all engines against the ceiling.
 pub(crate) struct GlobalLedger {
@@ -90,12 +92,34 @@ impl GlobalLedger {
     }
 }
 
-/// The engines' budgets and the global ledger, with the admission rules over both.
+/// The engines' budgets, the scopes and the global ledger, with the admission rules over them.
 pub(crate) struct Ledger {
     pub(crate) budgets: [CachePadded<Budget>; EngineId::COUNT],
     pub(crate) global: CachePadded<GlobalLedger>,
+    pub(crate) scopes: ScopeTree,
     pub(crate) events: EventLog,
     pub(crate) ppm: ThresholdsPpm,
+    /// Requests waiting for memory, per engine.
+    pub(crate) waiters: Queues<Reservation>,
+    /// The thread that retries and times out waiting requests (started by the first one).
+    pub(crate) ticker: std::sync::Arc<Ticker>,
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.ticker.stop();
+    }
+}
+
+/// How an admission ends when it fits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Commit the bytes as a reservation.
+    Commit,
+    /// Give them back at once (a question only).
+    Ask,
+    /// Commit, but a refusal is not counted or reported (a waiting request's retries).
+    Retry,
 }
 
 impl Ledger {
@@ -103,19 +127,32 @@ impl Ledger {
         &self.budgets[engine.index()]
     }
 
-    /// Admission for `bytes`: committed as a reservation (`commit`), or given back at once.
-    pub(crate) fn admit(&self, engine: EngineId, bytes: u64, commit: bool) -> Result<()> {
+    /// Admission for `bytes` for `engine`, and in `scope` and the scopes above it if given:
+    /// engine first, then the scopes from the leaf up, then the ceiling, each a
+    /// compare-and-swap that refuses to take its headroom below zero; a refusal gives back
+    /// every level already taken, so nothing stays charged.
+    pub(crate) fn admit(
+        &self,
+        engine: EngineId,
+        scope: Option<&Arc<ScopeNode>>,
+        bytes: u64,
+        how: Admit,
+    ) -> Result<()> {
         if bytes == 0 {
             return Ok(());
         }
+        let report = how != Admit::Retry;
         let b = self.budget(engine);
         if let Err(refused) = b.try_admit(bytes) {
-            self.events.record(EventKind::BudgetRejected {
-                engine,
-                requested: bytes,
-                used: refused.usage,
-                limit: refused.limit,
-            });
+            if report {
+                b.count_rejection();
+                self.events.record(EventKind::BudgetRejected {
+                    engine,
+                    requested: bytes,
+                    used: refused.usage,
+                    limit: refused.limit,
+                });
+            }
             return Err(MemError::budget_exceeded(
                 engine,
                 bytes,
@@ -123,36 +160,68 @@ impl Ledger {
                 refused.limit,
             ));
         }
+        let path = || scope.into_iter().flat_map(|leaf| leaf.path_up());
+        for (taken, n) in path().enumerate() {
+            if let Err(used) = n.try_take(bytes) {
+                path().take(taken).for_each(|m| m.untake(bytes));
+                b.cancel_admission(bytes);
+                let limit = n.limit();
+                if report {
+                    n.count_rejection();
+                    self.events.record_scope(
+                        EventKind::ScopeRejected {
+                            scope: n.id,
+                            engine,
+                            requested: bytes,
+                            used,
+                            limit,
+                        },
+                        &n.path,
+                    );
+                }
+                return Err(MemError::scope_exceeded(
+                    &n.path, engine, bytes, used, limit,
+                ));
+            }
+        }
         let g = &self.global;
         if let Err((headroom, ext)) = g.take_headroom(bytes) {
+            path().for_each(|m| m.untake(bytes));
             b.cancel_admission(bytes);
-            b.count_rejection();
-            g.rejections.fetch_add(1, Ordering::Relaxed);
             let own = u64::try_from(i128::from(g.ceiling) - i128::from(headroom)).unwrap_or(0);
             let used = own + ext;
-            self.events.record(EventKind::CeilingRejected {
-                engine,
-                requested: bytes,
-                used,
-                ceiling: g.ceiling,
-            });
+            if report {
+                b.count_rejection();
+                g.rejections.fetch_add(1, Ordering::Relaxed);
+                self.events.record(EventKind::CeilingRejected {
+                    engine,
+                    requested: bytes,
+                    used,
+                    ceiling: g.ceiling,
+                });
+            }
             return Err(MemError::ceiling_exceeded(engine, bytes, used, g.ceiling));
         }
-        if commit {
-            g.raise(bytes);
-            b.commit_reservation(bytes);
-        } else {
+        if how == Admit::Ask {
             g.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+            path().for_each(|m| m.untake(bytes));
             b.cancel_admission(bytes);
+        } else {
+            g.raise(bytes);
+            path().for_each(|m| m.commit(bytes));
+            b.commit_reservation(bytes);
         }
         Ok(())
     }
 
-    fn release(&self, engine: EngineId, bytes: u64) -> Result<()> {
+    fn release(&self, engine: EngineId, scope: Option<&Arc<ScopeNode>>, bytes: u64) -> Result<()> {
         if bytes == 0 {
             return Ok(());
         }
         self.budget(engine).release(bytes)?;
+        for n in scope.into_iter().flat_map(|leaf| leaf.path_up()) {
+            n.release(bytes);
+        }
         self.global.lower(bytes);
         Ok(())
     }
@@ -178,14 +247,73 @@ impl Ledger {
         self.global.lower(bytes);
         Ok(())
     }
+
+    /// Serves the waiting requests if there are any: called after every release, credit,
+    /// limit raised and rebalancing step (see `wait`'s rules for why none is missed).
+    pub(crate) fn wake_waiters(self: &Arc<Self>) {
+        if self.waiters.anyone_waiting() {
+            self.waiters.serve(|w| self.attempt(w));
+        }
+    }
+
+    /// A quiet attempt for a waiting request: granted, not yet, or never.
+    pub(crate) fn attempt(self: &Arc<Self>, w: &Waiter<Reservation>) -> Attempt<Reservation> {
+        match reserve(self, w.engine, w.scope.as_ref(), w.bytes, Admit::Retry) {
+            Ok(r) => Attempt::Granted(r),
+            Err(e) if e.is_over_budget() => Attempt::Wait,
+            Err(e) => Attempt::Fail(e),
+        }
+    }
+
+    /// Times out the requests whose deadline passed (one last attempt each, reported as any
+    /// refusal); returns the earliest deadline still waiting.
+    pub(crate) fn expire_waiters(
+        self: &Arc<Self>,
+        now: std::time::Instant,
+    ) -> Option<std::time::Instant> {
+        self.waiters.expire(now, |w| {
+            reserve(self, w.engine, w.scope.as_ref(), w.bytes, Admit::Commit)
+        })
+    }
 }
 
-/// Reserves `bytes` for `engine` in `ledger`, or refuses with a deterministic error.
-pub(crate) fn reserve(ledger: &Arc<Ledger>, engine: EngineId, bytes: u64) -> Result<Reservation> {
-    ledger.admit(engine, bytes, true)?;
+/// Reserves `bytes` for `engine` in `ledger` (and in `scope`, if given), or refuses with a
+/// deterministic error.
+pub(crate) fn reserve(
+    ledger: &Arc<Ledger>,
+    engine: EngineId,
+    scope: Option<&Scope>,
+    bytes: u64,
+    how: Admit,
+) -> Result<Reservation> {
+    let scope = match scope {
+        None => None,
+        Some(s) => {
+            if !ledger.scopes.owns(s) {
+                return Err(MemError::config(
+                    "scope",
+                    &s.node.path,
+                    "belongs to another governor",
+                ));
+            }
+            if !s.node.enter() {
+                return Err(MemError::ScopeRemoved {
+                    scope: s.node.path.clone(),
+                });
+            }
+            Some(Arc::clone(&s.node))
+        }
+    };
+    if let Err(e) = ledger.admit(engine, scope.as_ref(), bytes, how) {
+        if let Some(n) = &scope {
+            n.leave();
+        }
+        return Err(e);
+    }
     Ok(Reservation {
         ledger: Arc::clone(ledger),
         engine,
+        scope,
         size: bytes,
     })
 }
@@ -211,6 +339,8 @@ pub(crate) fn reserve(ledger: &Arc<Ledger>, engine: EngineId, bytes: u64) -> Res
 pub struct Reservation {
     ledger: Arc<Ledger>,
     engine: EngineId,
+    /// The scope it was made in (it counts against that scope and every one above it).
+    scope: Option<Arc<ScopeNode>>,
     size: u64,
 }
 
@@ -218,6 +348,7 @@ impl fmt::Debug for Reservation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reservation")
             .field("engine", &self.engine)
+            .field("scope", &self.scope.as_ref().map(|n| &n.path))
             .field("size", &self.size)
             .finish()
     }
@@ -234,10 +365,17 @@ impl Reservation {
         self.size
     }
 
-    /// Reserves `bytes` more, or refuses (holding what it held) with the same error as
+    /// The path of the scope it was made in, if any.
+    pub fn scope(&self) -> Option<&str> {
+        self.scope.as_ref().map(|n| n.path.as_str())
+    }
+
+    /// Reserves `bytes` more (against the engine, its scopes and the ceiling), or refuses
+    /// (holding what it held) with the same error as
     /// [`MemoryGovernor::reserve`](crate::MemoryGovernor::reserve).
     pub fn try_grow(&mut self, bytes: u64) -> Result<()> {
-        self.ledger.admit(self.engine, bytes, true)?;
+        self.ledger
+            .admit(self.engine, self.scope.as_ref(), bytes, Admit::Commit)?;
         self.size += bytes;
         Ok(())
     }
@@ -254,18 +392,26 @@ impl Reservation {
     /// Gives `bytes` back to the engine's budget.
     pub fn shrink(&mut self, bytes: u64) -> Result<()> {
         self.check_holds(bytes)?;
-        self.ledger.release(self.engine, bytes)?;
+        self.ledger
+            .release(self.engine, self.scope.as_ref(), bytes)?;
         self.size -= bytes;
+        self.ledger.wake_waiters();
         Ok(())
     }
 
-    /// Moves `bytes` of this reservation into a new one for the same engine.
+    /// Moves `bytes` of this reservation into a new one for the same engine and scope.
     pub fn split(&mut self, bytes: u64) -> Result<Reservation> {
         self.check_holds(bytes)?;
+        if let Some(n) = &self.scope {
+            // This reservation keeps the scope open, so it cannot be removed meanwhile.
+            let entered = n.enter();
+            debug_assert!(entered, "a scope with a live reservation was removed");
+        }
         self.size -= bytes;
         Ok(Reservation {
             ledger: Arc::clone(&self.ledger),
             engine: self.engine,
+            scope: self.scope.clone(),
             size: bytes,
         })
     }
@@ -275,8 +421,11 @@ impl Reservation {
         let size = std::mem::take(&mut self.size);
         // A reservation releases exactly what it was admitted, so this cannot be refused; if a
         // bug ever made it so, the ledger counts it in `over_releases` and stays unchanged.
-        let released = self.ledger.release(self.engine, size);
+        let released = self.ledger.release(self.engine, self.scope.as_ref(), size);
         debug_assert!(released.is_ok(), "{released:?}");
+        if size > 0 {
+            self.ledger.wake_waiters();
+        }
         size
     }
 
@@ -295,5 +444,8 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.free();
+        if let Some(n) = &self.scope {
+            n.leave();
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! * [`Budget`] — one engine's lock-free ledger.
 //! * [`MemError`] / [`Result`] — every refusal and configuration error, with its numbers.
 
+mod admission;
 mod budget;
 mod cache;
 mod ceiling;
@@ -32,9 +33,12 @@ mod rebalancer;
 mod reclaim;
 mod resident;
 mod rss;
+mod scope;
 mod size;
 mod spill;
 mod sync;
+mod wait;
+mod waiting;
 
 pub use budget::Budget;
 pub use cache::{
@@ -75,5 +79,7 @@ pub use rebalance::{RebalanceMove, RebalanceReport};
 pub use rebalancer::Rebalancer;
 pub use reclaim::{Reclaimer, ReclaimerHandle};
 pub use rss::RssSample;
+pub use scope::{MAX_SCOPE_NAME, Scope, ScopeId, ScopeSnapshot};
 pub use size::{ByteSize, Size, SizeError};
 pub use spill::{SpillAction, SpillConfig, SpillController};
+pub use waiting::{Reserving, WAIT_RETRY};

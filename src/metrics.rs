@@ -6,6 +6,8 @@ use crate::budget::Budget;
 use crate::ceiling::CeilingSource;
 use crate::events::BreachEvent;
 use crate::pressure::PressureLevel;
+use crate::scope::ScopeSnapshot;
+use crate::wait::QueueFigures;
 use crate::{ArenaStats, EngineId};
 
 /// One engine's figures at the moment of a [`Snapshot`].
@@ -72,6 +74,12 @@ pub struct EngineSnapshot {
     pub overflow_breaches: crate::OverflowBreaches,
     /// The page cache the engine's governed I/O left behind, dropped, and protected regions.
     pub page_cache: crate::PageCacheStats,
+    /// Requests of the engine waiting for memory
+    /// ([`reserve_blocking`](crate::MemoryGovernor::reserve_blocking),
+    /// [`reserve_async`](crate::MemoryGovernor::reserve_async)).
+    pub waiters: u64,
+    /// The bytes they wait for.
+    pub waiting_bytes: u64,
 }
 
 impl EngineSnapshot {
@@ -82,6 +90,7 @@ impl EngineSnapshot {
         arena_by_node: [ArenaStats; crate::MAX_NODES],
         installed: bool,
         page_cache: crate::PageCacheStats,
+        queue: QueueFigures,
     ) -> EngineSnapshot {
         let e = b.engine();
         let (range_bytes, range_fallbacks, overflow, push_out, overflow_breaches) =
@@ -125,6 +134,8 @@ impl EngineSnapshot {
             push_out,
             overflow_breaches,
             page_cache,
+            waiters: queue.waiters,
+            waiting_bytes: queue.waiting_bytes,
         }
     }
 }
@@ -163,6 +174,14 @@ pub struct Snapshot {
     pub dirty_purges: u64,
     /// The overflow path's counters (all zero without an installed governor).
     pub overflow: crate::OverflowStats,
+    /// Every live scope, in creation order.
+    pub scopes: Vec<ScopeSnapshot>,
+    /// Waiting requests granted, in total.
+    pub waits_granted: u64,
+    /// Waiting requests that timed out, in total.
+    pub waits_timed_out: u64,
+    /// Waiting requests their owners gave up (futures dropped), in total.
+    pub waits_cancelled: u64,
 }
 
 impl Snapshot {
@@ -228,6 +247,24 @@ impl Snapshot {
             self.events_dropped,
         );
         global(
+            "waits_granted_total",
+            "counter",
+            "Waiting reservations granted.",
+            self.waits_granted,
+        );
+        global(
+            "waits_timed_out_total",
+            "counter",
+            "Waiting reservations that timed out.",
+            self.waits_timed_out,
+        );
+        global(
+            "waits_cancelled_total",
+            "counter",
+            "Waiting reservations given up by their owners.",
+            self.waits_cancelled,
+        );
+        global(
             "process_resident_bytes",
             "gauge",
             "Resident memory of the process at the last sample (VmRSS).",
@@ -272,7 +309,19 @@ impl Snapshot {
         );
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 43] = [
+        let per_engine: [(&str, &str, &str, Field); 45] = [
+            (
+                "engine_waiters",
+                "gauge",
+                "Requests of the engine waiting for memory.",
+                |e| e.waiters.into(),
+            ),
+            (
+                "engine_waiting_bytes",
+                "gauge",
+                "Bytes the engine's waiting requests wait for.",
+                |e| e.waiting_bytes.into(),
+            ),
             (
                 "engine_governed_dir_cached_bytes",
                 "gauge",
@@ -560,8 +609,83 @@ impl Snapshot {
                 );
             }
         }
+        type ScopeField = fn(&ScopeSnapshot) -> u64;
+        let per_scope: [(&str, &str, &str, ScopeField); 8] = [
+            ("scope_limit_bytes", "gauge", "The scope's limit.", |s| {
+                s.limit
+            }),
+            (
+                "scope_usage_bytes",
+                "gauge",
+                "Bytes reserved in the scope and below it.",
+                |s| s.usage,
+            ),
+            (
+                "scope_peak_usage_bytes",
+                "gauge",
+                "Highest usage of the scope.",
+                |s| s.peak,
+            ),
+            (
+                "scope_rejections_total",
+                "counter",
+                "Reservations the scope's limit refused.",
+                |s| s.rejections,
+            ),
+            (
+                "scope_reservations",
+                "gauge",
+                "Live reservations made in the scope.",
+                |s| s.reservations,
+            ),
+            (
+                "scope_waiters",
+                "gauge",
+                "Requests waiting for memory in the scope.",
+                |s| s.waiters,
+            ),
+            (
+                "scope_pressure_level",
+                "gauge",
+                "Scope pressure level: 0 normal, 1 warning, 2 critical, 3 emergency.",
+                |s| s.pressure as u64,
+            ),
+            (
+                "scope_pressure_transitions_total",
+                "counter",
+                "Changes of the scope's pressure level.",
+                |s| s.pressure_transitions,
+            ),
+        ];
+        if !self.scopes.is_empty() {
+            for (name, kind, help, field) in per_scope {
+                header(&mut out, name, kind, help);
+                for s in &self.scopes {
+                    let _ = writeln!(
+                        out,
+                        "nodedb_mem_{name}{{scope=\"{}\"}} {}",
+                        escape_label(&s.path),
+                        field(s)
+                    );
+                }
+            }
+        }
         out
     }
+}
+
+/// A label value as the text format wants it: backslash, double quote and line feed escaped.
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -31,10 +31,12 @@ impl MemoryGovernor {
         let seen = EngineId::ALL.map(|e| {
             let b = self.budget(e);
             let window_peak = b.take_window_peak();
-            let busy = self.pressure(e) >= PressureLevel::Warning;
+            let waiting = inner.ledger.waiters.figures(e).waiting_bytes;
+            let busy = self.pressure(e) >= PressureLevel::Warning || waiting > 0;
             Seen {
-                // Demand includes what overflowed: a borrower asks for enough to hold it again.
-                usage: b.usage() + b.overflow_bytes(),
+                // Demand includes what overflowed, and what waits for memory: a borrower asks
+                // for enough to hold both.
+                usage: b.usage() + b.overflow_bytes() + waiting,
                 window_peak,
                 busy,
                 idle: !busy && ratio_ppm(window_peak, b.limit()) < idle_ppm,
@@ -107,6 +109,7 @@ impl MemoryGovernor {
         drop(_serial);
         if !moves.is_empty() {
             self.publish_limits();
+            inner.ledger.wake_waiters();
         }
         // Engines left above their limit (a lender took its headroom back) are asked to free
         // down to the target utilisation; at critical global pressure, everyone is.
