@@ -41,6 +41,6 @@ RUSTFLAGS="--cfg nodedb_mem_loom -C debug-assertions" \
     LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}" \
     LOOM_MAX_BRANCHES="${LOOM_MAX_BRANCHES:-10000}" \
     CARGO_TARGET_DIR="$target_dir/loom" \
-    cargo test -p nodedb-mem-loom-tests --release --locked --test ledger --test allocator
+    cargo test -p nodedb-mem-loom-tests --release --locked --test ledger --test allocator --test scopes
 
 step "all checks passed"

@@ -6,7 +6,7 @@ use crate::config::MAX_CEILING;
 use crate::error::{MemError, Result};
 use crate::events::EventKind;
 use crate::governor::MemoryGovernor;
-use crate::ledger::{Admit, Reservation, reserve};
+use crate::ledger::{Admit, Ledger, Reservation, reserve};
 use crate::pressure::PressureLevel;
 use crate::scope::{Scope, TreeError};
 use crate::size::ByteSize;
@@ -53,7 +53,7 @@ impl MemoryGovernor {
     /// the caller: it is refused with [`MemError::OverRelease`] and changes nothing.
     pub fn credit(&self, engine: EngineId, bytes: u64) -> Result<()> {
         self.inner.ledger.credit(engine, bytes)?;
-        self.inner.ledger.wake_waiters();
+        Ledger::wake_waiters(&self.inner.ledger);
         Ok(())
     }
 
@@ -122,7 +122,7 @@ impl MemoryGovernor {
             scope.path(),
         );
         if limit > old {
-            self.inner.ledger.wake_waiters();
+            Ledger::wake_waiters(&self.inner.ledger);
         }
         Ok(())
     }

@@ -358,10 +358,10 @@ fn emit(e: &BreachEvent, path: Option<&str>) {
             usage,
             "scope limit changed"
         ),
+        // Recorded quietly by a poll and emitted when pumped, where the path is not known.
         EventKind::ScopePressure { scope, from, to } => tracing::info!(
             target: "nodedb_mem",
             seq = e.seq,
-            scope = path,
             scope_id = scope.get(),
             from = from.name(),
             to = to.name(),

@@ -347,7 +347,8 @@ impl MemoryGovernor {
 
     /// Checks the ledger's invariants at a quiescent moment (no operation in flight): for each
     /// engine `usage == used + reserved` and `headroom == limit - usage`, global usage equals
-    /// the engines' sum, and the limits sum to at most the ceiling. Returns the first
+    /// the engines' sum, the limits sum to at most the ceiling, and for each scope
+    /// `headroom == limit - usage` with its children's usage inside its own. Returns the first
     /// violation found. Meant for tests and debugging.
     pub fn check_consistency(&self) -> std::result::Result<(), String> {
         let _serial = lock(&self.inner.rebalance_lock);
@@ -396,6 +397,33 @@ impl MemoryGovernor {
                 "limits sum to {total_limit}, above the ceiling {}",
                 g.ceiling
             ));
+        }
+        let scopes = self.inner.ledger.scopes.live();
+        for n in &scopes {
+            let (limit, usage, headroom) = (n.limit(), n.usage(), n.raw_headroom());
+            if i128::from(headroom) != i128::from(limit) - i128::from(usage) {
+                return Err(format!(
+                    "scope {}: headroom {headroom} != limit {limit} - usage {usage}",
+                    n.path
+                ));
+            }
+            let below: u64 = scopes
+                .iter()
+                .filter(|c| c.parent.as_ref().is_some_and(|p| p.id == n.id))
+                .map(|c| c.usage())
+                .sum();
+            if below > usage {
+                return Err(format!(
+                    "scope {}: usage {usage} below its children's {below}",
+                    n.path
+                ));
+            }
+            if n.parent.is_none() && usage > total_usage {
+                return Err(format!(
+                    "scope {}: usage {usage} above all engines' {total_usage}",
+                    n.path
+                ));
+            }
         }
         Ok(())
     }

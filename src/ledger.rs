@@ -250,29 +250,30 @@ impl Ledger {
 
     /// Serves the waiting requests if there are any: called after every release, credit,
     /// limit raised and rebalancing step (see `wait`'s rules for why none is missed).
-    pub(crate) fn wake_waiters(self: &Arc<Self>) {
-        if self.waiters.anyone_waiting() {
-            self.waiters.serve(|w| self.attempt(w));
+    pub(crate) fn wake_waiters(this: &Arc<Self>) {
+        if this.waiters.anyone_waiting() {
+            this.waiters.serve(|w| Ledger::attempt(this, w));
         }
     }
 
     /// A quiet attempt for a waiting request: granted, not yet, or never.
-    pub(crate) fn attempt(self: &Arc<Self>, w: &Waiter<Reservation>) -> Attempt<Reservation> {
-        match reserve(self, w.engine, w.scope.as_ref(), w.bytes, Admit::Retry) {
+    pub(crate) fn attempt(this: &Arc<Self>, w: &Waiter<Reservation>) -> Attempt<Reservation> {
+        match reserve(this, w.engine, w.scope.as_ref(), w.bytes, Admit::Retry) {
             Ok(r) => Attempt::Granted(r),
             Err(e) if e.is_over_budget() => Attempt::Wait,
             Err(e) => Attempt::Fail(e),
         }
     }
 
+    #[cfg(not(nodedb_mem_loom))]
     /// Times out the requests whose deadline passed (one last attempt each, reported as any
     /// refusal); returns the earliest deadline still waiting.
     pub(crate) fn expire_waiters(
-        self: &Arc<Self>,
+        this: &Arc<Self>,
         now: std::time::Instant,
     ) -> Option<std::time::Instant> {
-        self.waiters.expire(now, |w| {
-            reserve(self, w.engine, w.scope.as_ref(), w.bytes, Admit::Commit)
+        this.waiters.expire(now, |w| {
+            reserve(this, w.engine, w.scope.as_ref(), w.bytes, Admit::Commit)
         })
     }
 }
@@ -395,7 +396,7 @@ impl Reservation {
         self.ledger
             .release(self.engine, self.scope.as_ref(), bytes)?;
         self.size -= bytes;
-        self.ledger.wake_waiters();
+        Ledger::wake_waiters(&self.ledger);
         Ok(())
     }
 
@@ -424,7 +425,7 @@ impl Reservation {
         let released = self.ledger.release(self.engine, self.scope.as_ref(), size);
         debug_assert!(released.is_ok(), "{released:?}");
         if size > 0 {
-            self.ledger.wake_waiters();
+            Ledger::wake_waiters(&self.ledger);
         }
         size
     }

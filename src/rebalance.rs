@@ -6,6 +6,7 @@ use crate::EngineId;
 use crate::error::Result;
 use crate::events::EventKind;
 use crate::governor::MemoryGovernor;
+use crate::ledger::Ledger;
 use crate::pressure::{PressureLevel, ratio_ppm};
 use crate::sync::lock;
 
@@ -109,7 +110,7 @@ impl MemoryGovernor {
         drop(_serial);
         if !moves.is_empty() {
             self.publish_limits();
-            inner.ledger.wake_waiters();
+            Ledger::wake_waiters(&inner.ledger);
         }
         // Engines left above their limit (a lender took its headroom back) are asked to free
         // down to the target utilisation; at critical global pressure, everyone is.

@@ -75,8 +75,8 @@ pub(crate) struct ScopeNode {
 
 impl ScopeNode {
     /// This scope and its ancestors, leaf first.
-    pub(crate) fn path_up(self: &Arc<Self>) -> impl Iterator<Item = &Arc<ScopeNode>> {
-        std::iter::successors(Some(self), |n| n.parent.as_ref())
+    pub(crate) fn path_up(&self) -> impl Iterator<Item = &ScopeNode> {
+        std::iter::successors(Some(self), |n| n.parent.as_deref())
     }
 
     pub(crate) fn limit(&self) -> u64 {
@@ -85,6 +85,11 @@ impl ScopeNode {
 
     pub(crate) fn usage(&self) -> u64 {
         self.usage.load(Ordering::Acquire)
+    }
+
+    /// `headroom` as stored, for consistency checks.
+    pub(crate) fn raw_headroom(&self) -> i64 {
+        self.headroom.load(Ordering::Acquire)
     }
 
     /// Takes `bytes` of headroom, or reports the usage the refused compare-and-swap saw.

@@ -54,7 +54,15 @@ pub(crate) struct Waiter<T> {
     pub(crate) engine: EngineId,
     pub(crate) scope: Option<Scope>,
     pub(crate) bytes: u64,
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models keep no deadlines")
+    )]
     pub(crate) since: Instant,
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models keep no deadlines")
+    )]
     pub(crate) deadline: Instant,
     slot: Mutex<Slot<T>>,
 }
@@ -241,6 +249,7 @@ impl<T> Queues<T> {
         woken.into_iter().for_each(Wake::wake);
     }
 
+    #[cfg(not(nodedb_mem_loom))]
     /// Takes every request whose deadline has passed out of its queue, with one last attempt
     /// (`last`, which reports a refusal as any reservation's would be); returns the earliest
     /// deadline still waiting.
@@ -267,6 +276,8 @@ impl<T> Queues<T> {
                             self.granted.fetch_add(1, Ordering::Relaxed);
                             Ok(t)
                         }
+                        // Not a lack of memory (its scope was removed): that error as it is.
+                        Err(e) if !e.is_over_budget() => Err(e),
                         Err(refusal) => {
                             self.timed_out.fetch_add(1, Ordering::Relaxed);
                             Err(MemError::WaitTimedOut {
@@ -311,6 +322,10 @@ pub(crate) struct Ticker {
 
 #[derive(Default)]
 struct TickerState {
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models keep no deadlines")
+    )]
     started: bool,
     stopped: bool,
     /// Set by `nudge`, cleared by `sleep`: a request joined while the thread was not asleep.
@@ -324,6 +339,7 @@ impl Ticker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    #[cfg(not(nodedb_mem_loom))]
     /// Runs `start` (which starts the thread) unless it ran and succeeded before.
     pub(crate) fn start_once<E>(&self, start: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
         let mut s = self.state();
@@ -340,6 +356,7 @@ impl Ticker {
         self.wake.notify_all();
     }
 
+    #[cfg(not(nodedb_mem_loom))]
     /// Sleeps for `timeout` or until nudged or stopped; returns false once stopped.
     pub(crate) fn sleep(&self, timeout: Duration) -> bool {
         let mut s = self.state();

@@ -4,7 +4,9 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(not(nodedb_mem_loom))]
+use std::time::Instant;
 
 use crate::EngineId;
 use crate::error::{MemError, Result};
@@ -98,11 +100,11 @@ impl MemoryGovernor {
             if now >= w.deadline {
                 // The serving thread times requests out; this caller does it too, so that a
                 // late thread cannot keep it past its deadline.
-                ledger.expire_waiters(now);
+                Ledger::expire_waiters(ledger, now);
                 continue;
             }
             std::thread::park_timeout((w.deadline - now).min(WAIT_RETRY));
-            ledger.waiters.serve(|w| ledger.attempt(w));
+            ledger.waiters.serve(|w| Ledger::attempt(ledger, w));
         }
     }
 
@@ -187,13 +189,15 @@ impl MemoryGovernor {
         #[cfg(not(nodedb_mem_loom))]
         start_serving(ledger)?;
         let w = Waiter::new(engine, scope.cloned(), bytes, timeout);
-        Ok(match ledger.waiters.join(&w, || ledger.attempt(&w)) {
-            Some(outcome) => Started::Done(outcome),
-            None => {
-                ledger.ticker.nudge();
-                Started::Queued(w)
-            }
-        })
+        Ok(
+            match ledger.waiters.join(&w, || Ledger::attempt(ledger, &w)) {
+                Some(outcome) => Started::Done(outcome),
+                None => {
+                    ledger.ticker.nudge();
+                    Started::Queued(w)
+                }
+            },
+        )
     }
 }
 
@@ -210,8 +214,8 @@ fn start_serving(ledger: &Arc<Ledger>) -> Result<()> {
                 loop {
                     let Some(ledger) = weak.upgrade() else { return };
                     let now = Instant::now();
-                    let next = ledger.expire_waiters(now);
-                    ledger.wake_waiters();
+                    let next = Ledger::expire_waiters(&ledger, now);
+                    Ledger::wake_waiters(&ledger);
                     let busy = ledger.waiters.anyone_waiting();
                     drop(ledger);
                     let nap = match (busy, next) {

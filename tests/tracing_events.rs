@@ -75,3 +75,48 @@ fn rejections_transitions_and_moves_are_traced() {
         assert_eq!(moves, report.moves.len());
     });
 }
+
+#[test]
+fn scope_refusals_and_limit_changes_are_traced_with_the_scope() {
+    let collected = Collected::default();
+    let subscriber = Registry::default().with(collected.clone());
+    tracing::subscriber::with_default(subscriber, || {
+        let gov = MemoryGovernor::builder()
+            .global_ceiling(100 << 20)
+            .build()
+            .unwrap();
+        let db = gov.create_scope("sales", None, 4 << 20).unwrap();
+        let t = gov.create_scope("acme", Some(&db), 8 << 20).unwrap();
+        let _ = gov.reserve_in(&t, EngineId::Query, 5 << 20).unwrap_err();
+        gov.set_scope_limit(&db, 8 << 20).unwrap();
+        let _held = gov.reserve_in(&t, EngineId::Query, 7 << 20).unwrap();
+        gov.scope_pressure(&t);
+        let _ = gov.snapshot();
+        let events = collected.0.lock().unwrap();
+        assert_eq!(
+            events[..2],
+            [
+                format!(
+                    "WARN nodedb_mem message=reservation refused by a scope's limit seq=0 \
+                     scope=sales scope_id={} engine=query requested=5242880 used=0 \
+                     limit=4194304",
+                    db.id().get()
+                ),
+                format!(
+                    "INFO nodedb_mem message=scope limit changed seq=1 scope=sales scope_id={} \
+                     from=4194304 to=8388608 usage=0",
+                    db.id().get()
+                ),
+            ]
+        );
+        assert!(
+            events.iter().any(|e| *e
+                == format!(
+                    "INFO nodedb_mem message=scope pressure level changed seq=2 scope_id={} \
+                     from=normal to=critical",
+                    t.id().get()
+                )),
+            "{events:?}"
+        );
+    });
+}
