@@ -160,7 +160,8 @@ impl Ledger {
                 refused.limit,
             ));
         }
-        let path = || scope.into_iter().flat_map(|leaf| leaf.path_up());
+        // The scopes on the path, leaf first (none for an unscoped reservation).
+        let path = || scope.map(|leaf| leaf.path_up()).into_iter().flatten();
         for (taken, n) in path().enumerate() {
             if let Err(used) = n.try_take(bytes) {
                 path().take(taken).for_each(|m| m.untake(bytes));
@@ -219,8 +220,8 @@ impl Ledger {
             return Ok(());
         }
         self.budget(engine).release(bytes)?;
-        for n in scope.into_iter().flat_map(|leaf| leaf.path_up()) {
-            n.release(bytes);
+        if let Some(leaf) = scope {
+            leaf.path_up().for_each(|n| n.release(bytes));
         }
         self.global.lower(bytes);
         Ok(())

@@ -67,7 +67,6 @@ pub(crate) struct ScopeNode {
     rejections: AtomicU64,
     /// Live reservations made in this scope, plus live child scopes; `CLOSED` once removed.
     open: AtomicU64,
-    reservations: AtomicU64,
     children: AtomicU64,
     level: AtomicU8,
     transitions: AtomicU64,
@@ -145,17 +144,18 @@ impl ScopeNode {
 
     /// Counts a new reservation in this scope; false if the scope is removed.
     pub(crate) fn enter(&self) -> bool {
-        if !self.hold_open() {
-            return false;
-        }
-        self.reservations.fetch_add(1, Ordering::Relaxed);
-        true
+        self.hold_open()
     }
 
     /// Counts a reservation's end.
     pub(crate) fn leave(&self) {
-        self.reservations.fetch_sub(1, Ordering::Relaxed);
         self.let_close();
+    }
+
+    /// Live reservations made in this scope: what keeps it open, less its children.
+    fn reservations(&self) -> u64 {
+        let open = self.open.load(Ordering::Acquire) & !CLOSED;
+        open.saturating_sub(self.children.load(Ordering::Acquire))
     }
 
     pub(crate) fn is_removed(&self) -> bool {
@@ -187,7 +187,7 @@ impl ScopeNode {
             available: limit.saturating_sub(usage),
             peak: self.peak.load(Ordering::Acquire),
             rejections: self.rejections.load(Ordering::Relaxed),
-            reservations: self.reservations.load(Ordering::Relaxed),
+            reservations: self.reservations(),
             children: self.children.load(Ordering::Relaxed),
             waiters,
             pressure,
@@ -316,7 +316,7 @@ impl Scope {
 
     /// Live reservations made in this scope (not counting those in scopes below it).
     pub fn reservations(&self) -> u64 {
-        self.node.reservations.load(Ordering::Relaxed)
+        self.node.reservations()
     }
 
     /// Whether [`MemoryGovernor::remove_scope`](crate::MemoryGovernor::remove_scope) removed it.
@@ -397,11 +397,14 @@ impl ScopeTree {
         if taken {
             return Err(TreeError::Name("is taken by a sibling"));
         }
+        // Children are counted before they hold the parent open, and stop holding it before
+        // they are uncounted, so `reservations` (open less children) never counts a child.
         if let Some(p) = &parent {
+            p.children.fetch_add(1, Ordering::AcqRel);
             if !p.hold_open() {
+                p.children.fetch_sub(1, Ordering::AcqRel);
                 return Err(TreeError::Removed);
             }
-            p.children.fetch_add(1, Ordering::Relaxed);
         }
         let path = match &parent {
             Some(p) => format!("{}/{name}", p.path),
@@ -419,7 +422,6 @@ impl ScopeTree {
             peak: AtomicU64::new(0),
             rejections: AtomicU64::new(0),
             open: AtomicU64::new(0),
-            reservations: AtomicU64::new(0),
             children: AtomicU64::new(0),
             level: AtomicU8::new(PressureLevel::Normal as u8),
             transitions: AtomicU64::new(0),
@@ -442,7 +444,7 @@ impl ScopeTree {
             Err(seen) if seen & CLOSED != 0 => return Err(TreeError::Removed),
             Err(_) => {
                 return Err(TreeError::InUse(
-                    n.reservations.load(Ordering::Relaxed),
+                    n.reservations(),
                     n.usage(),
                     n.children.load(Ordering::Relaxed),
                 ));
@@ -450,8 +452,8 @@ impl ScopeTree {
         }
         live.retain(|l| l.id != n.id);
         if let Some(p) = &n.parent {
-            p.children.fetch_sub(1, Ordering::Relaxed);
             p.let_close();
+            p.children.fetch_sub(1, Ordering::AcqRel);
         }
         Ok(())
     }

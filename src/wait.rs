@@ -11,10 +11,11 @@
 //!   deadline, wherever it stands), or cancelled by its owner. A grant the owner no longer
 //!   wants (a future dropped just after) is taken back out of the slot and dropped, which
 //!   releases it: memory is never both granted and lost.
-//! * No wake-up is lost: a request counts itself in `waiting` (a read-modify-write) before its
-//!   first attempt, and every release reads `waiting` with a read-modify-write after giving its
-//!   bytes back. The two are ordered in `waiting`'s modification order, so either the request's
-//!   attempt sees the released bytes, or the release sees the request and serves the queues.
+//! * No wake-up is lost: a request counts itself in `waiting` and then, after a sequentially
+//!   consistent fence, makes its first attempt; every release gives its bytes back and then,
+//!   after a fence of its own, reads `waiting`. The two fences are ordered, so either the
+//!   request's attempt sees the released bytes, or the release sees the request and serves
+//!   the queues. (A release writes nothing shared for this: `waiting` is only read.)
 //!
 //! The grant type is generic so that this module needs nothing from the ledger.
 
@@ -158,10 +159,11 @@ impl<T> Queues<T> {
         }
     }
 
-    /// Whether any request waits, read after a release gave its bytes back (a read-modify-write:
+    /// Whether any request waits, read after a release gave its bytes back (behind a fence:
     /// see the module's rules).
     pub(crate) fn anyone_waiting(&self) -> bool {
-        self.waiting.fetch_add(0, Ordering::AcqRel) > 0
+        crate::sync::fence(Ordering::SeqCst);
+        self.waiting.load(Ordering::Relaxed) > 0
     }
 
     pub(crate) fn figures(&self, engine: EngineId) -> QueueFigures {
@@ -207,6 +209,7 @@ impl<T> Queues<T> {
         let mut queues = lock(&self.queues);
         let q = &mut queues[w.engine.index()];
         self.waiting.fetch_add(1, Ordering::AcqRel);
+        crate::sync::fence(Ordering::SeqCst);
         if q.is_empty() {
             match try_now() {
                 Attempt::Granted(t) => {

@@ -1,4 +1,5 @@
-//! reserve + release of the governor: uncontended, and on two threads at once.
+//! reserve + release of the governor: uncontended, through one and two scopes, waiting when it
+//! fits at once, and on two threads at once.
 #![expect(
     missing_docs,
     reason = "criterion_group! generates an undocumented public function"
@@ -25,6 +26,44 @@ fn reserve_release(c: &mut Criterion) {
     let gov = governor();
     group.bench_function("uncontended", |b| {
         b.iter(|| drop(black_box(gov.reserve(EngineId::Query, black_box(4096)))))
+    });
+
+    // The same reservation admitted through a database and a tenant scope: two more
+    // compare-and-swaps on the way in, two more decrements on the way out.
+    let db = gov
+        .create_scope("db", None, 1 << 29)
+        .expect("a valid scope");
+    let tenant = gov
+        .create_scope("tenant", Some(&db), 1 << 28)
+        .expect("a valid scope");
+    group.bench_function("in_one_scope", |b| {
+        b.iter(|| {
+            drop(black_box(gov.reserve_in(
+                &db,
+                EngineId::Query,
+                black_box(4096),
+            )))
+        })
+    });
+    group.bench_function("in_two_scopes", |b| {
+        b.iter(|| {
+            drop(black_box(gov.reserve_in(
+                &tenant,
+                EngineId::Query,
+                black_box(4096),
+            )))
+        })
+    });
+    // A waiting reservation that fits at once: the queue's lock and an empty queue.
+    group.bench_function("blocking_fits_at_once", |b| {
+        b.iter(|| {
+            drop(black_box(gov.reserve_blocking(
+                EngineId::Query,
+                None,
+                black_box(4096),
+                Duration::from_secs(1),
+            )))
+        })
     });
 
     group.bench_function("pressure_poll", |b| {
