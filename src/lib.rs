@@ -8,6 +8,10 @@
 //!   [`pressure`](MemoryGovernor::pressure), [`rebalance`](MemoryGovernor::rebalance),
 //!   [`snapshot`](MemoryGovernor::snapshot), [`prometheus`](MemoryGovernor::prometheus).
 //! * [`Budget`] — one engine's lock-free ledger.
+//! * [`Scope`] — a named budget in a tree under the ceiling (a database, a tenant), for
+//!   [`reserve_in`](MemoryGovernor::reserve_in); [`Reserving`] — a reservation being waited for
+//!   ([`reserve_async`](MemoryGovernor::reserve_async),
+//!   [`reserve_blocking`](MemoryGovernor::reserve_blocking)).
 //! * [`MemError`] / [`Result`] — every refusal and configuration error, with its numbers.
 
 mod admission;

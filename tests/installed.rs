@@ -268,3 +268,31 @@ fn check_resident_purges_an_engine_that_keeps_too_many_dirty_pages() {
     // Another engine within its allowance kept its pages.
     assert_eq!(dirty(EngineId::Query), query_dirty);
 }
+
+#[test]
+fn a_waiting_reservation_sees_heap_memory_freed_without_any_call_to_the_governor() {
+    let _s = serial();
+    let gov = gov();
+    let base = settled(EngineId::Query);
+    let block: Vec<u8> = {
+        let _g = EngineGuard::enter(EngineId::Query);
+        vec![1u8; (60 * MIB - base) as usize]
+    };
+    assert!(settled(EngineId::Query) >= 60 * MIB);
+    let waiter = std::thread::spawn(move || {
+        gov.reserve_blocking(
+            EngineId::Query,
+            None,
+            16 * MIB,
+            std::time::Duration::from_secs(30),
+        )
+    });
+    while gov.snapshot().engine(EngineId::Query).waiters == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // The free goes to the allocator only; the waiting request is retried and finds the room.
+    drop(block);
+    let r = waiter.join().unwrap().unwrap();
+    assert_eq!(r.size(), 16 * MIB);
+    assert_eq!(gov.snapshot().engine(EngineId::Query).waiters, 0);
+}
