@@ -81,9 +81,11 @@ impl<T> Waiter<T> {
             scope,
             bytes,
             since,
+            // A timeout past what an `Instant` can hold (`Duration::MAX`) waits for good.
             deadline: since
                 .checked_add(timeout)
-                .unwrap_or(since + Duration::from_secs(1 << 40)),
+                .or_else(|| since.checked_add(Duration::from_secs(1 << 32)))
+                .unwrap_or(since),
             slot: Mutex::new(Slot {
                 outcome: None,
                 wake: Wake::Nobody,

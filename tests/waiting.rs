@@ -364,3 +364,19 @@ fn many_waiting_threads_all_get_memory_and_no_level_passes_its_limit() {
     assert_eq!(gov.global_usage(), 0);
     gov.check_consistency().unwrap();
 }
+
+#[test]
+fn requests_and_scopes_can_move_between_threads_and_tasks() {
+    fn sendable<T: Send + Sync + 'static>() {}
+    sendable::<Reserving>();
+    sendable::<nodedb_mem::Scope>();
+    sendable::<Reservation>();
+    // A timeout no `Instant` can hold waits (and is cancelled here by the drop).
+    let gov = gov();
+    let _held = gov.reserve(EngineId::Query, 8 * MIB).unwrap();
+    let (_, waker) = counter();
+    let mut f = gov.reserve_async(EngineId::Query, None, MIB, Duration::MAX);
+    assert!(poll(&mut f, &waker).is_pending());
+    drop(f);
+    assert_eq!(gov.snapshot().waits_cancelled, 1);
+}
