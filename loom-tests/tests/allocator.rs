@@ -10,16 +10,9 @@ use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
 use nodedb_mem_alloc::model::{Home, Ledger};
 use nodedb_mem_alloc::{HEADROOM, HEADROOM_MAX, INTERVAL};
+use nodedb_mem_loom_tests::model;
 
 const KIB: u64 = 1024;
-
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    let mut builder = loom::model::Builder::new();
-    if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(2);
-    }
-    builder.check(f);
-}
 
 /// Allocates `bytes` as the allocator would: on the home path while the thread holds
 /// headroom, else charged directly against the limit. Returns the bytes now live for the

@@ -6,6 +6,7 @@
 
 use loom::thread;
 use nodedb_mem::{EngineId, MemoryGovernor, PressureLevel, RebalanceConfig};
+use nodedb_mem_loom_tests::model;
 
 const MIB: u64 = 1 << 20;
 
@@ -23,14 +24,6 @@ fn gov() -> MemoryGovernor {
         })
         .build()
         .unwrap()
-}
-
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    let mut builder = loom::model::Builder::new();
-    if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(2);
-    }
-    builder.check(f);
 }
 
 #[test]

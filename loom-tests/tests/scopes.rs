@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use loom::thread;
 use nodedb_mem::{EngineId, MemError, MemoryGovernor, Reservation, Reserving};
+use nodedb_mem_loom_tests::model;
 
 const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(3600);
@@ -24,14 +25,6 @@ fn gov() -> MemoryGovernor {
         .budget(EngineId::Vector, 4 * MIB)
         .build()
         .unwrap()
-}
-
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    let mut builder = loom::model::Builder::new();
-    if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(2);
-    }
-    builder.check(f);
 }
 
 fn poll(f: &mut Reserving) -> Poll<Result<Reservation, MemError>> {
