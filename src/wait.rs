@@ -107,6 +107,12 @@ impl<T> Waiter<T> {
         None
     }
 
+    /// Whether the outcome has come (and is not taken yet).
+    #[cfg(not(nodedb_mem_loom))]
+    pub(crate) fn has_outcome(&self) -> bool {
+        lock(&self.slot).outcome.is_some()
+    }
+
     /// Takes the outcome, if it came.
     pub(crate) fn take_outcome(&self) -> Option<Result<T, MemError>> {
         lock(&self.slot).outcome.take()
@@ -255,48 +261,50 @@ impl<T> Queues<T> {
     }
 
     #[cfg(not(nodedb_mem_loom))]
-    /// Takes every request whose deadline has passed out of its queue, with one last attempt
-    /// (`last`, which reports a refusal as any reservation's would be); returns the earliest
-    /// deadline still waiting.
+    /// Takes every request whose deadline has passed out of its queue and gives it one last
+    /// attempt (`last`, which reports a refusal as any reservation's would be), outside the
+    /// queues' lock so that reporting never runs under it; returns the earliest deadline
+    /// still waiting. An owner that cancels meanwhile finds no outcome; a grant that comes
+    /// after is dropped (released) with the request.
     pub(crate) fn expire(
         &self,
         now: Instant,
         mut last: impl FnMut(&Waiter<T>) -> Result<T, MemError>,
     ) -> Option<Instant> {
-        let mut woken = Vec::new();
+        let mut expired = Vec::new();
         let mut next: Option<Instant> = None;
         {
             let mut queues = lock(&self.queues);
             for q in queues.iter_mut() {
-                let mut kept = VecDeque::with_capacity(q.len());
-                for w in q.drain(..) {
+                q.retain(|w| {
                     if w.deadline > now {
                         next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
-                        kept.push_back(w);
-                        continue;
+                        return true;
                     }
-                    self.count(&w, false);
-                    let outcome = match last(&w) {
-                        Ok(t) => {
-                            self.granted.fetch_add(1, Ordering::Relaxed);
-                            Ok(t)
-                        }
-                        // Not a lack of memory (its scope was removed): that error as it is.
-                        Err(e) if !e.is_over_budget() => Err(e),
-                        Err(refusal) => {
-                            self.timed_out.fetch_add(1, Ordering::Relaxed);
-                            Err(MemError::WaitTimedOut {
-                                waited: now.saturating_duration_since(w.since),
-                                refusal: Box::new(refusal),
-                            })
-                        }
-                    };
-                    woken.push(w.settle(outcome));
-                }
-                *q = kept;
+                    expired.push(Arc::clone(w));
+                    false
+                });
             }
+            expired.iter().for_each(|w| self.count(w, false));
         }
-        woken.into_iter().for_each(Wake::wake);
+        for w in &expired {
+            let outcome = match last(w) {
+                Ok(t) => {
+                    self.granted.fetch_add(1, Ordering::Relaxed);
+                    Ok(t)
+                }
+                // Not a lack of memory (its scope was removed): that error as it is.
+                Err(e) if !e.is_over_budget() => Err(e),
+                Err(refusal) => {
+                    self.timed_out.fetch_add(1, Ordering::Relaxed);
+                    Err(MemError::WaitTimedOut {
+                        waited: now.saturating_duration_since(w.since),
+                        refusal: Box::new(refusal),
+                    })
+                }
+            };
+            w.settle(outcome).wake();
+        }
         next
     }
 

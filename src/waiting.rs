@@ -99,8 +99,13 @@ impl MemoryGovernor {
             let now = Instant::now();
             if now >= w.deadline {
                 // The serving thread times requests out; this caller does it too, so that a
-                // late thread cannot keep it past its deadline.
+                // late thread cannot keep it past its deadline. If the thread has it already,
+                // its outcome comes with an unpark.
                 Ledger::expire_waiters(ledger, now);
+                if w.has_outcome() {
+                    continue;
+                }
+                std::thread::park_timeout(WAIT_RETRY);
                 continue;
             }
             std::thread::park_timeout((w.deadline - now).min(WAIT_RETRY));
