@@ -26,7 +26,10 @@ impl MemoryGovernor {
     /// the allocator does not see (file mappings, I/O buffers, foreign allocators). Never keep
     /// a reservation for memory the allocator also charges, or the bytes count twice.
     ///
-    /// Reserving zero bytes always succeeds and holds nothing.
+    /// Reserving zero bytes always succeeds and holds nothing. It never waits or queues; to
+    /// wait for memory, see [`reserve_blocking`](Self::reserve_blocking) and
+    /// [`reserve_async`](Self::reserve_async), and for database and tenant budgets,
+    /// [`reserve_in`](Self::reserve_in).
     pub fn reserve(&self, engine: EngineId, bytes: u64) -> Result<Reservation> {
         reserve(&self.inner.ledger, engine, None, bytes, Admit::Commit)
     }
