@@ -1,4 +1,7 @@
-//! `MemoryGovernor`: budgets under one ceiling, reservations, pressure and rebalancing.
+//! `MemoryGovernor`: what it holds, and its limits, usage, pressure, snapshot and consistency
+//! check. Reserving and scopes (`admission.rs`), waiting (`waiting.rs`), rebalancing
+//! (`rebalance.rs`), resident feedback (`resident.rs`), reclaimers (`reclaim.rs`) and
+//! installing (`install.rs`) are faces of it in modules of their own.
 
 use std::fmt;
 
@@ -55,7 +58,8 @@ pub struct MemoryGovernor {
 }
 
 pub(crate) struct Inner {
-    /// Budgets, the global ledger and the event log: what reservations hold on to.
+    /// Budgets, scopes, the global ledger, the event log and the waiting queues: what
+    /// reservations hold on to.
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) thresholds: PressureThresholds,
     pub(crate) rebalance: RebalanceConfig,

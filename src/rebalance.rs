@@ -12,9 +12,11 @@ use crate::sync::lock;
 
 impl MemoryGovernor {
     /// One rebalancing step: busy engines below their budget take back what they lent, then
-    /// idle engines lend spare limit to busy ones (see [`RebalanceConfig`](crate::RebalanceConfig)). The sum of all
-    /// limits never exceeds the ceiling: every move lowers one limit before raising another
-    /// by the same amount.
+    /// idle engines lend spare limit to busy ones (see
+    /// [`RebalanceConfig`](crate::RebalanceConfig)). An engine with requests waiting for
+    /// memory is busy, and what they wait for counts as its demand; a step that moved limits
+    /// serves the waiting requests. The sum of all limits never exceeds the ceiling: every
+    /// move lowers one limit before raising another by the same amount.
     pub fn rebalance(&self) -> RebalanceReport {
         let inner = &*self.inner;
         let _serial = lock(&inner.rebalance_lock);
