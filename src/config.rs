@@ -149,8 +149,9 @@ impl RebalanceConfig {
     }
 }
 
-/// Builds a [`MemoryGovernor`](crate::MemoryGovernor). Every setting has a working default; [`build`](Self::build)
-/// rejects any inconsistent combination with an error naming the setting and its value.
+/// Builds a [`MemoryGovernor`](crate::MemoryGovernor). Every setting has a working default;
+/// [`build`](Self::build) rejects any inconsistent combination with an error naming the setting
+/// and its value.
 ///
 /// ```
 /// use nodedb_mem::{EngineId, MemoryGovernor, Size};

@@ -153,7 +153,8 @@ impl MemoryGovernor {
     #[cfg(not(nodedb_mem_loom))]
     /// Starts a background thread that calls [`rebalance`](Self::rebalance) every `interval`
     /// (which also refreshes pressure levels and emits pending breach events). The thread
-    /// stops when the returned handle is dropped or [`Rebalancer::stop`](crate::Rebalancer::stop) is called.
+    /// stops when the returned handle is dropped or
+    /// [`Rebalancer::stop`](crate::Rebalancer::stop) is called.
     pub fn spawn_rebalancer(&self, interval: std::time::Duration) -> Result<crate::Rebalancer> {
         crate::rebalancer::Rebalancer::spawn(self.clone(), interval)
     }
