@@ -403,6 +403,18 @@ fn the_snapshot_and_prometheus_show_every_scope() {
             "missing {line:?} in\n{text}"
         );
     }
+    // A Prometheus parser reads the scope label back as the path (this parser does not undo
+    // escapes, so the escaped path is checked by its exact line above).
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid exposition");
+    let usage = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "nodedb_mem_scope_usage_bytes" && s.labels.get("scope") == Some("sales")
+        })
+        .expect("the database's usage sample");
+    assert!(matches!(usage.value, prometheus_parse::Value::Gauge(v) if v == (3 * MIB) as f64));
     let refused = snap
         .events
         .iter()
