@@ -467,3 +467,79 @@ fn many_threads_in_two_tenants_never_pass_any_level() {
     assert_eq!(gov.global_usage(), 0);
     gov.check_consistency().unwrap();
 }
+
+#[test]
+fn a_removal_racing_reservations_never_removes_a_scope_in_use() {
+    let gov = gov();
+    for round in 0..50 {
+        let db = gov
+            .create_scope(&format!("db{round}"), None, 16 * MIB)
+            .unwrap();
+        let start = Arc::new(Barrier::new(3));
+        let reservers: Vec<_> = (0..2)
+            .map(|i| {
+                let (gov, db, start) = (gov.clone(), db.clone(), Arc::clone(&start));
+                thread::spawn(move || {
+                    start.wait();
+                    loop {
+                        match gov.reserve_in(&db, EngineId::Query, (i + 1) * 4096) {
+                            // While it is held, the scope cannot have been removed.
+                            Ok(r) => {
+                                assert!(!db.is_removed(), "removed under {r:?}");
+                                drop(r);
+                                thread::yield_now();
+                            }
+                            Err(MemError::ScopeRemoved { .. }) => return,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        loop {
+            match gov.remove_scope(&db) {
+                Ok(()) => break,
+                Err(MemError::ScopeInUse { .. }) => thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Every reservation that got in was made and dropped while the scope was open.
+        for h in reservers {
+            h.join().unwrap();
+        }
+        assert_eq!(db.usage(), 0);
+    }
+    assert!(gov.scopes().is_empty());
+    assert_eq!(gov.global_usage(), 0);
+    gov.check_consistency().unwrap();
+}
+
+#[test]
+fn a_deep_path_counts_at_every_level() {
+    let gov = gov();
+    let mut path = vec![gov.create_scope("l0", None, 32 * MIB).unwrap()];
+    for depth in 1..12u64 {
+        let parent = path.last().cloned();
+        path.push(
+            gov.create_scope(&format!("l{depth}"), parent.as_ref(), 32 * MIB)
+                .unwrap(),
+        );
+    }
+    let leaf = path.last().unwrap();
+    assert_eq!(leaf.path(), "l0/l1/l2/l3/l4/l5/l6/l7/l8/l9/l10/l11");
+    let r = gov.reserve_in(leaf, EngineId::Query, 20 * MIB).unwrap();
+    assert!(path.iter().all(|s| s.usage() == 20 * MIB));
+    // Level 5, lowered to 27 MiB, refuses 8 more after the six levels below it admitted them;
+    // none of them keeps anything.
+    gov.set_scope_limit(&path[5], 27 * MIB).unwrap();
+    let err = gov.reserve_in(leaf, EngineId::Vector, 8 * MIB).unwrap_err();
+    assert!(
+        matches!(&err, MemError::ScopeExceeded { scope, .. } if scope == "l0/l1/l2/l3/l4/l5"),
+        "{err:?}"
+    );
+    assert!(path.iter().all(|s| s.usage() == 20 * MIB));
+    drop(r);
+    assert!(path.iter().all(|s| s.usage() == 0));
+    gov.check_consistency().unwrap();
+}
