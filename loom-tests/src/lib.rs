@@ -11,3 +11,26 @@ pub fn model(f: impl Fn() + Sync + Send + 'static) {
     }
     builder.check(f);
 }
+
+/// A mebibyte.
+#[cfg(nodedb_mem_loom)]
+pub const MIB: u64 = 1 << 20;
+
+/// The models' governor: 16 MiB ceiling, no overhead, Query 4 MiB, Vector 4 MiB (floor 1 MiB),
+/// the rest sharing 8 MiB; rebalancing moves of any size.
+#[cfg(nodedb_mem_loom)]
+pub fn governor() -> nodedb_mem::MemoryGovernor {
+    use nodedb_mem::{EngineId, MemoryGovernor, RebalanceConfig};
+    MemoryGovernor::builder()
+        .global_ceiling(16 * MIB)
+        .overhead_reserve(0.0)
+        .budget(EngineId::Query, 4 * MIB)
+        .budget(EngineId::Vector, 4 * MIB)
+        .floor(EngineId::Vector, MIB)
+        .rebalance(RebalanceConfig {
+            min_move: 1,
+            ..Default::default()
+        })
+        .build()
+        .expect("a valid configuration")
+}

@@ -5,26 +5,8 @@
 #![cfg(nodedb_mem_loom)]
 
 use loom::thread;
-use nodedb_mem::{EngineId, MemoryGovernor, PressureLevel, RebalanceConfig};
-use nodedb_mem_loom_tests::model;
-
-const MIB: u64 = 1 << 20;
-
-/// 16 MiB ceiling, no overhead: Query 4 MiB, Vector 4 MiB (floor 1 MiB), the rest share 8 MiB.
-fn gov() -> MemoryGovernor {
-    MemoryGovernor::builder()
-        .global_ceiling(16 * MIB)
-        .overhead_reserve(0.0)
-        .budget(EngineId::Query, 4 * MIB)
-        .budget(EngineId::Vector, 4 * MIB)
-        .floor(EngineId::Vector, MIB)
-        .rebalance(RebalanceConfig {
-            min_move: 1,
-            ..Default::default()
-        })
-        .build()
-        .unwrap()
-}
+use nodedb_mem::{EngineId, MemoryGovernor, PressureLevel};
+use nodedb_mem_loom_tests::{MIB, governor as gov, model};
 
 #[test]
 fn racing_reservations_never_exceed_the_limit() {

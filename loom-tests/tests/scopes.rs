@@ -10,22 +10,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use loom::thread;
-use nodedb_mem::{EngineId, MemError, MemoryGovernor, Reservation, Reserving};
-use nodedb_mem_loom_tests::model;
+use nodedb_mem::{EngineId, MemError, Reservation, Reserving};
+use nodedb_mem_loom_tests::{MIB, governor as gov, model};
 
-const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(3600);
-
-/// 16 MiB ceiling, no overhead: Query 4 MiB, Vector 4 MiB, the rest share 8 MiB.
-fn gov() -> MemoryGovernor {
-    MemoryGovernor::builder()
-        .global_ceiling(16 * MIB)
-        .overhead_reserve(0.0)
-        .budget(EngineId::Query, 4 * MIB)
-        .budget(EngineId::Vector, 4 * MIB)
-        .build()
-        .unwrap()
-}
 
 fn poll(f: &mut Reserving) -> Poll<Result<Reservation, MemError>> {
     Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
