@@ -166,7 +166,7 @@ fn tree_error(e: TreeError, path: &str, limit: u64) -> MemError {
             ByteSize(limit),
             format!("must be at most {}", ByteSize(MAX_CEILING)),
         ),
-        TreeError::Foreign => MemError::config("scope", path, "belongs to another governor"),
+        TreeError::Foreign => MemError::foreign_scope(path),
         TreeError::Removed => MemError::ScopeRemoved {
             scope: path.to_owned(),
         },

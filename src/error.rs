@@ -227,6 +227,11 @@ impl MemError {
         }
     }
 
+    /// A scope handle from another governor, passed to this one.
+    pub(crate) fn foreign_scope(path: &str) -> Self {
+        MemError::config("scope", path, "belongs to another governor")
+    }
+
     pub(crate) fn config(
         field: impl Into<String>,
         value: impl ToString,

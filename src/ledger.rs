@@ -292,11 +292,7 @@ pub(crate) fn reserve(
         None => None,
         Some(s) => {
             if !ledger.scopes.owns(s) {
-                return Err(MemError::config(
-                    "scope",
-                    &s.node.path,
-                    "belongs to another governor",
-                ));
+                return Err(MemError::foreign_scope(&s.node.path));
             }
             if !s.node.enter() {
                 return Err(MemError::ScopeRemoved {

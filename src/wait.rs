@@ -93,8 +93,8 @@ impl<T> Waiter<T> {
         })
     }
 
-    /// Takes the outcome if there is one; otherwise leaves `wake_thread` (the calling thread)
-    /// or `waker` to be woken when there is.
+    /// Takes the outcome if there is one; otherwise leaves `waker` (or, without one, the
+    /// calling thread) to be woken when there is.
     pub(crate) fn outcome_or_wake(&self, waker: Option<&Waker>) -> Option<Result<T, MemError>> {
         let mut slot = lock(&self.slot);
         if let Some(outcome) = slot.outcome.take() {

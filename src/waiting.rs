@@ -175,11 +175,7 @@ impl MemoryGovernor {
         if let Some(s) = scope
             && !ledger.scopes.owns(s)
         {
-            return Err(MemError::config(
-                "scope",
-                s.path(),
-                "belongs to another governor",
-            ));
+            return Err(MemError::foreign_scope(s.path()));
         }
         let hopeless = bytes > ledger.budget(engine).cap() || bytes > ledger.global.ceiling;
         if hopeless || timeout.is_zero() {
