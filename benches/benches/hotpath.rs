@@ -25,8 +25,14 @@
 //! Reported: the medians of each mode, their ratio, and the median of the per-round ratios
 //! ("paired": the two runs of a round are adjacent in time).
 //!
+//! With `--floor`, each round also runs a third mode, `plain-hook`: plain jemalloc with a
+//! thread-event hook that does nothing registered at the governed allocator's interval
+//! ([`INTERVAL`]). It measures what jemalloc's own event machinery costs at that interval,
+//! before any work of ours: the part of the governed figure no change on our side of the hook
+//! can remove.
+//!
 //! Run: `cargo bench -p nodedb-mem-benches --bench hotpath` (five rounds), or with
-//! `-- --rounds N` / `-- --only churn,hashmap`.
+//! `-- --rounds N` / `-- --only churn,hashmap` / `-- --floor`.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
@@ -38,6 +44,7 @@ use std::time::Instant;
 
 use malloc_bench_rs::{Config, Workload};
 use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc};
+use nodedb_mem_alloc::INTERVAL;
 use tikv_jemallocator::Jemalloc;
 
 /// The process's allocator: governed unless the child was started in plain mode.
@@ -102,7 +109,7 @@ extern "C" fn pick_mode(argc: i32, argv: *const *const std::ffi::c_char, _env: *
     for i in 0..usize::try_from(argc).unwrap_or(0) {
         // SAFETY: glibc passes `argc` valid, NUL-terminated argument strings.
         let arg = unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) };
-        if arg.to_bytes() == b"plain" {
+        if matches!(arg.to_bytes(), b"plain" | b"plain-hook") {
             PLAIN.store(true, Ordering::Relaxed);
         }
     }
@@ -239,12 +246,47 @@ fn hop() -> f64 {
     start.elapsed().as_nanos() as f64 / HOPS as f64
 }
 
+/// jemalloc's `user_hook_object_t` (`include/jemalloc/internal/thread_event_registry.h`).
+#[repr(C)]
+struct UserHook {
+    callback: unsafe extern "C" fn(is_alloc: bool, allocated: u64, deallocated: u64),
+    interval: u64,
+    is_alloc_only: bool,
+}
+
+unsafe extern "C" fn ignore_event(_is_alloc: bool, _allocated: u64, _deallocated: u64) {}
+
+/// Registers a thread-event hook that does nothing, at the governed allocator's interval.
+fn register_ignoring_hook() {
+    let mut hook = UserHook {
+        callback: ignore_event,
+        interval: INTERVAL,
+        is_alloc_only: false,
+    };
+    // SAFETY: `experimental.hooks.thread_event` takes one `user_hook_object_t` as its new
+    // value (our `repr(C)` copy, alive for the call); the callback does nothing, so it neither
+    // allocates nor unwinds.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"experimental.hooks.thread_event".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            (&raw mut hook).cast(),
+            std::mem::size_of::<UserHook>(),
+        )
+    };
+    assert_eq!(rc, 0, "registering the thread-event hook");
+}
+
 fn child(workload: &str, mode: &str) {
     assert_eq!(
         PLAIN.load(Ordering::Relaxed),
-        mode == "plain",
+        mode.starts_with("plain"),
         "mode picked before main"
     );
+    if mode == "plain-hook" {
+        register_ignoring_hook();
+    }
     if mode == "outside" {
         IN_ENGINE.set(true); // governed, but outside every engine (home `Unattributed`)
     }
@@ -319,6 +361,7 @@ fn main() {
     };
     let rounds: usize = value("--rounds").map_or(5, |r| r.parse().expect("--rounds N"));
     let only: Vec<&str> = value("--only").map_or(WORKLOADS.to_vec(), |s| s.split(',').collect());
+    let floor = args.iter().any(|a| a == "--floor");
     println!(
         "hot path: governed vs plain tikv-jemallocator, {rounds} alternated process runs each, medians"
     );
@@ -326,8 +369,9 @@ fn main() {
         "{:<10} {:>12} {:>12} {:>8} {:>8}   runs (governed / plain)",
         "workload", "governed ns", "plain ns", "ratio", "paired"
     );
+    let mut floors = Vec::new();
     for w in only {
-        let (mut g, mut p) = (Vec::new(), Vec::new());
+        let (mut g, mut p, mut h) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..rounds {
             if w == "hop" {
                 g.push(run_child(w, "governed"));
@@ -339,6 +383,9 @@ fn main() {
             } else {
                 p.push(run_child(w, "plain"));
                 g.push(run_child(w, "governed"));
+            }
+            if floor {
+                h.push(run_child(w, "plain-hook"));
             }
         }
         let runs = |v: &[f64]| {
@@ -363,6 +410,25 @@ fn main() {
                 "{w:<10} {gm:>12.2} {pm:>12.2} {:>8.3} {:>8.3}   {gs} / {ps}",
                 gm / pm,
                 median(&mut paired)
+            );
+            if !h.is_empty() {
+                floors.push((w, median(&mut h), pm, gm));
+            }
+        }
+    }
+    if !floors.is_empty() {
+        println!(
+            "\njemalloc's event machinery alone: plain with an ignoring hook every {INTERVAL} bytes"
+        );
+        println!(
+            "{:<10} {:>14} {:>8} {:>18}",
+            "workload", "plain-hook ns", "ratio", "share of the gap"
+        );
+        for (w, hm, pm, gm) in floors {
+            println!(
+                "{w:<10} {hm:>14.2} {:>8.3} {:>17.0}%",
+                hm / pm,
+                100.0 * (hm - pm) / (gm - pm)
             );
         }
     }
