@@ -19,12 +19,45 @@ use crate::ledger::INTERVAL;
 use crate::mallctl;
 use crate::thread::THREAD;
 
+/// A thread-event callback: whether the event is an allocation one, then the thread's
+/// allocated and deallocated byte counters.
+pub type ThreadEventCallback =
+    unsafe extern "C" fn(is_alloc: bool, allocated: u64, deallocated: u64);
+
 /// jemalloc's `user_hook_object_t` (`include/jemalloc/internal/thread_event_registry.h`).
 #[repr(C)]
 struct UserHook {
-    callback: unsafe extern "C" fn(is_alloc: bool, allocated: u64, deallocated: u64),
+    callback: ThreadEventCallback,
     interval: u64,
     is_alloc_only: bool,
+}
+
+/// Registers `callback` with `experimental.hooks.thread_event`, called on a thread each time
+/// its allocated or deallocated bytes grow by `interval`. Returns jemalloc's error code where
+/// it refuses (`ENOENT` where this jemalloc lacks the control).
+///
+/// The governed allocator registers its own once ([`thread_events_active`]); this is public
+/// for the hot-path benchmark, which registers one that does nothing under plain jemalloc to
+/// measure jemalloc's event machinery alone.
+///
+/// # Safety
+/// `callback` is called inside jemalloc with its reentrancy guard raised, on any thread, for
+/// the rest of the process: it must not allocate, lock anything an allocation may hold, or
+/// unwind.
+#[doc(hidden)]
+pub unsafe fn register_thread_event_hook(
+    callback: ThreadEventCallback,
+    interval: u64,
+) -> Result<(), i32> {
+    let hook = UserHook {
+        callback,
+        interval,
+        is_alloc_only: false,
+    };
+    // SAFETY: `experimental.hooks.thread_event` takes one `user_hook_object_t` (our `repr(C)`
+    // copy, read during the call). The callback is a function, valid for the life of the
+    // process, that neither allocates nor unwinds (the caller's contract).
+    unsafe { mallctl::write(c"experimental.hooks.thread_event", hook) }
 }
 
 const UNTRIED: u8 = 0;
@@ -48,19 +81,10 @@ pub(crate) fn ensure_hook() -> bool {
     {
         return HOOK.load(Ordering::Acquire) == ACTIVE;
     }
-    let hook = UserHook {
-        callback: on_thread_event,
-        interval: INTERVAL,
-        is_alloc_only: false,
-    };
-    // SAFETY: `experimental.hooks.thread_event` takes one `user_hook_object_t` (our `repr(C)`
-    // copy). The callback is a plain function, valid for the life of the process, that neither
-    // allocates nor unwinds.
-    let rc = match unsafe { mallctl::write(c"experimental.hooks.thread_event", hook) } {
-        Ok(()) => 0,
-        Err(rc) => rc,
-    };
-    let state = if rc == 0 { ACTIVE } else { FAILED };
+    // SAFETY: `on_thread_event` reaches only this thread's own state through `try_with`; it
+    // neither allocates, locks nor unwinds.
+    let registered = unsafe { register_thread_event_hook(on_thread_event, INTERVAL) }.is_ok();
+    let state = if registered { ACTIVE } else { FAILED };
     HOOK.store(state, Ordering::Release);
     state == ACTIVE
 }

@@ -52,7 +52,7 @@ pub use arena::{
     node_range_bytes, owner, purge_all_arenas, purge_engine, range_bytes, range_exhaustions,
     set_numa_policy, shards,
 };
-pub use events::thread_events_active;
+pub use events::{ThreadEventCallback, register_thread_event_hook, thread_events_active};
 pub use guard::{EngineGuard, GUARD_SLOTS};
 pub use ledger::{
     BATCH, DIRECT_THRESHOLD, FAST_MAX, HEADROOM, HEADROOM_MAX, HEADROOM_MIN, INTERVAL, charged,

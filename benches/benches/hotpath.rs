@@ -246,36 +246,13 @@ fn hop() -> f64 {
     start.elapsed().as_nanos() as f64 / HOPS as f64
 }
 
-/// jemalloc's `user_hook_object_t` (`include/jemalloc/internal/thread_event_registry.h`).
-#[repr(C)]
-struct UserHook {
-    callback: unsafe extern "C" fn(is_alloc: bool, allocated: u64, deallocated: u64),
-    interval: u64,
-    is_alloc_only: bool,
-}
-
 unsafe extern "C" fn ignore_event(_is_alloc: bool, _allocated: u64, _deallocated: u64) {}
 
 /// Registers a thread-event hook that does nothing, at the governed allocator's interval.
 fn register_ignoring_hook() {
-    let mut hook = UserHook {
-        callback: ignore_event,
-        interval: INTERVAL,
-        is_alloc_only: false,
-    };
-    // SAFETY: `experimental.hooks.thread_event` takes one `user_hook_object_t` as its new
-    // value (our `repr(C)` copy, alive for the call); the callback does nothing, so it neither
-    // allocates nor unwinds.
-    let rc = unsafe {
-        tikv_jemalloc_sys::mallctl(
-            c"experimental.hooks.thread_event".as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            (&raw mut hook).cast(),
-            std::mem::size_of::<UserHook>(),
-        )
-    };
-    assert_eq!(rc, 0, "registering the thread-event hook");
+    // SAFETY: the callback does nothing, so it neither allocates, locks nor unwinds.
+    let rc = unsafe { nodedb_mem_alloc::register_thread_event_hook(ignore_event, INTERVAL) };
+    assert_eq!(rc, Ok(()), "registering the thread-event hook");
 }
 
 fn child(workload: &str, mode: &str) {
