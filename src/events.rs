@@ -131,6 +131,15 @@ pub enum EventKind {
         /// Level after.
         to: PressureLevel,
     },
+    /// A callback of the application's panicked and the governor carried on: a reclaimer
+    /// (which is then unregistered: its state is not to be trusted) or a step of the
+    /// background thread (a `tracing` subscriber's, say; the next tick runs as usual).
+    CallbackPanicked {
+        /// The engine whose reclaimer panicked, or `None` for a background step.
+        engine: Option<EngineId>,
+        /// What panicked: `"reclaim"`, `"reclaimable"` or `"background tick"`.
+        what: &'static str,
+    },
     /// The rebalancer moved limit from one engine to another.
     Rebalance {
         /// The engine whose limit shrank.
@@ -181,16 +190,33 @@ impl EventLog {
         self.push(kind, false);
     }
 
-    /// Records an event and emits it as a `tracing` event now.
+    /// Records an event and emits it as a `tracing` event now. The caller holds no lock of the
+    /// governor's: a subscriber may call back into it.
     pub(crate) fn record(&self, kind: EventKind) {
         let event = self.push(kind, true);
         emit(&event, None);
     }
 
-    /// Records an event about the scope at `path` and emits it now, naming the scope.
+    /// Records an event about the scope at `path` and emits it now, naming the scope. As for
+    /// [`record`](Self::record), no lock of the governor's may be held.
     pub(crate) fn record_scope(&self, kind: EventKind, path: &str) {
         let event = self.push(kind, true);
         emit(&event, Some(path));
+    }
+
+    /// Records a [`EventKind::CallbackPanicked`] and emits it now with the panic's message.
+    /// A subscriber that panics in turn is ignored: the caller is carrying on after a panic.
+    pub(crate) fn record_panic(
+        &self,
+        engine: Option<EngineId>,
+        what: &'static str,
+        payload: &(dyn std::any::Any + Send),
+    ) {
+        let event = self.push(EventKind::CallbackPanicked { engine, what }, true);
+        let detail = panic_message(payload);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            emit_with(&event, None, &detail);
+        }));
     }
 
     fn push(&self, kind: EventKind, traced: bool) -> BreachEvent {
@@ -205,17 +231,25 @@ impl EventLog {
         event
     }
 
-    /// Moves pending events into the history, emitting those not yet traced.
+    /// Moves pending events into the history, then emits those not yet traced, after the
+    /// history's lock is released: a subscriber may call back into the governor (a snapshot
+    /// pumps too) without deadlocking it.
     pub(crate) fn pump(&self) {
-        let mut history = lock(&self.history);
-        while let Some(p) = self.pending.pop() {
-            if !p.traced {
-                emit(&p.event, None);
+        let mut untraced = Vec::new();
+        {
+            let mut history = lock(&self.history);
+            while let Some(p) = self.pending.pop() {
+                if !p.traced {
+                    untraced.push(p.event);
+                }
+                if history.len() == EVENT_CAPACITY {
+                    history.pop_front();
+                }
+                history.push_back(p.event);
             }
-            if history.len() == EVENT_CAPACITY {
-                history.pop_front();
-            }
-            history.push_back(p.event);
+        }
+        for event in &untraced {
+            emit(event, None);
         }
     }
 
@@ -237,9 +271,25 @@ impl EventLog {
     }
 }
 
+/// The message of a panic's payload (a `&str` or a `String`, as `panic!` makes them).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a payload that is not a string".to_owned()
+    }
+}
+
 /// Emits `e` to `tracing`; `path` names the scope of a scope event where the caller knows it
 /// (its number is given either way).
 fn emit(e: &BreachEvent, path: Option<&str>) {
+    emit_with(e, path, "");
+}
+
+/// As [`emit`], with `detail` (a panic's message) for the events that carry one.
+fn emit_with(e: &BreachEvent, path: Option<&str>, detail: &str) {
     let path = path.unwrap_or("");
     match e.kind {
         EventKind::BudgetRejected {
@@ -317,6 +367,14 @@ fn emit(e: &BreachEvent, path: Option<&str>) {
             breach_bytes,
             refused_bytes,
             "overflow could not take allocations: served past the budget or refused"
+        ),
+        EventKind::CallbackPanicked { engine, what } => tracing::error!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            engine = engine.map_or("none", EngineId::name),
+            what,
+            panic = detail,
+            "a callback panicked; the governor carries on"
         ),
         EventKind::Rebalance { from, to, bytes } => tracing::info!(
             target: "nodedb_mem",

@@ -271,16 +271,22 @@ impl MemoryGovernor {
     }
 
     /// What `engine`'s reclaimers say they could free now.
+    /// A reclaimer that panics counts 0 and is unregistered (see [`Reclaimer`]).
     pub fn reclaimable(&self, engine: EngineId) -> u64 {
-        self.inner.reclaimers.reclaimable(engine)
+        let l = &self.inner.ledger;
+        self.inner
+            .reclaimers
+            .reclaimable(engine, &l.events, &l.global.callback_panics)
     }
 
     /// Asks `engine`'s reclaimers, the one with most to give first, to free `bytes`; returns
-    /// what they report freed (recorded as a breach event).
+    /// what they report freed (recorded as a breach event). A reclaimer that panics counts 0
+    /// and is unregistered (see [`Reclaimer`]).
     pub fn reclaim(&self, engine: EngineId, bytes: u64) -> u64 {
+        let l = &self.inner.ledger;
         self.inner
             .reclaimers
-            .reclaim(engine, bytes, &self.inner.ledger.events)
+            .reclaim(engine, bytes, &l.events, &l.global.callback_panics)
     }
 
     /// Every budget's state, the global figures and the recent breach events.
@@ -325,6 +331,7 @@ impl MemoryGovernor {
             resident: *lock(&inner.last_rss),
             resident_unaccounted: g.rss_excess.load(Ordering::Acquire),
             dirty_purges: g.dirty_purges.load(Ordering::Relaxed),
+            callback_panics: g.callback_panics.load(Ordering::Relaxed),
             overflow: if self.is_installed() {
                 nodedb_mem_alloc::overflow_stats()
             } else {
@@ -433,6 +440,13 @@ impl MemoryGovernor {
     }
 
     #[cfg(not(nodedb_mem_loom))]
+    /// Counts and reports a panic caught in a step of the background thread.
+    pub(crate) fn report_background_panic(&self, payload: &(dyn std::any::Any + Send)) {
+        let l = &self.inner.ledger;
+        l.global.callback_panics.fetch_add(1, Ordering::Relaxed);
+        l.events.record_panic(None, "background tick", payload);
+    }
+
     pub(crate) fn pump_events(&self) {
         self.inner.ledger.events.pump();
     }

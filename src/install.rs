@@ -52,7 +52,15 @@ impl GovernorBuilder {
     }
 }
 
+/// Serialises `install` from start to end: the check that no governor is installed, the
+/// overflow regions mapped over the allocator's ranges and the governor stored happen as one
+/// step, so a second caller never maps its own files over the first one's overflow.
+static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn install(config: Config) -> Result<&'static MemoryGovernor> {
+    let _one_at_a_time = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if INSTALLED.get().is_some() {
         return Err(MemError::AlreadyInstalled);
     }

@@ -34,6 +34,8 @@ pub(crate) struct GlobalLedger {
     pub(crate) rss_excess: AtomicU64,
     /// Engine arenas purged because their dirty pages passed the allowance.
     pub(crate) dirty_purges: AtomicU64,
+    /// Panics caught in reclaimers and in the background thread's steps.
+    pub(crate) callback_panics: AtomicU64,
 }
 
 impl GlobalLedger {
@@ -49,6 +51,7 @@ impl GlobalLedger {
             from_allocator,
             rss_excess: AtomicU64::new(0),
             dirty_purges: AtomicU64::new(0),
+            callback_panics: AtomicU64::new(0),
         }
     }
 

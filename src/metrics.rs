@@ -172,6 +172,9 @@ pub struct Snapshot {
     /// Engine arenas purged by [`check_resident`](crate::MemoryGovernor::check_resident)
     /// because their dirty pages exceeded a quarter of the engine's limit.
     pub dirty_purges: u64,
+    /// Panics caught in reclaimers (each then unregistered) and in the background thread's
+    /// steps; each is also an [`EventKind::CallbackPanicked`](crate::EventKind) event.
+    pub callback_panics: u64,
     /// The overflow path's counters (all zero without an installed governor).
     pub overflow: crate::OverflowStats,
     /// Every live scope, in creation order.
@@ -306,6 +309,12 @@ impl Snapshot {
             "counter",
             "Engine arenas purged because their dirty pages exceeded a quarter of the engine's limit.",
             self.dirty_purges,
+        );
+        global(
+            "callback_panics_total",
+            "counter",
+            "Panics caught in reclaimers and in the background thread's steps.",
+            self.callback_panics,
         );
 
         type Field = fn(&EngineSnapshot) -> i128;

@@ -45,12 +45,10 @@ impl MemoryGovernor {
                 idle: !busy && ratio_ppm(window_peak, b.limit()) < idle_ppm,
             }
         });
+        // Moves are reported once the lock is released: a `tracing` subscriber may call back
+        // into the governor (`limits()`, a snapshot), which takes this lock.
         let mut moves = Vec::new();
         let mut record = |from: EngineId, to: EngineId, bytes: u64| {
-            inner
-                .ledger
-                .events
-                .record(EventKind::Rebalance { from, to, bytes });
             moves.push(RebalanceMove { from, to, bytes });
         };
 
@@ -110,6 +108,13 @@ impl MemoryGovernor {
             }
         }
         drop(_serial);
+        for m in &moves {
+            inner.ledger.events.record(EventKind::Rebalance {
+                from: m.from,
+                to: m.to,
+                bytes: m.bytes,
+            });
+        }
         if !moves.is_empty() {
             self.publish_limits();
             Ledger::wake_waiters(&inner.ledger);

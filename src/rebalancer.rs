@@ -61,6 +61,9 @@ impl Rebalancer {
                 let mut ticks = 0u64;
                 let mut stop = lock(&theirs.stop);
                 loop {
+                    if *stop {
+                        return ticks;
+                    }
                     let (guard, _timeout) = match theirs.wake.wait_timeout(stop, interval) {
                         Ok(r) => r,
                         Err(poisoned) => poisoned.into_inner(),
@@ -69,13 +72,26 @@ impl Rebalancer {
                     if *stop {
                         return ticks;
                     }
-                    // Without /proc (not Linux, a sandbox) there is no resident figure to feed
-                    // back; the budgets still hold.
-                    let _ = gov.check_resident();
-                    gov.sweep_governed_dirs();
-                    gov.rebalance();
-                    gov.pump_events();
+                    drop(stop);
+                    // A panic in a step (a `tracing` subscriber's, say; reclaimers are caught
+                    // one by one) is reported, and the next tick runs as usual: resident
+                    // sampling, push-out and rebalancing must not stop for good.
+                    let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        // Without /proc (not Linux, a sandbox) there is no resident figure
+                        // to feed back; the budgets still hold.
+                        let _ = gov.check_resident();
+                        gov.sweep_governed_dirs();
+                        gov.rebalance();
+                        gov.pump_events();
+                    }));
+                    if let Err(payload) = tick {
+                        gov.report_background_panic(&*payload);
+                    }
+                    // What this thread allocated is settled before it sleeps: the ledgers
+                    // are exact at rest.
+                    nodedb_mem_alloc::flush_thread();
                     ticks += 1;
+                    stop = lock(&theirs.stop);
                 }
             })
             .map_err(|source| MemError::Io {

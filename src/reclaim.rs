@@ -13,7 +13,10 @@ use crate::sync::{Arc, AtomicU64, Mutex, Ordering, lock};
 /// step, or the process at critical pressure).
 ///
 /// Both methods are called from the governor's threads (the rebalancer), never from the
-/// allocator: they may allocate, lock and take their time.
+/// allocator: they may allocate, lock and take their time. A reclaimer that panics is caught,
+/// reported (an [`EventKind::CallbackPanicked`] event, a `tracing` error with the message, the
+/// [`Snapshot::callback_panics`](crate::Snapshot::callback_panics) counter) and unregistered,
+/// since its state can no longer be trusted; the governor and its background thread go on.
 pub trait Reclaimer: Send + Sync {
     /// Bytes this reclaimer could free now.
     fn reclaimable(&self) -> u64;
@@ -65,35 +68,79 @@ impl Reclaimers {
     }
 
     /// What `engine`'s reclaimers say they could free now.
-    pub(crate) fn reclaimable(&self, engine: EngineId) -> u64 {
+    pub(crate) fn reclaimable(
+        &self,
+        engine: EngineId,
+        events: &EventLog,
+        panics: &AtomicU64,
+    ) -> u64 {
         self.of(engine)
             .iter()
-            .map(|r| r.reclaimable())
+            .map(|(id, r)| {
+                self.guarded(engine, *id, "reclaimable", events, panics, || {
+                    r.reclaimable()
+                })
+            })
             .fold(0, u64::saturating_add)
+    }
+
+    /// Calls `f` on reclaimer `id`; if it panics, unregisters it, reports the panic and
+    /// returns 0.
+    fn guarded(
+        &self,
+        engine: EngineId,
+        id: u64,
+        what: &'static str,
+        events: &EventLog,
+        panics: &AtomicU64,
+        f: impl FnOnce() -> u64,
+    ) -> u64 {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(n) => n,
+            Err(payload) => {
+                lock(&self.registry.list).retain(|r| r.id != id);
+                panics.fetch_add(1, Ordering::Relaxed);
+                events.record_panic(Some(engine), what, &*payload);
+                0
+            }
+        }
     }
 
     /// Asks `engine`'s reclaimers, the one with most to give first, to free `bytes`; returns
     /// what they report freed (recorded in `events`).
-    pub(crate) fn reclaim(&self, engine: EngineId, bytes: u64, events: &EventLog) -> u64 {
+    pub(crate) fn reclaim(
+        &self,
+        engine: EngineId,
+        bytes: u64,
+        events: &EventLog,
+        panics: &AtomicU64,
+    ) -> u64 {
         if bytes == 0 {
             return 0;
         }
-        let mut reclaimers: Vec<(u64, std::sync::Arc<dyn Reclaimer>)> = self
+        let mut reclaimers: Vec<(u64, u64, std::sync::Arc<dyn Reclaimer>)> = self
             .of(engine)
             .into_iter()
-            .map(|r| (r.reclaimable(), r))
-            .filter(|(n, _)| *n > 0)
+            .map(|(id, r)| {
+                let n = self.guarded(engine, id, "reclaimable", events, panics, || {
+                    r.reclaimable()
+                });
+                (n, id, r)
+            })
+            .filter(|(n, _, _)| *n > 0)
             .collect();
         if reclaimers.is_empty() {
             return 0;
         }
-        reclaimers.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+        reclaimers.sort_by_key(|(n, _, _)| std::cmp::Reverse(*n));
         let mut freed = 0u64;
-        for (_, r) in reclaimers {
+        for (_, id, r) in reclaimers {
             if freed >= bytes {
                 break;
             }
-            freed = freed.saturating_add(r.reclaim(bytes - freed));
+            let want = bytes - freed;
+            let got = self.guarded(engine, id, "reclaim", events, panics, || r.reclaim(want));
+            freed = freed.saturating_add(got);
         }
         events.record(EventKind::Reclaim {
             engine,
@@ -104,11 +151,11 @@ impl Reclaimers {
     }
 
     /// The engine's reclaimers, cloned out so none is called under the registry's lock.
-    fn of(&self, engine: EngineId) -> Vec<std::sync::Arc<dyn Reclaimer>> {
+    fn of(&self, engine: EngineId) -> Vec<(u64, std::sync::Arc<dyn Reclaimer>)> {
         lock(&self.registry.list)
             .iter()
             .filter(|r| r.engine == engine)
-            .map(|r| std::sync::Arc::clone(&r.reclaimer))
+            .map(|r| (r.id, std::sync::Arc::clone(&r.reclaimer)))
             .collect()
     }
 }

@@ -78,21 +78,28 @@ impl MemoryGovernor {
     /// whose overflow could not take allocations since the last report.
     #[cfg(not(nodedb_mem_loom))]
     fn report_overflow_breaches(&self) {
-        let mut seen = lock(&self.inner.breaches_seen);
-        for e in EngineId::ALL {
-            let b = nodedb_mem_alloc::overflow_breaches(e);
-            let last = &mut seen[e.index()];
-            let (breaches, refused) = (b.breaches - last.0, b.refused - last.1);
-            if breaches > 0 || refused > 0 {
-                *last = (b.breaches, b.refused);
-                self.inner.ledger.events.record(EventKind::OverflowBreach {
-                    engine: e,
-                    breaches,
-                    refused,
-                    breach_bytes: b.breach_bytes,
-                    refused_bytes: b.refused_bytes,
-                });
+        let mut news = Vec::new();
+        {
+            let mut seen = lock(&self.inner.breaches_seen);
+            for e in EngineId::ALL {
+                let b = nodedb_mem_alloc::overflow_breaches(e);
+                let last = &mut seen[e.index()];
+                let (breaches, refused) = (b.breaches - last.0, b.refused - last.1);
+                if breaches > 0 || refused > 0 {
+                    *last = (b.breaches, b.refused);
+                    news.push(EventKind::OverflowBreach {
+                        engine: e,
+                        breaches,
+                        refused,
+                        breach_bytes: b.breach_bytes,
+                        refused_bytes: b.refused_bytes,
+                    });
+                }
             }
+        }
+        // Reported with no lock held: a subscriber may call back into the governor.
+        for kind in news {
+            self.inner.ledger.events.record(kind);
         }
     }
 

@@ -335,11 +335,13 @@ pub(crate) struct Ticker {
 
 #[derive(Default)]
 struct TickerState {
+    /// The process that started the thread, if one did: a child of `fork` inherits this
+    /// state but not the thread, and must start its own.
     #[cfg_attr(
         nodedb_mem_loom,
         expect(dead_code, reason = "loom models keep no deadlines")
     )]
-    started: bool,
+    started_by: Option<u32>,
     stopped: bool,
     /// Set by `nudge`, cleared by `sleep`: a request joined while the thread was not asleep.
     nudged: bool,
@@ -353,12 +355,14 @@ impl Ticker {
     }
 
     #[cfg(not(nodedb_mem_loom))]
-    /// Runs `start` (which starts the thread) unless it ran and succeeded before.
+    /// Runs `start` (which starts the thread) unless it ran and succeeded before in this
+    /// process (a child of `fork` has no thread of its parent's).
     pub(crate) fn start_once<E>(&self, start: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
         let mut s = self.state();
-        if !s.started {
+        let me = std::process::id();
+        if s.started_by != Some(me) {
             start()?;
-            s.started = true;
+            s.started_by = Some(me);
         }
         Ok(())
     }

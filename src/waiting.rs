@@ -219,6 +219,9 @@ fn start_serving(ledger: &Arc<Ledger>) -> Result<()> {
                     Ledger::wake_waiters(&ledger);
                     let busy = ledger.waiters.anyone_waiting();
                     drop(ledger);
+                    // What this thread allocated is settled before it sleeps: the ledgers
+                    // are exact at rest.
+                    nodedb_mem_alloc::flush_thread();
                     let nap = match (busy, next) {
                         (false, _) => IDLE,
                         (true, None) => WAIT_RETRY,

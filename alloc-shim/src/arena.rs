@@ -736,28 +736,67 @@ unsafe extern "C" fn hook_destroy(
 ) {
 }
 
-/// Extents are readable and writable from the moment they are handed out: nothing to commit.
-unsafe extern "C" fn hook_commit(
-    _hooks: *mut extent_hooks_t,
-    _addr: *mut c_void,
-    _size: usize,
-    _offset: usize,
-    _length: usize,
-    _arena: c_uint,
-) -> bool {
-    false
+/// The overflow region behind the overflow hooks `hooks`, and the file offset of
+/// `addr + offset` in it; `None` for an engine arena's hooks (or in a child of `fork`, which
+/// has no overflow mapping).
+///
+/// # Safety
+/// As for [`engine_of`].
+unsafe fn overflow_span(
+    hooks: *mut extent_hooks_t,
+    addr: *mut c_void,
+    offset: usize,
+) -> Option<(&'static crate::OverflowRegion, usize)> {
+    // SAFETY: per this function's contract.
+    let engine = unsafe { engine_of(hooks) };
+    let region = crate::overflow::overflow_region_of(engine.checked_sub(OVERFLOW_SLOT)?)?;
+    let at = (addr as usize).wrapping_add(offset);
+    region
+        .contains(at as *const u8)
+        .then(|| (region, at - region.base() as usize))
 }
 
-/// Opt out: jemalloc purges instead.
-unsafe extern "C" fn hook_decommit(
-    _hooks: *mut extent_hooks_t,
-    _addr: *mut c_void,
+/// Engine arenas' extents are readable and writable from the moment they are handed out:
+/// nothing to commit. An overflow extent that was decommitted (its file blocks freed) gets
+/// blocks again, or the commit fails (a full disk), so jemalloc never hands out file pages
+/// whose first write would need a block the disk no longer has (a `SIGBUS`): it falls back
+/// to a new extent, whose growth fails in turn, and the overflow policy decides.
+unsafe extern "C" fn hook_commit(
+    hooks: *mut extent_hooks_t,
+    addr: *mut c_void,
     _size: usize,
-    _offset: usize,
-    _length: usize,
+    offset: usize,
+    length: usize,
     _arena: c_uint,
 ) -> bool {
-    true
+    // SAFETY: jemalloc passes back the hooks pointer it was given at `arenas.create`.
+    if unsafe { engine_of(hooks) } < OVERFLOW_SLOT {
+        return false;
+    }
+    // SAFETY: as above.
+    match unsafe { overflow_span(hooks, addr, offset) } {
+        Some((region, at)) => region.back(at, length).is_err(),
+        None => true,
+    }
+}
+
+/// Engine arenas opt out (jemalloc purges instead). Overflow extents free their file blocks
+/// (a punched hole reads back as zeros and takes no disk), and [`hook_commit`] backs them
+/// again before jemalloc reuses them: a purge followed by a full disk gives the overflow
+/// policy's answer, never a fault on a hole.
+unsafe extern "C" fn hook_decommit(
+    hooks: *mut extent_hooks_t,
+    addr: *mut c_void,
+    _size: usize,
+    offset: usize,
+    length: usize,
+    _arena: c_uint,
+) -> bool {
+    // SAFETY: jemalloc passes back the hooks pointer it was given at `arenas.create`.
+    match unsafe { overflow_span(hooks, addr, offset) } {
+        Some((region, at)) => region.punch_hole(at, length).is_err(),
+        None => true,
+    }
 }
 
 fn madvise(addr: *mut c_void, offset: usize, length: usize, advice: libc::c_int) -> bool {
@@ -795,8 +834,12 @@ unsafe extern "C" fn hook_purge_forced(
 ) -> bool {
     // SAFETY: jemalloc passes back the hooks pointer it was given at `arenas.create`.
     if unsafe { engine_of(hooks) } >= OVERFLOW_SLOT {
-        // On a shared file mapping only a punched hole reads back as zeros.
-        return madvise(addr, offset, length, libc::MADV_REMOVE);
+        // Opt out: only a punched hole reads back as zeros on a shared file mapping, and a
+        // hole in a committed extent would need a block at its next write, which a full disk
+        // refuses with a `SIGBUS`. Decommitting (which punches, and has the extent backed
+        // again at its next commit) is what jemalloc tries first; the extent stays as it is
+        // if that failed.
+        return true;
     }
     madvise(addr, offset, length, libc::MADV_DONTNEED)
 }

@@ -266,29 +266,55 @@ pub fn enable_overflow(
             capacity: range,
         });
     }
+    // One caller at a time from the check to the last region stored: a second caller must
+    // never map its own file over the first one's range.
+    let mut created = ENABLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if OVERFLOW_REGIONS.iter().any(|r| r.get().is_some()) {
         return Err(err("enabling overflow (already enabled)", libc::EEXIST));
     }
     let (base, range_shift, _) = layout();
     // The arenas first: without their metadata outside the hooks, a forked child would die.
-    let mut arenas = [0; ARENA_ENGINES];
-    for (slot, hooks) in arenas.iter_mut().zip(&OVERFLOW_HOOKS) {
-        match create_arena(hooks) {
-            Ok((arena, false)) => *slot = arena,
-            Ok((_, true)) => {
-                return Err(err(
-                    "creating an overflow arena safe across fork",
-                    libc::ENOTSUP,
-                ));
+    // Created once: a call that failed later on leaves them for the next call to use.
+    let arenas = match *created {
+        Some(arenas) => arenas,
+        None => {
+            let mut arenas = [0; ARENA_ENGINES];
+            for (slot, hooks) in arenas.iter_mut().zip(&OVERFLOW_HOOKS) {
+                match create_arena(hooks) {
+                    Ok((arena, false)) => *slot = arena,
+                    Ok((_, true)) => {
+                        return Err(err(
+                            "creating an overflow arena safe across fork",
+                            libc::ENOTSUP,
+                        ));
+                    }
+                    Err(rc) => return Err(err("creating an overflow arena", rc)),
+                }
             }
-            Err(rc) => return Err(err("creating an overflow arena", rc)),
+            *created = Some(arenas);
+            arenas
         }
-    }
-    for (e, slot) in OVERFLOW_REGIONS.iter().enumerate() {
+    };
+    // Every region is made before any is stored, so a failure part-way (a full disk, too many
+    // open files) leaves nothing behind: the regions made so far are dropped, which puts the
+    // reservation back over their ranges, and a later call can try again.
+    let mut regions: [Option<crate::OverflowRegion>; ARENA_ENGINES] = Default::default();
+    for (e, slot) in regions.iter_mut().enumerate() {
         let at = (base + ((OVERFLOW_SLOT + e) << range_shift)) as *mut u8;
-        let region =
-            crate::overflow::OverflowRegion::create_at(dir, capacity, allow_tmpfs, Some(at))?;
-        if slot.set(region).is_err() {
+        *slot = Some(crate::overflow::OverflowRegion::create_at(
+            dir,
+            capacity,
+            allow_tmpfs,
+            Some(at),
+        )?);
+    }
+    for (slot, region) in OVERFLOW_REGIONS.iter().zip(regions) {
+        if let Some(region) = region
+            && slot.set(region).is_err()
+        {
+            // Unreachable: the slots are only set here, under `ENABLING`, after the check.
             return Err(err("enabling overflow (already enabled)", libc::EEXIST));
         }
     }
@@ -300,6 +326,10 @@ pub fn enable_overflow(
     OVERFLOW_STATE.store(OVERFLOW_ON, Ordering::Release);
     Ok(())
 }
+
+/// Held by [`enable_overflow`] from its check to the last region stored; keeps the overflow
+/// arenas once created, for a call after a failed one.
+static ENABLING: std::sync::Mutex<Option<[c_uint; ARENA_ENGINES]>> = std::sync::Mutex::new(None);
 
 /// The most an overflow arena asks its region for at once (beyond what one allocation needs).
 /// jemalloc grows an arena's retained memory geometrically; a request that does not fit what is

@@ -350,6 +350,31 @@ impl OverflowRegion {
         Ok(())
     }
 
+    /// Backs `[offset, offset + len)` with file blocks again after [`punch_hole`] freed them
+    /// (a decommitted extent that jemalloc commits for reuse): the pages read as zeros, and a
+    /// full disk shows here as an error instead of a `SIGBUS` at the first write.
+    ///
+    /// [`punch_hole`]: Self::punch_hole
+    pub(crate) fn back(&self, offset: usize, len: usize) -> Result<(), OverflowError> {
+        self.span(offset, len)?;
+        fault::check("backing overflow pages again")?;
+        // SAFETY: our open descriptor and a byte range inside the file's backed length
+        // (checked by `span`, so both values fit `off_t`); mode 0 allocates blocks for holes
+        // and leaves allocated ones as they are, never shrinking the file.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(last_errno("backing overflow pages again"));
+        }
+        Ok(())
+    }
+
     fn span(&self, offset: usize, len: usize) -> Result<(*mut libc::c_void, usize), OverflowError> {
         let end = offset.saturating_add(len);
         if !offset.is_multiple_of(PAGE) || end > self.len() {
@@ -368,6 +393,22 @@ impl Drop for OverflowRegion {
         if self.owns_range {
             // SAFETY: the mapping is ours and nothing refers to it once the region is dropped.
             unsafe { libc::munmap(self.base.cast(), self.capacity) };
+        } else {
+            // The range was lent by the allocator (a region that was never put to use: the
+            // regions it serves live for the process): give it back as it was lent, an
+            // inaccessible reservation, so nothing else is mapped inside it.
+            // SAFETY: `base..base + capacity` is the lent range, which our file mapping alone
+            // occupies and nothing refers to any more; MAP_FIXED replaces exactly that.
+            unsafe {
+                libc::mmap(
+                    self.base.cast(),
+                    self.capacity,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    -1,
+                    0,
+                );
+            }
         }
     }
 }
