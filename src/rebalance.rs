@@ -108,16 +108,16 @@ impl MemoryGovernor {
             }
         }
         drop(_serial);
+        if !moves.is_empty() {
+            self.publish_limits();
+            Ledger::wake_waiters(&inner.ledger);
+        }
         for m in &moves {
             inner.ledger.events.record(EventKind::Rebalance {
                 from: m.from,
                 to: m.to,
                 bytes: m.bytes,
             });
-        }
-        if !moves.is_empty() {
-            self.publish_limits();
-            Ledger::wake_waiters(&inner.ledger);
         }
         // Engines left above their limit (a lender took its headroom back) are asked to free
         // down to the target utilisation; at critical global pressure, everyone is.

@@ -211,3 +211,89 @@ fn dropping_the_handle_unregisters() {
     assert_eq!(gov.reclaim(EngineId::Sparse, MIB), 0);
     assert!(c.calls.lock().unwrap().is_empty());
 }
+
+/// Counts its calls; `panics` makes every call panic.
+struct Flaky {
+    calls: std::sync::atomic::AtomicU64,
+    panics: bool,
+}
+
+impl Flaky {
+    fn new(panics: bool) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            calls: Default::default(),
+            panics,
+        })
+    }
+    fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Reclaimer for Flaky {
+    fn reclaimable(&self) -> u64 {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.panics {
+            panic!("reclaimer state is broken");
+        }
+        MIB
+    }
+    fn reclaim(&self, _bytes: u64) -> u64 {
+        MIB
+    }
+}
+
+#[test]
+fn a_panicking_reclaimer_is_reported_unregistered_and_the_others_still_asked() {
+    let gov = gov();
+    let bad = Flaky::new(true);
+    let good = Flaky::new(false);
+    let _b = gov.register_reclaimer(EngineId::Query, bad.clone());
+    let _g = gov.register_reclaimer(EngineId::Query, good.clone());
+    assert_eq!(gov.reclaim(EngineId::Query, 4 * MIB), MIB);
+    assert_eq!((bad.calls(), good.calls()), (1, 1));
+    let snap = gov.snapshot();
+    assert_eq!(snap.callback_panics, 1);
+    assert!(snap.events.iter().any(|e| e.kind
+        == EventKind::CallbackPanicked {
+            engine: Some(EngineId::Query),
+            what: "reclaimable",
+        }));
+    assert!(
+        snap.to_prometheus()
+            .contains("nodedb_mem_callback_panics_total 1\n")
+    );
+    // Unregistered: not asked again.
+    assert_eq!(gov.reclaimable(EngineId::Query), MIB);
+    assert_eq!(gov.reclaim(EngineId::Query, 4 * MIB), MIB);
+    assert_eq!(bad.calls(), 1);
+    assert_eq!(gov.snapshot().callback_panics, 1);
+}
+
+#[test]
+fn the_background_thread_goes_on_after_a_reclaimer_panics() {
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(100 * MIB)
+        .overhead_reserve(0.0)
+        .budget(EngineId::Query, 95 * MIB)
+        .build()
+        .unwrap();
+    // Critical global pressure: every tick asks every engine's reclaimers.
+    let _held = gov.reserve(EngineId::Query, 92 * MIB).unwrap();
+    let bad = Flaky::new(true);
+    let good = Flaky::new(false);
+    let _b = gov.register_reclaimer(EngineId::Query, bad.clone());
+    let _g = gov.register_reclaimer(EngineId::Vector, good.clone());
+    let bg = gov
+        .spawn_rebalancer(std::time::Duration::from_millis(5))
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while good.calls() < 20 && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(good.calls() >= 20, "{} calls", good.calls());
+    assert_eq!(bad.calls(), 1);
+    assert_eq!(gov.snapshot().callback_panics, 1);
+    assert!(bg.stop() >= 10);
+}
