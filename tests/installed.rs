@@ -219,6 +219,42 @@ fn a_future_polled_on_two_threads_keeps_its_engine() {
     assert_eq!(settled(EngineId::Crdt), before);
 }
 
+/// Allocates (and leaks into `out`) 1 MiB when dropped.
+struct AllocatesOnDrop(std::sync::Arc<Mutex<Option<Vec<u8>>>>);
+
+impl Drop for AllocatesOnDrop {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap() = Some(vec![7u8; 1 << 20]);
+    }
+}
+
+#[test]
+fn the_inner_future_is_dropped_inside_the_engine() {
+    let _s = serial();
+    let out = std::sync::Arc::new(Mutex::new(None));
+    let state = AllocatesOnDrop(out.clone());
+    // Never completed: dropped pending, as a cancelled task is.
+    let fut = async move {
+        let _state = state;
+        std::future::pending::<()>().await;
+    }
+    .in_engine(EngineId::Sparse);
+    let mut fut = Box::pin(fut);
+    use std::future::Future;
+    assert!(
+        fut.as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+            .is_pending()
+    );
+    let before = settled(EngineId::Sparse);
+    drop(fut);
+    let block = out.lock().unwrap().take().unwrap();
+    assert_eq!(owner(block.as_ptr()), EngineId::Sparse);
+    assert_eq!(settled(EngineId::Sparse) - before, 1 << 20);
+    drop(block);
+    assert_eq!(settled(EngineId::Sparse), before);
+}
+
 #[test]
 fn the_fallible_allocator_is_charged_by_the_global_allocator_once() {
     use allocator_api2::vec::Vec as AVec;
