@@ -391,3 +391,100 @@ fn an_appending_writer_drops_what_it_appended() {
         unsafe { libc::posix_fadvise(reread.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 }
+
+/// This process's locked memory (`VmLck`), in bytes.
+fn locked_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// This process's peak resident memory (`VmHWM`), in bytes.
+fn peak_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn overlapping_protections_keep_what_the_live_ones_cover_locked() {
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .budget(EngineId::Vector, 256 * MIB as u64)
+        .build()
+        .unwrap();
+    let v = EngineId::Vector;
+    let mut file = scratch();
+    file.write_all(&vec![5u8; 48 * MIB]).unwrap();
+    let map = nodedb_mem::MappedFile::open(&file).unwrap();
+    let bytes = map.bytes();
+    assert_eq!(locked_bytes(), 0);
+    let a = gov.protect(v, &bytes[..32 * MIB]).unwrap();
+    let b = gov.protect(v, &bytes[16 * MIB..]).unwrap();
+    assert_eq!(locked_bytes(), 48 * MIB as u64);
+    drop(a);
+    // [16, 48) is still protected by `b`: only [0, 16) is unlocked.
+    assert_eq!(locked_bytes(), 32 * MIB as u64);
+    assert_eq!(b.resident().unwrap(), 32 * MIB as u64);
+    drop(b);
+    assert_eq!(locked_bytes(), 0);
+    // The same region twice; one dropped: the other keeps it locked.
+    let c = gov.protect(v, &bytes[..8 * MIB]).unwrap();
+    let d = gov.protect(v, &bytes[..8 * MIB]).unwrap();
+    drop(c);
+    assert_eq!(locked_bytes(), 8 * MIB as u64);
+    // Unaligned ends sharing a page: the shared page stays locked while one lives.
+    let e = gov.protect(v, &bytes[8 * MIB..8 * MIB + 100]).unwrap();
+    let f = gov
+        .protect(v, &bytes[8 * MIB + 200..8 * MIB + 300])
+        .unwrap();
+    assert_eq!(locked_bytes(), 8 * MIB as u64 + 4096);
+    drop(e);
+    assert_eq!(locked_bytes(), 8 * MIB as u64 + 4096);
+    drop((d, f));
+    assert_eq!(locked_bytes(), 0);
+    assert_eq!(gov.page_cache(v).protected, 0);
+}
+
+#[test]
+fn a_sweep_costs_what_a_sparse_file_holds_not_its_apparent_size() {
+    let gov = governor(32 * MIB as u64);
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.path().join("sparse"))
+        .unwrap();
+    // 512 GiB apparent, 1 MiB of data at 100 GiB.
+    file.set_len(512 << 30).unwrap();
+    file.seek(SeekFrom::Start(100 << 30)).unwrap();
+    file.write_all(&vec![9u8; MIB]).unwrap();
+    assert!(file.metadata().unwrap().len() == 512 << 30);
+    gov.govern_dir(TS, dir.path()).unwrap();
+    let peak = peak_bytes();
+    let s = gov.sweep_governed_dirs();
+    // A byte per page of the apparent size was 128 MiB here.
+    let grew = peak_bytes() - peak;
+    assert!(grew < 8 * MIB as u64, "peak memory grew by {grew} B");
+    assert_eq!(s.files, 1);
+    assert_eq!(s.cached_before, MIB as u64);
+    // The data is what it was, and `cached_bytes` left the position where it was.
+    file.seek(SeekFrom::Start(100 << 30)).unwrap();
+    let before = nodedb_mem::cached_bytes(&file).unwrap();
+    assert!(before <= MIB as u64);
+    assert_eq!(file.stream_position().unwrap(), 100 << 30);
+    let mut back = vec![0u8; MIB];
+    file.read_exact(&mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 9));
+}

@@ -185,10 +185,14 @@ pub(crate) fn sweep_dir(dir: &std::path::Path, depth: u32, out: &mut SweepStats)
                 continue;
             };
             out.files += 1;
-            out.cached_before += file_cached(&file, len);
-            let _ = sync_range(&file, 0, len, false);
-            let _ = fadvise_dontneed(&file, 0, len);
-            out.cached_after += file_cached(&file, len);
+            // Only where the file holds data: a sparse file's holes have no pages to find or
+            // drop, and a sweep costs what a file holds rather than its apparent size.
+            for (offset, n) in data_segments(&file, len) {
+                out.cached_before += file_cached_at(&file, offset, n);
+                let _ = sync_range(&file, offset, n, false);
+                let _ = fadvise_dontneed(&file, offset, n);
+                out.cached_after += file_cached_at(&file, offset, n);
+            }
         }
     }
 }
@@ -197,15 +201,74 @@ pub(crate) fn sweep_dir(dir: &std::path::Path, depth: u32, out: &mut SweepStats)
 /// faults nothing in).
 pub fn cached_bytes(file: &File) -> io::Result<u64> {
     let len = file.metadata()?.len();
-    Ok(file_cached(file, len))
+    // Finding the data moves the descriptor's position: put it back.
+    // SAFETY: a descriptor the `File` owns; `lseek` only reads or sets its position.
+    let pos = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_CUR) };
+    let cached = file_cached(file, len);
+    if pos >= 0 {
+        // SAFETY: as above.
+        unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_SET) };
+    }
+    Ok(cached)
 }
 
-/// Bytes of `file`'s first `len` bytes in the page cache (0 where it cannot be mapped).
+/// Bytes of `file`'s first `len` bytes in the page cache (0 where it cannot be mapped), where
+/// it holds data.
 fn file_cached(file: &File, len: u64) -> u64 {
-    match MappedFile::new(file, len) {
-        Ok(map) => resident_bytes(map.bytes()).unwrap_or(0),
-        Err(_) => 0,
+    data_segments(file, len)
+        .map(|(offset, n)| file_cached_at(file, offset, n))
+        .sum()
+}
+
+/// Bytes of `file`'s `[offset, offset + len)` in the page cache, through mappings of at most
+/// 1 GiB at a time (0 for a part that cannot be mapped).
+fn file_cached_at(file: &File, offset: u64, len: u64) -> u64 {
+    const WINDOW: u64 = 1 << 30;
+    let mut cached = 0;
+    let mut at = offset - offset % ledger::PAGE as u64;
+    let end = offset + len;
+    while at < end {
+        let n = (end - at).min(WINDOW);
+        if let Ok(map) = MappedFile::new_at(file, at, n) {
+            cached += resident_bytes(map.bytes()).unwrap_or(0);
+        }
+        at += n;
     }
+    cached
+}
+
+/// The `(offset, len)` ranges of `file`'s first `len` bytes that hold data (`SEEK_DATA` /
+/// `SEEK_HOLE`; the whole range where the file system cannot say).
+fn data_segments(file: &File, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let fd = file.as_raw_fd();
+    let mut at = 0u64;
+    std::iter::from_fn(move || {
+        if at >= len {
+            return None;
+        }
+        let seek = |from: u64, whence| {
+            let from = libc::off_t::try_from(from).ok()?;
+            // SAFETY: a descriptor the `File` owns; `lseek` with SEEK_DATA / SEEK_HOLE only
+            // reports offsets. Each call sets the file position, which no code of ours reads
+            // (sweeps open their own descriptors).
+            let r = unsafe { libc::lseek(fd, from, whence) };
+            u64::try_from(r).ok()
+        };
+        let Some(start) = seek(at, libc::SEEK_DATA) else {
+            // ENXIO: no data past `at`. Any other error: say all of the rest is data.
+            let rest = (std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO))
+                .then_some((at, len - at));
+            at = len;
+            return rest;
+        };
+        if start >= len {
+            at = len;
+            return None;
+        }
+        let end = seek(start, libc::SEEK_HOLE).unwrap_or(len).min(len);
+        at = end.max(start + 1);
+        Some((start, end - start))
+    })
 }
 
 /// A read-only shared mapping of a file, for [`MemoryGovernor::protect`] and residency checks
@@ -239,7 +302,14 @@ impl MappedFile {
 
     /// Maps the first `len` bytes of `file`.
     fn new(file: &File, len: u64) -> io::Result<MappedFile> {
+        MappedFile::new_at(file, 0, len)
+    }
+
+    /// Maps `len` bytes of `file` from `offset` (a multiple of the page size).
+    fn new_at(file: &File, offset: u64, len: u64) -> io::Result<MappedFile> {
         let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let offset =
+            libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
         if len == 0 {
             return Ok(MappedFile {
                 ptr: std::ptr::null_mut(),
@@ -255,7 +325,7 @@ impl MappedFile {
                 libc::PROT_READ,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
-                0,
+                offset,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -864,6 +934,9 @@ impl<'a> Protected<'a> {
     pub(crate) fn new(gov: &MemoryGovernor, engine: EngineId, data: &'a [u8]) -> Result<Self> {
         let len = data.len() as u64;
         let reservation = gov.reserve(engine, len)?;
+        // Locked and registered as one step, so a protection dropped meanwhile never unlocks
+        // these pages (see `Drop`).
+        let mut locked = lock_regions(&LOCKED);
         // SAFETY: `data` is a live borrowed slice (mapped memory) for the guard's lifetime;
         // mlock only pins its pages, rounding to page boundaries.
         if unsafe { libc::mlock(data.as_ptr().cast(), data.len()) } != 0 {
@@ -886,6 +959,8 @@ impl<'a> Protected<'a> {
                 source,
             });
         }
+        locked.push(page_span(data));
+        drop(locked);
         let ledger = gov.page_cache_ledger(engine);
         ledger.protected.fetch_add(len, Ordering::AcqRel);
         lock_regions(&ledger.regions).push((data.as_ptr() as usize, data.len()));
@@ -915,10 +990,54 @@ impl<'a> Protected<'a> {
     }
 }
 
+/// The pages locked by every live [`Protected`] of the process, one `[start, end)` entry per
+/// protection (page-aligned; overlaps and repeats kept): locks do not nest in the kernel, so a
+/// protection that ends unlocks only the pages no other live one covers.
+static LOCKED: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// The pages `mlock` pins for `data`: its start rounded down, its end up, to pages.
+fn page_span(data: &[u8]) -> (usize, usize) {
+    let page = crate::cache::ledger::PAGE;
+    let start = data.as_ptr() as usize;
+    let end = start + data.len();
+    (start - start % page, end.next_multiple_of(page))
+}
+
+/// `span` less every range in `others`: the parts of it no other entry covers, in order.
+fn uncovered(span: (usize, usize), others: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut gaps = vec![span];
+    for &(a, b) in others {
+        gaps = gaps
+            .into_iter()
+            .flat_map(|(s, e)| {
+                if b <= s || e <= a {
+                    return vec![(s, e)];
+                }
+                [(s, a.max(s)), (b.min(e), e)]
+                    .into_iter()
+                    .filter(|(x, y)| x < y)
+                    .collect()
+            })
+            .collect();
+    }
+    gaps
+}
+
 impl Drop for Protected<'_> {
     fn drop(&mut self) {
-        // SAFETY: the same range we locked, still borrowed.
-        unsafe { libc::munlock(self.data.as_ptr().cast(), self.data.len()) };
+        {
+            let mut locked = lock_regions(&LOCKED);
+            let span = page_span(self.data);
+            if let Some(i) = locked.iter().position(|&r| r == span) {
+                locked.swap_remove(i);
+            }
+            for (start, end) in uncovered(span, &locked) {
+                // SAFETY: pages of the range this guard locked (still borrowed, so mapped),
+                // which no other live protection covers: unlocking them takes nothing from
+                // anyone else.
+                unsafe { libc::munlock(start as *const libc::c_void, end - start) };
+            }
+        }
         let ledger = self.gov.page_cache_ledger(self.engine);
         let region = (self.data.as_ptr() as usize, self.data.len());
         let mut regions = lock_regions(&ledger.regions);
