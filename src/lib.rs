@@ -46,8 +46,8 @@ mod waiting;
 
 pub use budget::Budget;
 pub use cache::{
-    GovernedReader, GovernedWriter, MappedFile, PageCacheStats, Protected, SYNC_CHUNK, SweepStats,
-    cached_bytes, resident_bytes,
+    FinishError, GovernedReader, GovernedWriter, MappedFile, PageCacheStats, Protected, SYNC_CHUNK,
+    SweepStats, cached_bytes, resident_bytes,
 };
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use config::{

@@ -366,6 +366,34 @@ struct Behind {
     pos: u64,
     /// End of what was handed to the kernel for write-back.
     started_to: u64,
+    /// The file cannot be synced or advised (a pipe, `/dev/null`, a file system without
+    /// write-back control): it has no page cache of its own to govern, and is written plainly.
+    ungoverned: bool,
+}
+
+/// Whether `e` says the file has no page cache to control (rather than that controlling it
+/// failed): such a file is written as a plain one.
+fn no_page_cache(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ESPIPE | libc::EINVAL | libc::ENODEV | libc::EOPNOTSUPP)
+    )
+}
+
+#[cfg(test)]
+thread_local! {
+    /// An error the next write-back step (`sync_file_range`) or direct write returns instead
+    /// of running, for the unit tests.
+    static INJECTED: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Takes the injected failure, if any (never one outside the unit tests).
+fn injected() -> io::Result<()> {
+    #[cfg(test)]
+    if let Some(errno) = INJECTED.with(std::cell::Cell::take) {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    Ok(())
 }
 
 impl Behind {
@@ -377,6 +405,20 @@ impl Behind {
             dropped_to: pos,
             pos,
             started_to: pos,
+            ungoverned: false,
+        }
+    }
+
+    /// `r`, unless it says the file has no page cache to control: then the file is written
+    /// plainly from now on (its charge given back), and that is no error.
+    fn unless_plain(&mut self, r: io::Result<()>) -> io::Result<()> {
+        match r {
+            Err(e) if no_page_cache(&e) => {
+                self.forget();
+                self.ungoverned = true;
+                Ok(())
+            }
+            r => r,
         }
     }
 
@@ -386,7 +428,21 @@ impl Behind {
 
     /// After `n` more bytes at `pos`: charge them, start write-back of whole chunks, and drop
     /// behind while the engine is over its page-cache budget.
+    ///
+    /// The bytes count as written whatever happens; an error is about write-back or advice
+    /// only.
     fn advance(&mut self, file: &File, n: u64, writing: bool) -> io::Result<()> {
+        if self.ungoverned {
+            self.pos += n;
+            self.dropped_to = self.pos;
+            self.started_to = self.pos;
+            return Ok(());
+        }
+        let r = self.advance_governed(file, n, writing);
+        self.unless_plain(r)
+    }
+
+    fn advance_governed(&mut self, file: &File, n: u64, writing: bool) -> io::Result<()> {
         self.pos += n;
         let now = self.ledger().add(n);
         if writing && self.pos - self.started_to >= SYNC_CHUNK {
@@ -439,11 +495,14 @@ impl Behind {
     /// Drops everything left behind as the file is closed; if that fails, gives the charge
     /// back anyway (nothing of this file is tracked after it) and returns the error.
     fn close(&mut self, file: &File, writing: bool) -> io::Result<()> {
+        if self.ungoverned {
+            return Ok(());
+        }
         let r = self.drop_all(file, writing);
         if r.is_err() {
             self.forget();
         }
-        r
+        self.unless_plain(r)
     }
 
     /// Moves past `n` bytes written around the page cache (direct I/O): nothing is charged
@@ -483,6 +542,7 @@ fn sync_range(file: &File, offset: u64, len: u64, wait: bool) -> io::Result<()> 
     ) else {
         return Err(io::Error::from_raw_os_error(libc::EOVERFLOW));
     };
+    injected()?;
     // SAFETY: a descriptor the `File` owns and a byte range of it; write-back only.
     if unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, flags) } != 0 {
         return Err(io::Error::last_os_error());
@@ -519,6 +579,52 @@ pub struct GovernedWriter {
     file: Option<File>,
     behind: Behind,
     direct: Option<Direct>,
+    /// Trouble after bytes were written, for the next call or `finish` to return.
+    deferred: Option<io::Error>,
+}
+
+/// A [`GovernedWriter::finish`] that failed: the error, and the writer with everything it
+/// held, to try again or drop (`BufWriter::into_inner`'s `IntoInnerError`, for this writer).
+/// Converts into the `io::Error` for `?` in functions returning `io::Result`.
+#[derive(Debug)]
+pub struct FinishError {
+    error: io::Error,
+    writer: GovernedWriter,
+}
+
+impl FinishError {
+    /// The error.
+    pub fn error(&self) -> &io::Error {
+        &self.error
+    }
+
+    /// The writer, to call [`finish`](GovernedWriter::finish) again.
+    pub fn into_inner(self) -> GovernedWriter {
+        self.writer
+    }
+
+    /// The error and the writer.
+    pub fn into_parts(self) -> (io::Error, GovernedWriter) {
+        (self.error, self.writer)
+    }
+}
+
+impl std::fmt::Display for FinishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "finishing a governed writer: {}", self.error)
+    }
+}
+
+impl std::error::Error for FinishError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<FinishError> for io::Error {
+    fn from(e: FinishError) -> io::Error {
+        e.error
+    }
 }
 
 /// Bytes a direct writer gathers before it writes them (a multiple of every alignment it
@@ -628,9 +734,16 @@ impl GovernedWriter {
             file.seek(io::SeekFrom::End(0))
         } else {
             file.stream_position()
-        }
-        .map_err(io_err("reading the file position"))?;
-        let direct = match direct.then(|| direct_alignment(&file)).flatten() {
+        };
+        // A pipe or a socket has no position, and no page cache: written plainly.
+        let (pos, plain) = match pos {
+            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => (0, true),
+            pos => (pos.map_err(io_err("reading the file position"))?, false),
+        };
+        let direct = match (direct && !plain)
+            .then(|| direct_alignment(&file))
+            .flatten()
+        {
             Some(align) => Some(Direct {
                 buf: AlignedBuf::new(align).map_err(io_err("allocating the direct-I/O buffer"))?,
                 len: 0,
@@ -640,10 +753,13 @@ impl GovernedWriter {
             }),
             None => None,
         };
+        let mut behind = Behind::new(gov, engine, pos);
+        behind.ungoverned = plain;
         let mut w = GovernedWriter {
             file: Some(file),
-            behind: Behind::new(gov, engine, pos),
+            behind,
             direct,
+            deferred: None,
         };
         if w.direct.as_ref().is_some_and(|d| d.head == 0) {
             w.begin_direct()
@@ -684,15 +800,42 @@ impl GovernedWriter {
     /// returns the file. After this the data is on disk (`sync_file_range` with both waits, or
     /// direct writes; call `sync_all` on the file as well for the metadata), and a direct
     /// writer has put the descriptor's flags back as they were.
-    pub fn finish(mut self) -> io::Result<File> {
-        let r = self.end_direct();
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("writer already finished"))?;
-        let closed = self.behind.close(&file, true);
-        r.and(closed)?;
-        Ok(file)
+    ///
+    /// A failure gives the writer back with the error ([`FinishError`], as
+    /// `BufWriter::into_inner` does): nothing it holds is lost, and `finish` can be tried again
+    /// (a direct writer keeps what it gathered and did not write). Trouble writing back or
+    /// dropping bytes already written by earlier calls is reported here too.
+    pub fn finish(mut self) -> Result<File, FinishError> {
+        if let Err(error) = self.end_direct() {
+            return Err(FinishError {
+                error,
+                writer: self,
+            });
+        }
+        if let Some(error) = self.deferred.take() {
+            return Err(FinishError {
+                error,
+                writer: self,
+            });
+        }
+        let Some(file) = self.file.take() else {
+            return Err(FinishError {
+                error: io::Error::other("writer already finished"),
+                writer: self,
+            });
+        };
+        match self.behind.close(&file, true) {
+            Ok(()) => Ok(file),
+            Err(error) => {
+                // The bytes are in the file and nothing is charged for them any more; the
+                // writer keeps the file, so another `finish` returns it.
+                self.file = Some(file);
+                Err(FinishError {
+                    error,
+                    writer: self,
+                })
+            }
+        }
     }
 
     /// The position is aligned: drop the head written through the cache and set `O_DIRECT`.
@@ -701,7 +844,12 @@ impl GovernedWriter {
         let (Some(file), Some(d)) = (self.file.as_ref(), self.direct.as_mut()) else {
             return Ok(());
         };
-        self.behind.drop_all(file, true)?;
+        let dropped = if self.behind.ungoverned {
+            Ok(())
+        } else {
+            self.behind.drop_all(file, true)
+        };
+        self.behind.unless_plain(dropped)?;
         let flags = get_flags(file)?;
         match set_flags(file, flags | libc::O_DIRECT) {
             Ok(()) => d.flags = Some(flags),
@@ -730,7 +878,7 @@ impl GovernedWriter {
         let mut done = 0;
         while done < whole {
             let chunk = &d.buf.as_mut()[done..whole];
-            match out.write(chunk) {
+            match injected().and_then(|()| out.write(chunk)) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) if n % d.align == 0 => {
                     self.behind.skip(n as u64);
@@ -762,37 +910,58 @@ impl GovernedWriter {
             set_flags(file, flags)?;
         }
         while d.len > 0 {
-            let r = match out.write(&d.buf.as_mut()[..d.len]) {
-                Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+            match out.write(&d.buf.as_mut()[..d.len]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     d.buf.as_mut().copy_within(n..d.len, 0);
                     d.len -= n;
-                    self.behind.advance(file, n as u64, true)
+                    // Written: trouble dropping it behind is reported later, not as a failure
+                    // of these bytes.
+                    if let Err(e) = self.behind.advance(file, n as u64, true) {
+                        self.deferred.get_or_insert(e);
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
-                Err(e) => Err(e),
-            };
-            r?;
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
         self.direct = None;
         Ok(())
     }
 
-    /// Writes what a direct writer gathered and puts the descriptor's flags back (also when
-    /// writing failed).
+    /// Writes what a direct writer gathered and puts the descriptor's flags back. Where writing
+    /// fails, what is not written stays gathered (and `O_DIRECT` set) for another try.
     fn end_direct(&mut self) -> io::Result<()> {
-        let r = self.write_gathered(true);
+        self.write_gathered(true)?;
         if let (Some(file), Some(d)) = (self.file.as_ref(), self.direct.take())
             && let Some(flags) = d.flags
         {
             set_flags(file, flags)?;
         }
-        r
+        Ok(())
+    }
+
+    /// Puts the descriptor's flags back whatever is still gathered (for `Drop`).
+    fn restore_flags(&mut self) {
+        if let (Some(file), Some(d)) = (self.file.as_ref(), self.direct.take())
+            && let Some(flags) = d.flags
+        {
+            let _ = set_flags(file, flags);
+        }
     }
 }
 
 impl Write for GovernedWriter {
+    /// Writes as `File` does and returns the bytes it wrote. Trouble after they were written
+    /// (handing them to write-back, dropping them from the page cache) does not make this call
+    /// fail: it is returned by the next call (which then writes nothing) or by
+    /// [`finish`](GovernedWriter::finish), so a caller that retries a failed call never writes
+    /// the same bytes twice. A file that cannot be synced or advised at all (a pipe,
+    /// `/dev/null`) is written as a plain one.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         let head = match self.direct.as_mut() {
             None => buf.len(),
             Some(d) if d.head > 0 => d.head.min(buf.len()),
@@ -818,19 +987,27 @@ impl Write for GovernedWriter {
             .file
             .as_ref()
             .ok_or_else(|| io::Error::other("writer finished"))?;
-        self.behind.advance(file, n as u64, true)?;
+        if let Err(e) = self.behind.advance(file, n as u64, true) {
+            self.deferred.get_or_insert(e);
+        }
         if let Some(d) = self.direct.as_mut() {
             d.head -= n;
-            if d.head == 0 {
-                self.begin_direct()?;
+            if d.head == 0
+                && let Err(e) = self.begin_direct()
+            {
+                self.deferred.get_or_insert(e);
             }
         }
         Ok(n)
     }
 
     /// Hands the file what a direct writer gathered (whole blocks; a partial block at the end
-    /// stays gathered until more follows or the writer finishes) and flushes the file.
+    /// stays gathered until more follows or the writer finishes) and flushes the file; returns
+    /// write-back trouble of earlier calls not reported yet.
     fn flush(&mut self) -> io::Result<()> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         self.write_gathered(false)?;
         match self.file.as_mut() {
             Some(f) => f.flush(),
@@ -841,7 +1018,9 @@ impl Write for GovernedWriter {
 
 impl Drop for GovernedWriter {
     fn drop(&mut self) {
-        let _ = self.end_direct();
+        if self.end_direct().is_err() {
+            self.restore_flags();
+        }
         if let Some(file) = self.file.take() {
             let _ = self.behind.close(&file, true);
         }
@@ -855,19 +1034,31 @@ impl Drop for GovernedWriter {
 pub struct GovernedReader {
     file: Option<File>,
     behind: Behind,
+    /// Trouble dropping bytes already read, for the next call to return.
+    deferred: Option<io::Error>,
 }
 
 impl GovernedReader {
     pub(crate) fn new(gov: &MemoryGovernor, engine: EngineId, mut file: File) -> Result<Self> {
-        let pos = file.stream_position().map_err(|source| MemError::Io {
-            what: "reading the file position for a governed reader".into(),
-            source,
-        })?;
+        // A pipe or a socket has no position, and no page cache: read plainly.
+        let (pos, plain) = match file.stream_position() {
+            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => (0, true),
+            pos => (
+                pos.map_err(|source| MemError::Io {
+                    what: "reading the file position for a governed reader".into(),
+                    source,
+                })?,
+                false,
+            ),
+        };
         // SAFETY: a descriptor the `File` owns; advice only (read-ahead for a sequential scan).
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        let mut behind = Behind::new(gov, engine, pos);
+        behind.ungoverned = plain;
         Ok(GovernedReader {
             file: Some(file),
-            behind: Behind::new(gov, engine, pos),
+            behind,
+            deferred: None,
         })
     }
 
@@ -888,7 +1079,12 @@ impl GovernedReader {
 }
 
 impl Read for GovernedReader {
+    /// Reads as `File` does. Trouble dropping what was read from the page cache does not make
+    /// this call fail (its bytes were read): the next call returns it.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         let file = self
             .file
             .as_mut()
@@ -898,7 +1094,9 @@ impl Read for GovernedReader {
             .file
             .as_ref()
             .ok_or_else(|| io::Error::other("reader closed"))?;
-        self.behind.advance(file, n as u64, false)?;
+        if let Err(e) = self.behind.advance(file, n as u64, false) {
+            self.deferred = Some(e);
+        }
         Ok(n)
     }
 }
@@ -1056,4 +1254,131 @@ impl Drop for Protected<'_> {
 /// Bytes of `data` (mapped memory) resident now, by `mincore` over its pages.
 pub fn resident_bytes(data: &[u8]) -> io::Result<u64> {
     resident_range(data.as_ptr() as usize, data.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    use super::INJECTED;
+    use crate::{EngineId, MemoryGovernor};
+
+    const MIB: usize = 1 << 20;
+
+    fn gov() -> MemoryGovernor {
+        MemoryGovernor::builder()
+            .global_ceiling(1 << 30)
+            .page_cache_budget(EngineId::Timeseries, 64 * MIB as u64)
+            .build()
+            .unwrap()
+    }
+
+    fn scratch() -> std::fs::File {
+        tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap()
+    }
+
+    fn contents(mut f: &std::fs::File) -> Vec<u8> {
+        let mut v = Vec::new();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn write_back_trouble_is_reported_by_the_next_call_not_for_written_bytes() {
+        let gov = gov();
+        let mut w = gov.writer(EngineId::Timeseries, scratch()).unwrap();
+        let a = vec![1u8; MIB];
+        let b = vec![2u8; MIB];
+        // The first MiB starts write-back, which fails (as with a disk that filled meanwhile):
+        // the MiB was written, and the call says so.
+        INJECTED.with(|i| i.set(Some(libc::ENOSPC)));
+        assert_eq!(w.write(&a).unwrap(), MIB);
+        assert_eq!(w.file().stream_position().unwrap(), MIB as u64);
+        // The next call reports it and writes nothing; the retry writes.
+        let e = w.write(&b).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(w.file().stream_position().unwrap(), MIB as u64);
+        w.write_all(&b).unwrap();
+        let file = w.finish().unwrap();
+        let got = contents(&file);
+        assert_eq!(got.len(), 2 * MIB);
+        assert!(got[..MIB].iter().all(|&x| x == 1) && got[MIB..].iter().all(|&x| x == 2));
+        assert_eq!(gov.page_cache(EngineId::Timeseries).left_behind, 0);
+    }
+
+    #[test]
+    fn trouble_after_the_last_write_is_reported_by_finish() {
+        let gov = gov();
+        let mut w = gov.writer(EngineId::Timeseries, scratch()).unwrap();
+        INJECTED.with(|i| i.set(Some(libc::EIO)));
+        w.write_all(&vec![3u8; MIB]).unwrap();
+        let err = w.finish().unwrap_err();
+        assert_eq!(err.error().raw_os_error(), Some(libc::EIO));
+        assert_eq!(
+            err.to_string(),
+            "finishing a governed writer: Input/output error (os error 5)"
+        );
+        let file = err.into_inner().finish().unwrap();
+        assert_eq!(contents(&file), vec![3u8; MIB]);
+    }
+
+    #[test]
+    fn a_direct_writer_whose_finish_failed_keeps_what_it_gathered() {
+        let gov = gov();
+        let mut w = gov.direct_writer(EngineId::Timeseries, scratch()).unwrap();
+        if !w.is_direct() {
+            eprintln!("skipped: this file system does no direct I/O");
+            return;
+        }
+        let data: Vec<u8> = (0..MIB + MIB / 2).map(|i| (i % 251) as u8).collect();
+        w.write_all(&data).unwrap();
+        // The last gathered MiB's direct write fails once.
+        INJECTED.with(|i| i.set(Some(libc::EIO)));
+        let (e, w) = w.finish().unwrap_err().into_parts();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        let file = w.finish().unwrap();
+        assert_eq!(contents(&file), data);
+        // The descriptor's flags are back: no O_DIRECT.
+        assert_eq!(super::get_flags(&file).unwrap() & libc::O_DIRECT, 0);
+    }
+
+    #[test]
+    fn a_file_without_a_page_cache_is_written_plainly() {
+        let gov = gov();
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let mut w = gov.writer(EngineId::Timeseries, null).unwrap();
+        for _ in 0..3 {
+            assert_eq!(w.write(&vec![0u8; MIB]).unwrap(), MIB);
+        }
+        w.flush().unwrap();
+        assert_eq!(w.left_behind(), 0);
+        w.finish().unwrap();
+        assert_eq!(gov.page_cache(EngineId::Timeseries).left_behind, 0);
+        // A pipe too.
+        let (r, wr) = std::io::pipe().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut r = r;
+            let mut n = 0;
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match r.read(&mut buf).unwrap() {
+                    0 => return n,
+                    k => n += k,
+                }
+            }
+        });
+        let mut w = gov
+            .writer(
+                EngineId::Timeseries,
+                std::fs::File::from(std::os::fd::OwnedFd::from(wr)),
+            )
+            .unwrap();
+        w.write_all(&vec![1u8; 3 * MIB]).unwrap();
+        drop(w.finish().unwrap());
+        assert_eq!(reader.join().unwrap(), 3 * MIB);
+    }
 }
