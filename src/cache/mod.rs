@@ -589,7 +589,7 @@ pub struct GovernedWriter {
 #[derive(Debug)]
 pub struct FinishError {
     error: io::Error,
-    writer: GovernedWriter,
+    writer: Box<GovernedWriter>,
 }
 
 impl FinishError {
@@ -600,12 +600,12 @@ impl FinishError {
 
     /// The writer, to call [`finish`](GovernedWriter::finish) again.
     pub fn into_inner(self) -> GovernedWriter {
-        self.writer
+        *self.writer
     }
 
     /// The error and the writer.
     pub fn into_parts(self) -> (io::Error, GovernedWriter) {
-        (self.error, self.writer)
+        (self.error, *self.writer)
     }
 }
 
@@ -809,19 +809,19 @@ impl GovernedWriter {
         if let Err(error) = self.end_direct() {
             return Err(FinishError {
                 error,
-                writer: self,
+                writer: Box::new(self),
             });
         }
         if let Some(error) = self.deferred.take() {
             return Err(FinishError {
                 error,
-                writer: self,
+                writer: Box::new(self),
             });
         }
         let Some(file) = self.file.take() else {
             return Err(FinishError {
                 error: io::Error::other("writer already finished"),
-                writer: self,
+                writer: Box::new(self),
             });
         };
         match self.behind.close(&file, true) {
@@ -832,7 +832,7 @@ impl GovernedWriter {
                 self.file = Some(file);
                 Err(FinishError {
                     error,
-                    writer: self,
+                    writer: Box::new(self),
                 })
             }
         }
