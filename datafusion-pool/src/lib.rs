@@ -265,9 +265,12 @@ impl GovernorPool {
 }
 
 /// Whether a spillable consumer holding `held` bytes holds enough to make room by spilling
-/// (a thirty-second of the engine's limit, at least 1 MiB) and so is held to the margin.
+/// (a thirty-second of the engine's limit, at least 1 MiB but never more than an eighth of
+/// the limit) and so is held to the margin. The bound by the limit matters at small limits:
+/// with a flat 1 MiB, a sort under a 128 KiB limit was granted 959 overdrafts up to 8× the
+/// limit before it spilled, and its merge then found the limit used up.
 fn holds_enough(held: u64, limit: u64) -> bool {
-    held >= (limit / 32).max(1 << 20)
+    held >= (limit / 32).max((1 << 20).min(limit / 8))
 }
 
 /// Whether the pool treats `reservation`'s consumer as one that spills when refused: not a

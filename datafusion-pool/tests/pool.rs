@@ -399,3 +399,35 @@ fn a_spillable_consumer_holding_little_is_granted_even_at_the_limit() {
     drop(agg);
     gov.credit(EngineId::Query, (64 * MIB) as u64).unwrap();
 }
+
+#[test]
+fn the_share_a_small_consumer_is_spared_is_bounded_by_the_limit() {
+    // A 128 KiB limit, as DataFusion's own memory-limit tests use for sorts.
+    let limit = 128u64 << 10;
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .budget(EngineId::Query, limit)
+        .cap(EngineId::Query, limit)
+        .build()
+        .unwrap();
+    let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(gov.clone(), EngineId::Query));
+    gov.charge(EngineId::Query, limit);
+    // A sorter that grows by 1 KiB per batch, spillable: spared while it holds under an
+    // eighth of the limit, then refused (so it spills), never granted past that.
+    let sorter = MemoryConsumer::new("ExternalSorter[0]")
+        .with_can_spill(true)
+        .register(&pool);
+    let mut granted = 0u64;
+    while sorter.try_grow(1024).is_ok() {
+        granted += 1024;
+        assert!(
+            granted <= limit,
+            "granted {granted} B beside a {limit} B limit"
+        );
+    }
+    // Granted while what it would hold stays under an eighth (16 KiB): 15 KiB. It was
+    // 1,047,552 B (8x the limit) with a flat 1 MiB share.
+    assert_eq!(sorter.size() as u64, limit / 8 - 1024);
+    drop(sorter);
+    gov.credit(EngineId::Query, limit).unwrap();
+}
