@@ -32,8 +32,8 @@
 //! operators then spill that much earlier, and the next doubling lands within the limit
 //! instead of in overflow. What the engine holds in overflow counts as usage while it lasts.
 //! The margin is not reserved anywhere: the allocator's charges use it freely. It applies to
-//! consumers that hold a share of the limit already (a thirty-second, at least 1 MiB: they
-//! can spill to make room); one that holds less is admitted against the budget and the pool's
+//! consumers that hold a share of the limit already (a thirty-second, at least 1 MiB but at
+//! most an eighth of the limit: they can spill to make room); one that holds less is admitted against the budget and the pool's
 //! outstanding grants alone, since refusing it would fail its query — an aggregation that has
 //! just spilled re-reserves its small state and fails if refused (DataFusion's
 //! `FairSpillPool` gives every spillable consumer a share for the same reason). Refused even
