@@ -104,8 +104,8 @@ pub struct OverflowRegion {
 }
 
 // SAFETY: the region's memory is shared by design; `base` and `capacity` never change and
-// `len` is atomic. Growth maps new pages beyond `len` only, so no thread sees a page change
-// under it.
+// `len` is atomic. Growth maps file pages beyond `len` (a concurrent growth may map some of
+// them again: the same file pages, shared), so no thread sees its data change under it.
 unsafe impl Send for OverflowRegion {}
 // SAFETY: as above.
 unsafe impl Sync for OverflowRegion {}
@@ -124,10 +124,13 @@ impl fmt::Debug for OverflowRegion {
 impl OverflowRegion {
     /// Creates a region of up to `capacity` bytes (rounded up to whole pages), backed by a
     /// file in `dir` that has no name (`O_TMPFILE`, or created `0600` and unlinked at once), so
-    /// it disappears with the process. The whole capacity is mapped `MAP_SHARED` at once (a
-    /// shared file mapping costs no commit charge), but the file is empty: only the part
-    /// grown with [`grow_to`](Self::grow_to) is backed and may be touched. Refuses a directory
-    /// on tmpfs unless `allow_tmpfs`.
+    /// it disappears with the process. The capacity is reserved (inaccessible, no commit
+    /// charge) and the file is empty: the part grown with [`grow_to`](Self::grow_to) is backed
+    /// by file blocks and mapped `MAP_SHARED` over the reservation, piece by piece, and only
+    /// that may be touched. (Mapping the whole capacity at once left gigabytes of pages past
+    /// the file's end mapped: a tool that reads every mapping, as valgrind's leak check does at
+    /// exit, took a `SIGBUS` per page and never finished.) Refuses a directory on tmpfs unless
+    /// `allow_tmpfs`.
     pub fn create(
         dir: &Path,
         capacity: usize,
@@ -162,29 +165,27 @@ impl OverflowRegion {
         }
         let file = open_unnamed(&cdir, dir)?;
         fault::check("mapping the overflow file")?;
-        let (hint, fixed) = match at {
-            Some(p) => (p.cast::<libc::c_void>(), libc::MAP_FIXED),
-            None => (ptr::null_mut(), 0),
+        let base = match at {
+            Some(p) => p.cast::<libc::c_void>(),
+            None => {
+                // SAFETY: a fresh inaccessible reservation at an address of the kernel's
+                // choice: no existing memory is affected.
+                let p = unsafe {
+                    libc::mmap(
+                        ptr::null_mut(),
+                        capacity,
+                        libc::PROT_NONE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                        -1,
+                        0,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    return Err(last_errno("mapping the overflow file"));
+                }
+                p
+            }
         };
-        // SAFETY: either an address of the kernel's choice, or (MAP_FIXED) `at`, a range the
-        // caller reserved for this region and that holds nothing else; the file is ours.
-        let base = unsafe {
-            libc::mmap(
-                hint,
-                capacity,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | fixed,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(last_errno("mapping the overflow file"));
-        }
-        // A `fork` child sharing these pages would corrupt the parent's heap: children do not
-        // inherit them (they must `exec`, or start fresh overflow state).
-        // SAFETY: the range was just mapped by us.
-        unsafe { libc::madvise(base, capacity, libc::MADV_DONTFORK) };
         Ok(OverflowRegion {
             file,
             base: base.cast(),
@@ -261,6 +262,28 @@ impl OverflowRegion {
         if rc != 0 {
             return Err(last_errno("growing the overflow file"));
         }
+        // SAFETY: `[base + old, base + len)` lies inside the region's reservation
+        // (`len <= capacity`) and holds either nothing (the inaccessible reservation) or a
+        // mapping of the same file pages made by a concurrent growth: MAP_FIXED replaces it
+        // with a shared mapping of the same pages, so no data is lost (shared writes live in
+        // the page cache, not in the mapping). The file offset `old` is page-aligned.
+        let p = unsafe {
+            libc::mmap(
+                self.base.add(old).cast(),
+                len - old,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                self.file.as_raw_fd(),
+                old as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_errno("mapping the overflow file"));
+        }
+        // A `fork` child sharing these pages would corrupt the parent's heap: children do not
+        // inherit them (they must `exec`, or start fresh overflow state).
+        // SAFETY: the piece was just mapped by us.
+        unsafe { libc::madvise(p, len - old, libc::MADV_DONTFORK) };
         self.len.fetch_max(len, Ordering::AcqRel);
         Ok(len.max(self.len()))
     }
