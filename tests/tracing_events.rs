@@ -41,16 +41,7 @@ fn rejections_transitions_and_moves_are_traced() {
     let collected = Collected::default();
     let subscriber = Registry::default().with(collected.clone());
     tracing::subscriber::with_default(subscriber, || {
-        let gov = MemoryGovernor::builder()
-            .global_ceiling(100 << 20)
-            .overhead_reserve(0.0)
-            .budget(EngineId::Query, 40u64 << 20)
-            .rebalance(RebalanceConfig {
-                min_move: 1,
-                ..Default::default()
-            })
-            .build()
-            .unwrap();
+        let gov = lending_governor();
         let _held = gov.reserve(EngineId::Query, 36 << 20).unwrap();
         let _ = gov.reserve(EngineId::Query, 8 << 20).unwrap_err();
         {
@@ -150,6 +141,7 @@ impl<S: tracing::Subscriber> Layer<S> for Reentrant {
     }
 }
 
+/// Query with a 40 MiB budget under a 100 MiB ceiling; any move is made (`min_move` 1 B).
 fn lending_governor() -> MemoryGovernor {
     MemoryGovernor::builder()
         .global_ceiling(100 << 20)
