@@ -31,6 +31,10 @@ pub const MAX_OVERFLOW_CAPACITY: u64 = nodedb_mem_alloc::MAX_RANGE_BYTES as u64;
 /// interval (`docs/benchmarks.md`).
 pub const DEFAULT_BACKGROUND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How much file data one sweep of a governed directory examines by default (see
+/// [`GovernorBuilder::sweep_budget`]).
+pub const DEFAULT_SWEEP_BUDGET: u64 = 4 << 30;
+
 /// The smallest default page-cache budget of an engine's governed I/O.
 pub const DEFAULT_MIN_PAGE_CACHE: u64 = 4 << 20;
 
@@ -184,6 +188,7 @@ pub struct GovernorBuilder {
     cap_to_node_memory: bool,
     allow_unattributed: bool,
     background: Option<std::time::Duration>,
+    sweep_budget: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -232,6 +237,8 @@ pub(crate) struct Config {
         expect(dead_code, reason = "loom models never install a governor")
     )]
     pub(crate) background: Option<std::time::Duration>,
+    /// Bytes of file data one sweep of a governed directory examines.
+    pub(crate) sweep_budget: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,6 +267,7 @@ impl Default for GovernorBuilder {
             cap_to_node_memory: false,
             allow_unattributed: false,
             background: Some(DEFAULT_BACKGROUND_INTERVAL),
+            sweep_budget: DEFAULT_SWEEP_BUDGET,
         }
     }
 }
@@ -373,6 +381,16 @@ impl GovernorBuilder {
         self
     }
 
+    /// Sets how much file data (bytes the files hold, holes left out) one sweep of a governed
+    /// directory examines ([`govern_dir`](crate::MemoryGovernor::govern_dir); default
+    /// [`DEFAULT_SWEEP_BUDGET`], 4 GiB): the next sweep resumes where the last one stopped, so a
+    /// directory of any size costs each tick a bounded time and every file is reached in turn.
+    /// Zero is refused.
+    pub fn sweep_budget(mut self, bytes: u64) -> Self {
+        self.sweep_budget = bytes;
+        self
+    }
+
     /// Lets [`install`](Self::install) succeed where the engine arenas cannot be created (too
     /// little address space even for [`MIN_RANGE_BYTES`](crate::MIN_RANGE_BYTES) per engine,
     /// say): every allocation is then served, and counted, as `Unattributed`'s, and only
@@ -448,6 +466,13 @@ impl GovernorBuilder {
         }
         if self.background.is_some_and(|d| d.is_zero()) {
             return Err(MemError::config("background", "0 s", "must be above zero"));
+        }
+        if self.sweep_budget == 0 {
+            return Err(MemError::config(
+                "sweep_budget",
+                "0 B",
+                "must be above zero",
+            ));
         }
         self.thresholds.validate()?;
         self.rebalance.validate(&self.thresholds)?;
@@ -667,6 +692,7 @@ impl GovernorBuilder {
             numa_policy: self.numa_policy,
             allow_unattributed: self.allow_unattributed,
             background: self.background,
+            sweep_budget: self.sweep_budget,
         })
     }
 }

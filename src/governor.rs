@@ -79,8 +79,11 @@ pub(crate) struct Inner {
     /// Per engine, the page cache governed I/O left behind, and its budget.
     pub(crate) page_cache: [PageCacheLedger; EngineId::COUNT],
     pub(crate) page_cache_budget: [u64; EngineId::COUNT],
-    /// Directories whose files the background thread drops from the page cache, per engine.
-    pub(crate) governed_dirs: Mutex<Vec<(EngineId, std::path::PathBuf)>>,
+    /// Directories whose files the background thread drops from the page cache, per engine,
+    /// each with where its last sweep stopped.
+    pub(crate) governed_dirs: Mutex<Vec<crate::cache::GovernedDir>>,
+    /// Bytes of file data one sweep of a governed directory examines.
+    pub(crate) sweep_budget: u64,
 }
 
 impl GovernorBuilder {
@@ -133,6 +136,7 @@ impl MemoryGovernor {
                 page_cache: Default::default(),
                 page_cache_budget: c.page_cache,
                 governed_dirs: Mutex::new(Vec::new()),
+                sweep_budget: c.sweep_budget,
             }),
         }
     }

@@ -52,8 +52,8 @@ pub use cache::{
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use config::{
     DEFAULT_BACKGROUND_INTERVAL, DEFAULT_MIN_PAGE_CACHE, DEFAULT_OVERHEAD_RESERVE,
-    DEFAULT_RSS_MARGIN, GovernorBuilder, MAX_CEILING, MAX_OVERFLOW_CAPACITY, MIN_CEILING,
-    OVERFLOW_DISK_RESERVE, OverflowConfig, RebalanceConfig,
+    DEFAULT_RSS_MARGIN, DEFAULT_SWEEP_BUDGET, GovernorBuilder, MAX_CEILING, MAX_OVERFLOW_CAPACITY,
+    MIN_CEILING, OVERFLOW_DISK_RESERVE, OverflowConfig, RebalanceConfig,
 };
 pub use error::{MemError, Result};
 pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};

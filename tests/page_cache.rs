@@ -488,3 +488,49 @@ fn a_sweep_costs_what_a_sparse_file_holds_not_its_apparent_size() {
     file.read_exact(&mut back).unwrap();
     assert!(back.iter().all(|&b| b == 9));
 }
+
+#[test]
+fn a_sweep_examines_at_most_its_budget_and_the_next_resumes_after_it() {
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .sweep_budget(MIB as u64)
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let files: Vec<File> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(dir.path().join(name))
+                .unwrap();
+            f.write_all(&vec![1u8; MIB]).unwrap();
+            // Clean pages: a sweep drops them at once.
+            f.sync_all().unwrap();
+            f
+        })
+        .collect();
+    assert!(files.iter().all(|f| cached(f, MIB) == MIB as u64));
+    gov.govern_dir(TS, dir.path()).unwrap();
+    // Each sweep takes one file's MiB, in path order.
+    for i in 0..3 {
+        let s = gov.sweep_governed_dirs();
+        assert_eq!(s.cached_before, MIB as u64, "sweep {i}");
+        assert_eq!(s.cached_after, 0, "sweep {i}");
+        for (j, f) in files.iter().enumerate() {
+            let expected = if j <= i { 0 } else { MIB as u64 };
+            assert_eq!(cached(f, MIB), expected, "file {j} after sweep {i}");
+        }
+    }
+    let err = MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .sweep_budget(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration `sweep_budget` = 0 B: must be above zero"
+    );
+}

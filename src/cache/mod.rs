@@ -92,7 +92,9 @@ impl MemoryGovernor {
     /// are handed to write-back and its clean pages dropped, and what was cached is reported as
     /// `engine`'s (`PageCacheStats::dirs_cached`). Sampled, not bounded: between two sweeps the
     /// writer can fill the cache at its own pace; use [`writer`](Self::writer) where the code
-    /// that writes is yours. A directory that does not exist is refused.
+    /// that writes is yours. A sweep looks only where files hold data, and at most at
+    /// [`sweep_budget`](crate::GovernorBuilder::sweep_budget) bytes of it per directory (the
+    /// next one resumes where it stopped). A directory that does not exist is refused.
     pub fn govern_dir(&self, engine: EngineId, dir: impl Into<std::path::PathBuf>) -> Result<()> {
         let dir = dir.into();
         if !dir.is_dir() {
@@ -102,7 +104,11 @@ impl MemoryGovernor {
                 "not a directory",
             ));
         }
-        lock(&self.inner.governed_dirs).push((engine, dir));
+        lock(&self.inner.governed_dirs).push(GovernedDir {
+            engine,
+            dir,
+            resume: None,
+        });
         Ok(())
     }
 
@@ -112,12 +118,25 @@ impl MemoryGovernor {
         let dirs = lock(&self.inner.governed_dirs).clone();
         let mut total = crate::SweepStats::default();
         let mut per_engine = [crate::SweepStats::default(); EngineId::COUNT];
-        for (engine, dir) in &dirs {
-            crate::cache::sweep_dir(dir, 0, &mut per_engine[engine.index()]);
+        let mut resumes = Vec::with_capacity(dirs.len());
+        for d in &dirs {
+            resumes.push(crate::cache::sweep_dir(
+                &d.dir,
+                d.resume.clone(),
+                self.inner.sweep_budget,
+                &mut per_engine[d.engine.index()],
+            ));
+        }
+        {
+            // Directories are only ever added, at the end: the first ones are these.
+            let mut live = lock(&self.inner.governed_dirs);
+            for (d, resume) in live.iter_mut().zip(resumes) {
+                d.resume = resume;
+            }
         }
         for e in EngineId::ALL {
             let s = per_engine[e.index()];
-            if dirs.iter().any(|(d, _)| *d == e) {
+            if dirs.iter().any(|d| d.engine == e) {
                 self.page_cache_ledger(e).swept(
                     s.cached_before,
                     s.cached_before.saturating_sub(s.cached_after),
@@ -163,11 +182,17 @@ pub struct SweepStats {
     pub cached_after: u64,
 }
 
-/// Sweeps the regular files under `dir` (three levels down at most, links not followed): each
-/// one's cached pages are measured (`mincore` over a read-only mapping), write-back of its
-/// dirty pages is started (`sync_file_range`) and its clean pages are dropped
-/// (`POSIX_FADV_DONTNEED`). Files that vanish meanwhile are skipped.
-pub(crate) fn sweep_dir(dir: &std::path::Path, depth: u32, out: &mut SweepStats) {
+/// A directory whose files are swept out of the page cache for an engine, and where the last
+/// sweep stopped (a file and an offset in it; `None`: at the start).
+#[derive(Clone, Debug)]
+pub(crate) struct GovernedDir {
+    pub(crate) engine: EngineId,
+    pub(crate) dir: std::path::PathBuf,
+    pub(crate) resume: Option<(std::path::PathBuf, u64)>,
+}
+
+/// The regular files under `dir` (three levels down at most, links not followed), in order.
+fn files_under(dir: &std::path::Path, depth: u32, out: &mut Vec<std::path::PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -176,25 +201,58 @@ pub(crate) fn sweep_dir(dir: &std::path::Path, depth: u32, out: &mut SweepStats)
             continue;
         };
         if kind.is_dir() && depth < 3 {
-            sweep_dir(&entry.path(), depth + 1, out);
+            files_under(&entry.path(), depth + 1, out);
         } else if kind.is_file() {
-            let Ok(file) = File::open(entry.path()) else {
-                continue;
-            };
-            let Ok(len) = file.metadata().map(|m| m.len()) else {
-                continue;
-            };
-            out.files += 1;
-            // Only where the file holds data: a sparse file's holes have no pages to find or
-            // drop, and a sweep costs what a file holds rather than its apparent size.
-            for (offset, n) in data_segments(&file, len) {
-                out.cached_before += file_cached_at(&file, offset, n);
-                let _ = sync_range(&file, offset, n, false);
-                let _ = fadvise_dontneed(&file, offset, n);
-                out.cached_after += file_cached_at(&file, offset, n);
+            out.push(entry.path());
+        }
+    }
+}
+
+/// Sweeps the regular files under `dir` (three levels down at most, links not followed), in
+/// path order from `resume` on, until `budget` bytes of file data were examined: each file's
+/// cached pages are measured (`mincore` over a read-only mapping), write-back of its dirty pages
+/// is started (`sync_file_range`) and its clean pages are dropped (`POSIX_FADV_DONTNEED`), only
+/// where it holds data. Returns where to resume (`None`: every file was reached). Files that
+/// vanish meanwhile are skipped.
+pub(crate) fn sweep_dir(
+    dir: &std::path::Path,
+    resume: Option<(std::path::PathBuf, u64)>,
+    budget: u64,
+    out: &mut SweepStats,
+) -> Option<(std::path::PathBuf, u64)> {
+    let mut files = Vec::new();
+    files_under(dir, 0, &mut files);
+    files.sort();
+    // From the resume point to the end, then from the start up to it.
+    let start = resume
+        .as_ref()
+        .map_or(0, |(path, _)| files.partition_point(|f| f < path));
+    let mut left = budget;
+    for (i, path) in files[start..].iter().chain(&files[..start]).enumerate() {
+        let from = match &resume {
+            Some((p, offset)) if i == 0 && p == path => *offset,
+            _ => 0,
+        };
+        let Ok(file) = File::open(path) else {
+            continue;
+        };
+        let Ok(len) = file.metadata().map(|m| m.len()) else {
+            continue;
+        };
+        out.files += 1;
+        for (offset, n) in data_segments(&file, from, len) {
+            let n = n.min(left);
+            out.cached_before += file_cached_at(&file, offset, n);
+            let _ = sync_range(&file, offset, n, false);
+            let _ = fadvise_dontneed(&file, offset, n);
+            out.cached_after += file_cached_at(&file, offset, n);
+            left -= n;
+            if left == 0 {
+                return Some((path.clone(), offset + n));
             }
         }
     }
+    None
 }
 
 /// Bytes of `file` in the page cache now (`mincore` over a read-only mapping of it, which
@@ -215,7 +273,7 @@ pub fn cached_bytes(file: &File) -> io::Result<u64> {
 /// Bytes of `file`'s first `len` bytes in the page cache (0 where it cannot be mapped), where
 /// it holds data.
 fn file_cached(file: &File, len: u64) -> u64 {
-    data_segments(file, len)
+    data_segments(file, 0, len)
         .map(|(offset, n)| file_cached_at(file, offset, n))
         .sum()
 }
@@ -237,11 +295,11 @@ fn file_cached_at(file: &File, offset: u64, len: u64) -> u64 {
     cached
 }
 
-/// The `(offset, len)` ranges of `file`'s first `len` bytes that hold data (`SEEK_DATA` /
-/// `SEEK_HOLE`; the whole range where the file system cannot say).
-fn data_segments(file: &File, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+/// The `(offset, len)` ranges of `file`'s bytes from `from` to `len` that hold data
+/// (`SEEK_DATA` / `SEEK_HOLE`; the whole range where the file system cannot say).
+fn data_segments(file: &File, from: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
     let fd = file.as_raw_fd();
-    let mut at = 0u64;
+    let mut at = from;
     std::iter::from_fn(move || {
         if at >= len {
             return None;
