@@ -88,7 +88,15 @@ impl MemoryGovernor {
             .ledger
             .scopes
             .create(name, parent, limit, MAX_CEILING)
-            .map_err(|e| tree_error(e, parent.map_or(name, Scope::path), limit))
+            .map_err(|e| match (e, parent) {
+                // The name refused, and where: under its parent, not the parent itself.
+                (TreeError::Name(reason), Some(parent)) => MemError::config(
+                    "scope name",
+                    format!("{name:?} under {:?}", parent.path()),
+                    reason,
+                ),
+                (e, _) => tree_error(e, parent.map_or(name, Scope::path), limit),
+            })
     }
 
     /// Removes `scope`. Refused with [`MemError::ScopeInUse`] (saying how many reservations

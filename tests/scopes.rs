@@ -326,6 +326,20 @@ fn bad_names_and_foreign_scopes_are_refused_with_the_reason() {
     // The same name under another parent is another scope.
     let inner = gov.create_scope("db", Some(&db), MIB).unwrap();
     assert_eq!(inner.path(), "db/db");
+    // A child's refused name is named, with its parent (it was reported as the parent's).
+    assert_eq!(
+        text(gov.create_scope("a/b", Some(&db), MIB)),
+        "invalid configuration `scope name` = \"a/b\" under \"db\": must not hold `/` (it joins \
+         the names of a path) or control characters"
+    );
+    assert_eq!(
+        text(gov.create_scope("", Some(&inner), MIB)),
+        "invalid configuration `scope name` = \"\" under \"db/db\": must not be empty"
+    );
+    assert_eq!(
+        text(gov.create_scope("db", Some(&db), MIB)),
+        "invalid configuration `scope name` = \"db\" under \"db\": is taken by a sibling"
+    );
     assert!(text(gov.create_scope("huge", None, MAX_CEILING + 1)).contains("must be at most"));
 
     let other = common::two_big_engines();
