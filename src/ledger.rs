@@ -297,7 +297,7 @@ pub(crate) fn reserve(
             if !ledger.scopes.owns(s) {
                 return Err(MemError::foreign_scope(&s.node.path));
             }
-            if !s.node.enter() {
+            if s.node.is_removed() {
                 return Err(MemError::ScopeRemoved {
                     scope: s.node.path.clone(),
                 });
@@ -305,11 +305,21 @@ pub(crate) fn reserve(
             Some(Arc::clone(&s.node))
         }
     };
-    if let Err(e) = ledger.admit(engine, scope.as_ref(), bytes, how) {
-        if let Some(n) = &scope {
-            n.leave();
-        }
-        return Err(e);
+    // Only an admitted reservation holds its scope open: a refused attempt never makes the
+    // scope look in use (clients retrying refused reservations in a tight loop kept a drained
+    // scope from being removed).
+    ledger.admit(engine, scope.as_ref(), bytes, how)?;
+    if let Some(n) = &scope
+        && !n.enter()
+    {
+        // Removed between the check and the admission: give back what was admitted. (No
+        // waiters are woken here: this may run under the queues' lock, and the bytes were
+        // held for an instant; the waiting thread retries within `WAIT_RETRY`.)
+        let released = ledger.release(engine, Some(n), bytes);
+        debug_assert!(released.is_ok(), "{released:?}");
+        return Err(MemError::ScopeRemoved {
+            scope: n.path.clone(),
+        });
     }
     Ok(Reservation {
         ledger: Arc::clone(ledger),

@@ -557,3 +557,33 @@ fn a_deep_path_counts_at_every_level() {
     assert!(path.iter().all(|s| s.usage() == 0));
     gov.check_consistency().unwrap();
 }
+
+#[test]
+fn refused_attempts_never_keep_a_drained_scope_in_use() {
+    let gov = gov();
+    for round in 0..20 {
+        let scope = gov.create_scope("drained", None, 0).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    // Clients retrying refused reservations in a tight loop.
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match gov.reserve_in(&scope, EngineId::Query, MIB) {
+                            Err(MemError::ScopeExceeded { .. }) => {}
+                            Err(MemError::ScopeRemoved { .. }) => break,
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            // Removed at the first try, whatever the traffic.
+            let removed = gov.remove_scope(&scope);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(removed.is_ok(), "round {round}: {removed:?}");
+        });
+        assert_eq!(gov.usage(EngineId::Query), 0);
+        gov.check_consistency().unwrap();
+    }
+}
