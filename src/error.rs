@@ -86,10 +86,26 @@ pub enum MemError {
         /// The scope's path.
         scope: String,
     },
+    /// A waiting request reached its deadline behind earlier requests for the same engine
+    /// that were still waiting: it was not tried, so that it could not take memory they wait
+    /// for (first come first served holds at deadlines too).
+    #[error(
+        "{ahead} earlier request(s) for engine {engine}, waiting for {}, were ahead of it",
+        ByteSize(*ahead_bytes)
+    )]
+    QueuedBehind {
+        /// The engine whose queue it was in.
+        engine: EngineId,
+        /// Requests ahead of it still waiting.
+        ahead: u64,
+        /// The bytes they wait for.
+        ahead_bytes: u64,
+    },
     /// A waiting reservation's time ran out; `refusal` is what admission answered at the
     /// deadline (a [`BudgetExceeded`](MemError::BudgetExceeded),
     /// [`ScopeExceeded`](MemError::ScopeExceeded) or
-    /// [`CeilingExceeded`](MemError::CeilingExceeded)).
+    /// [`CeilingExceeded`](MemError::CeilingExceeded)), or
+    /// [`QueuedBehind`](MemError::QueuedBehind) where earlier requests still waited.
     #[error("waited {} ms for memory: {refusal}", waited.as_millis())]
     WaitTimedOut {
         /// How long the request waited.
@@ -245,14 +261,16 @@ impl MemError {
     }
 
     /// True for the admission refusals ([`MemError::BudgetExceeded`],
-    /// [`MemError::ScopeExceeded`], [`MemError::CeilingExceeded`], and a
+    /// [`MemError::ScopeExceeded`], [`MemError::CeilingExceeded`],
+    /// [`MemError::QueuedBehind`], and a
     /// [`MemError::WaitTimedOut`] that ended in one): the caller should spill or apply
     /// backpressure.
     pub fn is_over_budget(&self) -> bool {
         match self {
             MemError::BudgetExceeded { .. }
             | MemError::ScopeExceeded { .. }
-            | MemError::CeilingExceeded { .. } => true,
+            | MemError::CeilingExceeded { .. }
+            | MemError::QueuedBehind { .. } => true,
             MemError::WaitTimedOut { refusal, .. } => refusal.is_over_budget(),
             _ => false,
         }

@@ -451,6 +451,7 @@ impl MemoryGovernor {
         l.events.record_panic(None, "background tick", payload);
     }
 
+    #[cfg(not(nodedb_mem_loom))]
     pub(crate) fn pump_events(&self) {
         self.inner.ledger.events.pump();
     }

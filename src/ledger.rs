@@ -276,8 +276,108 @@ impl Ledger {
         this: &Arc<Self>,
         now: std::time::Instant,
     ) -> Option<std::time::Instant> {
-        this.waiters.expire(now, |w| {
-            reserve(this, w.engine, w.scope.as_ref(), w.bytes, Admit::Commit)
+        // The last attempts run under the queues' lock, in queue order, quietly; their
+        // refusals are counted and reported as any refusal is, once the lock is released.
+        let (next, refusals) = this.waiters.expire(
+            now,
+            |w| reserve(this, w.engine, w.scope.as_ref(), w.bytes, Admit::Retry),
+            Refusal::of,
+        );
+        for r in refusals {
+            this.report(r);
+        }
+        next
+    }
+
+    /// Counts and reports a refusal found quietly (see [`Refusal`]).
+    #[cfg(not(nodedb_mem_loom))]
+    fn report(&self, r: Refusal) {
+        match r {
+            Refusal::Budget(engine, kind) => {
+                self.budget(engine).count_rejection();
+                self.events.record(kind);
+            }
+            Refusal::Ceiling(engine, kind) => {
+                self.budget(engine).count_rejection();
+                self.global.rejections.fetch_add(1, Ordering::Relaxed);
+                self.events.record(kind);
+            }
+            Refusal::Scope(node, kind) => {
+                node.count_rejection();
+                self.events.record_scope(kind, &node.path);
+            }
+        }
+    }
+}
+
+/// A refusal found by a quiet attempt, to count and report later, outside a lock: what a
+/// reporting attempt would have counted and recorded.
+#[cfg(not(nodedb_mem_loom))]
+enum Refusal {
+    Budget(EngineId, EventKind),
+    Ceiling(EngineId, EventKind),
+    Scope(Arc<ScopeNode>, EventKind),
+}
+
+#[cfg(not(nodedb_mem_loom))]
+impl Refusal {
+    fn of(w: &crate::wait::Waiter<Reservation>, e: &MemError) -> Option<Refusal> {
+        Some(match *e {
+            MemError::BudgetExceeded {
+                engine,
+                requested,
+                used,
+                limit,
+                ..
+            } => Refusal::Budget(
+                engine,
+                EventKind::BudgetRejected {
+                    engine,
+                    requested,
+                    used,
+                    limit,
+                },
+            ),
+            MemError::CeilingExceeded {
+                engine,
+                requested,
+                used,
+                ceiling,
+                ..
+            } => Refusal::Ceiling(
+                engine,
+                EventKind::CeilingRejected {
+                    engine,
+                    requested,
+                    used,
+                    ceiling,
+                },
+            ),
+            MemError::ScopeExceeded {
+                ref scope,
+                engine,
+                requested,
+                used,
+                limit,
+                ..
+            } => {
+                let mut at = w.scope.as_ref().map(|s| Arc::clone(&s.node));
+                while let Some(n) = at {
+                    if n.path == *scope {
+                        let kind = EventKind::ScopeRejected {
+                            scope: n.id,
+                            engine,
+                            requested,
+                            used,
+                            limit,
+                        };
+                        return Some(Refusal::Scope(n, kind));
+                    }
+                    at = n.parent.clone();
+                }
+                return None;
+            }
+            _ => return None,
         })
     }
 }

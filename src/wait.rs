@@ -7,8 +7,10 @@
 //!   smaller ones behind it. A new request joins the back of its engine's queue, and tries for
 //!   memory at once only when the queue is empty.
 //! * A request leaves its queue exactly once, under the queue's lock: granted (its reservation
-//!   is stored in its slot), failed (its scope was removed), timed out (one last attempt at the
-//!   deadline, wherever it stands), or cancelled by its owner. A grant the owner no longer
+//!   is stored in its slot), failed (its scope was removed), timed out, or cancelled by its
+//!   owner. At its deadline a request gets one last attempt only if no earlier request of its
+//!   queue still waits; behind one, it times out untried (`QueuedBehind`), so no request ever
+//!   takes memory ahead of an earlier one, deadlines included. A grant the owner no longer
 //!   wants (a future dropped just after) is taken back out of the slot and dropped, which
 //!   releases it: memory is never both granted and lost.
 //! * No wake-up is lost: a request counts itself in `waiting` and then, after a sequentially
@@ -261,51 +263,88 @@ impl<T> Queues<T> {
     }
 
     #[cfg(not(nodedb_mem_loom))]
-    /// Takes every request whose deadline has passed out of its queue and gives it one last
-    /// attempt (`last`, which reports a refusal as any reservation's would be), outside the
-    /// queues' lock so that reporting never runs under it; returns the earliest deadline
-    /// still waiting. An owner that cancels meanwhile finds no outcome; a grant that comes
-    /// after is dropped (released) with the request.
-    pub(crate) fn expire(
+    /// Takes every request whose deadline has passed out of its queue, under the queues' lock
+    /// and in queue order; returns the earliest deadline still waiting, and what `report_of`
+    /// made of the refusals (to report outside the lock, where a `tracing` subscriber may run).
+    ///
+    /// First come first served holds at deadlines: a request with no earlier request still
+    /// waiting in its queue gets one last attempt (`last`, quiet), granted or refused; one
+    /// behind an earlier request still waiting is not tried at all, and times out with
+    /// [`MemError::QueuedBehind`], so it never takes memory an earlier request waits for. An
+    /// owner that cancels meanwhile finds no outcome; a grant that comes after is dropped
+    /// (released) with the request.
+    pub(crate) fn expire<R>(
         &self,
         now: Instant,
         mut last: impl FnMut(&Waiter<T>) -> Result<T, MemError>,
-    ) -> Option<Instant> {
-        let mut expired = Vec::new();
+        mut report_of: impl FnMut(&Waiter<T>, &MemError) -> Option<R>,
+    ) -> (Option<Instant>, Vec<R>) {
+        let mut woken = Vec::new();
+        let mut reports = Vec::new();
         let mut next: Option<Instant> = None;
         {
             let mut queues = lock(&self.queues);
             for q in queues.iter_mut() {
-                q.retain(|w| {
+                if !q.iter().any(|w| w.deadline <= now) {
+                    for w in q.iter() {
+                        next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
+                    }
+                    continue;
+                }
+                let (mut ahead, mut ahead_bytes) = (0u64, 0u64);
+                let mut kept = VecDeque::with_capacity(q.len());
+                while let Some(w) = q.pop_front() {
                     if w.deadline > now {
                         next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
-                        return true;
+                        ahead += 1;
+                        ahead_bytes += w.bytes;
+                        kept.push_back(w);
+                        continue;
                     }
-                    expired.push(Arc::clone(w));
-                    false
-                });
-            }
-            expired.iter().for_each(|w| self.count(w, false));
-        }
-        for w in &expired {
-            let outcome = match last(w) {
-                Ok(t) => {
-                    self.granted.fetch_add(1, Ordering::Relaxed);
-                    Ok(t)
-                }
-                // Not a lack of memory (its scope was removed): that error as it is.
-                Err(e) if !e.is_over_budget() => Err(e),
-                Err(refusal) => {
+                    self.count(&w, false);
+                    let waited = now.saturating_duration_since(w.since);
+                    let refusal = if ahead == 0 {
+                        match last(&w) {
+                            Ok(t) => {
+                                self.granted.fetch_add(1, Ordering::Relaxed);
+                                woken.push(w.settle(Ok(t)));
+                                continue;
+                            }
+                            // Not a lack of memory (its scope was removed): that error as it is.
+                            Err(e) if !e.is_over_budget() => {
+                                woken.push(w.settle(Err(e)));
+                                continue;
+                            }
+                            Err(refusal) => {
+                                reports.extend(report_of(&w, &refusal));
+                                refusal
+                            }
+                        }
+                    } else {
+                        MemError::QueuedBehind {
+                            engine: w.engine,
+                            ahead,
+                            ahead_bytes,
+                        }
+                    };
                     self.timed_out.fetch_add(1, Ordering::Relaxed);
-                    Err(MemError::WaitTimedOut {
-                        waited: now.saturating_duration_since(w.since),
+                    woken.push(w.settle(Err(MemError::WaitTimedOut {
+                        waited,
                         refusal: Box::new(refusal),
-                    })
+                    })));
                 }
-            };
-            w.settle(outcome).wake();
+                *q = kept;
+            }
         }
-        next
+        woken.into_iter().for_each(Wake::wake);
+        (next, reports)
+    }
+
+    /// How many requests wait in `engine`'s queue, and for how many bytes.
+    pub(crate) fn ahead_of_new(&self, engine: EngineId) -> (u64, u64) {
+        let queues = lock(&self.queues);
+        let q = &queues[engine.index()];
+        (q.len() as u64, q.iter().map(|w| w.bytes).sum())
     }
 
     /// Takes `w` out of its queue if it is still there (its owner gave up); returns its

@@ -178,6 +178,24 @@ impl MemoryGovernor {
             return Err(MemError::foreign_scope(s.path()));
         }
         let hopeless = bytes > ledger.budget(engine).cap() || bytes > ledger.global.ceiling;
+        if timeout.is_zero() && !hopeless {
+            // One attempt, unless earlier requests wait: it must not take memory ahead of them.
+            let (ahead, ahead_bytes) = ledger.waiters.ahead_of_new(engine);
+            if ahead > 0 {
+                ledger
+                    .waiters
+                    .timed_out
+                    .fetch_add(1, crate::sync::Ordering::Relaxed);
+                return Ok(Started::Done(Err(MemError::WaitTimedOut {
+                    waited: Duration::ZERO,
+                    refusal: Box::new(MemError::QueuedBehind {
+                        engine,
+                        ahead,
+                        ahead_bytes,
+                    }),
+                })));
+            }
+        }
         if hopeless || timeout.is_zero() {
             return Ok(Started::Done(reserve(
                 ledger,

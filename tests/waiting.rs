@@ -380,3 +380,102 @@ fn requests_and_scopes_can_move_between_threads_and_tasks() {
     drop(f);
     assert_eq!(gov.snapshot().waits_cancelled, 1);
 }
+
+/// Query 8 MiB, capped there: no rebalancing lends it more.
+fn fixed_query() -> MemoryGovernor {
+    MemoryGovernor::builder()
+        .global_ceiling(64 * MIB)
+        .overhead_reserve(0.0)
+        .budget(EngineId::Query, 8 * MIB)
+        .cap(EngineId::Query, 8 * MIB)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_deadline_never_takes_memory_an_earlier_request_waits_for() {
+    let gov = fixed_query();
+    let held = gov.reserve(EngineId::Query, 7 * MIB).unwrap();
+    // A 6 MiB request waits first (it joins its queue when made).
+    let big = gov.reserve_async(EngineId::Query, None, 6 * MIB, LONG);
+    // 1 MiB requests behind it with 5 ms deadlines: 1 MiB is free, but the earlier request
+    // waits for it. Each times out untried (all 50 were granted, by their last attempts,
+    // before).
+    for _ in 0..50 {
+        let small = gov.reserve_blocking(EngineId::Query, None, MIB, Duration::from_millis(5));
+        match small {
+            Err(MemError::WaitTimedOut { refusal, .. }) => match *refusal {
+                MemError::QueuedBehind {
+                    engine,
+                    ahead,
+                    ahead_bytes,
+                } => assert_eq!((engine, ahead, ahead_bytes), (EngineId::Query, 1, 6 * MIB)),
+                other => panic!("{other}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+    // So does one that does not wait at all.
+    let now = gov
+        .reserve_blocking(EngineId::Query, None, MIB, Duration::ZERO)
+        .unwrap_err();
+    assert_eq!(
+        now.to_string(),
+        "waited 0 ms for memory: 1 earlier request(s) for engine query, waiting for 6 MiB, were \
+         ahead of it"
+    );
+    assert!(now.is_over_budget());
+    assert_eq!(gov.usage(EngineId::Query), 7 * MIB);
+    drop(held);
+    let big = block_on(big).unwrap();
+    assert_eq!(big.size(), 6 * MIB);
+    assert_eq!(gov.snapshot().waits_timed_out, 51);
+}
+
+#[test]
+fn a_large_request_is_served_before_every_later_one_under_load() {
+    let gov = fixed_query();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // (joined, granted) of every small request granted.
+    let grants = std::sync::Mutex::new(Vec::new());
+    let (big_joined, big_granted) = thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let joined = Instant::now();
+                    if let Ok(r) =
+                        gov.reserve_blocking(EngineId::Query, None, MIB, Duration::from_millis(5))
+                    {
+                        grants.lock().unwrap().push((joined, Instant::now()));
+                        thread::sleep(Duration::from_micros(200));
+                        drop(r);
+                    }
+                }
+            });
+        }
+        thread::sleep(Duration::from_millis(50));
+        let joined = Instant::now();
+        let big = gov
+            .reserve_blocking(EngineId::Query, None, 6 * MIB, Duration::from_secs(5))
+            .expect("the large request is served before its deadline");
+        let granted = Instant::now();
+        thread::sleep(Duration::from_millis(20));
+        drop(big);
+        thread::sleep(Duration::from_millis(20));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (joined, granted)
+    });
+    let grants = grants.into_inner().unwrap();
+    // No small request that came after the large one was granted before it.
+    let overtakes = grants
+        .iter()
+        .filter(|&&(joined, granted)| joined > big_joined && granted < big_granted)
+        .count();
+    assert_eq!(overtakes, 0);
+    assert!(grants.iter().any(|&(_, granted)| granted > big_granted));
+    assert!(
+        big_granted - big_joined < Duration::from_secs(1),
+        "waited {:?}",
+        big_granted - big_joined
+    );
+}
