@@ -435,47 +435,53 @@ fn a_deadline_never_takes_memory_an_earlier_request_waits_for() {
 #[test]
 fn a_large_request_is_served_before_every_later_one_under_load() {
     let gov = fixed_query();
+    // 6.5 MiB: while it waits, the engine's waiting bytes end in half a MiB (the small
+    // requests' are whole MiB), which tells a grant made while it waited.
+    let big_bytes = 6 * MIB + MIB / 2;
     let stop = std::sync::atomic::AtomicBool::new(false);
-    // (joined, granted) of every small request granted.
-    let grants = std::sync::Mutex::new(Vec::new());
-    let (big_joined, big_granted) = thread::scope(|s| {
+    let queued = std::sync::OnceLock::<Instant>::new();
+    let overtakes = std::sync::atomic::AtomicU64::new(0);
+    let later_grants = std::sync::atomic::AtomicU64::new(0);
+    let waited = thread::scope(|s| {
         for _ in 0..8 {
             s.spawn(|| {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let joined = Instant::now();
-                    if let Ok(r) =
+                    let Ok(r) =
                         gov.reserve_blocking(EngineId::Query, None, MIB, Duration::from_millis(5))
-                    {
-                        grants.lock().unwrap().push((joined, Instant::now()));
-                        thread::sleep(Duration::from_micros(200));
-                        drop(r);
+                    else {
+                        continue;
+                    };
+                    // Came after the large request was queued, and granted while it still
+                    // waited (its half MiB is in the queue after this grant): an overtake.
+                    if queued.get().is_some_and(|&q| joined > q) {
+                        later_grants.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let e = gov.snapshot().engines[EngineId::Query.index()];
+                        if e.waiting_bytes % MIB == MIB / 2 {
+                            overtakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
+                    thread::sleep(Duration::from_micros(200));
+                    drop(r);
                 }
             });
         }
         thread::sleep(Duration::from_millis(50));
-        let joined = Instant::now();
-        let big = gov
-            .reserve_blocking(EngineId::Query, None, 6 * MIB, Duration::from_secs(5))
-            .expect("the large request is served before its deadline");
-        let granted = Instant::now();
+        // Queued when this returns (a future joins its queue when it is made).
+        let big = gov.reserve_async(EngineId::Query, None, big_bytes, Duration::from_secs(5));
+        let since = Instant::now();
+        queued.set(since).unwrap();
+        let big = block_on(big).expect("the large request is served before its deadline");
+        let waited = since.elapsed();
+        assert_eq!(big.size(), big_bytes);
         thread::sleep(Duration::from_millis(20));
         drop(big);
         thread::sleep(Duration::from_millis(20));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        (joined, granted)
+        waited
     });
-    let grants = grants.into_inner().unwrap();
-    // No small request that came after the large one was granted before it.
-    let overtakes = grants
-        .iter()
-        .filter(|&&(joined, granted)| joined > big_joined && granted < big_granted)
-        .count();
-    assert_eq!(overtakes, 0);
-    assert!(grants.iter().any(|&(_, granted)| granted > big_granted));
-    assert!(
-        big_granted - big_joined < Duration::from_secs(1),
-        "waited {:?}",
-        big_granted - big_joined
-    );
+    assert_eq!(overtakes.into_inner(), 0);
+    // The later requests were served, after it.
+    assert!(later_grants.into_inner() > 0);
+    assert!(waited < Duration::from_secs(1), "waited {waited:?}");
 }
