@@ -132,7 +132,9 @@ impl MemoryGovernor {
             },
             scope.path(),
         );
-        if limit > old {
+        // Raised: waiters may fit now. Lowered: a waiter larger than the new limit is refused
+        // when its queue is served, rather than holding back the requests behind it.
+        if limit != old {
             Ledger::wake_waiters(&self.inner.ledger);
         }
         Ok(())

@@ -260,13 +260,28 @@ impl Ledger {
         }
     }
 
-    /// A quiet attempt for a waiting request: granted, not yet, or never.
+    /// A quiet attempt for a waiting request: granted, not yet, or never (its scope was
+    /// removed, or a limit on its path is now below what it asks).
     pub(crate) fn attempt(this: &Arc<Self>, w: &Waiter<Reservation>) -> Attempt<Reservation> {
         match reserve(this, w.engine, w.scope.as_ref(), w.bytes, Admit::Retry) {
             Ok(r) => Attempt::Granted(r),
-            Err(e) if e.is_over_budget() => Attempt::Wait,
+            Err(e)
+                if e.is_over_budget() && !this.never_fits(w.engine, w.scope.as_ref(), w.bytes) =>
+            {
+                Attempt::Wait
+            }
             Err(e) => Attempt::Fail(e),
         }
+    }
+
+    /// Whether `bytes` for `engine` (in `scope`) cannot be admitted however much is released
+    /// while the limits stand: more than the engine's cap, the ceiling, or the limit of a scope
+    /// on its path. Such a request is refused instead of waiting (at the head of its queue it
+    /// would hold back every request behind it until its deadline).
+    pub(crate) fn never_fits(&self, engine: EngineId, scope: Option<&Scope>, bytes: u64) -> bool {
+        bytes > self.budget(engine).cap()
+            || bytes > self.global.ceiling
+            || scope.is_some_and(|s| s.node.path_up().any(|n| bytes > n.limit()))
     }
 
     #[cfg(not(nodedb_mem_loom))]

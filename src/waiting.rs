@@ -177,7 +177,7 @@ impl MemoryGovernor {
         {
             return Err(MemError::foreign_scope(s.path()));
         }
-        let hopeless = bytes > ledger.budget(engine).cap() || bytes > ledger.global.ceiling;
+        let hopeless = ledger.never_fits(engine, scope, bytes);
         if timeout.is_zero() && !hopeless {
             // One attempt, unless earlier requests wait: it must not take memory ahead of them.
             let (ahead, ahead_bytes) = ledger.waiters.ahead_of_new(engine);

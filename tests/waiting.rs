@@ -234,15 +234,17 @@ fn a_credit_a_raised_scope_limit_and_a_removed_scope_wake_waiters() {
     };
     drop(a);
 
-    // A scope's limit raised.
-    let db = gov.create_scope("db", None, MIB).unwrap();
+    // A scope's limit raised (the request fits the limit, not beside what is held; one
+    // larger than the limit itself is refused at once).
+    let db = gov.create_scope("db", None, 2 * MIB).unwrap();
+    let held = gov.reserve_in(&db, EngineId::Vector, MIB).unwrap();
     let mut b = gov.reserve_async(EngineId::Vector, Some(&db), 2 * MIB, LONG);
     assert!(poll(&mut b, &waker).is_pending());
-    gov.set_scope_limit(&db, 2 * MIB).unwrap();
+    gov.set_scope_limit(&db, 3 * MIB).unwrap();
     let Poll::Ready(Ok(b)) = poll(&mut b, &waker) else {
         panic!("not woken by the raised limit");
     };
-    assert_eq!((b.scope(), db.usage()), (Some("db"), 2 * MIB));
+    assert_eq!((b.scope(), db.usage()), (Some("db"), 3 * MIB));
 
     // Another engine's release in the same scope.
     let mut c = gov.reserve_async(EngineId::Query, Some(&db), MIB, LONG);
@@ -251,14 +253,16 @@ fn a_credit_a_raised_scope_limit_and_a_removed_scope_wake_waiters() {
     let Poll::Ready(Ok(c)) = poll(&mut c, &waker) else {
         panic!("not woken by the other engine's release");
     };
-    drop(c);
+    drop((c, held));
 
-    // A scope removed under a waiter: the request fails at its next attempt.
-    let t = gov.create_scope("t", None, 0).unwrap();
+    // A scope removed under a waiter (waiting for its engine's memory): the request fails at
+    // its next attempt.
+    let t = gov.create_scope("t", None, MIB).unwrap();
+    gov.charge(EngineId::Query, 8 * MIB);
     let mut d = gov.reserve_async(EngineId::Query, Some(&t), MIB, LONG);
     assert!(poll(&mut d, &waker).is_pending());
     gov.remove_scope(&t).unwrap();
-    drop(gov.reserve(EngineId::Query, 1).unwrap()); // any release serves the queues
+    gov.credit(EngineId::Query, 8 * MIB).unwrap(); // any release serves the queues
     assert!(matches!(
         poll(&mut d, &waker),
         Poll::Ready(Err(MemError::ScopeRemoved { .. }))
@@ -484,4 +488,42 @@ fn a_large_request_is_served_before_every_later_one_under_load() {
     // The later requests were served, after it.
     assert!(later_grants.into_inner() > 0);
     assert!(waited < Duration::from_secs(1), "waited {waited:?}");
+}
+
+#[test]
+fn a_request_no_release_can_admit_is_refused_and_never_holds_back_others() {
+    let gov = fixed_query();
+    let db = gov.create_scope("db", None, 8 * MIB).unwrap();
+    let small = gov.create_scope("small", Some(&db), 4 * MIB).unwrap();
+    let other = gov.create_scope("other", Some(&db), 4 * MIB).unwrap();
+    // Larger than its tenant's whole limit: refused at once, naming that limit (it was
+    // queued, and at the head blocked the engine's queue until its deadline).
+    let started = Instant::now();
+    let err = gov
+        .reserve_blocking(EngineId::Query, Some(&small), 5 * MIB, LONG)
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        err.to_string(),
+        "cannot reserve 5 MiB for engine query in scope db/small: 0 B already used of its \
+         4 MiB limit, 4 MiB available"
+    );
+    // A request that fits its limit waits at the head; the limit is then lowered under it:
+    // refused then, and the request behind it (another tenant's, with room) is served.
+    let held = gov.reserve_in(&small, EngineId::Query, 2 * MIB).unwrap();
+    let held_other = gov.reserve_in(&other, EngineId::Query, 4 * MIB).unwrap();
+    let head = gov.reserve_async(EngineId::Query, Some(&small), 3 * MIB, LONG);
+    let behind = gov.reserve_async(EngineId::Query, Some(&other), MIB, LONG);
+    drop(held_other); // `other` has room; `behind` still waits behind the head
+    assert_eq!(gov.snapshot().engines[EngineId::Query.index()].waiters, 2);
+    gov.set_scope_limit(&small, 2 * MIB).unwrap();
+    match block_on(head) {
+        Err(MemError::ScopeExceeded { scope, limit, .. }) => {
+            assert_eq!((scope.as_str(), limit), ("db/small", 2 * MIB));
+        }
+        other => panic!("{other:?}"),
+    }
+    let behind = block_on(behind).unwrap();
+    assert_eq!(behind.size(), MIB);
+    drop((held, behind));
 }
