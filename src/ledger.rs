@@ -148,13 +148,15 @@ impl Ledger {
         let b = self.budget(engine);
         if let Err(refused) = b.try_admit(bytes) {
             if report {
-                b.count_rejection();
-                self.events.record(EventKind::BudgetRejected {
+                self.refused_by_budget(
                     engine,
-                    requested: bytes,
-                    used: refused.usage,
-                    limit: refused.limit,
-                });
+                    EventKind::BudgetRejected {
+                        engine,
+                        requested: bytes,
+                        used: refused.usage,
+                        limit: refused.limit,
+                    },
+                );
             }
             return Err(MemError::budget_exceeded(
                 engine,
@@ -171,8 +173,8 @@ impl Ledger {
                 b.cancel_admission(bytes);
                 let limit = n.limit();
                 if report {
-                    n.count_rejection();
-                    self.events.record_scope(
+                    self.refused_by_scope(
+                        n,
                         EventKind::ScopeRejected {
                             scope: n.id,
                             engine,
@@ -180,7 +182,6 @@ impl Ledger {
                             used,
                             limit,
                         },
-                        &n.path,
                     );
                 }
                 return Err(MemError::scope_exceeded(
@@ -195,14 +196,15 @@ impl Ledger {
             let own = u64::try_from(i128::from(g.ceiling) - i128::from(headroom)).unwrap_or(0);
             let used = own + ext;
             if report {
-                b.count_rejection();
-                g.rejections.fetch_add(1, Ordering::Relaxed);
-                self.events.record(EventKind::CeilingRejected {
+                self.refused_by_ceiling(
                     engine,
-                    requested: bytes,
-                    used,
-                    ceiling: g.ceiling,
-                });
+                    EventKind::CeilingRejected {
+                        engine,
+                        requested: bytes,
+                        used,
+                        ceiling: g.ceiling,
+                    },
+                );
             }
             return Err(MemError::ceiling_exceeded(engine, bytes, used, g.ceiling));
         }
@@ -308,20 +310,29 @@ impl Ledger {
     #[cfg(not(nodedb_mem_loom))]
     fn report(&self, r: Refusal) {
         match r {
-            Refusal::Budget(engine, kind) => {
-                self.budget(engine).count_rejection();
-                self.events.record(kind);
-            }
-            Refusal::Ceiling(engine, kind) => {
-                self.budget(engine).count_rejection();
-                self.global.rejections.fetch_add(1, Ordering::Relaxed);
-                self.events.record(kind);
-            }
-            Refusal::Scope(node, kind) => {
-                node.count_rejection();
-                self.events.record_scope(kind, &node.path);
-            }
+            Refusal::Budget(engine, kind) => self.refused_by_budget(engine, kind),
+            Refusal::Ceiling(engine, kind) => self.refused_by_ceiling(engine, kind),
+            Refusal::Scope(node, kind) => self.refused_by_scope(&node, kind),
         }
+    }
+
+    /// Counts a refusal by `engine`'s limit and records `kind` (a `BudgetRejected`).
+    fn refused_by_budget(&self, engine: EngineId, kind: EventKind) {
+        self.budget(engine).count_rejection();
+        self.events.record(kind);
+    }
+
+    /// Counts a refusal by the ceiling and records `kind` (a `CeilingRejected`).
+    fn refused_by_ceiling(&self, engine: EngineId, kind: EventKind) {
+        self.budget(engine).count_rejection();
+        self.global.rejections.fetch_add(1, Ordering::Relaxed);
+        self.events.record(kind);
+    }
+
+    /// Counts a refusal by scope `n`'s limit and records `kind` (a `ScopeRejected`).
+    fn refused_by_scope(&self, n: &ScopeNode, kind: EventKind) {
+        n.count_rejection();
+        self.events.record_scope(kind, &n.path);
     }
 }
 
