@@ -69,7 +69,7 @@ impl MemoryGovernor {
     /// that refused, with its usage and limit) or [`MemError::CeilingExceeded`]; a removed
     /// scope gives [`MemError::ScopeRemoved`], another governor's scope
     /// [`MemError::InvalidConfig`].
-    pub fn reserve_in(&self, scope: &Scope, engine: EngineId, bytes: u64) -> Result<Reservation> {
+    pub fn reserve_in(&self, engine: EngineId, scope: &Scope, bytes: u64) -> Result<Reservation> {
         reserve(
             &self.inner.ledger,
             engine,

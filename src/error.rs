@@ -1,6 +1,8 @@
 //! The policy layer's error type. Every message is built here, from the fields, so the text a
 //! user sees is pinned by the tests in this module.
 
+use std::fmt;
+
 use crate::EngineId;
 use crate::size::{ByteSize, SizeError};
 
@@ -86,20 +88,41 @@ pub enum MemError {
         /// The scope's path.
         scope: String,
     },
-    /// A waiting request reached its deadline behind earlier requests for the same engine
-    /// that were still waiting: it was not tried, so that it could not take memory they wait
-    /// for (first come first served holds at deadlines too).
+    /// A waiting request reached its deadline behind earlier requests still waiting at a limit
+    /// on its path: it was not tried, so that it could not take memory they wait for (first
+    /// come first served holds at deadlines too).
     #[error(
-        "{ahead} earlier request(s) for engine {engine}, waiting for {}, were ahead of it",
+        "{ahead} earlier request(s), waiting for {} at {limit}, were ahead of this one for \
+         engine {engine}",
         ByteSize(*ahead_bytes)
     )]
     QueuedBehind {
-        /// The engine whose queue it was in.
+        /// The engine the request was for.
         engine: EngineId,
-        /// Requests ahead of it still waiting.
+        /// The limit the earlier requests wait at (one on this request's path).
+        limit: Limit,
+        /// Requests ahead of it still waiting at that limit.
         ahead: u64,
         /// The bytes they wait for.
         ahead_bytes: u64,
+    },
+    /// A waiting request larger than a limit on its path: no release can admit it while that
+    /// limit stands, so it is refused at once rather than held in the queue, where it would
+    /// hold back the requests behind it until its deadline (and a waiting request is refused
+    /// so when a limit is lowered under it).
+    #[error(
+        "{} for engine {engine} can never be reserved while {limit} is {}",
+        ByteSize(*requested), ByteSize(*max)
+    )]
+    NeverFits {
+        /// The engine asked for memory.
+        engine: EngineId,
+        /// Bytes asked for.
+        requested: u64,
+        /// The limit it is larger than.
+        limit: Limit,
+        /// That limit's value.
+        max: u64,
     },
     /// A waiting reservation's time ran out; `refusal` is what admission answered at the
     /// deadline (a [`BudgetExceeded`](MemError::BudgetExceeded),
@@ -200,6 +223,31 @@ pub enum MemError {
     },
 }
 
+/// A limit admission checks, as named by [`MemError::QueuedBehind`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Limit {
+    /// An engine's budget (its current limit).
+    Budget(EngineId),
+    /// An engine's cap: the most rebalancing can lend it.
+    Cap(EngineId),
+    /// A scope's limit; the scope's path.
+    Scope(String),
+    /// The global ceiling.
+    Ceiling,
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limit::Budget(e) => write!(f, "engine {e}'s limit"),
+            Limit::Cap(e) => write!(f, "engine {e}'s cap"),
+            Limit::Scope(path) => write!(f, "scope {path}'s limit"),
+            Limit::Ceiling => f.write_str("the ceiling"),
+        }
+    }
+}
+
 impl MemError {
     pub(crate) fn budget_exceeded(engine: EngineId, requested: u64, used: u64, limit: u64) -> Self {
         MemError::BudgetExceeded {
@@ -262,7 +310,7 @@ impl MemError {
 
     /// True for the admission refusals ([`MemError::BudgetExceeded`],
     /// [`MemError::ScopeExceeded`], [`MemError::CeilingExceeded`],
-    /// [`MemError::QueuedBehind`], and a
+    /// [`MemError::QueuedBehind`], [`MemError::NeverFits`], and a
     /// [`MemError::WaitTimedOut`] that ended in one): the caller should spill or apply
     /// backpressure.
     pub fn is_over_budget(&self) -> bool {
@@ -270,7 +318,8 @@ impl MemError {
             MemError::BudgetExceeded { .. }
             | MemError::ScopeExceeded { .. }
             | MemError::CeilingExceeded { .. }
-            | MemError::QueuedBehind { .. } => true,
+            | MemError::QueuedBehind { .. }
+            | MemError::NeverFits { .. } => true,
             MemError::WaitTimedOut { refusal, .. } => refusal.is_over_budget(),
             _ => false,
         }

@@ -10,7 +10,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::EngineId;
 use crate::budget::{Budget, checked_sub, raise_max, take_headroom, to_i64};
-use crate::error::{MemError, Result};
+use crate::error::{Limit, MemError, Result};
 use crate::events::{EventKind, EventLog};
 use crate::pressure::ThresholdsPpm;
 use crate::scope::{Scope, ScopeNode, ScopeTree};
@@ -258,47 +258,19 @@ impl Ledger {
     /// limit raised and rebalancing step (see `wait`'s rules for why none is missed).
     pub(crate) fn wake_waiters(this: &Arc<Self>) {
         if this.waiters.anyone_waiting() {
-            this.waiters.serve(|w| Ledger::attempt(this, w));
+            Ledger::serve_waiters(this);
         }
     }
 
-    /// A quiet attempt for a waiting request: granted, not yet, or never (its scope was
-    /// removed, or a limit on its path is now below what it asks).
-    pub(crate) fn attempt(this: &Arc<Self>, w: &Waiter<Reservation>) -> Attempt<Reservation> {
-        match reserve(this, w.engine, w.scope.as_ref(), w.bytes, Admit::Retry) {
-            Ok(r) => Attempt::Granted(r),
-            Err(e)
-                if e.is_over_budget() && !this.never_fits(w.engine, w.scope.as_ref(), w.bytes) =>
-            {
-                Attempt::Wait
-            }
-            Err(e) => Attempt::Fail(e),
-        }
-    }
-
-    /// Whether `bytes` for `engine` (in `scope`) cannot be admitted however much is released
-    /// while the limits stand: more than the engine's cap, the ceiling, or the limit of a scope
-    /// on its path. Such a request is refused instead of waiting (at the head of its queue it
-    /// would hold back every request behind it until its deadline).
-    pub(crate) fn never_fits(&self, engine: EngineId, scope: Option<&Scope>, bytes: u64) -> bool {
-        bytes > self.budget(engine).cap()
-            || bytes > self.global.ceiling
-            || scope.is_some_and(|s| s.node.path_up().any(|n| bytes > n.limit()))
-    }
-
-    #[cfg(not(nodedb_mem_loom))]
-    /// Times out the requests whose deadline passed (one last attempt each, reported as any
-    /// refusal); returns the earliest deadline still waiting.
-    pub(crate) fn expire_waiters(
-        this: &Arc<Self>,
-        now: std::time::Instant,
-    ) -> Option<std::time::Instant> {
-        // The last attempts run under the queues' lock, in queue order, quietly; their
-        // refusals are counted and reported as any refusal is, once the lock is released.
-        let (next, refusals) = this.waiters.expire(
-            now,
-            |w| reserve(this, w.engine, w.scope.as_ref(), w.bytes, Admit::Retry),
-            Refusal::of,
+    /// One pass over the waiting requests (the rules are in `wait`): grants what fits in
+    /// order, times out requests whose deadline passed; returns the earliest deadline still
+    /// waiting. Refusals at a deadline are counted and reported as any refusal is, once the
+    /// queue's lock is released.
+    pub(crate) fn serve_waiters(this: &Arc<Self>) -> Option<std::time::Instant> {
+        let (next, refusals) = this.waiters.serve(
+            now(),
+            |w| Ledger::attempt(this, w),
+            |w, e| this.refusal_of(w.scope.as_ref(), e),
         );
         for r in refusals {
             this.report(r);
@@ -306,9 +278,73 @@ impl Ledger {
         next
     }
 
+    /// Queues `w` and serves the queue (`w` tried in its place, last); returns its outcome
+    /// if that pass gave one.
+    pub(crate) fn join_waiters(
+        this: &Arc<Self>,
+        w: &Arc<Waiter<Reservation>>,
+    ) -> Option<Result<Reservation>> {
+        let (outcome, refusals) = this.waiters.join(
+            w,
+            now(),
+            |w| Ledger::attempt(this, w),
+            |w, e| this.refusal_of(w.scope.as_ref(), e),
+        );
+        for r in refusals {
+            this.report(r);
+        }
+        outcome
+    }
+
+    /// A quiet attempt for a waiting request: granted, not yet (with the refusal), or never
+    /// (its scope was removed, or a limit on its path is now below what it asks).
+    pub(crate) fn attempt(this: &Arc<Self>, w: &Waiter<Reservation>) -> Attempt<Reservation> {
+        match reserve(this, w.engine, w.scope.as_ref(), w.bytes, Admit::Retry) {
+            Ok(r) => Attempt::Granted(r),
+            Err(e) if e.is_over_budget() => {
+                match this.never_fits(w.engine, w.scope.as_ref(), w.bytes) {
+                    Some(never) => Attempt::Fail(never),
+                    None => Attempt::Wait(e),
+                }
+            }
+            Err(e) => Attempt::Fail(e),
+        }
+    }
+
+    /// Why `bytes` for `engine` (in `scope`) cannot be admitted however much is released while
+    /// the limits stand, if it cannot: more than the engine's cap, the limit of a scope on its
+    /// path, or the ceiling. Such a request is refused instead of waiting (in the queue it
+    /// would hold back every request behind it that competes for that limit until its
+    /// deadline).
+    pub(crate) fn never_fits(
+        &self,
+        engine: EngineId,
+        scope: Option<&Scope>,
+        bytes: u64,
+    ) -> Option<MemError> {
+        let never = |limit, max| {
+            Some(MemError::NeverFits {
+                engine,
+                requested: bytes,
+                limit,
+                max,
+            })
+        };
+        let cap = self.budget(engine).cap();
+        if bytes > cap {
+            return never(Limit::Cap(engine), cap);
+        }
+        if let Some(n) = scope.and_then(|s| s.node.path_up().find(|n| bytes > n.limit())) {
+            return never(Limit::Scope(n.path.clone()), n.limit());
+        }
+        if bytes > self.global.ceiling {
+            return never(Limit::Ceiling, self.global.ceiling);
+        }
+        None
+    }
+
     /// Counts and reports a refusal found quietly (see [`Refusal`]).
-    #[cfg(not(nodedb_mem_loom))]
-    fn report(&self, r: Refusal) {
+    pub(crate) fn report(&self, r: Refusal) {
         match r {
             Refusal::Budget(engine, kind) => self.refused_by_budget(engine, kind),
             Refusal::Ceiling(engine, kind) => self.refused_by_ceiling(engine, kind),
@@ -336,18 +372,37 @@ impl Ledger {
     }
 }
 
+/// The time a pass over the waiting requests judges deadlines by (none in the loom models,
+/// which keep no deadlines: only requests of one attempt leave by time there).
+fn now() -> Option<std::time::Instant> {
+    #[cfg(not(nodedb_mem_loom))]
+    return Some(std::time::Instant::now());
+    #[cfg(nodedb_mem_loom)]
+    return None;
+}
+
 /// A refusal found by a quiet attempt, to count and report later, outside a lock: what a
 /// reporting attempt would have counted and recorded.
-#[cfg(not(nodedb_mem_loom))]
-enum Refusal {
+pub(crate) enum Refusal {
     Budget(EngineId, EventKind),
     Ceiling(EngineId, EventKind),
     Scope(Arc<ScopeNode>, EventKind),
 }
 
-#[cfg(not(nodedb_mem_loom))]
-impl Refusal {
-    fn of(w: &crate::wait::Waiter<Reservation>, e: &MemError) -> Option<Refusal> {
+impl Ledger {
+    /// The refusal to count and report for `e`, an error given to a request (in `scope`, if
+    /// any) by a quiet attempt: what a reporting attempt would have counted and recorded.
+    pub(crate) fn refusal_of(&self, scope: Option<&Scope>, e: &MemError) -> Option<Refusal> {
+        let node = |path: &str| {
+            let mut at = scope.map(|s| Arc::clone(&s.node));
+            while let Some(n) = at {
+                if n.path == path {
+                    return Some(n);
+                }
+                at = n.parent.clone();
+            }
+            None
+        };
         Some(match *e {
             MemError::BudgetExceeded {
                 engine,
@@ -387,22 +442,52 @@ impl Refusal {
                 limit,
                 ..
             } => {
-                let mut at = w.scope.as_ref().map(|s| Arc::clone(&s.node));
-                while let Some(n) = at {
-                    if n.path == *scope {
-                        let kind = EventKind::ScopeRejected {
-                            scope: n.id,
-                            engine,
-                            requested,
-                            used,
-                            limit,
-                        };
-                        return Some(Refusal::Scope(n, kind));
-                    }
-                    at = n.parent.clone();
-                }
-                return None;
+                let n = node(scope)?;
+                let kind = EventKind::ScopeRejected {
+                    scope: n.id,
+                    engine,
+                    requested,
+                    used,
+                    limit,
+                };
+                Refusal::Scope(n, kind)
             }
+            MemError::NeverFits {
+                engine,
+                requested,
+                ref limit,
+                max,
+            } => match limit {
+                Limit::Budget(_) | Limit::Cap(_) => Refusal::Budget(
+                    engine,
+                    EventKind::BudgetRejected {
+                        engine,
+                        requested,
+                        used: self.budget(engine).usage(),
+                        limit: max,
+                    },
+                ),
+                Limit::Ceiling => Refusal::Ceiling(
+                    engine,
+                    EventKind::CeilingRejected {
+                        engine,
+                        requested,
+                        used: self.global.usage(),
+                        ceiling: max,
+                    },
+                ),
+                Limit::Scope(path) => {
+                    let n = node(path)?;
+                    let kind = EventKind::ScopeRejected {
+                        scope: n.id,
+                        engine,
+                        requested,
+                        used: n.usage(),
+                        limit: max,
+                    };
+                    Refusal::Scope(n, kind)
+                }
+            },
             _ => return None,
         })
     }

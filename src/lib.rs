@@ -55,7 +55,7 @@ pub use config::{
     DEFAULT_RSS_MARGIN, DEFAULT_SWEEP_BUDGET, GovernorBuilder, MAX_CEILING, MAX_OVERFLOW_CAPACITY,
     MIN_CEILING, OVERFLOW_DISK_RESERVE, OverflowConfig, RebalanceConfig,
 };
-pub use error::{MemError, Result};
+pub use error::{Limit, MemError, Result};
 pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
 #[cfg(not(nodedb_mem_loom))]
 pub use fallible::EngineAllocator;

@@ -240,9 +240,9 @@ pub struct ScopeSnapshot {
 /// let tenant = gov.create_scope("acme", Some(&db), 4 << 20)?;
 /// assert_eq!(tenant.path(), "sales/acme");
 ///
-/// let r = gov.reserve_in(&tenant, EngineId::Query, 3 << 20)?;
+/// let r = gov.reserve_in(EngineId::Query, &tenant, 3 << 20)?;
 /// assert_eq!((tenant.usage(), db.usage()), (3 << 20, 3 << 20));
-/// let err = gov.reserve_in(&tenant, EngineId::Query, 2 << 20).unwrap_err();
+/// let err = gov.reserve_in(EngineId::Query, &tenant, 2 << 20).unwrap_err();
 /// assert_eq!(
 ///     err.to_string(),
 ///     "cannot reserve 2 MiB for engine query in scope sales/acme: 3 MiB already used of its \

@@ -1,23 +1,32 @@
-//! Waiting admission: requests queued per engine, first come first served, granted as memory is
-//! released or lent.
+//! Waiting admission: requests queued in the order they came, granted as memory is released
+//! or lent, never ahead of an earlier request that competes for the same memory.
 //!
 //! # Rules
 //!
-//! * One queue per engine. Only the head of a queue is tried: a large request is not passed by
-//!   smaller ones behind it. A new request joins the back of its engine's queue, and tries for
-//!   memory at once only when the queue is empty.
-//! * A request leaves its queue exactly once, under the queue's lock: granted (its reservation
-//!   is stored in its slot), failed (its scope was removed), timed out, or cancelled by its
-//!   owner. At its deadline a request gets one last attempt only if no earlier request of its
-//!   queue still waits; behind one, it times out untried (`QueuedBehind`), so no request ever
-//!   takes memory ahead of an earlier one, deadlines included. A grant the owner no longer
-//!   wants (a future dropped just after) is taken back out of the slot and dropped, which
-//!   releases it: memory is never both granted and lost.
+//! * One queue, in arrival order, served in passes under its lock. A pass walks it oldest
+//!   first and tries a request only if no earlier request still waiting is held back by a
+//!   limit on the later one's path. Each request tried and refused stays, and blocks the limit
+//!   its refusal names (its engine's budget, a scope on its path, or the ceiling); a request
+//!   whose path holds a blocked limit is not tried, and waits at that limit too. So:
+//!   - a request is granted before every later request that competes for the memory it
+//!     lacks (a large request is not passed by smaller ones behind it);
+//!   - a request held back only by its own scope's limit never holds back requests outside
+//!     that scope (one tenant cannot stall another).
+//! * A new request joins the back of the queue and a pass runs at once, so it is tried in its
+//!   place, after every earlier request. A zero timeout makes it one attempt in that place.
+//! * A request leaves the queue exactly once, under its lock: granted (its reservation is
+//!   stored in its slot), failed (its scope was removed, or a limit on its path fell below
+//!   what it asks), timed out, or cancelled by its owner. A request whose deadline has passed
+//!   leaves at the next pass: if it would be tried, that attempt is its last one; if it is
+//!   blocked, it times out untried (`QueuedBehind`, naming the limit and what waits at it
+//!   ahead), so no request ever takes memory an earlier one waits for, deadlines included. A
+//!   grant the owner no longer wants (a future dropped just after) is taken back out of the
+//!   slot and dropped, which releases it: memory is never both granted and lost.
 //! * No wake-up is lost: a request counts itself in `waiting` and then, after a sequentially
 //!   consistent fence, makes its first attempt; every release gives its bytes back and then,
 //!   after a fence of its own, reads `waiting`. The two fences are ordered, so either the
 //!   request's attempt sees the released bytes, or the release sees the request and serves
-//!   the queues. (A release writes nothing shared for this: `waiting` is only read.)
+//!   the queue. (A release writes nothing shared for this: `waiting` is only read.)
 //!
 //! The grant type is generic so that this module needs nothing from the ledger.
 
@@ -26,7 +35,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::EngineId;
-use crate::error::MemError;
+use crate::error::{Limit, MemError};
 use crate::scope::Scope;
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering, lock};
 
@@ -57,16 +66,10 @@ pub(crate) struct Waiter<T> {
     pub(crate) engine: EngineId,
     pub(crate) scope: Option<Scope>,
     pub(crate) bytes: u64,
-    #[cfg_attr(
-        nodedb_mem_loom,
-        expect(dead_code, reason = "loom models keep no deadlines")
-    )]
     pub(crate) since: Instant,
-    #[cfg_attr(
-        nodedb_mem_loom,
-        expect(dead_code, reason = "loom models keep no deadlines")
-    )]
     pub(crate) deadline: Instant,
+    /// A zero timeout: one attempt, in its place in the queue.
+    once: bool,
     slot: Mutex<Slot<T>>,
 }
 
@@ -83,6 +86,7 @@ impl<T> Waiter<T> {
             scope,
             bytes,
             since,
+            once: timeout.is_zero(),
             // A timeout past what an `Instant` can hold (`Duration::MAX`) waits for good.
             deadline: since
                 .checked_add(timeout)
@@ -128,26 +132,76 @@ impl<T> Waiter<T> {
     }
 }
 
-/// What an attempt for the head of a queue says.
+/// What an attempt for a waiting request says.
 pub(crate) enum Attempt<T> {
     Granted(T),
-    /// No room yet: the request stays at the head.
-    Wait,
-    /// It can never be granted (its scope was removed).
+    /// No room yet: the refusal, which names the limit that held it back.
+    Wait(MemError),
+    /// It can never be granted (its scope was removed, or a limit on its path is now below
+    /// what it asks).
     Fail(MemError),
 }
 
-/// Per-engine figures of the queues.
+/// Per-engine figures of the queue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct QueueFigures {
     pub(crate) waiters: u64,
     pub(crate) waiting_bytes: u64,
 }
 
-/// Every engine's queue of waiting requests.
+/// A limit a waiting request can be held back by, as the pass compares them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Budget(EngineId),
+    Scope(crate::ScopeId),
+    Ceiling,
+}
+
+/// A limit that holds back waiting requests in the pass under way, and how many wait at it.
+struct Blocker {
+    key: Key,
+    limit: Limit,
+    ahead: u64,
+    ahead_bytes: u64,
+}
+
+impl<T> Waiter<T> {
+    /// Whether the memory `key` stands for is on this request's path (it competes for it).
+    fn needs(&self, key: Key) -> bool {
+        match key {
+            Key::Budget(e) => e == self.engine,
+            Key::Ceiling => true,
+            Key::Scope(id) => self
+                .scope
+                .as_ref()
+                .is_some_and(|s| s.node.path_up().any(|n| n.id == id)),
+        }
+    }
+
+    /// The limit a refusal of this request names.
+    fn held_by(&self, refusal: &MemError) -> (Key, Limit) {
+        match refusal {
+            MemError::ScopeExceeded { scope, .. } => {
+                let id = self
+                    .scope
+                    .as_ref()
+                    .and_then(|s| s.node.path_up().find(|n| n.path == *scope).map(|n| n.id));
+                match id {
+                    Some(id) => (Key::Scope(id), Limit::Scope(scope.clone())),
+                    // Not on its path (cannot happen): hold back its whole engine.
+                    None => (Key::Budget(self.engine), Limit::Budget(self.engine)),
+                }
+            }
+            MemError::CeilingExceeded { .. } => (Key::Ceiling, Limit::Ceiling),
+            _ => (Key::Budget(self.engine), Limit::Budget(self.engine)),
+        }
+    }
+}
+
+/// Every waiting request, in the order they came.
 pub(crate) struct Queues<T> {
-    queues: Mutex<[VecDeque<Arc<Waiter<T>>>; EngineId::COUNT]>,
-    /// Requests queued, in all queues: read by every release (see the module's rules).
+    queue: Mutex<VecDeque<Arc<Waiter<T>>>>,
+    /// Requests queued: read by every release (see the module's rules).
     waiting: crossbeam_utils::CachePadded<AtomicU64>,
     figures: [AtomicU64; EngineId::COUNT],
     bytes: [AtomicU64; EngineId::COUNT],
@@ -156,10 +210,26 @@ pub(crate) struct Queues<T> {
     pub(crate) cancelled: AtomicU64,
 }
 
+/// What a pass decided, to act on once the queue's lock is released: whom to wake, and the
+/// refusals to report.
+struct Settled<R> {
+    woken: Vec<Wake>,
+    reports: Vec<R>,
+    /// The earliest deadline still waiting.
+    next: Option<Instant>,
+}
+
+impl<R> Settled<R> {
+    fn finish(self) -> (Option<Instant>, Vec<R>) {
+        self.woken.into_iter().for_each(Wake::wake);
+        (self.next, self.reports)
+    }
+}
+
 impl<T> Queues<T> {
     pub(crate) fn new() -> Queues<T> {
         Queues {
-            queues: Mutex::new(Default::default()),
+            queue: Mutex::new(VecDeque::new()),
             waiting: crossbeam_utils::CachePadded::new(AtomicU64::new(0)),
             figures: std::array::from_fn(|_| AtomicU64::new(0)),
             bytes: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -185,10 +255,9 @@ impl<T> Queues<T> {
 
     /// Requests waiting in the scope numbered `scope`.
     pub(crate) fn waiting_in(&self, scope: crate::ScopeId) -> u64 {
-        let queues = lock(&self.queues);
-        let n = queues
+        let queue = lock(&self.queue);
+        let n = queue
             .iter()
-            .flatten()
             .filter(|w| w.scope.as_ref().is_some_and(|s| s.id() == scope))
             .count();
         n as u64
@@ -209,152 +278,147 @@ impl<T> Queues<T> {
         }
     }
 
-    /// Queues `w`, unless its engine's queue is empty and `try_now` grants it at once (then
-    /// returns the grant, and `w` never joined).
-    pub(crate) fn join(
+    /// Queues `w` at the back and serves the queue at once (`w` last, after every earlier
+    /// request): returns `w`'s outcome if that pass gave it one, with the pass's reports.
+    pub(crate) fn join<R>(
         &self,
         w: &Arc<Waiter<T>>,
-        try_now: impl FnOnce() -> Attempt<T>,
-    ) -> Option<Result<T, MemError>> {
-        let mut queues = lock(&self.queues);
-        let q = &mut queues[w.engine.index()];
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        crate::sync::fence(Ordering::SeqCst);
-        if q.is_empty() {
-            match try_now() {
-                Attempt::Granted(t) => {
-                    self.waiting.fetch_sub(1, Ordering::AcqRel);
-                    return Some(Ok(t));
-                }
-                Attempt::Fail(e) => {
-                    self.waiting.fetch_sub(1, Ordering::AcqRel);
-                    return Some(Err(e));
-                }
-                Attempt::Wait => {}
-            }
-        }
-        q.push_back(Arc::clone(w));
-        self.count(w, true);
-        None
+        now: Option<Instant>,
+        attempt: impl FnMut(&Waiter<T>) -> Attempt<T>,
+        report_of: impl FnMut(&Waiter<T>, &MemError) -> Option<R>,
+    ) -> (Option<Result<T, MemError>>, Vec<R>) {
+        let settled = {
+            let mut queue = lock(&self.queue);
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            crate::sync::fence(Ordering::SeqCst);
+            queue.push_back(Arc::clone(w));
+            self.count(w, true);
+            self.pass(&mut queue, now, attempt, report_of)
+        };
+        let (_, reports) = settled.finish();
+        (w.take_outcome(), reports)
     }
 
-    /// Tries the head of every queue, and the next while heads are granted.
-    pub(crate) fn serve(&self, mut attempt: impl FnMut(&Waiter<T>) -> Attempt<T>) {
-        let mut woken = Vec::new();
-        {
-            let mut queues = lock(&self.queues);
-            for q in queues.iter_mut() {
-                while let Some(head) = q.front() {
-                    let outcome = match attempt(head) {
-                        Attempt::Wait => break,
-                        Attempt::Granted(t) => {
-                            self.granted.fetch_add(1, Ordering::Relaxed);
-                            Ok(t)
-                        }
-                        Attempt::Fail(e) => Err(e),
-                    };
-                    let Some(head) = q.pop_front() else { break };
-                    self.count(&head, false);
-                    woken.push(head.settle(outcome));
-                }
-            }
-        }
-        woken.into_iter().for_each(Wake::wake);
-    }
-
-    #[cfg(not(nodedb_mem_loom))]
-    /// Takes every request whose deadline has passed out of its queue, under the queues' lock
-    /// and in queue order; returns the earliest deadline still waiting, and what `report_of`
-    /// made of the refusals (to report outside the lock, where a `tracing` subscriber may run).
-    ///
-    /// First come first served holds at deadlines: a request with no earlier request still
-    /// waiting in its queue gets one last attempt (`last`, quiet), granted or refused; one
-    /// behind an earlier request still waiting is not tried at all, and times out with
-    /// [`MemError::QueuedBehind`], so it never takes memory an earlier request waits for. An
-    /// owner that cancels meanwhile finds no outcome; a grant that comes after is dropped
-    /// (released) with the request.
-    pub(crate) fn expire<R>(
+    /// Serves the queue: one pass in the order requests came (see [`pass`](Self::pass)).
+    /// Returns the earliest deadline still waiting and the refusals to report.
+    pub(crate) fn serve<R>(
         &self,
-        now: Instant,
-        mut last: impl FnMut(&Waiter<T>) -> Result<T, MemError>,
-        mut report_of: impl FnMut(&Waiter<T>, &MemError) -> Option<R>,
+        now: Option<Instant>,
+        attempt: impl FnMut(&Waiter<T>) -> Attempt<T>,
+        report_of: impl FnMut(&Waiter<T>, &MemError) -> Option<R>,
     ) -> (Option<Instant>, Vec<R>) {
-        let mut woken = Vec::new();
-        let mut reports = Vec::new();
-        let mut next: Option<Instant> = None;
-        {
-            let mut queues = lock(&self.queues);
-            for q in queues.iter_mut() {
-                if !q.iter().any(|w| w.deadline <= now) {
-                    for w in q.iter() {
-                        next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
-                    }
+        let settled = {
+            let mut queue = lock(&self.queue);
+            self.pass(&mut queue, now, attempt, report_of)
+        };
+        settled.finish()
+    }
+
+    /// One pass over the queue, oldest first, under its lock.
+    ///
+    /// A request is tried only if no earlier request still waiting competes for the memory
+    /// that holds it back: each request tried and refused (it stays) blocks the limit its
+    /// refusal names — its engine's budget, a scope on its path, or the ceiling — and a later
+    /// request whose path holds a blocked limit is not tried (it waits at that limit too). So a
+    /// request is never granted memory an earlier one waits for, and one held back only by
+    /// its own scope's limit never holds back requests outside that scope.
+    ///
+    /// A request whose deadline has passed (`now`; every pass, for a request of one attempt)
+    /// leaves the queue: tried, it gets its attempt as the last one (granted, or timed out
+    /// with the refusal, which `report_of` turns into a report); blocked, it times out untried
+    /// with [`MemError::QueuedBehind`], naming the limit and what waits at it ahead.
+    fn pass<R>(
+        &self,
+        queue: &mut VecDeque<Arc<Waiter<T>>>,
+        now: Option<Instant>,
+        mut attempt: impl FnMut(&Waiter<T>) -> Attempt<T>,
+        mut report_of: impl FnMut(&Waiter<T>, &MemError) -> Option<R>,
+    ) -> Settled<R> {
+        let mut out = Settled {
+            woken: Vec::new(),
+            reports: Vec::new(),
+            next: None,
+        };
+        let mut blocked: Vec<Blocker> = Vec::new();
+        let mut kept = VecDeque::with_capacity(queue.len());
+        while let Some(w) = queue.pop_front() {
+            let expired = w.once || now.is_some_and(|n| w.deadline <= n);
+            let waited = now.map_or(Duration::ZERO, |n| n.saturating_duration_since(w.since));
+            let outcome = if let Some(b) = blocked.iter_mut().find(|b| w.needs(b.key)) {
+                if expired {
+                    self.timed_out.fetch_add(1, Ordering::Relaxed);
+                    Err(MemError::WaitTimedOut {
+                        waited,
+                        refusal: Box::new(MemError::QueuedBehind {
+                            engine: w.engine,
+                            limit: b.limit.clone(),
+                            ahead: b.ahead,
+                            ahead_bytes: b.ahead_bytes,
+                        }),
+                    })
+                } else {
+                    b.ahead += 1;
+                    b.ahead_bytes = b.ahead_bytes.saturating_add(w.bytes);
+                    out.next = Some(out.next.map_or(w.deadline, |n| n.min(w.deadline)));
+                    kept.push_back(w);
                     continue;
                 }
-                let (mut ahead, mut ahead_bytes) = (0u64, 0u64);
-                let mut kept = VecDeque::with_capacity(q.len());
-                while let Some(w) = q.pop_front() {
-                    if w.deadline > now {
-                        next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
-                        ahead += 1;
-                        ahead_bytes += w.bytes;
+            } else {
+                match attempt(&w) {
+                    Attempt::Granted(t) => {
+                        self.granted.fetch_add(1, Ordering::Relaxed);
+                        Ok(t)
+                    }
+                    Attempt::Fail(e) => {
+                        out.reports.extend(report_of(&w, &e));
+                        Err(e)
+                    }
+                    Attempt::Wait(refusal) if expired => {
+                        out.reports.extend(report_of(&w, &refusal));
+                        if w.once {
+                            Err(refusal)
+                        } else {
+                            self.timed_out.fetch_add(1, Ordering::Relaxed);
+                            Err(MemError::WaitTimedOut {
+                                waited,
+                                refusal: Box::new(refusal),
+                            })
+                        }
+                    }
+                    Attempt::Wait(refusal) => {
+                        let (key, limit) = w.held_by(&refusal);
+                        match blocked.iter_mut().find(|b| b.key == key) {
+                            Some(b) => {
+                                b.ahead += 1;
+                                b.ahead_bytes = b.ahead_bytes.saturating_add(w.bytes);
+                            }
+                            None => blocked.push(Blocker {
+                                key,
+                                limit,
+                                ahead: 1,
+                                ahead_bytes: w.bytes,
+                            }),
+                        }
+                        out.next = Some(out.next.map_or(w.deadline, |n| n.min(w.deadline)));
                         kept.push_back(w);
                         continue;
                     }
-                    self.count(&w, false);
-                    let waited = now.saturating_duration_since(w.since);
-                    let refusal = if ahead == 0 {
-                        match last(&w) {
-                            Ok(t) => {
-                                self.granted.fetch_add(1, Ordering::Relaxed);
-                                woken.push(w.settle(Ok(t)));
-                                continue;
-                            }
-                            // Not a lack of memory (its scope was removed): that error as it is.
-                            Err(e) if !e.is_over_budget() => {
-                                woken.push(w.settle(Err(e)));
-                                continue;
-                            }
-                            Err(refusal) => {
-                                reports.extend(report_of(&w, &refusal));
-                                refusal
-                            }
-                        }
-                    } else {
-                        MemError::QueuedBehind {
-                            engine: w.engine,
-                            ahead,
-                            ahead_bytes,
-                        }
-                    };
-                    self.timed_out.fetch_add(1, Ordering::Relaxed);
-                    woken.push(w.settle(Err(MemError::WaitTimedOut {
-                        waited,
-                        refusal: Box::new(refusal),
-                    })));
                 }
-                *q = kept;
-            }
+            };
+            self.count(&w, false);
+            out.woken.push(w.settle(outcome));
         }
-        woken.into_iter().for_each(Wake::wake);
-        (next, reports)
+        *queue = kept;
+        out
     }
 
-    /// How many requests wait in `engine`'s queue, and for how many bytes.
-    pub(crate) fn ahead_of_new(&self, engine: EngineId) -> (u64, u64) {
-        let queues = lock(&self.queues);
-        let q = &queues[engine.index()];
-        (q.len() as u64, q.iter().map(|w| w.bytes).sum())
-    }
-
-    /// Takes `w` out of its queue if it is still there (its owner gave up); returns its
+    /// Takes `w` out of the queue if it is still there (its owner gave up); returns its
     /// outcome if one came first, for the caller to keep or drop outside every lock.
     pub(crate) fn cancel(&self, w: &Arc<Waiter<T>>) -> Option<Result<T, MemError>> {
         {
-            let mut queues = lock(&self.queues);
-            let q = &mut queues[w.engine.index()];
-            if let Some(i) = q.iter().position(|x| Arc::ptr_eq(x, w)) {
-                q.remove(i);
+            let mut queue = lock(&self.queue);
+            if let Some(i) = queue.iter().position(|x| Arc::ptr_eq(x, w)) {
+                queue.remove(i);
                 self.count(w, false);
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
             }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::EngineId;
 use crate::error::{MemError, Result};
 use crate::governor::MemoryGovernor;
-use crate::ledger::{Admit, Ledger, Reservation, reserve};
+use crate::ledger::{Ledger, Reservation};
 use crate::scope::Scope;
 use crate::sync::Arc;
 use crate::wait::Waiter;
@@ -96,20 +96,14 @@ impl MemoryGovernor {
             if let Some(outcome) = w.outcome_or_wake(None) {
                 return outcome;
             }
-            let now = Instant::now();
-            if now >= w.deadline {
-                // The serving thread times requests out; this caller does it too, so that a
-                // late thread cannot keep it past its deadline. If the thread has it already,
-                // its outcome comes with an unpark.
-                Ledger::expire_waiters(ledger, now);
-                if w.has_outcome() {
-                    continue;
-                }
-                std::thread::park_timeout(WAIT_RETRY);
-                continue;
+            // The serving thread retries and times out requests; this caller serves too, so
+            // that a late thread cannot keep it past its deadline. If a pass settles it, its
+            // outcome comes with an unpark.
+            let left = w.deadline.saturating_duration_since(Instant::now());
+            std::thread::park_timeout(left.min(WAIT_RETRY));
+            if !w.has_outcome() {
+                Ledger::serve_waiters(ledger);
             }
-            std::thread::park_timeout((w.deadline - now).min(WAIT_RETRY));
-            ledger.waiters.serve(|w| Ledger::attempt(ledger, w));
         }
     }
 
@@ -177,46 +171,25 @@ impl MemoryGovernor {
         {
             return Err(MemError::foreign_scope(s.path()));
         }
-        let hopeless = ledger.never_fits(engine, scope, bytes);
-        if timeout.is_zero() && !hopeless {
-            // One attempt, unless earlier requests wait: it must not take memory ahead of them.
-            let (ahead, ahead_bytes) = ledger.waiters.ahead_of_new(engine);
-            if ahead > 0 {
-                ledger
-                    .waiters
-                    .timed_out
-                    .fetch_add(1, crate::sync::Ordering::Relaxed);
-                return Ok(Started::Done(Err(MemError::WaitTimedOut {
-                    waited: Duration::ZERO,
-                    refusal: Box::new(MemError::QueuedBehind {
-                        engine,
-                        ahead,
-                        ahead_bytes,
-                    }),
-                })));
+        if let Some(never) = ledger.never_fits(engine, scope, bytes) {
+            // Refused at once, naming the limit: no release can admit it.
+            if let Some(r) = ledger.refusal_of(scope, &never) {
+                ledger.report(r);
             }
-        }
-        if hopeless || timeout.is_zero() {
-            return Ok(Started::Done(reserve(
-                ledger,
-                engine,
-                scope,
-                bytes,
-                Admit::Commit,
-            )));
+            return Ok(Started::Done(Err(never)));
         }
         #[cfg(not(nodedb_mem_loom))]
-        start_serving(ledger)?;
+        if !timeout.is_zero() {
+            start_serving(ledger)?;
+        }
         let w = Waiter::new(engine, scope.cloned(), bytes, timeout);
-        Ok(
-            match ledger.waiters.join(&w, || Ledger::attempt(ledger, &w)) {
-                Some(outcome) => Started::Done(outcome),
-                None => {
-                    ledger.ticker.nudge();
-                    Started::Queued(w)
-                }
-            },
-        )
+        Ok(match Ledger::join_waiters(ledger, &w) {
+            Some(outcome) => Started::Done(outcome),
+            None => {
+                ledger.ticker.nudge();
+                Started::Queued(w)
+            }
+        })
     }
 }
 
@@ -233,8 +206,7 @@ fn start_serving(ledger: &Arc<Ledger>) -> Result<()> {
                 loop {
                     let Some(ledger) = weak.upgrade() else { return };
                     let now = Instant::now();
-                    let next = Ledger::expire_waiters(&ledger, now);
-                    Ledger::wake_waiters(&ledger);
+                    let next = Ledger::serve_waiters(&ledger);
                     let busy = ledger.waiters.anyone_waiting();
                     drop(ledger);
                     // What this thread allocated is settled before it sleeps: the ledgers

@@ -31,9 +31,9 @@ fn a_scoped_reservation_counts_at_every_level_and_gives_every_level_back() {
     assert_eq!(acme.parent(), Some(db.id()));
     assert_eq!(db.parent(), None);
 
-    let a = gov.reserve_in(&acme, EngineId::Query, 3 * MIB).unwrap();
-    let b = gov.reserve_in(&initech, EngineId::Vector, 5 * MIB).unwrap();
-    let c = gov.reserve_in(&db, EngineId::Query, MIB).unwrap();
+    let a = gov.reserve_in(EngineId::Query, &acme, 3 * MIB).unwrap();
+    let b = gov.reserve_in(EngineId::Vector, &initech, 5 * MIB).unwrap();
+    let c = gov.reserve_in(EngineId::Query, &db, MIB).unwrap();
     assert_eq!(a.scope(), Some("sales/acme"));
     assert_eq!(
         (acme.usage(), initech.usage(), db.usage()),
@@ -61,11 +61,11 @@ fn a_refusal_names_the_level_that_refused_and_leaves_every_level_as_it_was() {
     let db = gov.create_scope("sales", None, 16 * MIB).unwrap();
     let acme = gov.create_scope("acme", Some(&db), 12 * MIB).unwrap();
     let initech = gov.create_scope("initech", Some(&db), 12 * MIB).unwrap();
-    let held = gov.reserve_in(&acme, EngineId::Query, 10 * MIB).unwrap();
+    let held = gov.reserve_in(EngineId::Query, &acme, 10 * MIB).unwrap();
     let before = levels(&gov, EngineId::Query, &acme, &db);
 
     // The tenant refuses.
-    let err = gov.reserve_in(&acme, EngineId::Query, 3 * MIB).unwrap_err();
+    let err = gov.reserve_in(EngineId::Query, &acme, 3 * MIB).unwrap_err();
     assert_eq!(
         err.to_string(),
         "cannot reserve 3 MiB for engine query in scope sales/acme: 10 MiB already used of its \
@@ -76,7 +76,7 @@ fn a_refusal_names_the_level_that_refused_and_leaves_every_level_as_it_was() {
 
     // The database refuses a reservation its tenant has room for.
     let err = gov
-        .reserve_in(&initech, EngineId::Query, 7 * MIB)
+        .reserve_in(EngineId::Query, &initech, 7 * MIB)
         .unwrap_err();
     let MemError::ScopeExceeded {
         scope,
@@ -112,7 +112,7 @@ fn a_refusal_names_the_level_that_refused_and_leaves_every_level_as_it_was() {
 
     // The engine refuses before any scope is touched.
     let err = gov
-        .reserve_in(&initech, EngineId::Sparse, 6 * MIB)
+        .reserve_in(EngineId::Sparse, &initech, 6 * MIB)
         .unwrap_err();
     assert!(
         matches!(
@@ -129,9 +129,9 @@ fn a_refusal_names_the_level_that_refused_and_leaves_every_level_as_it_was() {
     // The ceiling refuses last: every scope taken is given back.
     let big = gov.create_scope("big", None, MAX_CEILING).unwrap();
     let v = gov.reserve(EngineId::Vector, 40 * MIB).unwrap();
-    let q = gov.reserve_in(&big, EngineId::Query, 30 * MIB).unwrap();
+    let q = gov.reserve_in(EngineId::Query, &big, 30 * MIB).unwrap();
     gov.charge(EngineId::Unattributed, 28 * MIB);
-    let err = gov.reserve_in(&big, EngineId::Crdt, 5 * MIB).unwrap_err();
+    let err = gov.reserve_in(EngineId::Crdt, &big, 5 * MIB).unwrap_err();
     assert!(matches!(err, MemError::CeilingExceeded { .. }), "{err:?}");
     assert_eq!(big.usage(), 30 * MIB);
     assert_eq!(gov.usage(EngineId::Crdt), 0);
@@ -152,7 +152,7 @@ fn a_refusal_names_the_level_that_refused_and_leaves_every_level_as_it_was() {
 fn growing_splitting_and_shrinking_stay_in_the_scope() {
     let gov = gov();
     let db = gov.create_scope("db", None, 8 * MIB).unwrap();
-    let mut r = gov.reserve_in(&db, EngineId::Query, 4 * MIB).unwrap();
+    let mut r = gov.reserve_in(EngineId::Query, &db, 4 * MIB).unwrap();
     let err = r.try_grow(5 * MIB).unwrap_err();
     assert!(matches!(err, MemError::ScopeExceeded { .. }), "{err:?}");
     assert_eq!(r.size(), 4 * MIB);
@@ -177,8 +177,8 @@ fn growing_splitting_and_shrinking_stay_in_the_scope() {
 fn a_limit_changed_below_usage_keeps_every_byte_and_refuses_until_usage_falls() {
     let gov = gov();
     let db = gov.create_scope("db", None, 16 * MIB).unwrap();
-    let a = gov.reserve_in(&db, EngineId::Query, 6 * MIB).unwrap();
-    let b = gov.reserve_in(&db, EngineId::Vector, 6 * MIB).unwrap();
+    let a = gov.reserve_in(EngineId::Query, &db, 6 * MIB).unwrap();
+    let b = gov.reserve_in(EngineId::Vector, &db, 6 * MIB).unwrap();
     assert_eq!(gov.scope_pressure(&db), PressureLevel::Warning); // 75 %
 
     gov.set_scope_limit(&db, 4 * MIB).unwrap();
@@ -188,7 +188,7 @@ fn a_limit_changed_below_usage_keeps_every_byte_and_refuses_until_usage_falls() 
     );
     assert_eq!(gov.scope_pressure(&db), PressureLevel::Emergency);
     gov.check_consistency().unwrap();
-    let err = gov.reserve_in(&db, EngineId::Query, 1).unwrap_err();
+    let err = gov.reserve_in(EngineId::Query, &db, 1).unwrap_err();
     assert_eq!(
         err.to_string(),
         "cannot reserve 1 B for engine query in scope db: 12 MiB already used of its 4 MiB \
@@ -197,13 +197,13 @@ fn a_limit_changed_below_usage_keeps_every_byte_and_refuses_until_usage_falls() 
 
     drop(a);
     assert_eq!(db.usage(), 6 * MIB);
-    assert!(gov.reserve_in(&db, EngineId::Query, 1).is_err());
+    assert!(gov.reserve_in(EngineId::Query, &db, 1).is_err());
     drop(b);
     assert_eq!(db.usage(), 0);
-    let c = gov.reserve_in(&db, EngineId::Query, 4 * MIB).unwrap();
-    assert!(gov.reserve_in(&db, EngineId::Query, 1).is_err());
+    let c = gov.reserve_in(EngineId::Query, &db, 4 * MIB).unwrap();
+    assert!(gov.reserve_in(EngineId::Query, &db, 1).is_err());
     gov.set_scope_limit(&db, 5 * MIB).unwrap();
-    let d = gov.reserve_in(&db, EngineId::Query, MIB).unwrap();
+    let d = gov.reserve_in(EngineId::Query, &db, MIB).unwrap();
     drop((c, d));
     assert_eq!(gov.scope_pressure(&db), PressureLevel::Normal);
     gov.check_consistency().unwrap();
@@ -242,8 +242,8 @@ fn a_scope_in_use_is_not_removed_and_a_removed_one_refuses_everything() {
     let gov = gov();
     let db = gov.create_scope("db", None, 16 * MIB).unwrap();
     let tenant = gov.create_scope("t1", Some(&db), 8 * MIB).unwrap();
-    let a = gov.reserve_in(&tenant, EngineId::Query, 3 * MIB).unwrap();
-    let b = gov.reserve_in(&tenant, EngineId::Query, 0).unwrap();
+    let a = gov.reserve_in(EngineId::Query, &tenant, 3 * MIB).unwrap();
+    let b = gov.reserve_in(EngineId::Query, &tenant, 0).unwrap();
 
     let err = gov.remove_scope(&tenant).unwrap_err();
     assert_eq!(
@@ -270,7 +270,7 @@ fn a_scope_in_use_is_not_removed_and_a_removed_one_refuses_everything() {
     gov.remove_scope(&tenant).unwrap();
     assert!(tenant.is_removed());
     assert_eq!(
-        gov.reserve_in(&tenant, EngineId::Query, 1)
+        gov.reserve_in(EngineId::Query, &tenant, 1)
             .unwrap_err()
             .to_string(),
         "scope db/t1 was removed"
@@ -346,7 +346,7 @@ fn bad_names_and_foreign_scopes_are_refused_with_the_reason() {
     let theirs = other.create_scope("theirs", None, MIB).unwrap();
     let foreign = "invalid configuration `scope` = theirs: belongs to another governor";
     assert_eq!(
-        gov.reserve_in(&theirs, EngineId::Query, 1)
+        gov.reserve_in(EngineId::Query, &theirs, 1)
             .unwrap_err()
             .to_string(),
         foreign
@@ -365,8 +365,8 @@ fn the_snapshot_and_prometheus_show_every_scope() {
     let gov = gov();
     let db = gov.create_scope("sales", None, 16 * MIB).unwrap();
     let t = gov.create_scope("ac\"me", Some(&db), 4 * MIB).unwrap();
-    let _r = gov.reserve_in(&t, EngineId::Query, 3 * MIB).unwrap();
-    let _ = gov.reserve_in(&t, EngineId::Query, 3 * MIB);
+    let _r = gov.reserve_in(EngineId::Query, &t, 3 * MIB).unwrap();
+    let _ = gov.reserve_in(EngineId::Query, &t, 3 * MIB);
     let snap = gov.snapshot();
     assert_eq!(snap.scopes.len(), 2);
     let s = &snap.scopes[1];
@@ -458,7 +458,7 @@ fn many_threads_in_two_tenants_never_pass_any_level() {
                 let mut granted = 0u64;
                 for round in 0..ROUNDS {
                     let bytes = (round * 7919 + i as u64 * 104_729) % (3 * MIB) + 1;
-                    if let Ok(r) = gov.reserve_in(&t, engine, bytes) {
+                    if let Ok(r) = gov.reserve_in(engine, &t, bytes) {
                         granted += 1;
                         held.push(r);
                     }
@@ -496,7 +496,7 @@ fn a_removal_racing_reservations_never_removes_a_scope_in_use() {
                 thread::spawn(move || {
                     start.wait();
                     loop {
-                        match gov.reserve_in(&db, EngineId::Query, (i + 1) * 4096) {
+                        match gov.reserve_in(EngineId::Query, &db, (i + 1) * 4096) {
                             // While it is held, the scope cannot have been removed.
                             Ok(r) => {
                                 assert!(!db.is_removed(), "removed under {r:?}");
@@ -542,12 +542,12 @@ fn a_deep_path_counts_at_every_level() {
     }
     let leaf = path.last().unwrap();
     assert_eq!(leaf.path(), "l0/l1/l2/l3/l4/l5/l6/l7/l8/l9/l10/l11");
-    let r = gov.reserve_in(leaf, EngineId::Query, 20 * MIB).unwrap();
+    let r = gov.reserve_in(EngineId::Query, leaf, 20 * MIB).unwrap();
     assert!(path.iter().all(|s| s.usage() == 20 * MIB));
     // Level 5, lowered to 27 MiB, refuses 8 more after the six levels below it admitted them;
     // none of them keeps anything.
     gov.set_scope_limit(&path[5], 27 * MIB).unwrap();
-    let err = gov.reserve_in(leaf, EngineId::Vector, 8 * MIB).unwrap_err();
+    let err = gov.reserve_in(EngineId::Vector, leaf, 8 * MIB).unwrap_err();
     assert!(
         matches!(&err, MemError::ScopeExceeded { scope, .. } if scope == "l0/l1/l2/l3/l4/l5"),
         "{err:?}"
@@ -569,7 +569,7 @@ fn refused_attempts_never_keep_a_drained_scope_in_use() {
                 s.spawn(|| {
                     // Clients retrying refused reservations in a tight loop.
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        match gov.reserve_in(&scope, EngineId::Query, MIB) {
+                        match gov.reserve_in(EngineId::Query, &scope, MIB) {
                             Err(MemError::ScopeExceeded { .. }) => {}
                             Err(MemError::ScopeRemoved { .. }) => break,
                             other => panic!("{other:?}"),

@@ -81,9 +81,9 @@ fn scope_refusals_and_limit_changes_are_traced_with_the_scope() {
             .unwrap();
         let db = gov.create_scope("sales", None, 4 << 20).unwrap();
         let t = gov.create_scope("acme", Some(&db), 8 << 20).unwrap();
-        let _ = gov.reserve_in(&t, EngineId::Query, 5 << 20).unwrap_err();
+        let _ = gov.reserve_in(EngineId::Query, &t, 5 << 20).unwrap_err();
         gov.set_scope_limit(&db, 8 << 20).unwrap();
-        let _held = gov.reserve_in(&t, EngineId::Query, 7 << 20).unwrap();
+        let _held = gov.reserve_in(EngineId::Query, &t, 7 << 20).unwrap();
         gov.scope_pressure(&t);
         let _ = gov.snapshot();
         let events = collected.0.lock().unwrap();

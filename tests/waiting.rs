@@ -8,7 +8,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nodedb_mem::{EngineId, MemError, MemoryGovernor, Reservation, Reserving};
+use nodedb_mem::{EngineId, Limit, MemError, MemoryGovernor, Reservation, Reserving};
 
 mod common;
 use common::{MIB, two_big_engines};
@@ -237,7 +237,7 @@ fn a_credit_a_raised_scope_limit_and_a_removed_scope_wake_waiters() {
     // A scope's limit raised (the request fits the limit, not beside what is held; one
     // larger than the limit itself is refused at once).
     let db = gov.create_scope("db", None, 2 * MIB).unwrap();
-    let held = gov.reserve_in(&db, EngineId::Vector, MIB).unwrap();
+    let held = gov.reserve_in(EngineId::Vector, &db, MIB).unwrap();
     let mut b = gov.reserve_async(EngineId::Vector, Some(&db), 2 * MIB, LONG);
     assert!(poll(&mut b, &waker).is_pending());
     gov.set_scope_limit(&db, 3 * MIB).unwrap();
@@ -300,13 +300,21 @@ fn hopeless_and_zero_timeout_requests_are_answered_at_once() {
     let err = gov
         .reserve_blocking(EngineId::Query, None, 17 * MIB, LONG)
         .unwrap_err();
-    assert!(matches!(err, MemError::BudgetExceeded { .. }), "{err:?}");
-    // Above the ceiling.
+    assert_eq!(
+        err.to_string(),
+        "17 MiB for engine query can never be reserved while engine query's cap is 16 MiB"
+    );
+    assert!(err.is_over_budget());
+    // Above the ceiling (Vector's cap is the ceiling).
     let err = block_on(gov.reserve_async(EngineId::Vector, None, 65 * MIB, LONG)).unwrap_err();
-    assert!(matches!(
-        err,
-        MemError::BudgetExceeded { .. } | MemError::CeilingExceeded { .. }
-    ));
+    assert!(
+        matches!(
+            err,
+            MemError::NeverFits { engine: EngineId::Vector, requested, limit: Limit::Cap(EngineId::Vector) | Limit::Ceiling, max }
+                if requested == 65 * MIB && max == 64 * MIB
+        ),
+        "{err:?}"
+    );
     let _held = gov.reserve(EngineId::Query, 8 * MIB).unwrap();
     let err = gov
         .reserve_blocking(EngineId::Query, None, MIB, Duration::ZERO)
@@ -411,9 +419,13 @@ fn a_deadline_never_takes_memory_an_earlier_request_waits_for() {
             Err(MemError::WaitTimedOut { refusal, .. }) => match *refusal {
                 MemError::QueuedBehind {
                     engine,
+                    limit,
                     ahead,
                     ahead_bytes,
-                } => assert_eq!((engine, ahead, ahead_bytes), (EngineId::Query, 1, 6 * MIB)),
+                } => assert_eq!(
+                    (engine, limit, ahead, ahead_bytes),
+                    (EngineId::Query, Limit::Budget(EngineId::Query), 1, 6 * MIB)
+                ),
                 other => panic!("{other}"),
             },
             other => panic!("{other:?}"),
@@ -425,8 +437,8 @@ fn a_deadline_never_takes_memory_an_earlier_request_waits_for() {
         .unwrap_err();
     assert_eq!(
         now.to_string(),
-        "waited 0 ms for memory: 1 earlier request(s) for engine query, waiting for 6 MiB, were \
-         ahead of it"
+        "waited 0 ms for memory: 1 earlier request(s), waiting for 6 MiB at engine query's \
+         limit, were ahead of this one for engine query"
     );
     assert!(now.is_over_budget());
     assert_eq!(gov.usage(EngineId::Query), 7 * MIB);
@@ -505,24 +517,27 @@ fn a_request_no_release_can_admit_is_refused_and_never_holds_back_others() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(
         err.to_string(),
-        "cannot reserve 5 MiB for engine query in scope db/small: 0 B already used of its \
-         4 MiB limit, 4 MiB available"
+        "5 MiB for engine query can never be reserved while scope db/small's limit is 4 MiB"
     );
-    // A request that fits its limit waits at the head; the limit is then lowered under it:
-    // refused then, and the request behind it (another tenant's, with room) is served.
-    let held = gov.reserve_in(&small, EngineId::Query, 2 * MIB).unwrap();
-    let held_other = gov.reserve_in(&other, EngineId::Query, 4 * MIB).unwrap();
+    assert_eq!(small.rejections(), 1);
+    // A request that fits its limit waits, held back by that limit; another tenant's request
+    // behind it is served as soon as its own tenant has room (it was held back by the first
+    // until its deadline); the first one's limit is then lowered under it: refused then.
+    let held = gov.reserve_in(EngineId::Query, &small, 2 * MIB).unwrap();
+    let held_other = gov.reserve_in(EngineId::Query, &other, 4 * MIB).unwrap();
     let head = gov.reserve_async(EngineId::Query, Some(&small), 3 * MIB, LONG);
     let behind = gov.reserve_async(EngineId::Query, Some(&other), MIB, LONG);
-    drop(held_other); // `other` has room; `behind` still waits behind the head
     assert_eq!(gov.snapshot().engines[EngineId::Query.index()].waiters, 2);
+    drop(held_other);
+    assert_eq!(gov.snapshot().engines[EngineId::Query.index()].waiters, 1);
     gov.set_scope_limit(&small, 2 * MIB).unwrap();
     match block_on(head) {
-        Err(MemError::ScopeExceeded { scope, limit, .. }) => {
-            assert_eq!((scope.as_str(), limit), ("db/small", 2 * MIB));
+        Err(MemError::NeverFits { limit, max, .. }) => {
+            assert_eq!((limit, max), (Limit::Scope("db/small".into()), 2 * MIB));
         }
         other => panic!("{other:?}"),
     }
+    assert_eq!(small.rejections(), 2);
     let behind = block_on(behind).unwrap();
     assert_eq!(behind.size(), MIB);
     drop((held, behind));

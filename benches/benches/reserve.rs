@@ -39,8 +39,8 @@ fn reserve_release(c: &mut Criterion) {
     group.bench_function("in_one_scope", |b| {
         b.iter(|| {
             drop(black_box(gov.reserve_in(
-                &db,
                 EngineId::Query,
+                &db,
                 black_box(4096),
             )))
         })
@@ -48,8 +48,8 @@ fn reserve_release(c: &mut Criterion) {
     group.bench_function("in_two_scopes", |b| {
         b.iter(|| {
             drop(black_box(gov.reserve_in(
-                &tenant,
                 EngineId::Query,
+                &tenant,
                 black_box(4096),
             )))
         })
