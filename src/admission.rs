@@ -8,7 +8,7 @@ use crate::events::EventKind;
 use crate::governor::MemoryGovernor;
 use crate::ledger::{Admit, Ledger, Reservation, reserve};
 use crate::pressure::PressureLevel;
-use crate::scope::{Scope, TreeError};
+use crate::scope::{Scope, ScopeId, TreeError};
 use crate::size::ByteSize;
 
 impl MemoryGovernor {
@@ -143,16 +143,18 @@ impl MemoryGovernor {
     /// `scope`'s pressure level (its usage against its limit, with the engines' thresholds
     /// and hysteresis). O(1), lock-free, allocation-free; a change is recorded as an event.
     pub fn scope_pressure(&self, scope: &Scope) -> PressureLevel {
-        let ledger = &self.inner.ledger;
-        let (level, changed) = scope.node.update_pressure(&ledger.ppm);
-        if let Some(from) = changed {
-            ledger.events.record_quiet(EventKind::ScopePressure {
-                scope: scope.id(),
-                from,
-                to: level,
-            });
-        }
-        level
+        scope.pressure()
+    }
+
+    /// The live scope at `path` (names from the root down, joined by `/`: `sales/acme`), if
+    /// there is one.
+    pub fn scope(&self, path: &str) -> Option<Scope> {
+        self.inner.ledger.scopes.find(|n| n.path == path)
+    }
+
+    /// The live scope numbered `id`, if there is one.
+    pub fn scope_by_id(&self, id: ScopeId) -> Option<Scope> {
+        self.inner.ledger.scopes.find(|n| n.id == id)
     }
 
     /// Every live scope, in creation order.

@@ -352,6 +352,51 @@ mod tests {
     }
 
     #[test]
+    fn waiting_messages_name_the_limit() {
+        let cases = [
+            (Limit::Budget(EngineId::Query), "engine query's limit"),
+            (Limit::Cap(EngineId::Vector), "engine vector's cap"),
+            (
+                Limit::Scope("sales/acme".into()),
+                "scope sales/acme's limit",
+            ),
+            (Limit::Ceiling, "the ceiling"),
+        ];
+        for (limit, text) in cases {
+            let e = MemError::QueuedBehind {
+                engine: EngineId::Query,
+                limit: limit.clone(),
+                ahead: 2,
+                ahead_bytes: 3 << 20,
+            };
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "2 earlier request(s), waiting for 3 MiB at {text}, were ahead of this one \
+                     for engine query"
+                )
+            );
+            assert!(e.is_over_budget());
+            let e = MemError::NeverFits {
+                engine: EngineId::Sparse,
+                requested: 5 << 20,
+                limit,
+                max: 4 << 20,
+            };
+            assert_eq!(
+                e.to_string(),
+                format!("5 MiB for engine sparse can never be reserved while {text} is 4 MiB")
+            );
+            let e = MemError::WaitTimedOut {
+                waited: std::time::Duration::from_millis(12),
+                refusal: Box::new(e),
+            };
+            assert!(e.is_over_budget());
+            assert!(e.to_string().starts_with("waited 12 ms for memory: 5 MiB"));
+        }
+    }
+
+    #[test]
     fn other_messages() {
         let e = MemError::OverRelease {
             engine: EngineId::Timeseries,

@@ -113,14 +113,23 @@ impl MemoryGovernor {
             let l = c.budgets[e.index()];
             CachePadded::new(Budget::new(e, l.base, l.floor, l.cap, from_allocator))
         });
+        let events = std::sync::Arc::new(EventLog::new());
+        let log = std::sync::Arc::clone(&events);
+        let ppm = c.thresholds.to_ppm();
+        let scopes = ScopeTree::new(
+            ppm,
+            Box::new(move |scope, from, to| {
+                log.record_quiet(EventKind::ScopePressure { scope, from, to });
+            }),
+        );
         MemoryGovernor {
             inner: Arc::new(Inner {
                 ledger: Arc::new(Ledger {
                     budgets,
                     global: CachePadded::new(GlobalLedger::new(c.ceiling, from_allocator)),
-                    scopes: ScopeTree::new(),
-                    events: EventLog::new(),
-                    ppm: c.thresholds.to_ppm(),
+                    scopes,
+                    events,
+                    ppm,
                     waiters: Queues::new(),
                     ticker: Default::default(),
                 }),

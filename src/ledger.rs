@@ -100,7 +100,8 @@ pub(crate) struct Ledger {
     pub(crate) budgets: [CachePadded<Budget>; EngineId::COUNT],
     pub(crate) global: CachePadded<GlobalLedger>,
     pub(crate) scopes: ScopeTree,
-    pub(crate) events: EventLog,
+    /// Shared with the scope tree, which records scopes' pressure changes in it.
+    pub(crate) events: std::sync::Arc<EventLog>,
     pub(crate) ppm: ThresholdsPpm,
     /// Requests waiting for memory, per engine.
     pub(crate) waiters: Queues<Reservation>,
@@ -535,7 +536,7 @@ pub(crate) fn reserve(
     Ok(Reservation {
         ledger: Arc::clone(ledger),
         engine,
-        scope,
+        scope: scope.map(|node| Scope { node }),
         size: bytes,
     })
 }
@@ -562,7 +563,7 @@ pub struct Reservation {
     ledger: Arc<Ledger>,
     engine: EngineId,
     /// The scope it was made in (it counts against that scope and every one above it).
-    scope: Option<Arc<ScopeNode>>,
+    scope: Option<Scope>,
     size: u64,
 }
 
@@ -570,7 +571,7 @@ impl fmt::Debug for Reservation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reservation")
             .field("engine", &self.engine)
-            .field("scope", &self.scope.as_ref().map(|n| &n.path))
+            .field("scope", &self.scope.as_ref().map(Scope::path))
             .field("size", &self.size)
             .finish()
     }
@@ -587,9 +588,13 @@ impl Reservation {
         self.size
     }
 
-    /// The path of the scope it was made in, if any.
-    pub fn scope(&self) -> Option<&str> {
-        self.scope.as_ref().map(|n| n.path.as_str())
+    /// The scope it was made in, if any: its handle, with its figures and pressure.
+    pub fn scope(&self) -> Option<&Scope> {
+        self.scope.as_ref()
+    }
+
+    fn node(&self) -> Option<&Arc<ScopeNode>> {
+        self.scope.as_ref().map(|s| &s.node)
     }
 
     /// Reserves `bytes` more (against the engine, its scopes and the ceiling), or refuses
@@ -597,7 +602,7 @@ impl Reservation {
     /// [`MemoryGovernor::reserve`](crate::MemoryGovernor::reserve).
     pub fn try_grow(&mut self, bytes: u64) -> Result<()> {
         self.ledger
-            .admit(self.engine, self.scope.as_ref(), bytes, Admit::Commit)?;
+            .admit(self.engine, self.node(), bytes, Admit::Commit)?;
         self.size += bytes;
         Ok(())
     }
@@ -614,8 +619,7 @@ impl Reservation {
     /// Gives `bytes` back to the engine's budget.
     pub fn shrink(&mut self, bytes: u64) -> Result<()> {
         self.check_holds(bytes)?;
-        self.ledger
-            .release(self.engine, self.scope.as_ref(), bytes)?;
+        self.ledger.release(self.engine, self.node(), bytes)?;
         self.size -= bytes;
         Ledger::wake_waiters(&self.ledger);
         Ok(())
@@ -624,7 +628,7 @@ impl Reservation {
     /// Moves `bytes` of this reservation into a new one for the same engine and scope.
     pub fn split(&mut self, bytes: u64) -> Result<Reservation> {
         self.check_holds(bytes)?;
-        if let Some(n) = &self.scope {
+        if let Some(n) = self.node() {
             // This reservation keeps the scope open, so it cannot be removed meanwhile.
             let entered = n.enter();
             debug_assert!(entered, "a scope with a live reservation was removed");
@@ -643,7 +647,7 @@ impl Reservation {
         let size = std::mem::take(&mut self.size);
         // A reservation releases exactly what it was admitted, so this cannot be refused; if a
         // bug ever made it so, the ledger counts it in `over_releases` and stays unchanged.
-        let released = self.ledger.release(self.engine, self.scope.as_ref(), size);
+        let released = self.ledger.release(self.engine, self.node(), size);
         debug_assert!(released.is_ok(), "{released:?}");
         if size > 0 {
             Ledger::wake_waiters(&self.ledger);
@@ -666,7 +670,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.free();
-        if let Some(n) = &self.scope {
+        if let Some(n) = self.node() {
             n.leave();
         }
     }

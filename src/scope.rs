@@ -44,6 +44,18 @@ impl fmt::Display for ScopeId {
     }
 }
 
+/// Where a scope's pressure change is reported: (scope, from, to). The governor records it as
+/// an event.
+pub(crate) type PressureSink =
+    dyn Fn(ScopeId, PressureLevel, PressureLevel) + Send + Sync + std::panic::RefUnwindSafe;
+
+/// What every scope of one tree shares: the thresholds its pressure is judged by (the
+/// engines'), and where a change is reported.
+pub(crate) struct TreeShared {
+    ppm: ThresholdsPpm,
+    on_change: Box<PressureSink>,
+}
+
 /// The closed bit of a scope's `open` word; the bits below count what keeps it open.
 const CLOSED: u64 = 1 << 63;
 
@@ -58,6 +70,8 @@ pub(crate) struct ScopeNode {
     pub(crate) parent: Option<Arc<ScopeNode>>,
     /// The tree this scope belongs to (to refuse another governor's scope).
     tree: u64,
+    /// The thresholds its pressure is judged by, and where a change is reported.
+    shared: std::sync::Arc<TreeShared>,
     limit: AtomicU64,
     /// `limit - usage`; the admission word.
     headroom: AtomicI64,
@@ -162,17 +176,20 @@ impl ScopeNode {
         self.open.load(Ordering::Acquire) & CLOSED != 0
     }
 
-    pub(crate) fn update_pressure(
-        &self,
-        ppm: &ThresholdsPpm,
-    ) -> (PressureLevel, Option<PressureLevel>) {
-        update_level(
+    /// The pressure level now (the engines' thresholds and hysteresis); a change is
+    /// reported to the governor's event log.
+    pub(crate) fn pressure(&self) -> PressureLevel {
+        let (level, changed) = update_level(
             &self.level,
             &self.transitions,
-            ppm,
+            &self.shared.ppm,
             self.usage(),
             self.limit(),
-        )
+        );
+        if let Some(from) = changed {
+            (self.shared.on_change)(self.id, from, level);
+        }
+        level
     }
 
     /// The scope's figures now, with its pressure level and the requests waiting in it.
@@ -323,6 +340,23 @@ impl Scope {
     pub fn is_removed(&self) -> bool {
         self.node.is_removed()
     }
+
+    /// Its pressure level: usage against limit, with the engines' thresholds and hysteresis.
+    /// O(1), lock-free, allocation-free; a change is recorded as an event, as by
+    /// [`MemoryGovernor::scope_pressure`](crate::MemoryGovernor::scope_pressure).
+    pub fn pressure(&self) -> PressureLevel {
+        self.node.pressure()
+    }
+
+    /// Changes of its pressure level so far.
+    pub fn pressure_transitions(&self) -> u64 {
+        self.node.transitions.load(Ordering::Relaxed)
+    }
+
+    /// Live child scopes.
+    pub fn children(&self) -> u64 {
+        self.node.children.load(Ordering::Relaxed)
+    }
 }
 
 /// Why a scope could not be created, removed or used; the caller turns it into a `MemError`.
@@ -343,6 +377,7 @@ pub(crate) enum TreeError {
 /// Every live scope of one governor.
 pub(crate) struct ScopeTree {
     id: u64,
+    shared: std::sync::Arc<TreeShared>,
     /// Live scopes in creation order; the lock also serialises limit changes.
     live: Mutex<Vec<Arc<ScopeNode>>>,
     next: AtomicU64,
@@ -352,9 +387,11 @@ pub(crate) struct ScopeTree {
 static TREES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl ScopeTree {
-    pub(crate) fn new() -> ScopeTree {
+    /// A tree whose scopes judge pressure by `ppm` and report changes to `on_change`.
+    pub(crate) fn new(ppm: ThresholdsPpm, on_change: Box<PressureSink>) -> ScopeTree {
         ScopeTree {
             id: TREES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            shared: std::sync::Arc::new(TreeShared { ppm, on_change }),
             live: Mutex::new(Vec::new()),
             next: AtomicU64::new(1),
         }
@@ -416,6 +453,7 @@ impl ScopeTree {
             name: name.to_owned(),
             parent,
             tree: self.id,
+            shared: std::sync::Arc::clone(&self.shared),
             limit: AtomicU64::new(limit),
             headroom: AtomicI64::new(to_i64(limit)),
             usage: AtomicU64::new(0),
@@ -486,5 +524,12 @@ impl ScopeTree {
     /// Every live scope, in creation order.
     pub(crate) fn live(&self) -> Vec<Arc<ScopeNode>> {
         lock(&self.live).clone()
+    }
+
+    /// The live scope that `pick` chooses, if any.
+    pub(crate) fn find(&self, pick: impl Fn(&ScopeNode) -> bool) -> Option<Scope> {
+        lock(&self.live).iter().find(|n| pick(n)).map(|n| Scope {
+            node: Arc::clone(n),
+        })
     }
 }

@@ -1,5 +1,6 @@
 //! Waiting for memory: reservations that block until a deadline, or futures that are safe to
-//! cancel, queued per engine first come first served (the queue's rules are in `wait`).
+//! cancel, queued in arrival order and served so that no request takes memory an earlier one
+//! waits for (the queue's rules are in `wait`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,23 +35,29 @@ impl MemoryGovernor {
     /// Reserves `bytes` for `engine` (in `scope`, if given), waiting up to `timeout` for memory
     /// released by others or lent by rebalancing, instead of refusing at once.
     ///
-    /// Requests wait in one queue per engine, first come first served: only the oldest request
-    /// of an engine is tried, so a large one is not starved by smaller ones after it, and a new
-    /// request tries at once only when no request of its engine waits. (Plain
-    /// [`reserve`](Self::reserve) and the allocator do not queue: they take what fits when they
-    /// ask.) A waiting engine counts as busy to the rebalancer, with what it waits for as
-    /// demand. Reservations dropped, credits, raised limits and rebalancing steps serve the
-    /// queues at once; memory freed through the global allocator is noticed within
+    /// Requests wait in arrival order. A request is granted before every later request that
+    /// competes for the memory it lacks (the limit that refused it: its engine's budget, a
+    /// scope on its path, or the ceiling), so a large request is not starved by smaller ones
+    /// after it; and it never waits behind a request held back by a limit off its own path,
+    /// so one tenant held back by its scope's limit never holds back another tenant. A new
+    /// request is tried at once, in its place after every earlier one. (Plain
+    /// [`reserve`](Self::reserve) and the allocator do not queue: they take what fits when
+    /// they ask.) A waiting engine counts as busy to the rebalancer, with what it waits for as
+    /// demand. Reservations dropped, credits, changed limits and rebalancing steps serve the
+    /// queue at once; memory freed through the global allocator is noticed within
     /// [`WAIT_RETRY`].
     ///
-    /// At the deadline the request gets one last attempt; if that is refused too, the error is
-    /// [`MemError::WaitTimedOut`], with how long it waited and the refusal
-    /// ([`MemError::BudgetExceeded`], [`MemError::ScopeExceeded`] or
-    /// [`MemError::CeilingExceeded`]). Refused at once, without waiting: a request larger than
-    /// the engine's cap (the most rebalancing can lend it) or than the ceiling, a removed scope
-    /// ([`MemError::ScopeRemoved`], also given to a request whose scope is removed while it
-    /// waits), another governor's scope. A zero `timeout` makes it one attempt, like
-    /// `reserve`.
+    /// At the deadline the request gets one last attempt, unless an earlier request still
+    /// waits at a limit on its path; then the error is [`MemError::WaitTimedOut`], with how
+    /// long it waited and the refusal ([`MemError::BudgetExceeded`],
+    /// [`MemError::ScopeExceeded`], [`MemError::CeilingExceeded`], or
+    /// [`MemError::QueuedBehind`] naming the limit the earlier requests wait at). Refused
+    /// without waiting, with [`MemError::NeverFits`] naming the limit: a request larger than
+    /// the engine's cap (the most rebalancing can lend it), the limit of a scope on its path,
+    /// or the ceiling (and a waiting request when such a limit is lowered under it). Also
+    /// refused: a removed scope ([`MemError::ScopeRemoved`], also given to a request whose
+    /// scope is removed while it waits), another governor's scope. A zero `timeout` makes it
+    /// one attempt in its place: like `reserve`, or `QueuedBehind`.
     ///
     /// ```
     /// use std::time::Duration;
@@ -107,8 +114,8 @@ impl MemoryGovernor {
         }
     }
 
-    /// [`reserve_blocking`](Self::reserve_blocking) as a future: the request joins its
-    /// engine's queue when this is called, and the future resolves to the reservation or to
+    /// [`reserve_blocking`](Self::reserve_blocking) as a future: the request joins the queue
+    /// (and is tried in its place) when this is called, and the future resolves to the reservation or to
     /// the same errors. Dropping it cancels the request: it leaves the queue, and a reservation
     /// granted in the meantime is released, so cancelling (a `select!`, a timeout of the
     /// runtime's own) never loses memory. Its deadline is kept by the governor's serving

@@ -5,7 +5,9 @@
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use nodedb_mem::{EngineId, EventKind, MAX_CEILING, MemError, MemoryGovernor, PressureLevel};
+use nodedb_mem::{
+    EngineId, EventKind, MAX_CEILING, MemError, MemoryGovernor, PressureLevel, Scope,
+};
 
 mod common;
 use common::{MIB, two_big_engines as gov};
@@ -34,7 +36,7 @@ fn a_scoped_reservation_counts_at_every_level_and_gives_every_level_back() {
     let a = gov.reserve_in(EngineId::Query, &acme, 3 * MIB).unwrap();
     let b = gov.reserve_in(EngineId::Vector, &initech, 5 * MIB).unwrap();
     let c = gov.reserve_in(EngineId::Query, &db, MIB).unwrap();
-    assert_eq!(a.scope(), Some("sales/acme"));
+    assert_eq!(a.scope().map(Scope::path), Some("sales/acme"));
     assert_eq!(
         (acme.usage(), initech.usage(), db.usage()),
         (3 * MIB, 5 * MIB, 9 * MIB)
@@ -159,7 +161,7 @@ fn growing_splitting_and_shrinking_stay_in_the_scope() {
     r.try_grow(4 * MIB).unwrap();
     assert_eq!(db.usage(), 8 * MIB);
     let half = r.split(2 * MIB).unwrap();
-    assert_eq!(half.scope(), Some("db"));
+    assert_eq!(half.scope().map(Scope::path), Some("db"));
     assert_eq!(db.reservations(), 2);
     assert_eq!(db.usage(), 8 * MIB);
     r.shrink(MIB).unwrap();
@@ -586,4 +588,54 @@ fn refused_attempts_never_keep_a_drained_scope_in_use() {
         assert_eq!(gov.usage(EngineId::Query), 0);
         gov.check_consistency().unwrap();
     }
+}
+
+#[test]
+fn a_scope_is_found_by_path_and_number_and_reached_from_its_reservations() {
+    let gov = gov();
+    let db = gov.create_scope("sales", None, 8 * MIB).unwrap();
+    let acme = gov.create_scope("acme", Some(&db), 4 * MIB).unwrap();
+    let found = gov.scope("sales/acme").unwrap();
+    assert_eq!((found.id(), found.path()), (acme.id(), "sales/acme"));
+    assert_eq!(gov.scope_by_id(db.id()).unwrap().path(), "sales");
+    assert!(gov.scope("acme").is_none());
+    assert!(gov.scope("sales/").is_none());
+    assert_eq!(db.children(), 1);
+
+    // The reservation's scope is a handle on the same scope, with its figures and pressure.
+    let r = gov.reserve_in(EngineId::Query, &found, 3 * MIB).unwrap();
+    let s = r.scope().unwrap();
+    assert_eq!(
+        (s.id(), s.usage(), s.available()),
+        (acme.id(), 3 * MIB, MIB)
+    );
+    assert_eq!(s.pressure(), PressureLevel::Warning); // 75 %
+    assert_eq!(acme.pressure_transitions(), 1);
+    // Recorded as the governor's own call records it.
+    let recorded = gov
+        .snapshot()
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                EventKind::ScopePressure { scope, from: PressureLevel::Normal, to: PressureLevel::Warning }
+                    if scope == acme.id()
+            )
+        })
+        .count();
+    assert_eq!(recorded, 1);
+    assert_eq!(gov.scope_pressure(&acme), PressureLevel::Warning);
+    drop(r);
+    assert_eq!(acme.pressure(), PressureLevel::Normal);
+    assert!(gov.reserve(EngineId::Query, MIB).unwrap().scope().is_none());
+
+    // A removed scope is found no more, by either key; a new one may take its name.
+    let id = acme.id();
+    gov.remove_scope(&acme).unwrap();
+    assert!(gov.scope("sales/acme").is_none());
+    assert!(gov.scope_by_id(id).is_none());
+    let again = gov.create_scope("acme", Some(&db), MIB).unwrap();
+    assert_eq!(gov.scope("sales/acme").unwrap().id(), again.id());
+    assert_ne!(again.id(), id);
 }
