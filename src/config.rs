@@ -212,6 +212,8 @@ pub(crate) struct Config {
     pub(crate) rebalance: RebalanceConfig,
     pub(crate) rss_margin: u64,
     pub(crate) proc_status: PathBuf,
+    /// The process's memory cgroup, if it is in one (read for the kernel's figures).
+    pub(crate) cgroup: Option<crate::cgroup::Cgroup>,
     /// Overflow settings, the capacity in bytes (`None`: from the disk at install), and whether
     /// they were given explicitly (a default that cannot be honoured disables overflow with a
     /// warning; an explicit one is an error).
@@ -410,7 +412,8 @@ impl GovernorBuilder {
 
     /// Decides the default ceiling from the given `NODEDB_MEMORY_LIMIT` value and a root
     /// directory holding `proc/self/cgroup`, `sys/fs/cgroup/...` and `proc/meminfo`, instead of
-    /// the real environment and `/`. For tests and for embedding in a sandbox.
+    /// the real environment and `/`; the cgroup figures of the snapshot are read under the
+    /// same root. For tests and for embedding in a sandbox.
     pub fn ceiling_environment(
         mut self,
         memory_limit: Option<&str>,
@@ -442,6 +445,10 @@ impl GovernorBuilder {
                 ceiling::detect(value.as_deref(), std::path::Path::new("/"))?
             }
         };
+        let cgroup = crate::cgroup::Cgroup::find(match &self.env {
+            EnvSource::Fixed { root, .. } => root,
+            EnvSource::Process => std::path::Path::new("/"),
+        });
         let field = match ceiling_source {
             CeilingSource::Environment => MEMORY_LIMIT_ENV,
             _ => "global_ceiling",
@@ -688,6 +695,7 @@ impl GovernorBuilder {
             rebalance: self.rebalance,
             rss_margin,
             proc_status: self.proc_status,
+            cgroup,
             overflow,
             numa_policy: self.numa_policy,
             allow_unattributed: self.allow_unattributed,

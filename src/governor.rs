@@ -69,6 +69,8 @@ pub(crate) struct Inner {
     pub(crate) reclaimers: Reclaimers,
     pub(crate) rss_margin: u64,
     pub(crate) proc_status: std::path::PathBuf,
+    /// The process's memory cgroup, if it is in one.
+    pub(crate) cgroup: Option<crate::cgroup::Cgroup>,
     pub(crate) last_rss: Mutex<RssSample>,
     /// Per engine, the overflow breaches and refusals already reported as events.
     #[cfg_attr(
@@ -140,6 +142,7 @@ impl MemoryGovernor {
                 reclaimers: Reclaimers::new(),
                 rss_margin: c.rss_margin,
                 proc_status: c.proc_status,
+                cgroup: c.cgroup,
                 last_rss: Mutex::new(RssSample::default()),
                 breaches_seen: Mutex::new([(0, 0); EngineId::COUNT]),
                 page_cache: Default::default(),
@@ -361,7 +364,17 @@ impl MemoryGovernor {
             waits_granted: inner.ledger.waiters.granted.load(Ordering::Relaxed),
             waits_timed_out: inner.ledger.waiters.timed_out.load(Ordering::Relaxed),
             waits_cancelled: inner.ledger.waiters.cancelled.load(Ordering::Relaxed),
+            cgroup: self.cgroup(),
         }
+    }
+
+    /// The kernel's figures for the process's memory cgroup now (usage with page cache, the
+    /// tightest limits on its path, `memory.events`, `memory.stat`, `memory.pressure`), or
+    /// `None` outside a memory cgroup. Read from the cgroup files at each call (a few
+    /// `read`s); a file that cannot be read leaves its figures unknown and is named in
+    /// [`CgroupFigures::problems`](crate::CgroupFigures::problems).
+    pub fn cgroup(&self) -> Option<crate::CgroupFigures> {
+        self.inner.cgroup.as_ref().map(crate::cgroup::Cgroup::read)
     }
 
     /// The Prometheus text exposition of [`snapshot`](Self::snapshot).

@@ -18,6 +18,7 @@ mod admission;
 mod budget;
 mod cache;
 mod ceiling;
+mod cgroup;
 mod config;
 mod error;
 mod events;
@@ -50,6 +51,7 @@ pub use cache::{
     SweepStats, cached_bytes, resident_bytes,
 };
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
+pub use cgroup::{CgroupEvents, CgroupFigures, CgroupStat, CgroupVersion, MemoryPressure, PsiLine};
 pub use config::{
     DEFAULT_BACKGROUND_INTERVAL, DEFAULT_MIN_PAGE_CACHE, DEFAULT_OVERHEAD_RESERVE,
     DEFAULT_RSS_MARGIN, DEFAULT_SWEEP_BUDGET, GovernorBuilder, MAX_CEILING, MAX_OVERFLOW_CAPACITY,

@@ -143,6 +143,9 @@ impl EngineSnapshot {
 /// The governor's state at one moment: see [`MemoryGovernor::snapshot`](crate::MemoryGovernor::snapshot).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Snapshot {
+    /// The kernel's figures for the process's memory cgroup, `None` outside one (see
+    /// [`MemoryGovernor::cgroup`](crate::MemoryGovernor::cgroup)).
+    pub cgroup: Option<crate::CgroupFigures>,
     /// The global ceiling.
     pub ceiling: u64,
     /// Where the ceiling came from.
@@ -316,6 +319,10 @@ impl Snapshot {
             "Panics caught in reclaimers and in the background thread's steps.",
             self.callback_panics,
         );
+
+        if let Some(c) = &self.cgroup {
+            c.write_prometheus(&mut out);
+        }
 
         type Field = fn(&EngineSnapshot) -> i128;
         let per_engine: [(&str, &str, &str, Field); 45] = [
@@ -697,7 +704,7 @@ fn escape_label(v: &str) -> String {
     out
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP nodedb_mem_{name} {help}");
     let _ = writeln!(out, "# TYPE nodedb_mem_{name} {kind}");
 }
