@@ -28,12 +28,13 @@ use crate::sync::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 #[derive(Debug)]
 pub struct Budget {
     engine: EngineId,
-    /// The configured budget, the limit this engine returns to when rebalancing gives back.
-    base: u64,
+    /// The configured budget, the limit this engine returns to when rebalancing gives back
+    /// (scaled when the ceiling moves).
+    base: AtomicU64,
     /// The limit is never lent below this.
-    floor: u64,
+    floor: AtomicU64,
     /// The limit never grows above this.
-    cap: u64,
+    cap: AtomicU64,
     /// Current limit. Written only by the rebalancer (serialised by the governor's lock).
     limit: AtomicU64,
     /// `limit - used - reserved`; the admission word.
@@ -91,9 +92,9 @@ impl Budget {
     ) -> Budget {
         Budget {
             engine,
-            base,
-            floor,
-            cap,
+            base: AtomicU64::new(base),
+            floor: AtomicU64::new(floor),
+            cap: AtomicU64::new(cap),
             limit: AtomicU64::new(base),
             headroom: AtomicI64::new(to_i64(base)),
             used: AtomicU64::new(0),
@@ -143,15 +144,15 @@ impl Budget {
     }
     /// The configured budget.
     pub fn base(&self) -> u64 {
-        self.base
+        self.base.load(Ordering::Acquire)
     }
     /// The guaranteed floor: rebalancing never lends the limit below it.
     pub fn floor(&self) -> u64 {
-        self.floor
+        self.floor.load(Ordering::Acquire)
     }
     /// The cap: rebalancing never raises the limit above it.
     pub fn cap(&self) -> u64 {
-        self.cap
+        self.cap.load(Ordering::Acquire)
     }
     /// The current limit (the budget, moved by rebalancing between floor and cap).
     pub fn limit(&self) -> u64 {
@@ -308,7 +309,7 @@ impl Budget {
     /// its floor. Caller holds the governor's rebalance lock (the only writer of `limit`).
     pub(crate) fn lend(&self, bytes: u64) -> bool {
         let limit = self.limit();
-        if limit.saturating_sub(bytes) < self.floor || bytes > limit {
+        if limit.saturating_sub(bytes) < self.floor() || bytes > limit {
             return false;
         }
         if self.take_headroom(bytes).is_err() {
@@ -322,7 +323,7 @@ impl Budget {
 
     /// Raises the limit by `bytes`. Caller holds the rebalance lock and has checked the cap.
     pub(crate) fn borrow(&self, bytes: u64) {
-        debug_assert!(self.limit() + bytes <= self.cap);
+        debug_assert!(self.limit() + bytes <= self.cap());
         self.raise_limit(bytes);
         self.borrowed_total.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -330,7 +331,7 @@ impl Budget {
     /// Raises the limit by `bytes` that this engine lent earlier, up to at most its `base`.
     /// Caller holds the rebalance lock.
     pub(crate) fn take_back(&self, bytes: u64) {
-        debug_assert!(self.limit() + bytes <= self.base);
+        debug_assert!(self.limit() + bytes <= self.base());
         self.raise_limit(bytes);
         self.taken_back_total.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -344,11 +345,29 @@ impl Budget {
     /// Lowers the limit by `bytes` even below current usage (a lender is taking its headroom
     /// back). Caller holds the rebalance lock and keeps the limit at or above `base`.
     pub(crate) fn give_back(&self, bytes: u64) {
-        debug_assert!(self.limit() >= self.base + bytes);
+        debug_assert!(self.limit() >= self.base() + bytes);
         self.headroom.fetch_sub(to_i64(bytes), Ordering::AcqRel);
         self.limit.fetch_sub(bytes, Ordering::AcqRel);
         self.returned_total.fetch_add(bytes, Ordering::Relaxed);
         self.moves.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the budget, floor and cap for a moved ceiling, and the limit to the new budget
+    /// (through the admission word, which goes below zero where usage is above it: the
+    /// engine is then over its limit). Returns the old limit. Caller holds the rebalance lock
+    /// (the only writer of `limit`); `floor <= base <= cap`.
+    pub(crate) fn reset_for_ceiling(&self, base: u64, floor: u64, cap: u64) -> u64 {
+        debug_assert!(floor <= base && base <= cap);
+        self.base.store(base, Ordering::Release);
+        self.floor.store(floor, Ordering::Release);
+        self.cap.store(cap, Ordering::Release);
+        let old = self.limit.swap(base, Ordering::AcqRel);
+        self.headroom
+            .fetch_add(to_i64(base) - to_i64(old), Ordering::AcqRel);
+        if old != base {
+            self.moves.fetch_add(1, Ordering::Relaxed);
+        }
+        old
     }
 
     /// Returns the highest usage since the last call and starts a new window at current usage.

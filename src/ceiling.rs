@@ -13,10 +13,6 @@ pub const MEMORY_LIMIT_ENV: &str = "NODEDB_MEMORY_LIMIT";
 /// Share of physical memory used as the ceiling when no limit is configured or inherited.
 pub const DEFAULT_RAM_FRACTION: f64 = 0.80;
 
-/// cgroup v1 reports "no limit" as `LONG_MAX` rounded down to a page; anything this large is
-/// no limit at all.
-const CGROUP_V1_UNLIMITED: u64 = 1 << 62;
-
 /// Where the global ceiling came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CeilingSource {
@@ -24,10 +20,15 @@ pub enum CeilingSource {
     Explicit,
     /// Parsed from `NODEDB_MEMORY_LIMIT`.
     Environment,
-    /// The memory limit of the process's cgroup (the tightest one on the path to the root).
+    /// The memory limit of the process's cgroup (the tightest `memory.max` or `memory.high`
+    /// on the path to the root; v1 `memory.limit_in_bytes`), less the cgroup margin (see
+    /// [`GovernorBuilder::cgroup_margin`](crate::GovernorBuilder::cgroup_margin)); followed
+    /// while the governor runs.
     Cgroup {
         /// The limit file that set it.
         path: PathBuf,
+        /// The limit it held.
+        limit: u64,
     },
     /// [`DEFAULT_RAM_FRACTION`] of physical memory.
     PhysicalMemory {
@@ -41,7 +42,12 @@ impl fmt::Display for CeilingSource {
         match self {
             CeilingSource::Explicit => f.write_str("set by the builder"),
             CeilingSource::Environment => write!(f, "from {MEMORY_LIMIT_ENV}"),
-            CeilingSource::Cgroup { path } => write!(f, "cgroup limit {}", path.display()),
+            CeilingSource::Cgroup { path, limit } => write!(
+                f,
+                "cgroup limit {} ({}) less a margin",
+                path.display(),
+                ByteSize(*limit)
+            ),
             CeilingSource::PhysicalMemory { total } => write!(
                 f,
                 "{}% of physical memory ({})",
@@ -70,8 +76,14 @@ pub(crate) fn detect(env_value: Option<&str>, root: &Path) -> Result<(u64, Ceili
             }),
         };
     }
-    if let Some((bytes, path)) = cgroup_limit(root) {
-        return Ok((bytes, CeilingSource::Cgroup { path }));
+    if let Some(l) = crate::cgroup::Cgroup::find(root).and_then(|c| c.limit().ok().flatten()) {
+        return Ok((
+            l.bytes,
+            CeilingSource::Cgroup {
+                path: l.file,
+                limit: l.bytes,
+            },
+        ));
     }
     let total = physical_memory(root).ok_or_else(|| MemError::Io {
         what: "reading total physical memory (no cgroup limit and no NODEDB_MEMORY_LIMIT)".into(),
@@ -83,67 +95,8 @@ pub(crate) fn detect(env_value: Option<&str>, root: &Path) -> Result<(u64, Ceili
     ))
 }
 
-/// The tightest memory limit on the process's cgroup path, v2 (`memory.max`) or v1
-/// (`memory.limit_in_bytes`).
-fn cgroup_limit(root: &Path) -> Option<(u64, PathBuf)> {
-    let membership = std::fs::read_to_string(root.join("proc/self/cgroup")).ok()?;
-    let mut best: Option<(u64, PathBuf)> = None;
-    for line in membership.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let found = if id == "0" && controllers.is_empty() {
-            tightest_on_path(&root.join("sys/fs/cgroup"), path, "memory.max", |s| {
-                (s != "max").then(|| s.parse().ok()).flatten()
-            })
-        } else if controllers.split(',').any(|c| c == "memory") {
-            tightest_on_path(
-                &root.join("sys/fs/cgroup/memory"),
-                path,
-                "memory.limit_in_bytes",
-                |s| s.parse().ok().filter(|&v: &u64| v < CGROUP_V1_UNLIMITED),
-            )
-        } else {
-            None
-        };
-        if let Some((bytes, p)) = found
-            && bytes > 0
-            && best.as_ref().is_none_or(|(b, _)| bytes < *b)
-        {
-            best = Some((bytes, p));
-        }
-    }
-    best
-}
-
-/// Walks from `mount/path` up to `mount`, reading `file` in each directory that has it, and
-/// returns the smallest limit (a child cgroup cannot use more than its ancestors allow).
-fn tightest_on_path(
-    mount: &Path,
-    path: &str,
-    file: &str,
-    parse: impl Fn(&str) -> Option<u64>,
-) -> Option<(u64, PathBuf)> {
-    let mut dir = mount.join(path.trim_start_matches('/'));
-    let mut best: Option<(u64, PathBuf)> = None;
-    loop {
-        let candidate = dir.join(file);
-        if let Ok(text) = std::fs::read_to_string(&candidate)
-            && let Some(v) = parse(text.trim())
-            && best.as_ref().is_none_or(|(b, _)| v < *b)
-        {
-            best = Some((v, candidate));
-        }
-        if dir == mount || !dir.pop() || !dir.starts_with(mount) {
-            return best;
-        }
-    }
-}
-
 /// Total physical memory: `MemTotal` from `/proc/meminfo` under `root`, else `sysconf`.
-fn physical_memory(root: &Path) -> Option<u64> {
+pub(crate) fn physical_memory(root: &Path) -> Option<u64> {
     if let Ok(text) = std::fs::read_to_string(root.join("proc/meminfo")) {
         let kib = text
             .lines()
@@ -224,14 +177,32 @@ mod tests {
             .file("sys/fs/cgroup/memory.max", "max\n")
             .file("sys/fs/cgroup/app/memory.max", "2147483648\n")
             .file("sys/fs/cgroup/app/worker/memory.max", "max\n")
+            .file("sys/fs/cgroup/app/worker/memory.high", "max\n")
+            .file("sys/fs/cgroup/app/worker/memory.current", "0\n")
             .file("proc/meminfo", "MemTotal:       24683656 kB\n");
         let (bytes, src) = detect(None, root.path()).unwrap();
         assert_eq!(bytes, 2 << 30);
         assert_eq!(
             src,
             CeilingSource::Cgroup {
-                path: root.path().join("sys/fs/cgroup/app/memory.max")
+                path: root.path().join("sys/fs/cgroup/app/memory.max"),
+                limit: 2 << 30
             }
+        );
+        // A lower memory.high is what the ceiling follows (the kernel throttles there).
+        root.file("sys/fs/cgroup/app/worker/memory.high", "1073741824\n");
+        let (bytes, src) = detect(None, root.path()).unwrap();
+        assert_eq!(
+            (bytes, src.to_string()),
+            (
+                1 << 30,
+                format!(
+                    "cgroup limit {} (1 GiB) less a margin",
+                    root.path()
+                        .join("sys/fs/cgroup/app/worker/memory.high")
+                        .display()
+                )
+            )
         );
     }
 

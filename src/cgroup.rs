@@ -383,19 +383,96 @@ impl Cgroup {
     /// The smallest value `parse` finds in `file` on the path from the cgroup up to the
     /// hierarchy's root (a cgroup cannot use more than its ancestors allow).
     fn tightest(&self, file: &str, parse: impl Fn(&str) -> Option<u64>) -> Option<u64> {
+        self.tightest_at(file, parse).map(|(v, _)| v)
+    }
+
+    /// [`tightest`](Self::tightest), with the file that set it.
+    fn tightest_at(
+        &self,
+        file: &str,
+        parse: impl Fn(&str) -> Option<u64>,
+    ) -> Option<(u64, PathBuf)> {
         let mut dir = self.dir.clone();
-        let mut best: Option<u64> = None;
+        let mut best: Option<(u64, PathBuf)> = None;
         loop {
-            if let Ok(text) = std::fs::read_to_string(dir.join(file))
+            let candidate = dir.join(file);
+            if let Ok(text) = std::fs::read_to_string(&candidate)
                 && let Some(v) = parse(text.trim())
+                && best.as_ref().is_none_or(|(b, _)| v < *b)
             {
-                best = Some(best.map_or(v, |b| b.min(v)));
+                best = Some((v, candidate));
             }
             if dir == self.mount || !dir.pop() || !dir.starts_with(&self.mount) {
                 return best;
             }
         }
     }
+
+    /// The limit the ceiling follows: the tightest `memory.max` or `memory.high` on the path
+    /// (v1: `memory.limit_in_bytes`), with the file that set it and which kind it is;
+    /// `Ok(None)` when there is none. An error (saying which file and why) when the cgroup's
+    /// own limit file cannot be read or holds neither a number nor `max`: the cgroup vanished
+    /// or is being changed, and the last good limit should stand.
+    pub(crate) fn limit(&self) -> Result<Option<CgroupLimit>, String> {
+        let own = match self.version {
+            CgroupVersion::V2 => "memory.max",
+            CgroupVersion::V1 => "memory.limit_in_bytes",
+        };
+        let path = self.dir.join(own);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = text.trim();
+        if text != "max" && text.parse::<u64>().is_err() {
+            return Err(format!(
+                "{}: {text:?} is neither a byte count nor \"max\"",
+                path.display()
+            ));
+        }
+        let found = match self.version {
+            CgroupVersion::V2 => {
+                let max = self.tightest_at("memory.max", parse_v2_limit);
+                let high = self.tightest_at("memory.high", parse_v2_limit);
+                match (max, high) {
+                    (Some((m, file)), Some((h, _))) if m <= h => Some(CgroupLimit {
+                        bytes: m,
+                        file,
+                        high: false,
+                    }),
+                    (_, Some((h, file))) => Some(CgroupLimit {
+                        bytes: h,
+                        file,
+                        high: true,
+                    }),
+                    (Some((m, file)), None) => Some(CgroupLimit {
+                        bytes: m,
+                        file,
+                        high: false,
+                    }),
+                    (None, None) => None,
+                }
+            }
+            CgroupVersion::V1 => self
+                .tightest_at("memory.limit_in_bytes", |s| {
+                    s.parse().ok().filter(|&v: &u64| v < CGROUP_V1_UNLIMITED)
+                })
+                .map(|(bytes, file)| CgroupLimit {
+                    bytes,
+                    file,
+                    high: false,
+                }),
+        };
+        Ok(found.filter(|l| l.bytes > 0))
+    }
+}
+
+/// A limit on the process's cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CgroupLimit {
+    pub(crate) bytes: u64,
+    /// The file that set it.
+    pub(crate) file: PathBuf,
+    /// Whether it is a `memory.high` (a throttling threshold) rather than a hard limit.
+    pub(crate) high: bool,
 }
 
 /// A v2 limit: a byte count, or `max` for none.

@@ -21,6 +21,10 @@ pub const DEFAULT_OVERHEAD_RESERVE: f64 = 0.10;
 /// memory comes closer than this, the governor purges dirty pages and counts the excess.
 pub const DEFAULT_RSS_MARGIN: f64 = 0.05;
 
+/// Default share of the cgroup's memory limit kept free below the ceiling when the ceiling
+/// comes from the cgroup (see [`GovernorBuilder::cgroup_margin`]).
+pub const DEFAULT_CGROUP_MARGIN: f64 = 0.10;
+
 /// The most an engine's overflow region can ever hold: the largest range the allocator
 /// reserves per engine (4 TiB). The bound in a given process is its reserved range,
 /// [`range_bytes`](crate::range_bytes), which `install` checks.
@@ -182,6 +186,7 @@ pub struct GovernorBuilder {
     rebalance: RebalanceConfig,
     env: EnvSource,
     rss_margin: Size,
+    cgroup_margin: Size,
     proc_status: PathBuf,
     overflow: Option<OverflowConfig>,
     numa_policy: nodedb_mem_alloc::NumaPolicy,
@@ -211,9 +216,13 @@ pub(crate) struct Config {
     pub(crate) thresholds: PressureThresholds,
     pub(crate) rebalance: RebalanceConfig,
     pub(crate) rss_margin: u64,
+    /// How far below the cgroup's limit the ceiling sits (when it comes from the cgroup).
+    pub(crate) cgroup_margin: Size,
     pub(crate) proc_status: PathBuf,
     /// The process's memory cgroup, if it is in one (read for the kernel's figures).
     pub(crate) cgroup: Option<crate::cgroup::Cgroup>,
+    /// Physical memory, where it can be read.
+    pub(crate) physical: Option<u64>,
     /// Overflow settings, the capacity in bytes (`None`: from the disk at install), and whether
     /// they were given explicitly (a default that cannot be honoured disables overflow with a
     /// warning; an explicit one is an error).
@@ -243,6 +252,12 @@ pub(crate) struct Config {
     pub(crate) sweep_budget: u64,
 }
 
+/// The ceiling for a cgroup limit of `limit` bytes: the limit less `margin` (a fraction of it,
+/// or bytes); `None` if nothing is left.
+pub(crate) fn cgroup_ceiling(limit: u64, margin: Size) -> Option<u64> {
+    Some(limit.saturating_sub(margin.resolve(limit))).filter(|&c| c > 0)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct EngineLimits {
     pub(crate) base: u64,
@@ -263,6 +278,7 @@ impl Default for GovernorBuilder {
             rebalance: RebalanceConfig::default(),
             env: EnvSource::Process,
             rss_margin: Size::Fraction(DEFAULT_RSS_MARGIN),
+            cgroup_margin: Size::Fraction(DEFAULT_CGROUP_MARGIN),
             proc_status: PathBuf::from("/proc/self/status"),
             overflow: None,
             numa_policy: nodedb_mem_alloc::NumaPolicy::Preferred,
@@ -330,6 +346,17 @@ impl GovernorBuilder {
     /// [`MemoryGovernor::check_resident`](crate::MemoryGovernor::check_resident).
     pub fn rss_margin(mut self, margin: impl Into<Size>) -> Self {
         self.rss_margin = margin.into();
+        self
+    }
+
+    /// Sets how far below the cgroup's limit the ceiling sits when it comes from the cgroup
+    /// (default [`DEFAULT_CGROUP_MARGIN`] of the limit): room for what the kernel charges to
+    /// the cgroup beyond the process's governed memory — page cache, kernel memory (page
+    /// tables, slab), code and stacks — so that the governor, not the kernel's reclaim or
+    /// OOM killer, holds the line. A fraction (of the limit, at most 0.5) or bytes (below
+    /// the limit). Kept as the limit moves.
+    pub fn cgroup_margin(mut self, margin: impl Into<Size>) -> Self {
+        self.cgroup_margin = margin.into();
         self
     }
 
@@ -427,7 +454,7 @@ impl GovernorBuilder {
     }
 
     pub(crate) fn validate(self) -> Result<Config> {
-        let (ceiling, ceiling_source) = match (self.ceiling, &self.env) {
+        let (mut ceiling, ceiling_source) = match (self.ceiling, &self.env) {
             (Some(c), _) => (c, CeilingSource::Explicit),
             (None, EnvSource::Fixed { limit, root }) => ceiling::detect(limit.as_deref(), root)?,
             (None, EnvSource::Process) => {
@@ -445,12 +472,36 @@ impl GovernorBuilder {
                 ceiling::detect(value.as_deref(), std::path::Path::new("/"))?
             }
         };
-        let cgroup = crate::cgroup::Cgroup::find(match &self.env {
-            EnvSource::Fixed { root, .. } => root,
+        let root = match &self.env {
+            EnvSource::Fixed { root, .. } => root.as_path(),
             EnvSource::Process => std::path::Path::new("/"),
-        });
+        };
+        let cgroup = crate::cgroup::Cgroup::find(root);
+        let physical = ceiling::physical_memory(root);
+        if let Size::Fraction(f) = self.cgroup_margin
+            && !(0.0..=0.5).contains(&f)
+        {
+            return Err(MemError::config(
+                "cgroup_margin",
+                f,
+                "a fraction of the cgroup's limit must be between 0 and 0.5",
+            ));
+        }
+        if let CeilingSource::Cgroup { limit, .. } = ceiling_source {
+            ceiling = cgroup_ceiling(limit, self.cgroup_margin).ok_or_else(|| {
+                MemError::config(
+                    "cgroup_margin",
+                    self.cgroup_margin,
+                    format!(
+                        "leaves nothing of the cgroup's limit of {}",
+                        ByteSize(limit)
+                    ),
+                )
+            })?;
+        }
         let field = match ceiling_source {
             CeilingSource::Environment => MEMORY_LIMIT_ENV,
+            CeilingSource::Cgroup { .. } => "cgroup limit less cgroup_margin",
             _ => "global_ceiling",
         };
         if !(MIN_CEILING..=MAX_CEILING).contains(&ceiling) {
@@ -694,8 +745,10 @@ impl GovernorBuilder {
             thresholds: self.thresholds,
             rebalance: self.rebalance,
             rss_margin,
+            cgroup_margin: self.cgroup_margin,
             proc_status: self.proc_status,
             cgroup,
+            physical,
             overflow,
             numa_policy: self.numa_policy,
             allow_unattributed: self.allow_unattributed,

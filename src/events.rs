@@ -140,6 +140,36 @@ pub enum EventKind {
         /// What panicked: `"reclaim"`, `"reclaimable"` or `"background tick"`.
         what: &'static str,
     },
+    /// The global ceiling moved, set by the host or following the cgroup's limit: the
+    /// engines' budgets and caps moved in proportion, floors were kept where they fit.
+    CeilingChanged {
+        /// The ceiling before.
+        from: u64,
+        /// The ceiling after.
+        to: u64,
+        /// Who moved it.
+        cause: CeilingCause,
+        /// Global usage when it moved (above `to`: the engines are asked to give back).
+        usage: u64,
+        /// Whether the floors of all engines no longer fit under it: floors were lowered to
+        /// the new budgets, and the engines are at their floors.
+        floors_squeezed: bool,
+    },
+    /// Usage came under a lowered ceiling, `after` the change.
+    UnderCeiling {
+        /// The ceiling.
+        ceiling: u64,
+        /// Time from the change.
+        after: Duration,
+    },
+    /// The cgroup's limit is below an explicit ceiling (builder or `NODEDB_MEMORY_LIMIT`),
+    /// which does not follow it: the kernel, not the governor, will hold the line.
+    CgroupBelowCeiling {
+        /// The cgroup's limit.
+        limit: u64,
+        /// The ceiling.
+        ceiling: u64,
+    },
     /// The rebalancer moved limit from one engine to another.
     Rebalance {
         /// The engine whose limit shrank.
@@ -149,6 +179,28 @@ pub enum EventKind {
         /// Bytes moved.
         bytes: u64,
     },
+}
+
+/// Who moved the ceiling (see [`EventKind::CeilingChanged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CeilingCause {
+    /// [`MemoryGovernor::set_ceiling`](crate::MemoryGovernor::set_ceiling).
+    Set,
+    /// The cgroup's hard limit (`memory.max`; v1 `memory.limit_in_bytes`) moved.
+    CgroupMax,
+    /// The cgroup's `memory.high` moved (below its `memory.max`).
+    CgroupHigh,
+}
+
+impl CeilingCause {
+    /// A short name: `set`, `cgroup memory.max` or `cgroup memory.high`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CeilingCause::Set => "set",
+            CeilingCause::CgroupMax => "cgroup memory.max",
+            CeilingCause::CgroupHigh => "cgroup memory.high",
+        }
+    }
 }
 
 struct Pending {
@@ -375,6 +427,36 @@ fn emit_with(e: &BreachEvent, path: Option<&str>, detail: &str) {
             what,
             panic = detail,
             "a callback panicked; the governor carries on"
+        ),
+        EventKind::CeilingChanged {
+            from,
+            to,
+            cause,
+            usage,
+            floors_squeezed,
+        } => tracing::warn!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            from,
+            to,
+            cause = cause.name(),
+            usage,
+            floors_squeezed,
+            "the global ceiling moved"
+        ),
+        EventKind::UnderCeiling { ceiling, after } => tracing::info!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            ceiling,
+            after_ms = after.as_millis() as u64,
+            "usage is under the lowered ceiling"
+        ),
+        EventKind::CgroupBelowCeiling { limit, ceiling } => tracing::warn!(
+            target: "nodedb_mem",
+            seq = e.seq,
+            limit,
+            ceiling,
+            "the cgroup's memory limit is below the explicit ceiling, which does not follow it"
         ),
         EventKind::Rebalance { from, to, bytes } => tracing::info!(
             target: "nodedb_mem",

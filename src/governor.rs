@@ -19,7 +19,7 @@ use crate::pressure::{PressureLevel, PressureThresholds};
 use crate::reclaim::{Reclaimer, ReclaimerHandle, Reclaimers};
 use crate::rss::RssSample;
 use crate::scope::ScopeTree;
-use crate::sync::{Arc, Mutex, Ordering, lock};
+use crate::sync::{Arc, AtomicU64, Mutex, Ordering, lock};
 use crate::wait::Queues;
 
 /// The least dirty memory an engine's arenas may keep before
@@ -65,9 +65,15 @@ pub(crate) struct Inner {
     pub(crate) rebalance: RebalanceConfig,
     /// Serialises limit changes: held by `rebalance` and by `snapshot` while reading limits.
     pub(crate) rebalance_lock: Mutex<()>,
-    pub(crate) ceiling_source: CeilingSource,
+    /// Where the ceiling came from (its cgroup limit updated as the ceiling follows it).
+    pub(crate) ceiling_source: Mutex<CeilingSource>,
     pub(crate) reclaimers: Reclaimers,
-    pub(crate) rss_margin: u64,
+    /// The RSS margin, scaled with the ceiling.
+    pub(crate) rss_margin: AtomicU64,
+    /// What the budgets were built from, scaled when the ceiling moves.
+    pub(crate) configured: crate::follow::Configured,
+    /// The state of following the cgroup and of a lowered ceiling.
+    pub(crate) following: Mutex<crate::follow::Following>,
     pub(crate) proc_status: std::path::PathBuf,
     /// The process's memory cgroup, if it is in one.
     pub(crate) cgroup: Option<crate::cgroup::Cgroup>,
@@ -98,7 +104,7 @@ impl GovernorBuilder {
 impl fmt::Debug for MemoryGovernor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryGovernor")
-            .field("ceiling", &self.inner.ledger.global.ceiling)
+            .field("ceiling", &self.inner.ledger.global.ceiling())
             .field("global_usage", &self.global_usage())
             .finish_non_exhaustive()
     }
@@ -138,9 +144,18 @@ impl MemoryGovernor {
                 thresholds: c.thresholds,
                 rebalance: c.rebalance,
                 rebalance_lock: Mutex::new(()),
-                ceiling_source: c.ceiling_source,
+                configured: crate::follow::Configured {
+                    ceiling: c.ceiling,
+                    limits: c.budgets,
+                    rss_margin: c.rss_margin,
+                    cgroup_margin: c.cgroup_margin,
+                    follows_cgroup: matches!(c.ceiling_source, CeilingSource::Cgroup { .. }),
+                    physical: c.physical,
+                },
+                following: Mutex::new(Default::default()),
+                ceiling_source: Mutex::new(c.ceiling_source),
                 reclaimers: Reclaimers::new(),
-                rss_margin: c.rss_margin,
+                rss_margin: AtomicU64::new(c.rss_margin),
                 proc_status: c.proc_status,
                 cgroup: c.cgroup,
                 last_rss: Mutex::new(RssSample::default()),
@@ -187,17 +202,17 @@ impl MemoryGovernor {
     /// The margin kept between resident memory and the ceiling, in bytes (see
     /// [`GovernorBuilder::rss_margin`](crate::GovernorBuilder::rss_margin)).
     pub fn rss_margin(&self) -> u64 {
-        self.inner.rss_margin
+        self.inner.rss_margin.load(Ordering::Acquire)
     }
 
     /// The global ceiling in bytes.
     pub fn ceiling(&self) -> u64 {
-        self.inner.ledger.global.ceiling
+        self.inner.ledger.global.ceiling()
     }
 
     /// Where the ceiling came from.
-    pub fn ceiling_source(&self) -> &CeilingSource {
-        &self.inner.ceiling_source
+    pub fn ceiling_source(&self) -> CeilingSource {
+        lock(&self.inner.ceiling_source).clone()
     }
 
     /// The pressure thresholds in force.
@@ -262,7 +277,7 @@ impl MemoryGovernor {
             &g.transitions,
             &self.inner.ledger.ppm,
             self.global_usage() + g.rss_excess.load(Ordering::Acquire),
-            g.ceiling,
+            g.ceiling(),
         );
         if let Some(from) = changed {
             self.inner.ledger.events.record_quiet(EventKind::Pressure {
@@ -333,8 +348,8 @@ impl MemoryGovernor {
         };
         let g = &inner.ledger.global;
         crate::Snapshot {
-            ceiling: g.ceiling,
-            ceiling_source: inner.ceiling_source.clone(),
+            ceiling: g.ceiling(),
+            ceiling_source: self.ceiling_source(),
             global_usage: self.global_usage(),
             global_peak: self.global_peak(),
             global_pressure,
@@ -424,15 +439,15 @@ impl MemoryGovernor {
             ));
         }
         let headroom = g.headroom.load(Ordering::Acquire);
-        if i128::from(headroom) != i128::from(g.ceiling) - i128::from(usage) {
+        if i128::from(headroom) != i128::from(g.ceiling()) - i128::from(usage) {
             return Err(format!(
                 "global headroom {headroom} != ceiling - usage {usage}"
             ));
         }
-        if total_limit > g.ceiling {
+        if total_limit > g.ceiling() {
             return Err(format!(
                 "limits sum to {total_limit}, above the ceiling {}",
-                g.ceiling
+                g.ceiling()
             ));
         }
         let scopes = self.inner.ledger.scopes.live();

@@ -19,7 +19,8 @@ use crate::wait::{Attempt, Queues, Ticker, Waiter};
 
 /// The process-wide counterpart of a [`Budget`]: usage of all engines against the ceiling.
 pub(crate) struct GlobalLedger {
-    pub(crate) ceiling: u64,
+    /// The ceiling; moved only by `MemoryGovernor::set_ceiling` (under the rebalance lock).
+    ceiling: AtomicU64,
     /// `ceiling - usage`; the global admission word.
     pub(crate) headroom: AtomicI64,
     pub(crate) usage: AtomicU64,
@@ -41,7 +42,7 @@ pub(crate) struct GlobalLedger {
 impl GlobalLedger {
     pub(crate) fn new(ceiling: u64, from_allocator: bool) -> GlobalLedger {
         GlobalLedger {
-            ceiling,
+            ceiling: AtomicU64::new(ceiling),
             headroom: AtomicI64::new(to_i64(ceiling)),
             usage: AtomicU64::new(0),
             peak: AtomicU64::new(0),
@@ -53,6 +54,19 @@ impl GlobalLedger {
             dirty_purges: AtomicU64::new(0),
             callback_panics: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn ceiling(&self) -> u64 {
+        self.ceiling.load(Ordering::Acquire)
+    }
+
+    /// Moves the ceiling to `ceiling` (the headroom by as much, below zero if usage is above
+    /// it); returns the old one. Caller holds the rebalance lock.
+    pub(crate) fn set_ceiling(&self, ceiling: u64) -> u64 {
+        let old = self.ceiling.swap(ceiling, Ordering::AcqRel);
+        self.headroom
+            .fetch_add(to_i64(ceiling) - to_i64(old), Ordering::AcqRel);
+        old
     }
 
     /// Bytes the global allocator has charged to all engines together.
@@ -194,7 +208,8 @@ impl Ledger {
         if let Err((headroom, ext)) = g.take_headroom(bytes) {
             path().for_each(|m| m.untake(bytes));
             b.cancel_admission(bytes);
-            let own = u64::try_from(i128::from(g.ceiling) - i128::from(headroom)).unwrap_or(0);
+            let ceiling = g.ceiling();
+            let own = u64::try_from(i128::from(ceiling) - i128::from(headroom)).unwrap_or(0);
             let used = own + ext;
             if report {
                 self.refused_by_ceiling(
@@ -203,11 +218,11 @@ impl Ledger {
                         engine,
                         requested: bytes,
                         used,
-                        ceiling: g.ceiling,
+                        ceiling,
                     },
                 );
             }
-            return Err(MemError::ceiling_exceeded(engine, bytes, used, g.ceiling));
+            return Err(MemError::ceiling_exceeded(engine, bytes, used, ceiling));
         }
         if how == Admit::Ask {
             g.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
@@ -338,8 +353,9 @@ impl Ledger {
         if let Some(n) = scope.and_then(|s| s.node.path_up().find(|n| bytes > n.limit())) {
             return never(Limit::Scope(n.path.clone()), n.limit());
         }
-        if bytes > self.global.ceiling {
-            return never(Limit::Ceiling, self.global.ceiling);
+        let ceiling = self.global.ceiling();
+        if bytes > ceiling {
+            return never(Limit::Ceiling, ceiling);
         }
         None
     }

@@ -24,6 +24,7 @@ mod error;
 mod events;
 #[cfg(not(nodedb_mem_loom))]
 mod fallible;
+mod follow;
 #[cfg(not(nodedb_mem_loom))]
 mod future;
 mod governor;
@@ -53,14 +54,16 @@ pub use cache::{
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use cgroup::{CgroupEvents, CgroupFigures, CgroupStat, CgroupVersion, MemoryPressure, PsiLine};
 pub use config::{
-    DEFAULT_BACKGROUND_INTERVAL, DEFAULT_MIN_PAGE_CACHE, DEFAULT_OVERHEAD_RESERVE,
-    DEFAULT_RSS_MARGIN, DEFAULT_SWEEP_BUDGET, GovernorBuilder, MAX_CEILING, MAX_OVERFLOW_CAPACITY,
-    MIN_CEILING, OVERFLOW_DISK_RESERVE, OverflowConfig, RebalanceConfig,
+    DEFAULT_BACKGROUND_INTERVAL, DEFAULT_CGROUP_MARGIN, DEFAULT_MIN_PAGE_CACHE,
+    DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, DEFAULT_SWEEP_BUDGET, GovernorBuilder,
+    MAX_CEILING, MAX_OVERFLOW_CAPACITY, MIN_CEILING, OVERFLOW_DISK_RESERVE, OverflowConfig,
+    RebalanceConfig,
 };
 pub use error::{Limit, MemError, Result};
-pub use events::{BreachEvent, EVENT_CAPACITY, EventKind};
+pub use events::{BreachEvent, CeilingCause, EVENT_CAPACITY, EventKind};
 #[cfg(not(nodedb_mem_loom))]
 pub use fallible::EngineAllocator;
+pub use follow::CeilingChange;
 #[cfg(not(nodedb_mem_loom))]
 pub use future::{EngineExt, InEngine};
 pub use governor::{DIRTY_ALLOWANCE_MIN, MemoryGovernor};

@@ -151,6 +151,7 @@ impl MemoryGovernor {
             self.pressure(e);
         }
         self.global_pressure();
+        self.note_under_ceiling();
         inner.ledger.events.pump();
         RebalanceReport { moves, reclaimed }
     }

@@ -77,6 +77,8 @@ impl Rebalancer {
                     // one by one) is reported, and the next tick runs as usual: resident
                     // sampling, push-out and rebalancing must not stop for good.
                     let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        // A moved cgroup limit moves the ceiling first.
+                        gov.follow_cgroup();
                         // Without /proc (not Linux, a sandbox) there is no resident figure
                         // to feed back; the budgets still hold.
                         let _ = gov.check_resident();

@@ -33,7 +33,7 @@ impl MemoryGovernor {
         };
         let (mut resident, peak) = read()?;
         let ceiling = self.ceiling();
-        if resident.saturating_add(inner.rss_margin) >= ceiling {
+        if resident.saturating_add(self.rss_margin()) >= ceiling {
             let before = resident;
             if self.is_installed() {
                 nodedb_mem_alloc::purge_all_arenas();
