@@ -9,7 +9,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nodedb_mem::{EngineGuard, EngineId, EventKind, GovernedAlloc, OverflowConfig};
+use nodedb_mem::{
+    EngineGuard, EngineId, EventKind, GovernedAlloc, OverflowConfig, PressureLevel, SpillAction,
+    SpillConfig,
+};
 
 #[global_allocator]
 static ALLOC: GovernedAlloc = GovernedAlloc::new();
@@ -177,4 +180,123 @@ fn child_in_a_cgroup() {
         gov.budget(EngineId::Query).overflow_bytes() / MIB
     );
     assert!(moves >= 1);
+}
+
+#[test]
+fn a_scan_through_the_page_cache_causes_no_refusal_spill_or_push_out() {
+    if !Path::new(MOUNT).join("memory.limit_in_bytes").exists() {
+        eprintln!("skipped: no v1 memory controller at {MOUNT}");
+        return;
+    }
+    // A 512 MiB file, twice the cgroup's limit, written here (outside the cgroup) and dropped
+    // from the page cache, so that the child's scan reads it from the disk.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("scan");
+    {
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![7u8; MIB as usize];
+        for _ in 0..512 {
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: an open descriptor; advice only.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    let Some(cg) = Cgroup::make("nodedb-mem-scan", 256 * MIB) else {
+        return;
+    };
+    let cgdir = cg.0.to_str().unwrap().to_owned();
+    let file = path.to_str().unwrap().to_owned();
+    let (ok, out) = child::run_child(
+        "child_scanning_in_a_cgroup",
+        &[("NODEDB_TEST_CGROUP", &cgdir), ("NODEDB_TEST_SCAN", &file)],
+        None,
+    );
+    eprintln!("{out}");
+    eprintln!(
+        "cgroup: oom_kill {}, failcnt {}, peak {} MiB",
+        cg.oom_kills(),
+        cg.number("memory.failcnt"),
+        cg.number("memory.max_usage_in_bytes") / MIB
+    );
+    assert!(ok, "the child failed:\n{out}");
+    assert_eq!(cg.oom_kills(), 0);
+}
+
+#[test]
+#[ignore = "run in its own process, in a memory cgroup, by the test above"]
+fn child_scanning_in_a_cgroup() {
+    let cg = Cgroup(PathBuf::from(std::env::var("NODEDB_TEST_CGROUP").unwrap()));
+    cg.write("cgroup.procs", "0").unwrap();
+    let scan = PathBuf::from(std::env::var("NODEDB_TEST_SCAN").unwrap());
+    let overflow = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let gov = nodedb_mem::MemoryGovernor::builder()
+        .overflow(OverflowConfig::in_dir(overflow.path()))
+        .install()
+        .unwrap();
+    let spill = gov
+        .spill_controller(EngineId::Query, SpillConfig::default())
+        .unwrap();
+    // Query works at ~80 % of its limit (spilling begins at 90 %): heap blocks, replaced one
+    // at a time, while another thread reads the file through the page cache.
+    let limit = gov.limit(EngineId::Query);
+    let blocks = (limit * 8 / 10 / MIB) as usize;
+    let before = (
+        gov.snapshot().engine(EngineId::Query).rejections,
+        gov.snapshot().global_rejections,
+        nodedb_mem::push_out_stats(EngineId::Query).calls,
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (read, worst) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&scan).unwrap();
+            let mut buf = vec![0u8; MIB as usize];
+            let mut total = 0u64;
+            loop {
+                let n = f.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert!(buf[..n].iter().all(|&b| b == 7));
+                total += n as u64;
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            total
+        });
+        let _g = EngineGuard::enter(EngineId::Query);
+        let mut kept: Vec<Vec<u8>> = (0..blocks).map(|i| vec![i as u8; MIB as usize]).collect();
+        let mut worst = PressureLevel::Normal;
+        let mut i = 0usize;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            kept[i % blocks] = vec![i as u8; MIB as usize];
+            let r = gov
+                .reserve(EngineId::Query, 64 << 10)
+                .expect("a small reservation");
+            drop(r);
+            assert_eq!(spill.poll(), SpillAction::None, "at block {i}");
+            worst = worst.max(gov.pressure(EngineId::Query));
+            i += 1;
+        }
+        (reader.join().unwrap(), worst)
+    });
+    let s = gov.snapshot();
+    let after = (
+        s.engine(EngineId::Query).rejections,
+        s.global_rejections,
+        nodedb_mem::push_out_stats(EngineId::Query).calls,
+    );
+    println!(
+        "read {} MiB; Query at {} of {} MiB, worst pressure {worst:?}; rejections and push-outs \
+         before {before:?}, after {after:?}; cgroup usage {} MiB, failcnt {}",
+        read / MIB,
+        gov.usage(EngineId::Query) / MIB,
+        limit / MIB,
+        cg.number("memory.usage_in_bytes") / MIB,
+        cg.number("memory.failcnt")
+    );
+    assert_eq!(read, 512 * MIB);
+    assert_eq!(before, after, "refusals or push-outs caused by the scan");
+    assert!(worst < PressureLevel::Critical, "{worst:?}");
 }
