@@ -435,9 +435,30 @@ pub(crate) fn update_level(
     usage: u64,
     limit: u64,
 ) -> (PressureLevel, Option<PressureLevel>) {
+    update_level_at_least(
+        level,
+        transitions,
+        thresholds,
+        usage,
+        limit,
+        PressureLevel::Normal,
+    )
+}
+
+/// [`update_level`], never below `floor` (a level known from elsewhere: the kernel's).
+pub(crate) fn update_level_at_least(
+    level: &AtomicU8,
+    transitions: &AtomicU64,
+    thresholds: &ThresholdsPpm,
+    usage: u64,
+    limit: u64,
+    floor: PressureLevel,
+) -> (PressureLevel, Option<PressureLevel>) {
     let mut cur = level.load(Ordering::Acquire);
     loop {
-        let next = thresholds.level(usage, limit, PressureLevel::from_u8(cur));
+        let next = thresholds
+            .level(usage, limit, PressureLevel::from_u8(cur))
+            .max(floor);
         if next as u8 == cur {
             return (next, None);
         }

@@ -271,6 +271,14 @@ impl Cgroup {
         v1
     }
 
+    /// The cgroup's `memory.pressure` (v2 only), if it reads.
+    pub(crate) fn pressure(&self) -> Option<MemoryPressure> {
+        if self.version != CgroupVersion::V2 {
+            return None;
+        }
+        parse_pressure(&std::fs::read_to_string(self.dir.join("memory.pressure")).ok()?)
+    }
+
     /// Reads every figure now.
     pub(crate) fn read(&self) -> CgroupFigures {
         let mut problems = Vec::new();

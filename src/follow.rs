@@ -36,8 +36,33 @@ use crate::error::{MemError, Result};
 use crate::events::{CeilingCause, EventKind};
 use crate::governor::MemoryGovernor;
 use crate::ledger::Ledger;
+use crate::pressure::PressureLevel;
 use crate::size::{ByteSize, Size, fraction_of};
 use crate::sync::{Ordering, lock};
+
+/// The cgroup's memory stall time (PSI, share of the last 10 s) at which the kernel's pressure
+/// level is at least warning: some task stalled on memory 10 % of the time.
+pub const PSI_SOME_WARNING: f64 = 10.0;
+/// ... critical: some task stalled 30 % of the time, or all tasks at once 10 %.
+pub const PSI_SOME_CRITICAL: f64 = 30.0;
+/// ... critical: all non-idle tasks stalled at once this share of the time.
+pub const PSI_FULL_CRITICAL: f64 = 10.0;
+/// ... emergency: all non-idle tasks stalled at once 30 % of the time.
+pub const PSI_FULL_EMERGENCY: f64 = 30.0;
+
+/// The pressure level the cgroup's stall time says (see the `PSI_*` thresholds).
+pub(crate) fn kernel_level(p: &crate::MemoryPressure) -> PressureLevel {
+    let (some, full) = (p.some.avg10, p.full.avg10);
+    if full >= PSI_FULL_EMERGENCY {
+        PressureLevel::Emergency
+    } else if full >= PSI_FULL_CRITICAL || some >= PSI_SOME_CRITICAL {
+        PressureLevel::Critical
+    } else if some >= PSI_SOME_WARNING {
+        PressureLevel::Warning
+    } else {
+        PressureLevel::Normal
+    }
+}
 
 /// What the budgets were built from.
 pub(crate) struct Configured {
@@ -232,6 +257,43 @@ impl MemoryGovernor {
                 after: since.elapsed(),
             });
         }
+    }
+
+    /// Reads the cgroup's memory stall time (`memory.pressure`, cgroup v2) and makes the
+    /// level it says (see [`PSI_SOME_WARNING`] and the thresholds after it) the floor of
+    /// [`global_pressure`](Self::global_pressure) until the next sample: when the kernel's
+    /// tasks stall on memory, the engines are told to spill and give back before the ceiling
+    /// is reached. Returns that level (`None` without a cgroup's stall time, which leaves the
+    /// floor at `Normal`). Clean page cache evicted by the kernel stalls nobody, so a scan
+    /// does not raise it; the counts of `memory.events` are figures only for the same reason
+    /// (the kernel hits `memory.max` evicting clean cache). The background thread calls this
+    /// on every tick.
+    pub fn sample_cgroup_pressure(&self) -> Option<PressureLevel> {
+        let g = &self.inner.ledger.global;
+        let level = self
+            .inner
+            .cgroup
+            .as_ref()
+            .and_then(|c| c.pressure())
+            .map(|p| kernel_level(&p));
+        g.kernel_level.store(
+            level.unwrap_or(PressureLevel::Normal) as u8,
+            Ordering::Release,
+        );
+        self.global_pressure();
+        level
+    }
+
+    /// The kernel's pressure level at the last sample (see
+    /// [`sample_cgroup_pressure`](Self::sample_cgroup_pressure)).
+    pub fn kernel_pressure(&self) -> PressureLevel {
+        PressureLevel::from_u8(
+            self.inner
+                .ledger
+                .global
+                .kernel_level
+                .load(Ordering::Acquire),
+        )
     }
 
     /// Reads the cgroup's limit and moves the ceiling to follow it (see the module's rules);

@@ -8,7 +8,7 @@ use std::fmt;
 use crossbeam_utils::CachePadded;
 
 use crate::EngineId;
-use crate::budget::{Budget, raise_max, update_level};
+use crate::budget::{Budget, raise_max, update_level_at_least};
 use crate::cache::ledger::PageCacheLedger;
 use crate::ceiling::CeilingSource;
 use crate::config::{Config, GovernorBuilder, RebalanceConfig};
@@ -268,16 +268,19 @@ impl MemoryGovernor {
         level
     }
 
-    /// The process's pressure level: global usage against the ceiling, with hysteresis.
-    /// O(1), lock-free, allocation-free.
+    /// The process's pressure level: global usage against the ceiling, with hysteresis, and
+    /// never below the kernel's (the cgroup's memory stall time, sampled by the background
+    /// thread: see [`sample_cgroup_pressure`](Self::sample_cgroup_pressure)). O(1),
+    /// lock-free, allocation-free.
     pub fn global_pressure(&self) -> PressureLevel {
         let g = &self.inner.ledger.global;
-        let (level, changed) = update_level(
+        let (level, changed) = update_level_at_least(
             &g.level,
             &g.transitions,
             &self.inner.ledger.ppm,
             self.global_usage() + g.rss_excess.load(Ordering::Acquire),
             g.ceiling(),
+            PressureLevel::from_u8(g.kernel_level.load(Ordering::Acquire)),
         );
         if let Some(from) = changed {
             self.inner.ledger.events.record_quiet(EventKind::Pressure {
@@ -353,6 +356,7 @@ impl MemoryGovernor {
             global_usage: self.global_usage(),
             global_peak: self.global_peak(),
             global_pressure,
+            kernel_pressure: self.kernel_pressure(),
             global_rejections: g.rejections.load(Ordering::Relaxed),
             global_pressure_transitions: g.transitions.load(Ordering::Relaxed),
             engines,

@@ -37,6 +37,9 @@ pub(crate) struct GlobalLedger {
     pub(crate) dirty_purges: AtomicU64,
     /// Panics caught in reclaimers and in the background thread's steps.
     pub(crate) callback_panics: AtomicU64,
+    /// The kernel's pressure level from the cgroup's stall time (a `PressureLevel`), the
+    /// floor of the global level.
+    pub(crate) kernel_level: AtomicU8,
 }
 
 impl GlobalLedger {
@@ -53,6 +56,7 @@ impl GlobalLedger {
             rss_excess: AtomicU64::new(0),
             dirty_purges: AtomicU64::new(0),
             callback_panics: AtomicU64::new(0),
+            kernel_level: AtomicU8::new(crate::PressureLevel::Normal as u8),
         }
     }
 

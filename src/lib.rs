@@ -63,7 +63,9 @@ pub use error::{Limit, MemError, Result};
 pub use events::{BreachEvent, CeilingCause, EVENT_CAPACITY, EventKind};
 #[cfg(not(nodedb_mem_loom))]
 pub use fallible::EngineAllocator;
-pub use follow::CeilingChange;
+pub use follow::{
+    CeilingChange, PSI_FULL_CRITICAL, PSI_FULL_EMERGENCY, PSI_SOME_CRITICAL, PSI_SOME_WARNING,
+};
 #[cfg(not(nodedb_mem_loom))]
 pub use future::{EngineExt, InEngine};
 pub use governor::{DIRTY_ALLOWANCE_MIN, MemoryGovernor};

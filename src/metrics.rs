@@ -156,6 +156,10 @@ pub struct Snapshot {
     pub global_peak: u64,
     /// The process's pressure level.
     pub global_pressure: PressureLevel,
+    /// The kernel's pressure level from the cgroup's stall time at the last sample, the floor
+    /// of `global_pressure` (see
+    /// [`MemoryGovernor::sample_cgroup_pressure`](crate::MemoryGovernor::sample_cgroup_pressure)).
+    pub kernel_pressure: PressureLevel,
     /// Reservations refused by the ceiling.
     pub global_rejections: u64,
     /// Global pressure level changes so far.
@@ -227,6 +231,12 @@ impl Snapshot {
             "gauge",
             "Process pressure level: 0 normal, 1 warning, 2 critical, 3 emergency.",
             self.global_pressure as u64,
+        );
+        global(
+            "kernel_pressure_level",
+            "gauge",
+            "The kernel's pressure level from the cgroup's memory stall time (0-3, as pressure_level).",
+            self.kernel_pressure as u64,
         );
         global(
             "ceiling_rejections_total",

@@ -77,8 +77,10 @@ impl Rebalancer {
                     // one by one) is reported, and the next tick runs as usual: resident
                     // sampling, push-out and rebalancing must not stop for good.
                     let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        // A moved cgroup limit moves the ceiling first.
+                        // A moved cgroup limit moves the ceiling first; the kernel's stall
+                        // time sets the floor of the global pressure level.
                         gov.follow_cgroup();
+                        gov.sample_cgroup_pressure();
                         // Without /proc (not Linux, a sandbox) there is no resident figure
                         // to feed back; the budgets still hold.
                         let _ = gov.check_resident();

@@ -400,3 +400,57 @@ fn limits_never_sum_above_a_ceiling_that_moves_under_load() {
     assert_eq!(gov.global_usage(), 0);
     gov.check_consistency().unwrap();
 }
+
+#[test]
+fn the_cgroups_stall_time_sets_the_floor_of_the_global_pressure() {
+    let root = v2_root("268435456\n");
+    let r = root.path();
+    let psi = r.join("sys/fs/cgroup/db/memory.pressure");
+    let write = |some: f64, full: f64| {
+        std::fs::write(
+            &psi,
+            format!(
+                "some avg10={some:.2} avg60=0.00 avg300=0.00 total=1\n\
+                 full avg10={full:.2} avg60=0.00 avg300=0.00 total=1\n"
+            ),
+        )
+        .unwrap();
+    };
+    let gov = MemoryGovernor::builder()
+        .ceiling_environment(None, r)
+        .build()
+        .unwrap();
+    // No usage at all: only the kernel's stall time moves the level.
+    let cases = [
+        (0.0, 0.0, PressureLevel::Normal),
+        (9.99, 0.0, PressureLevel::Normal),
+        (10.0, 0.0, PressureLevel::Warning),
+        (30.0, 0.0, PressureLevel::Critical),
+        (12.0, 10.0, PressureLevel::Critical),
+        (50.0, 30.0, PressureLevel::Emergency),
+        (1.0, 0.0, PressureLevel::Normal),
+    ];
+    for (some, full, level) in cases {
+        write(some, full);
+        assert_eq!(gov.sample_cgroup_pressure(), Some(level), "{some} {full}");
+        assert_eq!(gov.global_pressure(), level, "{some} {full}");
+        assert_eq!(gov.snapshot().kernel_pressure, level);
+    }
+    write(50.0, 30.0);
+    gov.sample_cgroup_pressure();
+    assert!(
+        gov.prometheus()
+            .contains("\nnodedb_mem_kernel_pressure_level 3\n")
+    );
+    // Unreadable: no floor.
+    std::fs::remove_file(&psi).unwrap();
+    assert_eq!(gov.sample_cgroup_pressure(), None);
+    assert_eq!(gov.global_pressure(), PressureLevel::Normal);
+    let transitions = gov
+        .snapshot()
+        .events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Pressure { engine: None, .. }))
+        .count();
+    assert_eq!(transitions, 6);
+}
