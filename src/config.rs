@@ -192,6 +192,7 @@ pub struct GovernorBuilder {
     numa_policy: nodedb_mem_alloc::NumaPolicy,
     cap_to_node_memory: bool,
     allow_unattributed: bool,
+    huge_pages: bool,
     background: Option<std::time::Duration>,
     sweep_budget: u64,
 }
@@ -242,6 +243,8 @@ pub(crate) struct Config {
         expect(dead_code, reason = "loom models never install a governor")
     )]
     pub(crate) allow_unattributed: bool,
+    /// Whether the engines' arenas may get transparent huge pages.
+    pub(crate) huge_pages: bool,
     /// The interval of the background thread `install` starts (`None`: none).
     #[cfg_attr(
         nodedb_mem_loom,
@@ -284,6 +287,7 @@ impl Default for GovernorBuilder {
             numa_policy: nodedb_mem_alloc::NumaPolicy::Preferred,
             cap_to_node_memory: false,
             allow_unattributed: false,
+            huge_pages: true,
             background: Some(DEFAULT_BACKGROUND_INTERVAL),
             sweep_budget: DEFAULT_SWEEP_BUDGET,
         }
@@ -417,6 +421,19 @@ impl GovernorBuilder {
     /// Zero is refused.
     pub fn sweep_budget(mut self, bytes: u64) -> Self {
         self.sweep_budget = bytes;
+        self
+    }
+
+    /// Whether the engines' memory may be backed by transparent huge pages (default yes: the
+    /// kernel's setting decides). `false` keeps them out of the engines' ranges at
+    /// [`install`](Self::install) (`MADV_NOHUGEPAGE`): under the kernel's `always` setting,
+    /// huge pages leave the process resident beyond what its blocks hold (measured: 924 MiB
+    /// resident for 812 MiB of blocks, 881 MiB without them in the engines' ranges), at the
+    /// price of TLB misses (random reads over those 812 MiB took 1.45× as long, medians of
+    /// six runs; see `docs/benchmarks.md`). Either way the excess is resident memory, which
+    /// the governor counts against the ceiling.
+    pub fn huge_pages(mut self, allow: bool) -> Self {
+        self.huge_pages = allow;
         self
     }
 
@@ -752,6 +769,7 @@ impl GovernorBuilder {
             overflow,
             numa_policy: self.numa_policy,
             allow_unattributed: self.allow_unattributed,
+            huge_pages: self.huge_pages,
             background: self.background,
             sweep_budget: self.sweep_budget,
         })

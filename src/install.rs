@@ -78,6 +78,12 @@ fn install(config: Config) -> Result<&'static MemoryGovernor> {
         );
     }
     nodedb_mem_alloc::set_numa_policy(config.numa_policy);
+    if !config.huge_pages && nodedb_mem_alloc::arenas_ready() {
+        nodedb_mem_alloc::prevent_huge_pages().map_err(|errno| MemError::Io {
+            what: "keeping transparent huge pages out of the engines' ranges".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        })?;
+    }
     let overflow = config
         .overflow
         .clone()

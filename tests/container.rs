@@ -3,7 +3,7 @@
 //! the process growing after it. The kernel's own counters say whether it had to hold the line.
 //!
 //! Skipped, saying so, where no v1 memory controller is mounted or it cannot be written (not
-//! root); the emulated-machine script covers cgroup v2.
+//! root). Also here: transparent huge pages kept out of the engines' ranges on request.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -299,4 +299,65 @@ fn child_scanning_in_a_cgroup() {
     assert_eq!(read, 512 * MIB);
     assert_eq!(before, after, "refusals or push-outs caused by the scan");
     assert!(worst < PressureLevel::Critical, "{worst:?}");
+}
+
+/// The `VmFlags` of the mapping that holds `addr`, from `/proc/self/smaps`.
+fn vm_flags_at(addr: usize) -> String {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((lo, hi)) = range.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            inside = (lo..hi).contains(&addr);
+            continue;
+        }
+        if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+            return flags.trim().to_owned();
+        }
+    }
+    panic!("no mapping holds {addr:#x}");
+}
+
+#[test]
+fn huge_pages_can_be_kept_out_of_the_engines_ranges() {
+    for (child, nh) in [
+        ("child_huge_pages_default", false),
+        ("child_no_huge_pages", true),
+    ] {
+        let (ok, out) = child::run_child(child, &[], None);
+        assert!(ok, "{child}:\n{out}");
+        let flags = out
+            .lines()
+            .find_map(|l| l.split_once("flags: ").map(|(_, f)| f))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(flags.split(' ').any(|f| f == "nh"), nh, "{child}: {flags}");
+    }
+}
+
+fn print_query_block_flags(huge_pages: bool) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let _gov = nodedb_mem::MemoryGovernor::builder()
+        .global_ceiling(1 << 30)
+        .huge_pages(huge_pages)
+        .overflow(OverflowConfig::in_dir(dir.path()))
+        .install()
+        .unwrap();
+    let _g = EngineGuard::enter(EngineId::Query);
+    let block = vec![1u8; 4 << 20];
+    assert_eq!(nodedb_mem::owner(block.as_ptr()), EngineId::Query);
+    println!("flags: {}", vm_flags_at(block.as_ptr() as usize));
+}
+
+#[test]
+#[ignore = "run in its own process by the test above"]
+fn child_huge_pages_default() {
+    print_query_block_flags(true);
+}
+
+#[test]
+#[ignore = "run in its own process by the test above"]
+fn child_no_huge_pages() {
+    print_query_block_flags(false);
 }

@@ -302,6 +302,26 @@ pub(crate) fn slot_range(slot: usize) -> Ranges {
     }
 }
 
+/// Keeps transparent huge pages out of the engines' ranges from now on (`MADV_NOHUGEPAGE` over
+/// all of them; pages already huge stay so until freed). Under the kernel's `always` setting,
+/// huge pages make the process resident beyond what its blocks hold (measured in
+/// `docs/benchmarks.md`); the price is more TLB misses on random access. The error is the
+/// `errno`: `ENOENT` without ranges.
+pub fn prevent_huge_pages() -> Result<(), i32> {
+    let Ranges::At(base, _) = slot_range(SLOTS) else {
+        return Err(libc::ENOENT);
+    };
+    let len = ARENA_ENGINES << layout().1;
+    // SAFETY: advice over the engines' part of our own reservation (`ARENA_ENGINES` ranges
+    // from its base); it changes how future faults are served, never the contents.
+    if unsafe { libc::madvise(base as *mut c_void, len, libc::MADV_NOHUGEPAGE) } != 0 {
+        return Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EINVAL));
+    }
+    Ok(())
+}
+
 /// Extents refused because an engine's virtual range was full.
 pub fn range_exhaustions() -> u64 {
     RANGE_EXHAUSTED.load(Ordering::Relaxed)
