@@ -79,6 +79,8 @@ pub(crate) struct Configured {
 /// The state of following the cgroup and of a lowered ceiling.
 #[derive(Default)]
 pub(crate) struct Following {
+    /// Ceiling changes so far.
+    pub(crate) changes: u64,
     /// Since when usage has been above a lowered ceiling, and that ceiling.
     over_since: Option<(Instant, u64)>,
     /// The cgroup limit last reported below an explicit ceiling.
@@ -219,9 +221,12 @@ impl MemoryGovernor {
         // Raised: waiting requests may fit. Lowered: those larger than a limit are refused.
         Ledger::wake_waiters(&inner.ledger);
         let over = self.global_usage().saturating_sub(bytes);
-        if bytes < from {
+        {
             let mut f = lock(&inner.following);
-            f.over_since = (over > 0).then_some((started, bytes));
+            f.changes += 1;
+            if bytes < from {
+                f.over_since = (over > 0).then_some((started, bytes));
+            }
         }
         if bytes < from && over == 0 {
             inner.ledger.events.record(EventKind::UnderCeiling {
@@ -282,6 +287,12 @@ impl MemoryGovernor {
         );
         self.global_pressure();
         level
+    }
+
+    /// How many times the ceiling moved ([`set_ceiling`](Self::set_ceiling) or following the
+    /// cgroup).
+    pub fn ceiling_changes(&self) -> u64 {
+        lock(&self.inner.following).changes
     }
 
     /// The kernel's pressure level at the last sample (see

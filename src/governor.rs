@@ -353,6 +353,7 @@ impl MemoryGovernor {
         crate::Snapshot {
             ceiling: g.ceiling(),
             ceiling_source: self.ceiling_source(),
+            ceiling_changes: self.ceiling_changes(),
             global_usage: self.global_usage(),
             global_peak: self.global_peak(),
             global_pressure,

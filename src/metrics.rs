@@ -150,6 +150,9 @@ pub struct Snapshot {
     pub ceiling: u64,
     /// Where the ceiling came from.
     pub ceiling_source: CeilingSource,
+    /// How many times the ceiling moved (each also a
+    /// [`EventKind::CeilingChanged`](crate::EventKind) event).
+    pub ceiling_changes: u64,
     /// Usage of all engines.
     pub global_usage: u64,
     /// Highest global usage seen.
@@ -213,6 +216,12 @@ impl Snapshot {
             "gauge",
             "The global memory ceiling.",
             self.ceiling,
+        );
+        global(
+            "ceiling_changes_total",
+            "counter",
+            "Times the global ceiling moved (set by the host or following the cgroup's limit).",
+            self.ceiling_changes,
         );
         global(
             "usage_bytes",

@@ -213,6 +213,11 @@ fn a_ceiling_from_the_cgroup_follows_its_limit_down_and_up() {
         CeilingSource::PhysicalMemory { total: 1 << 30 }
     );
     drop(big);
+    assert_eq!(gov.snapshot().ceiling_changes, 4);
+    assert!(
+        gov.prometheus()
+            .contains("\nnodedb_mem_ceiling_changes_total 4\n")
+    );
     let causes: Vec<CeilingCause> = ceiling_events(&gov).iter().map(|e| e.2).collect();
     assert_eq!(
         causes,
