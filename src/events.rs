@@ -161,6 +161,10 @@ pub enum EventKind {
         ceiling: u64,
         /// Time from the change.
         after: Duration,
+        /// Reservations refused (by an engine's limit or the ceiling) meanwhile.
+        refusals: u64,
+        /// Spill episodes begun meanwhile (by the governor's spill controllers).
+        spills: u64,
     },
     /// The cgroup's limit is below an explicit ceiling (builder or `NODEDB_MEMORY_LIMIT`),
     /// which does not follow it: the kernel, not the governor, will hold the line.
@@ -444,11 +448,18 @@ fn emit_with(e: &BreachEvent, path: Option<&str>, detail: &str) {
             floors_squeezed,
             "the global ceiling moved"
         ),
-        EventKind::UnderCeiling { ceiling, after } => tracing::info!(
+        EventKind::UnderCeiling {
+            ceiling,
+            after,
+            refusals,
+            spills,
+        } => tracing::info!(
             target: "nodedb_mem",
             seq = e.seq,
             ceiling,
             after_ms = after.as_millis() as u64,
+            refusals,
+            spills,
             "usage is under the lowered ceiling"
         ),
         EventKind::CgroupBelowCeiling { limit, ceiling } => tracing::warn!(

@@ -81,8 +81,9 @@ pub(crate) struct Configured {
 pub(crate) struct Following {
     /// Ceiling changes so far.
     pub(crate) changes: u64,
-    /// Since when usage has been above a lowered ceiling, and that ceiling.
-    over_since: Option<(Instant, u64)>,
+    /// Since when usage has been above a lowered ceiling, that ceiling, and the refusals and
+    /// spills counted at the change.
+    over_since: Option<(Instant, u64, u64, u64)>,
     /// The cgroup limit last reported below an explicit ceiling.
     reported_below: Option<u64>,
     /// Whether the cgroup's limit could not be read at the last look (warned once).
@@ -155,6 +156,7 @@ impl MemoryGovernor {
         }
         let started = Instant::now();
         let inner = &*self.inner;
+        let counts_at_change = self.refusals_and_spills();
         let cfg = &inner.configured;
         let scale = |v: u64| {
             u64::try_from(u128::from(v) * u128::from(bytes) / u128::from(cfg.ceiling))
@@ -225,13 +227,17 @@ impl MemoryGovernor {
             let mut f = lock(&inner.following);
             f.changes += 1;
             if bytes < from {
-                f.over_since = (over > 0).then_some((started, bytes));
+                let (r, s) = counts_at_change;
+                f.over_since = (over > 0).then_some((started, bytes, r, s));
             }
         }
         if bytes < from && over == 0 {
+            let (r, s) = self.refusals_and_spills();
             inner.ledger.events.record(EventKind::UnderCeiling {
                 ceiling: bytes,
                 after: started.elapsed(),
+                refusals: r - counts_at_change.0,
+                spills: s - counts_at_change.1,
             });
         }
         Ok(CeilingChange {
@@ -243,23 +249,41 @@ impl MemoryGovernor {
         })
     }
 
-    /// Records when usage came under a lowered ceiling (called on every resident check).
+    /// Refusals by engines' limits or the ceiling, and spill episodes begun, so far.
+    fn refusals_and_spills(&self) -> (u64, u64) {
+        let refusals = EngineId::ALL
+            .iter()
+            .map(|&e| self.budget(e).rejections())
+            .sum();
+        let spills = self
+            .inner
+            .ledger
+            .global
+            .spills_begun
+            .load(Ordering::Relaxed);
+        (refusals, spills)
+    }
+
+    /// Records when usage came under a lowered ceiling (called by every rebalancing step).
     pub(crate) fn note_under_ceiling(&self) {
         let inner = &*self.inner;
         let done = {
             let mut f = lock(&inner.following);
             match f.over_since {
-                Some((since, ceiling)) if self.global_usage() <= ceiling => {
+                Some((since, ceiling, r, s)) if self.global_usage() <= ceiling => {
                     f.over_since = None;
-                    Some((since, ceiling))
+                    Some((since, ceiling, r, s))
                 }
                 _ => None,
             }
         };
-        if let Some((since, ceiling)) = done {
+        if let Some((since, ceiling, r0, s0)) = done {
+            let (r, s) = self.refusals_and_spills();
             inner.ledger.events.record(EventKind::UnderCeiling {
                 ceiling,
                 after: since.elapsed(),
+                refusals: r - r0,
+                spills: s - s0,
             });
         }
     }

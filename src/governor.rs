@@ -354,6 +354,7 @@ impl MemoryGovernor {
             ceiling: g.ceiling(),
             ceiling_source: self.ceiling_source(),
             ceiling_changes: self.ceiling_changes(),
+            spills_begun: g.spills_begun.load(Ordering::Relaxed),
             global_usage: self.global_usage(),
             global_peak: self.global_peak(),
             global_pressure,

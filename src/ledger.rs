@@ -37,6 +37,8 @@ pub(crate) struct GlobalLedger {
     pub(crate) dirty_purges: AtomicU64,
     /// Panics caught in reclaimers and in the background thread's steps.
     pub(crate) callback_panics: AtomicU64,
+    /// Spill episodes begun, by every spill controller of this governor.
+    pub(crate) spills_begun: AtomicU64,
     /// The kernel's pressure level from the cgroup's stall time (a `PressureLevel`), the
     /// floor of the global level.
     pub(crate) kernel_level: AtomicU8,
@@ -56,6 +58,7 @@ impl GlobalLedger {
             rss_excess: AtomicU64::new(0),
             dirty_purges: AtomicU64::new(0),
             callback_panics: AtomicU64::new(0),
+            spills_begun: AtomicU64::new(0),
             kernel_level: AtomicU8::new(crate::PressureLevel::Normal as u8),
         }
     }

@@ -150,6 +150,8 @@ pub struct Snapshot {
     pub ceiling: u64,
     /// Where the ceiling came from.
     pub ceiling_source: CeilingSource,
+    /// Spill episodes begun by the governor's spill controllers.
+    pub spills_begun: u64,
     /// How many times the ceiling moved (each also a
     /// [`EventKind::CeilingChanged`](crate::EventKind) event).
     pub ceiling_changes: u64,
@@ -216,6 +218,12 @@ impl Snapshot {
             "gauge",
             "The global memory ceiling.",
             self.ceiling,
+        );
+        global(
+            "spills_begun_total",
+            "counter",
+            "Spill episodes begun (BeginSpill) by the governor's spill controllers.",
+            self.spills_begun,
         );
         global(
             "ceiling_changes_total",

@@ -178,6 +178,12 @@ impl SpillController {
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
+                self.gov
+                    .inner
+                    .ledger
+                    .global
+                    .spills_begun
+                    .fetch_add(1, Ordering::Relaxed);
                 return SpillAction::BeginSpill { bytes };
             }
             return SpillAction::ContinueSpill { bytes };

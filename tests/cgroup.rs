@@ -169,8 +169,18 @@ fn a_ceiling_from_the_cgroup_follows_its_limit_down_and_up() {
     std::fs::write(r.join("sys/fs/cgroup/db/memory.high"), "100663296\n").unwrap();
     let change = gov.follow_cgroup().unwrap();
     assert_eq!(change.to, less_margin(96 * MIB));
-    // Usage (100 MiB) is above it now: the time until it is under is recorded.
+    // Usage (100 MiB) is above it now: the time until it is under is recorded, with the
+    // refusals and spills meanwhile.
     assert_eq!(change.over, 100 * MIB - less_margin(96 * MIB));
+    let spill = gov
+        .spill_controller(EngineId::Query, nodedb_mem::SpillConfig::default())
+        .unwrap();
+    assert!(matches!(
+        spill.poll(),
+        nodedb_mem::SpillAction::BeginSpill { .. }
+    ));
+    assert!(gov.reserve(EngineId::Query, MIB).is_err());
+    assert!(gov.reserve(EngineId::Query, 2 * MIB).is_err());
     drop(held);
     gov.rebalance();
     let under: Vec<_> = gov
@@ -178,7 +188,12 @@ fn a_ceiling_from_the_cgroup_follows_its_limit_down_and_up() {
         .events
         .iter()
         .filter_map(|e| match e.kind {
-            EventKind::UnderCeiling { ceiling, after } => Some((ceiling, after)),
+            EventKind::UnderCeiling {
+                ceiling,
+                after,
+                refusals,
+                spills,
+            } => Some((ceiling, after, refusals, spills)),
             _ => None,
         })
         .collect();
@@ -186,6 +201,8 @@ fn a_ceiling_from_the_cgroup_follows_its_limit_down_and_up() {
     assert_eq!(under[0].0, c1);
     assert_eq!(under[1].0, less_margin(96 * MIB));
     assert!(under[1].1 < Duration::from_secs(30));
+    assert_eq!((under[1].2, under[1].3), (2, 1), "{under:?}");
+    assert_eq!(gov.snapshot().spills_begun, 1);
 
     // Garbage, then the whole cgroup gone: the last good ceiling stands.
     std::fs::write(&max, "a lot\n").unwrap();
