@@ -129,24 +129,7 @@ pub(crate) fn physical_memory(root: &Path) -> Option<u64> {
 #[cfg(all(test, not(nodedb_mem_loom)))]
 mod tests {
     use super::*;
-    use std::fs;
-
-    struct FakeRoot(tempfile::TempDir);
-
-    impl FakeRoot {
-        fn new() -> FakeRoot {
-            FakeRoot(tempfile::tempdir().unwrap())
-        }
-        fn file(&self, rel: &str, text: &str) -> &Self {
-            let p = self.0.path().join(rel);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(p, text).unwrap();
-            self
-        }
-        fn path(&self) -> &Path {
-            self.0.path()
-        }
-    }
+    use crate::test_support::FakeRoot;
 
     #[test]
     fn environment_wins_and_is_parsed() {

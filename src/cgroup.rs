@@ -526,24 +526,8 @@ pub(crate) fn parse_pressure(text: &str) -> Option<MemoryPressure> {
 #[cfg(all(test, not(nodedb_mem_loom)))]
 mod tests {
     use super::*;
+    use crate::test_support::FakeRoot;
     use std::fs;
-
-    struct FakeRoot(tempfile::TempDir);
-
-    impl FakeRoot {
-        fn new() -> FakeRoot {
-            FakeRoot(tempfile::tempdir().unwrap())
-        }
-        fn file(&self, rel: &str, text: &str) -> &Self {
-            let p = self.0.path().join(rel);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(p, text).unwrap();
-            self
-        }
-        fn path(&self) -> &Path {
-            self.0.path()
-        }
-    }
 
     const PSI: &str = "some avg10=1.50 avg60=0.25 avg300=0.00 total=232000\n\
                        full avg10=0.75 avg60=0.10 avg300=0.00 total=116000\n";

@@ -43,6 +43,8 @@ mod scope;
 mod size;
 mod spill;
 mod sync;
+#[cfg(all(test, not(nodedb_mem_loom)))]
+mod test_support;
 mod wait;
 mod waiting;
 

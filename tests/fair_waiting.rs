@@ -10,19 +10,12 @@ use std::time::{Duration, Instant};
 
 use nodedb_mem::{EngineId, Limit, MemError, MemoryGovernor, Reservation, Reserving, Scope};
 
+#[path = "common/fixed_query.rs"]
+mod fixed;
+use fixed::fixed_query;
+
 const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(30);
-
-/// Query 8 MiB, capped there (no rebalancing lends it more), ceiling 64 MiB.
-fn fixed_query() -> MemoryGovernor {
-    MemoryGovernor::builder()
-        .global_ceiling(64 * MIB)
-        .overhead_reserve(0.0)
-        .budget(EngineId::Query, 8 * MIB)
-        .cap(EngineId::Query, 8 * MIB)
-        .build()
-        .unwrap()
-}
 
 fn poll_once(f: &mut Reserving) -> Poll<Result<Reservation, MemError>> {
     Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))

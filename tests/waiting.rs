@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use nodedb_mem::{EngineId, Limit, MemError, MemoryGovernor, Reservation, Reserving, Scope};
 
 mod common;
+#[path = "common/fixed_query.rs"]
+mod fixed;
 use common::{MIB, two_big_engines};
+use fixed::fixed_query;
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -394,17 +397,6 @@ fn requests_and_scopes_can_move_between_threads_and_tasks() {
     assert!(poll(&mut f, &waker).is_pending());
     drop(f);
     assert_eq!(gov.snapshot().waits_cancelled, 1);
-}
-
-/// Query 8 MiB, capped there: no rebalancing lends it more.
-fn fixed_query() -> MemoryGovernor {
-    MemoryGovernor::builder()
-        .global_ceiling(64 * MIB)
-        .overhead_reserve(0.0)
-        .budget(EngineId::Query, 8 * MIB)
-        .cap(EngineId::Query, 8 * MIB)
-        .build()
-        .unwrap()
 }
 
 #[test]
