@@ -13,6 +13,9 @@
 //!    does), or `memory.max` lowered with no warning (`max-untold`); then the limits raised
 //!    back, and the engines borrowing again.
 //! 3. `scan`: a 1 GiB file read through the page cache while Query works at 80 % of its limit.
+//! 4. `main-job`: the README's main job (`nodedb-mem-validation`, found at `DIR/bin`) at a
+//!    reduced scale with more live data than the limit, governed (`main-job`) and on plain
+//!    jemalloc (`main-job-ungoverned`); skipped when the binary is not there.
 //!
 //! Usage: `cgroup_limits DIR [CASE...]`.
 
@@ -50,6 +53,8 @@ fn main() {
         "max-only",
         "max-untold",
         "scan",
+        "main-job",
+        "main-job-ungoverned",
     ];
     let cases: Vec<&str> = if args.len() > 1 {
         args[1..].iter().map(String::as_str).collect()
@@ -103,11 +108,35 @@ fn orchestrate(case: &str, dir: &Path) {
         make_scan_file(dir);
     }
     let procs = std::ffi::CString::new(cg.join("cgroup.procs").to_str().unwrap()).unwrap();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.arg(dir)
-        .env(WORKER, case)
-        .stdout(Stdio::piped())
-        .stdin(Stdio::piped());
+    let mut cmd = if let Some(plain) = case.strip_prefix("main-job") {
+        let bin = dir.join("bin/nodedb-mem-validation");
+        if !bin.exists() {
+            println!("=== {case}: skipped, no {}", bin.display());
+            let _ = std::fs::remove_dir(&cg);
+            return;
+        }
+        // The short run with the ceiling a margin under the cgroup's limit, and 600 MiB of
+        // documents: more live data than the 512 MiB limit.
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--short",
+            "--ceiling",
+            "460MiB",
+            "--documents",
+            "600MiB",
+            "--out",
+        ])
+        .arg(dir.join(format!("out-{case}")));
+        if plain == "-ungoverned" {
+            cmd.arg("--no-governor");
+        }
+        cmd
+    } else {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.arg(dir).env(WORKER, case);
+        cmd
+    };
+    cmd.stdout(Stdio::piped()).stdin(Stdio::piped());
     // SAFETY: between fork and exec the closure only calls open, write and close (all
     // async-signal-safe) on a path prepared before the fork; it allocates nothing.
     unsafe {
