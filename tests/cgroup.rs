@@ -233,6 +233,10 @@ fn a_ceiling_from_the_cgroup_follows_its_limit_down_and_up() {
     assert_eq!(gov.snapshot().ceiling_changes, 4);
     assert!(
         gov.prometheus()
+            .contains("\nnodedb_mem_cgroup_limit_below_ceiling 0\n")
+    );
+    assert!(
+        gov.prometheus()
             .contains("\nnodedb_mem_ceiling_changes_total 4\n")
     );
     let causes: Vec<CeilingCause> = ceiling_events(&gov).iter().map(|e| e.2).collect();
@@ -273,6 +277,10 @@ fn an_explicit_ceiling_never_follows_but_a_lower_cgroup_limit_is_reported() {
         .collect();
     assert_eq!(reports, [(128 * MIB, 200 * MIB)]);
     assert!(ceiling_events(&gov).is_empty());
+    assert!(
+        gov.prometheus()
+            .contains("\nnodedb_mem_cgroup_limit_below_ceiling 1\n")
+    );
 }
 
 #[test]
