@@ -19,13 +19,57 @@ pub enum CgroupVersion {
 }
 
 /// The memory cgroup the process is in.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) struct Cgroup {
     pub(crate) version: CgroupVersion,
     /// The cgroup's directory.
     pub(crate) dir: PathBuf,
     /// The hierarchy's mount point (the top of the walk for limits set by ancestors).
     mount: PathBuf,
+    /// The files read on every tick, kept open.
+    files: std::sync::Arc<OpenFiles>,
+}
+
+impl PartialEq for Cgroup {
+    fn eq(&self, other: &Cgroup) -> bool {
+        (self.version, &self.dir, &self.mount) == (other.version, &other.dir, &other.mount)
+    }
+}
+
+impl Eq for Cgroup {}
+
+/// The small cgroup files the background thread reads on every tick, opened once and read with
+/// `pread` (about a twentieth of an open, read and close each time); a file that stops
+/// reading (its cgroup was removed) is closed and opened again at the next read.
+#[derive(Debug, Default)]
+struct OpenFiles(std::sync::Mutex<Vec<(PathBuf, std::fs::File)>>);
+
+impl OpenFiles {
+    /// The text of the file at `path` (at most 4 KiB: limits and pressure lines).
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        use std::os::unix::fs::FileExt;
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut buf = [0u8; 4096];
+        if let Some(i) = open.iter().position(|(p, _)| p == path) {
+            use std::os::unix::fs::MetadataExt;
+            // A file removed since (its cgroup was) reads no more: the kernel says `ENODEV`;
+            // a removed plain file (a test's fake tree) has no links left.
+            let gone = open[i].1.metadata().map_or(true, |m| m.nlink() == 0);
+            match open[i].1.read_at(&mut buf, 0) {
+                Ok(n) if !gone => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                _ => {
+                    open.swap_remove(i);
+                }
+            }
+        }
+        let file = std::fs::File::open(path)?;
+        let n = file.read_at(&mut buf, 0)?;
+        open.push((path.to_owned(), file));
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
 }
 
 /// Counts from `memory.events` (v2: each counts since the cgroup was made, for it and its
@@ -256,6 +300,7 @@ impl Cgroup {
                             version: CgroupVersion::V2,
                             dir,
                             mount,
+                            files: Default::default(),
                         });
                     }
                 }
@@ -265,6 +310,7 @@ impl Cgroup {
                     version: CgroupVersion::V1,
                     dir: mount.join(rel),
                     mount,
+                    files: Default::default(),
                 });
             }
         }
@@ -276,7 +322,7 @@ impl Cgroup {
         if self.version != CgroupVersion::V2 {
             return None;
         }
-        parse_pressure(&std::fs::read_to_string(self.dir.join("memory.pressure")).ok()?)
+        parse_pressure(&self.files.read(&self.dir.join("memory.pressure")).ok()?)
     }
 
     /// Reads every figure now.
@@ -404,7 +450,7 @@ impl Cgroup {
         let mut best: Option<(u64, PathBuf)> = None;
         loop {
             let candidate = dir.join(file);
-            if let Ok(text) = std::fs::read_to_string(&candidate)
+            if let Ok(text) = self.files.read(&candidate)
                 && let Some(v) = parse(text.trim())
                 && best.as_ref().is_none_or(|(b, _)| v < *b)
             {
