@@ -157,8 +157,9 @@ pub struct CgroupFigures {
 }
 
 impl CgroupFigures {
-    /// Appends the known figures in the Prometheus text format (`nodedb_mem_cgroup_*`).
-    pub(crate) fn write_prometheus(&self, out: &mut String) {
+    /// Appends the known figures in the Prometheus text format (`nodedb_mem_cgroup_*`), and
+    /// whether the tightest limit is below `ceiling`.
+    pub(crate) fn write_prometheus(&self, out: &mut String, ceiling: u64) {
         use std::fmt::Write;
         let header = crate::metrics::header;
         let gauges = [
@@ -268,6 +269,19 @@ impl CgroupFigures {
             out,
             "nodedb_mem_cgroup_read_problems {}",
             self.problems.len()
+        );
+        header(
+            out,
+            "cgroup_limit_below_ceiling",
+            "gauge",
+            "1 when the cgroup's tightest limit (memory.max or memory.high) is below the ceiling: an explicit ceiling that does not follow it, or one not moved yet.",
+        );
+        let limit = self.max.into_iter().chain(self.high).min();
+        let below = limit.is_some_and(|l| l < ceiling);
+        let _ = writeln!(
+            out,
+            "nodedb_mem_cgroup_limit_below_ceiling {}",
+            u8::from(below)
         );
     }
 }
@@ -667,7 +681,7 @@ mod tests {
         Cgroup::find(root.path())
             .unwrap()
             .read()
-            .write_prometheus(&mut out);
+            .write_prometheus(&mut out, 1 << 30);
         for line in [
             "nodedb_mem_cgroup_current_bytes 314572800",
             "nodedb_mem_cgroup_max_bytes 536870912",
@@ -678,6 +692,7 @@ mod tests {
             "nodedb_mem_cgroup_pressure_stall_seconds_total{kind=\"some\"} 0.232",
             "nodedb_mem_cgroup_pressure_avg10_ratio{kind=\"full\"} 0.0075",
             "nodedb_mem_cgroup_read_problems 0",
+            "nodedb_mem_cgroup_limit_below_ceiling 1",
             "# TYPE nodedb_mem_cgroup_events_total counter",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} not in\n{out}");

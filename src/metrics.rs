@@ -348,18 +348,7 @@ impl Snapshot {
         );
 
         if let Some(c) = &self.cgroup {
-            c.write_prometheus(&mut out);
-            let limit = c.max.into_iter().chain(c.high).min();
-            let mut global = |name: &str, kind: &str, help: &str, value: u64| {
-                header(&mut out, name, kind, help);
-                let _ = writeln!(out, "nodedb_mem_{name} {value}");
-            };
-            global(
-                "cgroup_limit_below_ceiling",
-                "gauge",
-                "1 when the cgroup's tightest limit (memory.max or memory.high) is below the ceiling: an explicit ceiling that does not follow it, or one not moved yet.",
-                u64::from(limit.is_some_and(|l| l < self.ceiling)),
-            );
+            c.write_prometheus(&mut out, self.ceiling);
         }
 
         type Field = fn(&EngineSnapshot) -> i128;
