@@ -33,6 +33,8 @@ impl MemoryGovernor {
         };
         let (mut resident, peak) = read()?;
         let ceiling = self.ceiling();
+        // jemalloc's statistics are refreshed once per call (twice only after an engine was
+        // purged): a refresh walks every arena and takes locks allocating threads also need.
         if resident.saturating_add(self.rss_margin()) >= ceiling {
             let before = resident;
             if self.is_installed() {
@@ -46,17 +48,23 @@ impl MemoryGovernor {
                 ceiling,
             });
         }
-        if self.is_installed() && self.purge_dirty_engines() {
+        // `purge_dirty_engines` refreshes the statistics (after any purge above) to judge the
+        // engines' dirty pages.
+        let purged_engines = self.is_installed() && self.purge_dirty_engines();
+        if purged_engines {
             resident = read()?.0;
         }
         #[cfg(not(nodedb_mem_loom))]
         if self.is_installed() {
             self.report_overflow_breaches();
         }
-        let allocator_resident = if self.is_installed() {
+        let allocator_resident = if !self.is_installed() {
+            0
+        } else if purged_engines || !nodedb_mem_alloc::arenas_ready() {
+            // Purged since the refresh, or no refresh made (no engine arenas).
             nodedb_mem_alloc::allocator_resident().unwrap_or(0)
         } else {
-            0
+            nodedb_mem_alloc::allocator_resident_as_refreshed().unwrap_or(0)
         };
         let sample = RssSample {
             resident,

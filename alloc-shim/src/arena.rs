@@ -1029,6 +1029,13 @@ pub fn purge_all_arenas() -> bool {
 /// pages jemalloc holds (data, metadata, dirty pages). `None` if statistics are unavailable.
 pub fn allocator_resident() -> Option<u64> {
     refresh_stats();
+    allocator_resident_as_refreshed()
+}
+
+/// jemalloc's `stats.resident` as of the last refresh of its statistics (by
+/// [`arena_stats`], [`arena_stats_by_node`] or [`allocator_resident`]): saves a second
+/// refresh, which walks every arena, where one was just made.
+pub fn allocator_resident_as_refreshed() -> Option<u64> {
     // SAFETY: `stats.resident` is a `size_t`.
     unsafe { mallctl::read::<usize>(c"stats.resident") }
         .ok()

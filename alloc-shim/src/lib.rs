@@ -47,10 +47,10 @@ pub use alloc::{
 };
 pub use arena::{
     ArenaFailure, ArenaStats, ArenaStatsByNode, MAX_RANGE_BYTES, MIN_RANGE_BYTES, NumaPolicy,
-    RANGE_BYTES_ENV, allocator_resident, arena_failure, arena_index, arena_stats,
-    arena_stats_by_node, arenas_ready, is_overflow, machine_topology, mbind_failures, node_of,
-    node_range_bytes, owner, prevent_huge_pages, purge_all_arenas, purge_engine, range_bytes,
-    range_exhaustions, set_numa_policy, shards,
+    RANGE_BYTES_ENV, allocator_resident, allocator_resident_as_refreshed, arena_failure,
+    arena_index, arena_stats, arena_stats_by_node, arenas_ready, is_overflow, machine_topology,
+    mbind_failures, node_of, node_range_bytes, owner, prevent_huge_pages, purge_all_arenas,
+    purge_engine, range_bytes, range_exhaustions, set_numa_policy, shards,
 };
 pub use events::{ThreadEventCallback, register_thread_event_hook, thread_events_active};
 pub use guard::{EngineGuard, GUARD_SLOTS};
