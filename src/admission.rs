@@ -133,7 +133,7 @@ impl MemoryGovernor {
             scope.path(),
         );
         // Raised: waiters may fit now. Lowered: a waiter larger than the new limit is refused
-        // when its queue is served, rather than holding back the requests behind it.
+        // when the queue is served, rather than holding back the requests behind it.
         if limit != old {
             Ledger::wake_waiters(&self.inner.ledger);
         }

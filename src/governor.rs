@@ -58,7 +58,7 @@ pub struct MemoryGovernor {
 }
 
 pub(crate) struct Inner {
-    /// Budgets, scopes, the global ledger, the event log and the waiting queues: what
+    /// Budgets, scopes, the global ledger, the event log and the waiting queue: what
     /// reservations hold on to.
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) thresholds: PressureThresholds,

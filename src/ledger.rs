@@ -548,7 +548,7 @@ pub(crate) fn reserve(
         && !n.enter()
     {
         // Removed between the check and the admission: give back what was admitted. (No
-        // waiters are woken here: this may run under the queues' lock, and the bytes were
+        // waiters are woken here: this may run under the queue's lock, and the bytes were
         // held for an instant; the waiting thread retries within `WAIT_RETRY`.)
         let released = ledger.release(engine, Some(n), bytes);
         debug_assert!(released.is_ok(), "{released:?}");

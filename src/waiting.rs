@@ -19,7 +19,7 @@ use crate::wait::Waiter;
 
 /// How often waiting requests are retried while they wait: memory freed through the global
 /// allocator wakes nobody, so the serving thread (and a blocked caller) looks again this often.
-/// Reservations released, credits, raised limits and rebalancing wake the queues at once.
+/// Reservations released, credits, changed limits and rebalancing serve the queue at once.
 pub const WAIT_RETRY: Duration = Duration::from_millis(5);
 
 /// How long the serving thread sleeps when nothing waits (it is woken when a request joins).
@@ -164,7 +164,8 @@ impl MemoryGovernor {
         }
     }
 
-    /// Checks a waiting request, tries it at once where its queue is empty, or queues it.
+    /// Checks a waiting request and queues it, tried at once in its place (after every earlier
+    /// request).
     fn start_waiting(
         &self,
         engine: EngineId,
@@ -298,7 +299,7 @@ impl Drop for Reserving {
     fn drop(&mut self) {
         if let State::Queued(w) = &self.state {
             // A grant that came before the cancel is dropped here, outside the queue's lock,
-            // which releases it (and serves the queues again).
+            // which releases it (and serves the queue again).
             drop(self.ledger.waiters.cancel(w));
         }
     }
