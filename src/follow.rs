@@ -24,7 +24,8 @@
 //!   A limit that cannot be read (the cgroup vanished, a file being rewritten, garbage) keeps
 //!   the last good ceiling, with one warning until it reads again; a limit lifted (`max`)
 //!   gives the ceiling [`DEFAULT_RAM_FRACTION`](crate::DEFAULT_RAM_FRACTION) of physical
-//!   memory. An explicit ceiling (builder or `NODEDB_MEMORY_LIMIT`) never follows, but a
+//!   memory, and a limit set later on a cgroup that had none (the ceiling came from physical
+//!   memory) is followed as well. An explicit ceiling (builder or `NODEDB_MEMORY_LIMIT`) never follows, but a
 //!   cgroup limit below it is reported ([`EventKind::CgroupBelowCeiling`]).
 
 use std::time::Instant;
@@ -70,7 +71,8 @@ pub(crate) struct Configured {
     pub(crate) limits: [EngineLimits; EngineId::COUNT],
     pub(crate) rss_margin: u64,
     pub(crate) cgroup_margin: Size,
-    /// Whether the ceiling came from the cgroup (and so follows it).
+    /// Whether the ceiling follows the cgroup's limit: it came from the cgroup, or from
+    /// physical memory for want of a limit (not from the builder or the environment).
     pub(crate) follows_cgroup: bool,
     /// Physical memory, for a cgroup limit that is lifted.
     pub(crate) physical: Option<u64>,

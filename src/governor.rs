@@ -149,7 +149,12 @@ impl MemoryGovernor {
                     limits: c.budgets,
                     rss_margin: c.rss_margin,
                     cgroup_margin: c.cgroup_margin,
-                    follows_cgroup: matches!(c.ceiling_source, CeilingSource::Cgroup { .. }),
+                    // Only a ceiling someone chose stays put: one from the cgroup, or from
+                    // physical memory for want of a cgroup limit, follows the limit.
+                    follows_cgroup: !matches!(
+                        c.ceiling_source,
+                        CeilingSource::Explicit | CeilingSource::Environment
+                    ),
                     physical: c.physical,
                 },
                 following: Mutex::new(Default::default()),

@@ -484,3 +484,29 @@ fn the_cgroups_stall_time_sets_the_floor_of_the_global_pressure() {
         .count();
     assert_eq!(transitions, 6);
 }
+
+#[test]
+fn a_limit_set_on_a_cgroup_that_had_none_is_followed() {
+    // No limit at the start: the ceiling is 80 % of the 1 GiB of physical memory.
+    let root = v2_root("max\n");
+    let r = root.path();
+    let gov = MemoryGovernor::builder()
+        .ceiling_environment(None, r)
+        .build()
+        .unwrap();
+    assert_eq!(
+        (gov.ceiling(), gov.ceiling_source()),
+        (
+            858_993_459,
+            CeilingSource::PhysicalMemory { total: 1 << 30 }
+        )
+    );
+    assert_eq!(gov.follow_cgroup(), None, "still no limit: nothing moves");
+    std::fs::write(r.join("sys/fs/cgroup/db/memory.max"), "268435456\n").unwrap();
+    let change = gov.follow_cgroup().unwrap();
+    assert_eq!(change.to, less_margin(256 * MIB));
+    assert!(matches!(
+        gov.ceiling_source(),
+        CeilingSource::Cgroup { limit, .. } if limit == 256 * MIB
+    ));
+}
