@@ -186,51 +186,32 @@ impl CgroupFigures {
             }
         }
         let e = &self.events;
-        let events = [
-            ("low", e.low),
-            ("high", e.high),
-            ("max", e.max),
-            ("oom", e.oom),
-            ("oom_kill", e.oom_kill),
-        ];
-        if events.iter().any(|(_, v)| v.is_some()) {
-            header(
-                out,
-                "cgroup_events_total",
-                "counter",
-                "The cgroup's memory.events (v1: max is failcnt).",
-            );
-            for (event, v) in events {
-                if let Some(v) = v {
-                    let _ = writeln!(
-                        out,
-                        "nodedb_mem_cgroup_events_total{{event=\"{event}\"}} {v}"
-                    );
-                }
-            }
-        }
+        family(
+            out,
+            ("cgroup_events_total", "counter", "event"),
+            "The cgroup's memory.events (v1: max is failcnt).",
+            &[
+                ("low", e.low),
+                ("high", e.high),
+                ("max", e.max),
+                ("oom", e.oom),
+                ("oom_kill", e.oom_kill),
+            ],
+        );
         let st = &self.stat;
-        let stat = [
-            ("anon", st.anon),
-            ("file", st.file),
-            ("file_dirty", st.file_dirty),
-            ("file_writeback", st.file_writeback),
-            ("kernel", st.kernel),
-            ("anon_thp", st.anon_thp),
-        ];
-        if stat.iter().any(|(_, v)| v.is_some()) {
-            header(
-                out,
-                "cgroup_stat_bytes",
-                "gauge",
-                "Figures of the cgroup's memory.stat.",
-            );
-            for (item, v) in stat {
-                if let Some(v) = v {
-                    let _ = writeln!(out, "nodedb_mem_cgroup_stat_bytes{{item=\"{item}\"}} {v}");
-                }
-            }
-        }
+        family(
+            out,
+            ("cgroup_stat_bytes", "gauge", "item"),
+            "Figures of the cgroup's memory.stat.",
+            &[
+                ("anon", st.anon),
+                ("file", st.file),
+                ("file_dirty", st.file_dirty),
+                ("file_writeback", st.file_writeback),
+                ("kernel", st.kernel),
+                ("anon_thp", st.anon_thp),
+            ],
+        );
         if let Some(p) = &self.pressure {
             header(
                 out,
@@ -283,6 +264,26 @@ impl CgroupFigures {
             "nodedb_mem_cgroup_limit_below_ceiling {}",
             u8::from(below)
         );
+    }
+}
+
+/// Appends the metric family `(name, kind, label)` with one line per known value, labelled by
+/// its key; nothing when no value is known.
+fn family(
+    out: &mut String,
+    (name, kind, label): (&str, &str, &str),
+    help: &str,
+    values: &[(&str, Option<u64>)],
+) {
+    use std::fmt::Write;
+    if values.iter().all(|(_, v)| v.is_none()) {
+        return;
+    }
+    crate::metrics::header(out, name, kind, help);
+    for (key, v) in values {
+        if let Some(v) = v {
+            let _ = writeln!(out, "nodedb_mem_{name}{{{label}=\"{key}\"}} {v}");
+        }
     }
 }
 
