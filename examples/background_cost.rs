@@ -1,9 +1,14 @@
-//! What the governor's background thread costs: the time of one tick's work
-//! (`check_resident` + `rebalance`) measured on this thread, and the CPU time the process uses
-//! while it sits idle for 10 s with the default background thread running.
+//! What the governor's background thread costs.
+//!
+//! 1. One full resident check (`check_resident`, which always refreshes jemalloc's statistics)
+//!    and one `rebalance`, timed on this thread, warm: what a tick costs when it has work.
+//! 2. The process idle for a while (60 s unless given) with the default background thread
+//!    running and live data in every engine, measured with `getrusage`: the CPU time of the
+//!    whole process, the ticks run and the statistics refreshes they made.
 //!
 //! ```sh
-//! cargo run --release --example background_cost
+//! cargo run --release --example background_cost            # 60 s idle
+//! cargo run --release --example background_cost -- 10      # 10 s idle
 //! ```
 
 use std::time::{Duration, Instant};
@@ -13,19 +18,24 @@ use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc, MemoryGovernor};
 #[global_allocator]
 static ALLOC: GovernedAlloc = GovernedAlloc::new();
 
-/// User + system CPU time of the whole process, from `/proc/self/stat` (clock ticks of 10 ms).
-fn cpu_ms() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime is the 14th, stime 15th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10
+/// User and system CPU time of the whole process, from `getrusage`, in microseconds.
+fn cpu_us() -> (u64, u64) {
+    // SAFETY: `rusage` is plain old data, for which all zeroes is a valid value.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable `rusage`.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    assert_eq!(rc, 0, "getrusage");
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(u.ru_utime), us(u.ru_stime))
 }
 
-fn main() -> nodedb_mem::Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let idle_secs: u64 = match std::env::args().nth(1) {
+        None => 60,
+        Some(s) => s
+            .parse()
+            .map_err(|e| format!("idle seconds {s:?}: {e} (expected a whole number)"))?,
+    };
     let gov = MemoryGovernor::builder()
         .global_ceiling(1 << 30)
         .install()?;
@@ -43,18 +53,33 @@ fn main() -> nodedb_mem::Result<()> {
         gov.check_resident()?;
         gov.rebalance();
     }
-    let per_tick = t.elapsed() / n;
-    let before = cpu_ms();
+    let full_tick = t.elapsed() / n;
+    // Let the thread see the data settle before measuring.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = gov.snapshot();
+    let (u0, s0) = cpu_us();
     let t = Instant::now();
-    std::thread::sleep(Duration::from_secs(10));
-    let idle_cpu = cpu_ms() - before;
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let (u1, s1) = cpu_us();
+    let wall = t.elapsed().as_secs_f64();
+    let after = gov.snapshot();
+    let ticks = after.background_ticks - before.background_ticks;
+    let refreshes = after.allocator_stats_refreshes - before.allocator_stats_refreshes;
+    let cpu = (u1 - u0) + (s1 - s0);
     println!(
-        "one tick (check_resident + rebalance): {:.1} µs; idle for {:.1} s with the default \
-         {} ms background thread: {idle_cpu} ms of CPU ({:.2} %)",
-        per_tick.as_secs_f64() * 1e6,
-        t.elapsed().as_secs_f64(),
+        "full resident check + rebalance, warm: {:.1} µs",
+        full_tick.as_secs_f64() * 1e6
+    );
+    println!(
+        "idle {wall:.1} s with the default {} ms background thread: {ticks} ticks, \
+         {refreshes} statistics refreshes; CPU {:.1} ms (user {:.1}, system {:.1}) = {:.3} % \
+         of a core, {:.1} µs per tick",
         nodedb_mem::DEFAULT_BACKGROUND_INTERVAL.as_millis(),
-        idle_cpu as f64 / t.elapsed().as_secs_f64() / 10.0
+        cpu as f64 / 1e3,
+        (u1 - u0) as f64 / 1e3,
+        (s1 - s0) as f64 / 1e3,
+        cpu as f64 / 1e4 / wall,
+        cpu as f64 / ticks.max(1) as f64,
     );
     Ok(())
 }

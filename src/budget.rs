@@ -49,6 +49,13 @@ pub struct Budget {
     peak: AtomicU64,
     /// Highest `usage` since the rebalancer last looked; the idle/busy signal.
     window_peak: AtomicU64,
+    /// Highest allocator charge folded in from the windows taken since the engine's arenas'
+    /// statistics were last read: what its dirty pages can have grown by since.
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models run standalone governors only")
+    )]
+    alloc_peak_since_stats: AtomicU64,
     /// Reservations refused by this engine's limit or by the ceiling.
     rejections: AtomicU64,
     /// Releases refused because they exceeded the charge (caller bugs).
@@ -102,6 +109,7 @@ impl Budget {
             usage: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             window_peak: AtomicU64::new(0),
+            alloc_peak_since_stats: AtomicU64::new(0),
             rejections: AtomicU64::new(0),
             over_releases: AtomicU64::new(0),
             level: AtomicU8::new(PressureLevel::Normal as u8),
@@ -377,9 +385,25 @@ impl Budget {
         #[cfg(not(nodedb_mem_loom))]
         if self.from_allocator {
             let alloc = nodedb_mem_alloc::take_window_peak(self.engine);
+            raise_max(&self.alloc_peak_since_stats, alloc);
             return own.max(alloc + self.reserved());
         }
         own
+    }
+
+    /// The highest allocator charge since [`restart_stats_window`](Self::restart_stats_window),
+    /// over the windows rebalancing took and the one still open.
+    #[cfg(not(nodedb_mem_loom))]
+    pub(crate) fn alloc_peak_since_stats(&self) -> u64 {
+        self.alloc_peak_since_stats
+            .load(Ordering::Acquire)
+            .max(nodedb_mem_alloc::window_peak(self.engine))
+    }
+
+    /// Starts the window of [`alloc_peak_since_stats`](Self::alloc_peak_since_stats) at `now`.
+    #[cfg(not(nodedb_mem_loom))]
+    pub(crate) fn restart_stats_window(&self, now: u64) {
+        self.alloc_peak_since_stats.store(now, Ordering::Release);
     }
 
     /// Re-evaluates the pressure level with hysteresis; returns `(old, new)` when it changed.

@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::kept::KeptFile;
+
 /// Which cgroup interface the figures come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CgroupVersion {
@@ -27,7 +29,57 @@ pub(crate) struct Cgroup {
     /// The hierarchy's mount point (the top of the walk for limits set by ancestors).
     mount: PathBuf,
     /// The files read on every tick, kept open.
-    files: std::sync::Arc<OpenFiles>,
+    files: std::sync::Arc<TickFiles>,
+}
+
+/// The files the background thread reads, kept open: the cgroup's own limit files and its
+/// stall time on every tick, its ancestors' limits once a second.
+#[derive(Debug)]
+struct TickFiles {
+    /// `memory.max` (v1: `memory.limit_in_bytes`).
+    max: KeptFile,
+    /// `memory.high` (v2 only).
+    high: Option<KeptFile>,
+    /// `memory.pressure` (v2 only).
+    pressure: Option<KeptFile>,
+    /// The limit files on the path from the cgroup up to the hierarchy's root, the cgroup's
+    /// own first: `memory.max` (v1: `memory.limit_in_bytes`) and `memory.high` (v2; empty in
+    /// v1).
+    walk_max: Vec<KeptFile>,
+    walk_high: Vec<KeptFile>,
+}
+
+impl Cgroup {
+    fn new(version: CgroupVersion, dir: PathBuf, mount: PathBuf) -> Cgroup {
+        let v2 = version == CgroupVersion::V2;
+        let mut levels = vec![dir.clone()];
+        let mut up = dir.clone();
+        while up != mount && up.pop() && up.starts_with(&mount) {
+            levels.push(up.clone());
+        }
+        let walk = |file: &str| levels.iter().map(|d| KeptFile::new(d.join(file))).collect();
+        let files = TickFiles {
+            max: KeptFile::new(dir.join(if v2 {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            })),
+            high: v2.then(|| KeptFile::new(dir.join("memory.high"))),
+            pressure: v2.then(|| KeptFile::new(dir.join("memory.pressure"))),
+            walk_max: walk(if v2 {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            }),
+            walk_high: if v2 { walk("memory.high") } else { Vec::new() },
+        };
+        Cgroup {
+            version,
+            dir,
+            mount,
+            files: std::sync::Arc::new(files),
+        }
+    }
 }
 
 impl PartialEq for Cgroup {
@@ -37,40 +89,6 @@ impl PartialEq for Cgroup {
 }
 
 impl Eq for Cgroup {}
-
-/// The small cgroup files the background thread reads on every tick, opened once and read with
-/// `pread` (about a twentieth of an open, read and close each time); a file that stops
-/// reading (its cgroup was removed) is closed and opened again at the next read.
-#[derive(Debug, Default)]
-struct OpenFiles(std::sync::Mutex<Vec<(PathBuf, std::fs::File)>>);
-
-impl OpenFiles {
-    /// The text of the file at `path` (at most 4 KiB: limits and pressure lines).
-    fn read(&self, path: &Path) -> std::io::Result<String> {
-        use std::os::unix::fs::FileExt;
-        let mut open = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut buf = [0u8; 4096];
-        if let Some(i) = open.iter().position(|(p, _)| p == path) {
-            use std::os::unix::fs::MetadataExt;
-            // A file removed since (its cgroup was) reads no more: the kernel says `ENODEV`;
-            // a removed plain file (a test's fake tree) has no links left.
-            let gone = open[i].1.metadata().map_or(true, |m| m.nlink() == 0);
-            match open[i].1.read_at(&mut buf, 0) {
-                Ok(n) if !gone => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                _ => {
-                    open.swap_remove(i);
-                }
-            }
-        }
-        let file = std::fs::File::open(path)?;
-        let n = file.read_at(&mut buf, 0)?;
-        open.push((path.to_owned(), file));
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    }
-}
 
 /// Counts from `memory.events` (v2: each counts since the cgroup was made, for it and its
 /// descendants). In v1, `max` is `memory.failcnt` and `oom_kill` comes from
@@ -311,22 +329,12 @@ impl Cgroup {
                     let mount = root.join(mount);
                     let dir = mount.join(rel);
                     if dir.join("memory.current").exists() {
-                        return Some(Cgroup {
-                            version: CgroupVersion::V2,
-                            dir,
-                            mount,
-                            files: Default::default(),
-                        });
+                        return Some(Cgroup::new(CgroupVersion::V2, dir, mount));
                     }
                 }
             } else if controllers.split(',').any(|c| c == "memory") {
                 let mount = root.join("sys/fs/cgroup/memory");
-                v1 = Some(Cgroup {
-                    version: CgroupVersion::V1,
-                    dir: mount.join(rel),
-                    mount,
-                    files: Default::default(),
-                });
+                v1 = Some(Cgroup::new(CgroupVersion::V1, mount.join(rel), mount));
             }
         }
         v1
@@ -334,10 +342,12 @@ impl Cgroup {
 
     /// The cgroup's `memory.pressure` (v2 only), if it reads.
     pub(crate) fn pressure(&self) -> Option<MemoryPressure> {
-        if self.version != CgroupVersion::V2 {
-            return None;
-        }
-        parse_pressure(&self.files.read(&self.dir.join("memory.pressure")).ok()?)
+        self.files
+            .pressure
+            .as_ref()?
+            .with_text(parse_pressure)
+            .ok()
+            .flatten()
     }
 
     /// Reads every figure now.
@@ -461,20 +471,39 @@ impl Cgroup {
         file: &str,
         parse: impl Fn(&str) -> Option<u64>,
     ) -> Option<(u64, PathBuf)> {
-        let mut dir = self.dir.clone();
-        let mut best: Option<(u64, PathBuf)> = None;
-        loop {
-            let candidate = dir.join(file);
-            if let Ok(text) = self.files.read(&candidate)
-                && let Some(v) = parse(text.trim())
-                && best.as_ref().is_none_or(|(b, _)| v < *b)
+        let files = if file == "memory.high" {
+            &self.files.walk_high
+        } else {
+            &self.files.walk_max
+        };
+        let mut best: Option<(u64, &KeptFile)> = None;
+        for f in files {
+            if let Ok(Some(v)) = f.with_text(|t| parse(t.trim()))
+                && best.is_none_or(|(b, _)| v < b)
             {
-                best = Some((v, candidate));
-            }
-            if dir == self.mount || !dir.pop() || !dir.starts_with(&self.mount) {
-                return best;
+                best = Some((v, f));
             }
         }
+        best.map(|(v, f)| (v, f.path().to_owned()))
+    }
+
+    /// The cgroup's own limits (`memory.max` and `memory.high`; in v1 `memory.limit_in_bytes`
+    /// and nothing), `u64::MAX` for none and `None` where a file does not read as a limit:
+    /// what moves when the limit the process lives under is changed on its own cgroup (a
+    /// container's, resized in place), read without walking up the hierarchy.
+    pub(crate) fn own_limits(&self) -> [Option<u64>; 2] {
+        let read = |file: Option<&KeptFile>| {
+            let parse = |t: &str| {
+                let t = t.trim();
+                if t == "max" {
+                    Some(u64::MAX)
+                } else {
+                    t.parse().ok()
+                }
+            };
+            file?.with_text(parse).ok().flatten()
+        };
+        [read(Some(&self.files.max)), read(self.files.high.as_ref())]
     }
 
     /// The limit the ceiling follows: the tightest `memory.max` or `memory.high` on the path
@@ -483,13 +512,11 @@ impl Cgroup {
     /// own limit file cannot be read or holds neither a number nor `max`: the cgroup vanished
     /// or is being changed, and the last good limit should stand.
     pub(crate) fn limit(&self) -> Result<Option<CgroupLimit>, String> {
-        let own = match self.version {
-            CgroupVersion::V2 => "memory.max",
-            CgroupVersion::V1 => "memory.limit_in_bytes",
-        };
-        let path = self.dir.join(own);
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let own = &self.files.max;
+        let path = own.path();
+        let text = own
+            .with_text(str::to_owned)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let text = text.trim();
         if text != "max" && text.parse::<u64>().is_err() {
             return Err(format!(

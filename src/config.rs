@@ -35,6 +35,12 @@ pub const MAX_OVERFLOW_CAPACITY: u64 = nodedb_mem_alloc::MAX_RANGE_BYTES as u64;
 /// interval (`docs/benchmarks.md`).
 pub const DEFAULT_BACKGROUND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// The longest the background thread sleeps while nothing moves, in intervals: after each quiet
+/// tick its sleep doubles up to this many intervals, and anything that moves (an engine's
+/// allocations growing, an event, a request waiting) wakes it at once. See
+/// [`Snapshot::background_sleep`](crate::Snapshot::background_sleep) and `docs/design.md`.
+pub const BACKGROUND_STRETCH_MAX: u32 = 20;
+
 /// How much file data one sweep of a governed directory examines by default (see
 /// [`GovernorBuilder::sweep_budget`]).
 pub const DEFAULT_SWEEP_BUDGET: u64 = 4 << 30;

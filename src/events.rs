@@ -284,6 +284,7 @@ impl EventLog {
         if self.pending.push(Pending { event, traced }).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        crate::sync::nudge_background();
         event
     }
 

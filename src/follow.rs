@@ -90,6 +90,8 @@ pub(crate) struct Following {
     reported_below: Option<u64>,
     /// Whether the cgroup's limit could not be read at the last look (warned once).
     unreadable: bool,
+    /// The cgroup's own limit files at the last look (see `Cgroup::own_limits`).
+    own_seen: Option<[Option<u64>; 2]>,
 }
 
 /// What [`MemoryGovernor::set_ceiling`] did.
@@ -331,6 +333,22 @@ impl MemoryGovernor {
                 .kernel_level
                 .load(Ordering::Acquire),
         )
+    }
+
+    /// [`follow_cgroup`](Self::follow_cgroup) for the background thread: the cgroup's own
+    /// limit files are read on every tick, and the limits of its ancestors (a walk up the
+    /// hierarchy, a file per level) only when `walk` is set or the own files changed. A
+    /// container resized in place has its own cgroup's limit moved (Kubernetes lowers the
+    /// container's before the pod's), so that is followed within one tick; a limit moved on an
+    /// ancestor only, within one walk.
+    pub(crate) fn follow_cgroup_tick(&self, walk: bool) -> Option<CeilingChange> {
+        let own = self.inner.cgroup.as_ref()?.own_limits();
+        let changed = lock(&self.inner.following).own_seen.replace(own) != Some(own);
+        if walk || changed {
+            self.follow_cgroup()
+        } else {
+            None
+        }
     }
 
     /// Reads the cgroup's limit and moves the ceiling to follow it (see the module's rules);

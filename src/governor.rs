@@ -74,7 +74,10 @@ pub(crate) struct Inner {
     pub(crate) configured: crate::follow::Configured,
     /// The state of following the cgroup and of a lowered ceiling.
     pub(crate) following: Mutex<crate::follow::Following>,
-    pub(crate) proc_status: std::path::PathBuf,
+    /// `proc_status`, kept open.
+    pub(crate) proc_file: crate::kept::KeptFile,
+    /// What the engines' dirty pages were at the last statistics refresh.
+    pub(crate) dirty_watch: Mutex<crate::resident::DirtyWatch>,
     /// The process's memory cgroup, if it is in one.
     pub(crate) cgroup: Option<crate::cgroup::Cgroup>,
     pub(crate) last_rss: Mutex<RssSample>,
@@ -161,7 +164,8 @@ impl MemoryGovernor {
                 ceiling_source: Mutex::new(c.ceiling_source),
                 reclaimers: Reclaimers::new(),
                 rss_margin: AtomicU64::new(c.rss_margin),
-                proc_status: c.proc_status,
+                proc_file: crate::kept::KeptFile::new(c.proc_status),
+                dirty_watch: Default::default(),
                 cgroup: c.cgroup,
                 last_rss: Mutex::new(RssSample::default()),
                 breaches_seen: Mutex::new([(0, 0); EngineId::COUNT]),
@@ -374,6 +378,11 @@ impl MemoryGovernor {
             resident_unaccounted: g.rss_excess.load(Ordering::Acquire),
             dirty_purges: g.dirty_purges.load(Ordering::Relaxed),
             callback_panics: g.callback_panics.load(Ordering::Relaxed),
+            background_ticks: g.background_ticks.load(Ordering::Relaxed),
+            background_sleep: std::time::Duration::from_nanos(
+                g.background_sleep_ns.load(Ordering::Relaxed),
+            ),
+            allocator_stats_refreshes: g.stats_refreshes.load(Ordering::Relaxed),
             overflow: if self.is_installed() {
                 nodedb_mem_alloc::overflow_stats()
             } else {

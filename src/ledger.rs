@@ -37,6 +37,12 @@ pub(crate) struct GlobalLedger {
     pub(crate) dirty_purges: AtomicU64,
     /// Panics caught in reclaimers and in the background thread's steps.
     pub(crate) callback_panics: AtomicU64,
+    /// Ticks the background thread has finished.
+    pub(crate) background_ticks: AtomicU64,
+    /// The background thread's sleep after its last tick, in nanoseconds (0: no thread).
+    pub(crate) background_sleep_ns: AtomicU64,
+    /// Refreshes of jemalloc's statistics made to judge resident memory and dirty pages.
+    pub(crate) stats_refreshes: AtomicU64,
     /// Spill episodes begun, by every spill controller of this governor.
     pub(crate) spills_begun: AtomicU64,
     /// The kernel's pressure level from the cgroup's stall time (a `PressureLevel`), the
@@ -58,6 +64,9 @@ impl GlobalLedger {
             rss_excess: AtomicU64::new(0),
             dirty_purges: AtomicU64::new(0),
             callback_panics: AtomicU64::new(0),
+            background_ticks: AtomicU64::new(0),
+            background_sleep_ns: AtomicU64::new(0),
+            stats_refreshes: AtomicU64::new(0),
             spills_begun: AtomicU64::new(0),
             kernel_level: AtomicU8::new(crate::PressureLevel::Normal as u8),
         }

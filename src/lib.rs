@@ -30,6 +30,7 @@ mod future;
 mod governor;
 #[cfg(not(nodedb_mem_loom))]
 mod install;
+mod kept;
 mod ledger;
 mod metrics;
 mod pressure;
@@ -45,6 +46,8 @@ mod spill;
 mod sync;
 #[cfg(all(test, not(nodedb_mem_loom)))]
 mod test_support;
+#[cfg(not(nodedb_mem_loom))]
+mod tick;
 mod wait;
 mod waiting;
 
@@ -56,10 +59,10 @@ pub use cache::{
 pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use cgroup::{CgroupEvents, CgroupFigures, CgroupStat, CgroupVersion, MemoryPressure, PsiLine};
 pub use config::{
-    DEFAULT_BACKGROUND_INTERVAL, DEFAULT_CGROUP_MARGIN, DEFAULT_MIN_PAGE_CACHE,
-    DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, DEFAULT_SWEEP_BUDGET, GovernorBuilder,
-    MAX_CEILING, MAX_OVERFLOW_CAPACITY, MIN_CEILING, OVERFLOW_DISK_RESERVE, OverflowConfig,
-    RebalanceConfig,
+    BACKGROUND_STRETCH_MAX, DEFAULT_BACKGROUND_INTERVAL, DEFAULT_CGROUP_MARGIN,
+    DEFAULT_MIN_PAGE_CACHE, DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, DEFAULT_SWEEP_BUDGET,
+    GovernorBuilder, MAX_CEILING, MAX_OVERFLOW_CAPACITY, MIN_CEILING, OVERFLOW_DISK_RESERVE,
+    OverflowConfig, RebalanceConfig,
 };
 pub use error::{Limit, MemError, Result};
 pub use events::{BreachEvent, CeilingCause, EVENT_CAPACITY, EventKind};

@@ -187,6 +187,16 @@ pub struct Snapshot {
     /// Panics caught in reclaimers (each then unregistered) and in the background thread's
     /// steps; each is also an [`EventKind::CallbackPanicked`](crate::EventKind) event.
     pub callback_panics: u64,
+    /// Ticks the background thread has finished.
+    pub background_ticks: u64,
+    /// How long the background thread sleeps after its last tick: its interval, or up to
+    /// [`BACKGROUND_STRETCH_MAX`](crate::BACKGROUND_STRETCH_MAX) times that while nothing moves (zero before its
+    /// first tick, and without one).
+    pub background_sleep: std::time::Duration,
+    /// Refreshes of jemalloc's statistics (a walk over every arena, taking locks allocating
+    /// threads also take) made by the background thread and
+    /// [`check_resident`](crate::MemoryGovernor::check_resident): a quiet tick makes none.
+    pub allocator_stats_refreshes: u64,
     /// The overflow path's counters (all zero without an installed governor).
     pub overflow: crate::OverflowStats,
     /// Every live scope, in creation order.
@@ -209,7 +219,7 @@ impl Snapshot {
     /// engine as a label, `HELP` and `TYPE` lines for each.
     pub fn to_prometheus(&self) -> String {
         let mut out = String::with_capacity(8 << 10);
-        let mut global = |name: &str, kind: &str, help: &str, value: u64| {
+        let mut global = |name: &str, kind: &str, help: &str, value: &dyn std::fmt::Display| {
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "nodedb_mem_{name} {value}");
         };
@@ -217,134 +227,152 @@ impl Snapshot {
             "ceiling_bytes",
             "gauge",
             "The global memory ceiling.",
-            self.ceiling,
+            &self.ceiling,
         );
         global(
             "spills_begun_total",
             "counter",
             "Spill episodes begun (BeginSpill) by the governor's spill controllers.",
-            self.spills_begun,
+            &self.spills_begun,
         );
         global(
             "ceiling_changes_total",
             "counter",
             "Times the global ceiling moved (set by the host or following the cgroup's limit).",
-            self.ceiling_changes,
+            &self.ceiling_changes,
         );
         global(
             "usage_bytes",
             "gauge",
             "Usage of all engines: live bytes plus reservations.",
-            self.global_usage,
+            &self.global_usage,
         );
         global(
             "peak_usage_bytes",
             "gauge",
             "Highest usage of all engines together.",
-            self.global_peak,
+            &self.global_peak,
         );
         global(
             "pressure_level",
             "gauge",
             "Process pressure level: 0 normal, 1 warning, 2 critical, 3 emergency.",
-            self.global_pressure as u64,
+            &(self.global_pressure as u64),
         );
         global(
             "kernel_pressure_level",
             "gauge",
             "The kernel's pressure level from the cgroup's memory stall time (0-3, as pressure_level).",
-            self.kernel_pressure as u64,
+            &(self.kernel_pressure as u64),
         );
         global(
             "ceiling_rejections_total",
             "counter",
             "Reservations refused by the global ceiling.",
-            self.global_rejections,
+            &self.global_rejections,
         );
         global(
             "pressure_transitions_total",
             "counter",
             "Changes of the process pressure level.",
-            self.global_pressure_transitions,
+            &self.global_pressure_transitions,
         );
         global(
             "events_total",
             "counter",
             "Breach events recorded.",
-            self.events_recorded,
+            &self.events_recorded,
         );
         global(
             "events_dropped_total",
             "counter",
             "Breach events lost before collection.",
-            self.events_dropped,
+            &self.events_dropped,
         );
         global(
             "waits_granted_total",
             "counter",
             "Waiting reservations granted.",
-            self.waits_granted,
+            &self.waits_granted,
         );
         global(
             "waits_timed_out_total",
             "counter",
             "Waiting reservations that timed out.",
-            self.waits_timed_out,
+            &self.waits_timed_out,
         );
         global(
             "waits_cancelled_total",
             "counter",
             "Waiting reservations given up by their owners.",
-            self.waits_cancelled,
+            &self.waits_cancelled,
         );
         global(
             "process_resident_bytes",
             "gauge",
             "Resident memory of the process at the last sample (VmRSS).",
-            self.resident.resident,
+            &self.resident.resident,
         );
         global(
             "process_peak_resident_bytes",
             "gauge",
             "Peak resident memory of the process (VmHWM).",
-            self.resident.peak,
+            &self.resident.peak,
         );
         global(
             "allocator_resident_bytes",
             "gauge",
             "jemalloc's resident bytes (stats.resident).",
-            self.resident.allocator_resident,
+            &self.resident.allocator_resident,
         );
         global(
             "overflow_breaches_total",
             "counter",
             "Allocations overflow could not take, served from the normal arena instead.",
-            self.overflow.breaches,
+            &self.overflow.breaches,
         );
         global(
             "overflow_refused_total",
             "counter",
             "Allocations overflow could not take, refused (policy FailAllocation).",
-            self.overflow.refused,
+            &self.overflow.refused,
         );
         global(
             "resident_unaccounted_bytes",
             "gauge",
             "Resident bytes beyond the governed usage, counted against the ceiling.",
-            self.resident_unaccounted,
+            &self.resident_unaccounted,
         );
 
         global(
             "dirty_purges_total",
             "counter",
             "Engine arenas purged because their dirty pages exceeded a quarter of the engine's limit.",
-            self.dirty_purges,
+            &self.dirty_purges,
         );
         global(
             "callback_panics_total",
             "counter",
             "Panics caught in reclaimers and in the background thread's steps.",
-            self.callback_panics,
+            &self.callback_panics,
+        );
+        global(
+            "background_ticks_total",
+            "counter",
+            "Ticks the background thread has finished.",
+            &self.background_ticks,
+        );
+        global(
+            "background_sleep_seconds",
+            "gauge",
+            "How long the background thread sleeps after its last tick (longer while nothing moves).",
+            &self.background_sleep.as_secs_f64(),
+        );
+        global(
+            "allocator_stats_refreshes_total",
+            "counter",
+            "Refreshes of jemalloc's statistics (a walk over every arena) made to judge resident memory and dirty pages.",
+            &self.allocator_stats_refreshes,
         );
 
         if let Some(c) = &self.cgroup {

@@ -1,13 +1,13 @@
 //! The optional background thread that rebalances on an interval.
 
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::{MemError, Result};
 use crate::governor::MemoryGovernor;
-use crate::sync::lock;
 
 /// Handle of the background thread started by
 /// [`MemoryGovernor::spawn_rebalancer`]. Dropping it stops the thread and waits for it.
@@ -29,8 +29,7 @@ pub struct Rebalancer {
 }
 
 struct Shared {
-    stop: Mutex<bool>,
-    wake: Condvar,
+    stop: AtomicBool,
 }
 
 impl fmt::Debug for Rebalancer {
@@ -51,42 +50,33 @@ impl Rebalancer {
             ));
         }
         let shared = Arc::new(Shared {
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
         });
         let theirs = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("nodedb-mem-rebalancer".into())
             .spawn(move || {
+                use nodedb_mem_alloc::wake;
                 let mut ticks = 0u64;
-                let mut stop = lock(&theirs.stop);
+                let mut state = crate::tick::TickState::new(interval);
                 loop {
-                    if *stop {
+                    // Read before looking at anything, so a wake from here on is not lost.
+                    let seen = wake::wake_seq();
+                    if theirs.stop.load(Ordering::Acquire) {
                         return ticks;
                     }
-                    let (guard, _timeout) = match theirs.wake.wait_timeout(stop, interval) {
-                        Ok(r) => r,
-                        Err(poisoned) => poisoned.into_inner(),
-                    };
-                    stop = guard;
-                    if *stop {
+                    if state.stretched() {
+                        gov.arm_wake_marks();
+                    }
+                    wake::sleep(seen, state.sleep());
+                    if theirs.stop.load(Ordering::Acquire) {
                         return ticks;
                     }
-                    drop(stop);
                     // A panic in a step (a `tracing` subscriber's, say; reclaimers are caught
                     // one by one) is reported, and the next tick runs as usual: resident
                     // sampling, push-out and rebalancing must not stop for good.
                     let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        // A moved cgroup limit moves the ceiling first; the kernel's stall
-                        // time sets the floor of the global pressure level.
-                        gov.follow_cgroup();
-                        gov.sample_cgroup_pressure();
-                        // Without /proc (not Linux, a sandbox) there is no resident figure
-                        // to feed back; the budgets still hold.
-                        let _ = gov.check_resident();
-                        gov.sweep_governed_dirs();
-                        gov.rebalance();
-                        gov.pump_events();
+                        gov.background_tick(&mut state);
                     }));
                     if let Err(payload) = tick {
                         gov.report_background_panic(&*payload);
@@ -95,7 +85,6 @@ impl Rebalancer {
                     // are exact at rest.
                     nodedb_mem_alloc::flush_thread();
                     ticks += 1;
-                    stop = lock(&theirs.stop);
                 }
             })
             .map_err(|source| MemError::Io {
@@ -114,8 +103,8 @@ impl Rebalancer {
     }
 
     fn shutdown(&mut self) -> u64 {
-        *lock(&self.shared.stop) = true;
-        self.shared.wake.notify_all();
+        self.shared.stop.store(true, Ordering::Release);
+        nodedb_mem_alloc::wake::wake();
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(ticks)) => ticks,
             Some(Err(panic)) => std::panic::resume_unwind(panic),

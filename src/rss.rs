@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use crate::kept::KeptFile;
+
 /// One sample of the process's resident memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RssSample {
@@ -13,9 +15,13 @@ pub struct RssSample {
     pub allocator_resident: u64,
 }
 
-/// Reads `VmRSS` and `VmHWM` from a `/proc/<pid>/status`-format file.
-pub(crate) fn read_status(path: &Path) -> std::io::Result<(u64, u64)> {
-    let text = std::fs::read_to_string(path)?;
+/// Reads `VmRSS` and `VmHWM` from a `/proc/<pid>/status`-format file, kept open.
+pub(crate) fn read_status(file: &KeptFile) -> std::io::Result<(u64, u64)> {
+    file.with_text(|text| parse_status(text, file.path()))?
+}
+
+/// `VmRSS` and `VmHWM` from the text of a status file.
+fn parse_status(text: &str, path: &Path) -> std::io::Result<(u64, u64)> {
     let field = |name: &str| -> std::io::Result<u64> {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -39,12 +45,13 @@ mod tests {
     fn parses_the_status_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("status");
+        let file = KeptFile::new(p.clone());
         std::fs::write(&p, "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n").unwrap();
-        assert_eq!(read_status(&p).unwrap(), (1 << 20, 2 << 20));
+        assert_eq!(read_status(&file).unwrap(), (1 << 20, 2 << 20));
         std::fs::write(&p, "Name:\tx\n").unwrap();
-        let e = read_status(&p).unwrap_err();
+        let e = read_status(&file).unwrap_err();
         assert!(e.to_string().starts_with("no VmRSS: in "), "{e}");
-        let (rss, hwm) = read_status(Path::new("/proc/self/status")).unwrap();
+        let (rss, hwm) = read_status(&KeptFile::new("/proc/self/status".into())).unwrap();
         assert!(rss > 0 && hwm >= rss);
     }
 }

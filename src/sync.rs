@@ -27,3 +27,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         Err(poisoned) => poisoned.into_inner(),
     }
 }
+
+/// Wakes the background thread at once if it sleeps past its interval because nothing moved
+/// (see `crate::tick`): something did.
+#[inline]
+pub(crate) fn nudge_background() {
+    #[cfg(not(nodedb_mem_loom))]
+    nodedb_mem_alloc::wake::nudge();
+}

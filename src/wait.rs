@@ -287,6 +287,8 @@ impl<T> Queues<T> {
         attempt: impl FnMut(&Waiter<T>) -> Attempt<T>,
         report_of: impl FnMut(&Waiter<T>, &MemError) -> Option<R>,
     ) -> (Option<Result<T, MemError>>, Vec<R>) {
+        // A request that waits makes its engine busy: rebalancing should look soon.
+        crate::sync::nudge_background();
         let settled = {
             let mut queue = lock(&self.queue);
             self.waiting.fetch_add(1, Ordering::AcqRel);

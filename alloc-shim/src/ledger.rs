@@ -248,6 +248,7 @@ pub(crate) fn settle(engine: Slot, held: u64, added: u64, freed: u64, buy: bool)
 /// After a charge brought `l` to `now`: the peaks and the over-limit flag.
 #[inline(always)]
 fn charged_to(l: &EngineLedger, engine: Slot, now: u64) {
+    crate::wake::check(engine, now);
     if l.peak.load(Ordering::Relaxed) < now {
         l.peak.fetch_max(now, Ordering::AcqRel);
     }
@@ -295,6 +296,14 @@ pub fn overflow_charged(engine: EngineId) -> u64 {
 /// The highest value [`charged`] has reached for `engine`.
 pub fn charged_peak(engine: EngineId) -> u64 {
     ledger(Slot::of(engine)).peak.load(Ordering::Acquire)
+}
+
+/// The highest value of [`charged`] since the last [`take_window_peak`], without restarting
+/// the window.
+pub fn window_peak(engine: EngineId) -> u64 {
+    let l = ledger(Slot::of(engine));
+    let now = l.charged.load(Ordering::Acquire);
+    l.window_peak.load(Ordering::Acquire).max(now)
 }
 
 /// The highest value of [`charged`] since the previous call, restarting the window at the

@@ -40,6 +40,7 @@ mod size_class;
 mod slot;
 mod sync;
 mod thread;
+pub mod wake;
 
 pub use alloc::{
     GovernedAlloc, RangeFallbacks, detached_operations, is_active, range_fallbacks,
@@ -56,7 +57,7 @@ pub use events::{ThreadEventCallback, register_thread_event_hook, thread_events_
 pub use guard::{EngineGuard, GUARD_SLOTS};
 pub use ledger::{
     BATCH, DIRECT_THRESHOLD, FAST_MAX, HEADROOM, HEADROOM_MAX, HEADROOM_MIN, INTERVAL, charged,
-    charged_peak, overflow_charged, set_overflow_limit, take_window_peak,
+    charged_peak, overflow_charged, set_overflow_limit, take_window_peak, window_peak,
 };
 pub use numa::{MAX_CPUS, MAX_NODES, Topology};
 pub use overflow::{
