@@ -28,12 +28,12 @@ pub(crate) struct Cgroup {
     pub(crate) dir: PathBuf,
     /// The hierarchy's mount point (the top of the walk for limits set by ancestors).
     mount: PathBuf,
-    /// The files read on every tick, kept open.
+    /// The files the background thread reads, kept open.
     files: std::sync::Arc<TickFiles>,
 }
 
-/// The files the background thread reads, kept open: the cgroup's own limit files and its
-/// stall time on every tick, its ancestors' limits once a second.
+/// The files the background thread reads, kept open: the cgroup's own limit files (every
+/// tick), its stall time (once a second) and its ancestors' limits (every five seconds).
 #[derive(Debug)]
 struct TickFiles {
     /// `memory.max` (v1: `memory.limit_in_bytes`).

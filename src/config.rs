@@ -31,8 +31,9 @@ pub const DEFAULT_CGROUP_MARGIN: f64 = 0.10;
 pub const MAX_OVERFLOW_CAPACITY: u64 = nodedb_mem_alloc::MAX_RANGE_BYTES as u64;
 
 /// The interval of the background thread `install` starts by default: resident sampling,
-/// purging, rebalancing, events. Each tick took 0.3–0.55 ms here, 0.4–0.6 % of one core at this
-/// interval (`docs/benchmarks.md`).
+/// purging, rebalancing, events. While nothing moves it sleeps longer, up to
+/// [`BACKGROUND_STRETCH_MAX`] intervals, and is woken at once when something does; idle it
+/// costs about 9,600 instructions a second (`docs/benchmarks.md`).
 pub const DEFAULT_BACKGROUND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The longest the background thread sleeps while nothing moves, in intervals: after each quiet
@@ -411,7 +412,10 @@ impl GovernorBuilder {
     /// memory and purges or pushes out what passes the margin
     /// ([`check_resident`](crate::MemoryGovernor::check_resident)), sweeps the governed
     /// directories out of the page cache ([`govern_dir`](crate::MemoryGovernor::govern_dir)),
-    /// rebalances, and emits pending events. `None` starts no thread: call those yourself, or
+    /// rebalances, and emits pending events. While nothing moves it sleeps longer, up to
+    /// [`BACKGROUND_STRETCH_MAX`] intervals, and whatever moves wakes it at once (see
+    /// [`Snapshot::background_sleep`](crate::Snapshot::background_sleep)). `None` starts no
+    /// thread: call those yourself, or
     /// [`spawn_rebalancer`](crate::MemoryGovernor::spawn_rebalancer) at your own cadence. The
     /// inline push-out that holds resident memory under the ceiling while overflow grows does
     /// not depend on it. A zero interval is refused.

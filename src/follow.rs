@@ -300,7 +300,7 @@ impl MemoryGovernor {
     /// floor at `Normal`). Clean page cache evicted by the kernel stalls nobody, so a scan
     /// does not raise it; the counts of `memory.events` are figures only for the same reason
     /// (the kernel hits `memory.max` evicting clean cache). The background thread calls this
-    /// on every tick.
+    /// once a second, and on every tick while global pressure is at `Warning` or above.
     pub fn sample_cgroup_pressure(&self) -> Option<PressureLevel> {
         let g = &self.inner.ledger.global;
         let level = self
@@ -352,7 +352,8 @@ impl MemoryGovernor {
     }
 
     /// Reads the cgroup's limit and moves the ceiling to follow it (see the module's rules);
-    /// the background thread calls this on every tick. Returns the change, if there was one.
+    /// the background thread calls this whenever the cgroup's own limit files change (it
+    /// reads them on every tick) and every 5 s for the ancestors' limits. Returns the change, if there was one.
     pub fn follow_cgroup(&self) -> Option<CeilingChange> {
         let inner = &*self.inner;
         let cg = inner.cgroup.as_ref()?;

@@ -17,8 +17,10 @@ impl MemoryGovernor {
     /// at once and a breach event is recorded. Whatever the total, an engine whose arenas keep
     /// more dirty pages than a quarter of its limit (at least [`DIRTY_ALLOWANCE_MIN`]) has them
     /// purged (counted in [`Snapshot::dirty_purges`](crate::Snapshot::dirty_purges)). The
-    /// background rebalancer does this on every tick; call it yourself if you drive
-    /// `rebalance` by hand.
+    /// background thread does this on every tick, reading jemalloc's statistics only when
+    /// resident memory is near the ceiling or an engine's dirty pages may have passed its
+    /// allowance (this call always reads them); call it yourself if you drive `rebalance` by
+    /// hand.
     ///
     /// The kernel's peak (`VmHWM`) never comes down, so the margin must be kept *before* the
     /// ceiling is reached: sample often enough that the process cannot grow by more than the
