@@ -88,7 +88,7 @@ fn quiet_ticks_stretch_the_sleep_refresh_nothing_and_an_allocation_wakes_the_thr
     // A tick has just ended and the next is a full stretched sleep away. Memory handed out
     // now wakes the thread: resident memory near the ceiling is answered by the first ticks
     // after the allocation, long before that sleep would have ended.
-    let (ticks, sleep) = stretched_and_just_ticked(BACKGROUND_STRETCH_MAX);
+    let (_, sleep) = stretched_and_just_ticked(BACKGROUND_STRETCH_MAX);
     let seen = gov.snapshot().events_recorded;
     let start = Instant::now();
     let data = vec![1u8; usize::try_from(ROOM).unwrap()];
