@@ -6,7 +6,9 @@
 //! is written before the first allocation and never again) that forwards either to
 //! [`GovernedAlloc`] or to plain [`Jemalloc`]. Every measured thread stays in one engine
 //! (`Query`) for the governed mode; the plain mode enters the same guard, which does nothing
-//! there, so both pay the same wrapper.
+//! there, so both pay the same wrapper. The governed child runs what users run: a governor
+//! installed with the defaults (`MemoryGovernor::builder().install()`), its background thread
+//! included; with `--no-background` it is installed with `background(None)` instead.
 //!
 //! Workloads:
 //! * `churn`: one thread, 64 live blocks of 16–256 B, allocate all then free all (ns per
@@ -31,8 +33,16 @@
 //! before any work of ours: the part of the governed figure no change on our side of the hook
 //! can remove.
 //!
+//! With `--instructions`, each child runs under valgrind's cachegrind (`valgrind` on the
+//! `PATH`) instead of the clock: once at a given amount of work and once at twice that, and the
+//! difference of the two instruction counts, divided by the extra work, is reported per
+//! operation (start-up cancels; the background thread's ticks during the extra time stay in).
+//! Instruction counts do not swing with the machine as this VM's wall clock does (±30 %
+//! within an hour). Both governed variants are measured there, beside plain jemalloc.
+//!
 //! Run: `cargo bench -p nodedb-mem-benches --bench hotpath` (five rounds), or with
-//! `-- --rounds N` / `-- --only churn,hashmap` / `-- --floor`.
+//! `-- --rounds N` / `-- --only churn,hashmap` / `-- --floor` / `-- --no-background` /
+//! `-- --instructions`.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
@@ -43,7 +53,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use malloc_bench_rs::{Config, Workload};
-use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc};
+use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc, MemoryGovernor};
 use nodedb_mem_alloc::INTERVAL;
 use tikv_jemallocator::Jemalloc;
 
@@ -175,39 +185,65 @@ fn churn_rounds(layouts: &[Layout], ptrs: &mut [*mut u8], rounds: usize) {
     }
 }
 
-/// ns per allocate+free pair: the best of seven in-process repetitions (the process is the
-/// unit of alternation; within it, take the run least disturbed).
-fn churn() -> f64 {
-    const ROUNDS: usize = 40_000;
+/// How much work a child does: the timed default, or a fixed amount for instruction counts.
+#[derive(Clone, Copy)]
+enum Work {
+    /// Wall clock: the full amount (best of seven for churn).
+    Timed,
+    /// Instruction counts: this many tenths of the full amount, once.
+    Tenths(usize),
+}
+
+impl Work {
+    fn of(self, full: usize) -> usize {
+        match self {
+            Work::Timed => full,
+            Work::Tenths(t) => full / 10 * t,
+        }
+    }
+}
+
+/// ns per allocate+free pair, and the pairs made: timed, the best of seven in-process
+/// repetitions (the process is the unit of alternation; within it, take the run least
+/// disturbed).
+fn churn(work: Work) -> (f64, usize) {
+    let rounds = work.of(40_000);
     let layouts: Vec<Layout> = (0..64)
         .map(|i| Layout::from_size_align(16 + (i * 37) % 240, 8).expect("valid layout"))
         .collect();
     let mut ptrs = vec![std::ptr::null_mut(); layouts.len()];
-    churn_rounds(&layouts, &mut ptrs, ROUNDS / 10);
-    (0..7)
+    let pairs = rounds * layouts.len();
+    if let Work::Tenths(_) = work {
+        let start = Instant::now();
+        churn_rounds(&layouts, &mut ptrs, rounds);
+        return (start.elapsed().as_nanos() as f64 / pairs as f64, pairs);
+    }
+    churn_rounds(&layouts, &mut ptrs, rounds / 10);
+    let best = (0..7)
         .map(|_| {
             let start = Instant::now();
-            churn_rounds(&layouts, &mut ptrs, ROUNDS);
-            start.elapsed().as_nanos() as f64 / (ROUNDS * layouts.len()) as f64
+            churn_rounds(&layouts, &mut ptrs, rounds);
+            start.elapsed().as_nanos() as f64 / pairs as f64
         })
-        .fold(f64::INFINITY, f64::min)
+        .fold(f64::INFINITY, f64::min);
+    (best, pairs * 7)
 }
 
-fn bench(workload: Workload, threads: usize) -> f64 {
+fn bench(workload: Workload, threads: usize, work: Work) -> (f64, usize) {
     let cfg = Config {
         threads,
-        steps_per_thread: 2_000_000,
+        steps_per_thread: work.of(2_000_000),
         working_set: 512,
         mstress_blocks: 256,
     };
     let ops = malloc_bench_rs::run(workload, &cfg, || InEngine);
     // ops/s over all threads, to ns per op per thread.
-    1e9 * threads as f64 / ops
+    (1e9 * threads as f64 / ops, threads * cfg.steps_per_thread)
 }
 
-fn hashmap() -> f64 {
+fn hashmap(work: Work) -> (f64, usize) {
     const KEYS: usize = 4096;
-    const OPS: usize = 4_000_000;
+    let ops = work.of(4_000_000);
     let mut map: HashMap<String, Vec<u8>> = HashMap::with_capacity(KEYS);
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = || {
@@ -220,7 +256,7 @@ fn hashmap() -> f64 {
         map.insert(format!("key-{k:08}"), vec![0u8; 64]);
     }
     let start = Instant::now();
-    for _ in 0..OPS {
+    for _ in 0..ops {
         let r = next();
         let k = (r as usize) % KEYS;
         let key = format!("key-{k:08}");
@@ -233,17 +269,17 @@ fn hashmap() -> f64 {
         }
     }
     black_box(&map);
-    start.elapsed().as_nanos() as f64 / OPS as f64
+    (start.elapsed().as_nanos() as f64 / ops as f64, ops)
 }
 
-fn hop() -> f64 {
-    const HOPS: usize = 2_000_000;
+fn hop(work: Work) -> (f64, usize) {
+    let hops = work.of(2_000_000);
     let start = Instant::now();
-    for i in 0..HOPS {
+    for i in 0..hops {
         let _g = EngineGuard::enter(EngineId::Vector);
         black_box(Box::new([i as u8; 64]));
     }
-    start.elapsed().as_nanos() as f64 / HOPS as f64
+    (start.elapsed().as_nanos() as f64 / hops as f64, hops)
 }
 
 unsafe extern "C" fn ignore_event(_is_alloc: bool, _allocated: u64, _deallocated: u64) {}
@@ -255,7 +291,7 @@ fn register_ignoring_hook() {
     assert_eq!(rc, Ok(()), "registering the thread-event hook");
 }
 
-fn child(workload: &str, mode: &str) {
+fn child(workload: &str, mode: &str, work: Work) {
     assert_eq!(
         PLAIN.load(Ordering::Relaxed),
         mode.starts_with("plain"),
@@ -266,6 +302,14 @@ fn child(workload: &str, mode: &str) {
     }
     if mode == "outside" {
         IN_ENGINE.set(true); // governed, but outside every engine (home `Unattributed`)
+    }
+    if mode.starts_with("governed") {
+        // What users run: a governor installed with the defaults.
+        let mut b = MemoryGovernor::builder();
+        if mode == "governed-nobg" {
+            b = b.background(None);
+        }
+        b.install().expect("install the governor");
     }
     stay_in_engine();
     if !workload.ends_with("-2") && std::env::var_os("HOTPATH_NO_PIN").is_none() {
@@ -279,20 +323,20 @@ fn child(workload: &str, mode: &str) {
     for _ in 0..1024 {
         drop(black_box(Box::new(0u64)));
     }
-    let ns = match workload {
-        "churn" => churn(),
-        "larson-1" => bench(Workload::Larson, 1),
-        "larson-2" => bench(Workload::Larson, 2),
-        "mstress-1" => bench(Workload::Mstress, 1),
-        "mstress-2" => bench(Workload::Mstress, 2),
-        "hashmap" => hashmap(),
-        "hop" => hop(),
+    let (ns, ops) = match workload {
+        "churn" => churn(work),
+        "larson-1" => bench(Workload::Larson, 1, work),
+        "larson-2" => bench(Workload::Larson, 2, work),
+        "mstress-1" => bench(Workload::Mstress, 1, work),
+        "mstress-2" => bench(Workload::Mstress, 2, work),
+        "hashmap" => hashmap(work),
+        "hop" => hop(work),
         other => {
             eprintln!("unknown workload {other}: expected one of {WORKLOADS:?}");
             std::process::exit(2);
         }
     };
-    println!("{ns}");
+    println!("{ns} {ops}");
 }
 
 fn run_child(workload: &str, mode: &str) -> f64 {
@@ -306,10 +350,81 @@ fn run_child(workload: &str, mode: &str) -> f64 {
         "{workload} {mode}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("child prints ns")
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ns = text.split_whitespace().next().unwrap_or("");
+    ns.parse().expect("child prints ns")
+}
+
+/// Instructions of one child run under cachegrind at `tenths` of the full work, and the
+/// operations it made.
+fn instructions(workload: &str, mode: &str, tenths: usize) -> (f64, f64) {
+    let exe = std::env::current_exe().expect("own executable");
+    let out = Command::new("valgrind")
+        .args([
+            "--tool=cachegrind",
+            "--cache-sim=no",
+            "--cachegrind-out-file=/dev/null",
+        ])
+        .arg(exe)
+        .args(["--child", workload, mode, "--tenths", &tenths.to_string()])
+        .output()
+        .expect("start valgrind (is it installed?)");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{workload} {mode}: {stderr}");
+    let refs = stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once("I   refs:")
+                .or_else(|| l.split_once("I refs:"))
+        })
+        .map(|(_, n)| n.trim().replace(',', ""))
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no instruction count in cachegrind's output: {stderr}"));
+    let ops = stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse::<f64>().ok())
+        .expect("child prints its operations");
+    (refs, ops)
+}
+
+/// Instructions per operation of `mode` on `workload`: two runs, at one and two tenths of the
+/// full work, differenced.
+fn instructions_per_op(workload: &str, mode: &str) -> f64 {
+    let (i1, o1) = instructions(workload, mode, 1);
+    let (i2, o2) = instructions(workload, mode, 2);
+    (i2 - i1) / (o2 - o1)
+}
+
+fn instruction_table(only: &[&str]) {
+    println!(
+        "hot path by instruction count (cachegrind; runs at 1/10 and 2/10 of the timed work, differenced)"
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>12} {:>8} {:>8}",
+        "workload", "plain", "governed", "no thread", "ratio", "no thr."
+    );
+    for &w in only {
+        if w == "hop" {
+            let g = instructions_per_op(w, "governed");
+            println!(
+                "{w:<10} {:>12} {g:>12.1} {:>12} {:>8} {:>8}",
+                "-", "-", "-", "-"
+            );
+            continue;
+        }
+        let p = instructions_per_op(w, "plain");
+        let g = instructions_per_op(w, "governed");
+        let n = instructions_per_op(w, "governed-nobg");
+        println!(
+            "{w:<10} {p:>12.1} {g:>12.1} {n:>12.1} {:>8.3} {:>8.3}",
+            g / p,
+            n / p
+        );
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -328,7 +443,11 @@ fn main() {
         return; // `cargo test --benches` asks benches to list their tests
     }
     if let Some(i) = args.iter().position(|a| a == "--child") {
-        child(&args[i + 1], &args[i + 2]);
+        let work = match args.iter().position(|a| a == "--tenths") {
+            Some(t) => Work::Tenths(args[t + 1].parse().expect("--tenths N")),
+            None => Work::Timed,
+        };
+        child(&args[i + 1], &args[i + 2], work);
         return;
     }
     let value = |flag: &str| {
@@ -339,8 +458,22 @@ fn main() {
     let rounds: usize = value("--rounds").map_or(5, |r| r.parse().expect("--rounds N"));
     let only: Vec<&str> = value("--only").map_or(WORKLOADS.to_vec(), |s| s.split(',').collect());
     let floor = args.iter().any(|a| a == "--floor");
+    if args.iter().any(|a| a == "--instructions") {
+        instruction_table(&only);
+        return;
+    }
+    let governed = if args.iter().any(|a| a == "--no-background") {
+        "governed-nobg"
+    } else {
+        "governed"
+    };
     println!(
-        "hot path: governed vs plain tikv-jemallocator, {rounds} alternated process runs each, medians"
+        "hot path: {governed} (installed{}) vs plain tikv-jemallocator, {rounds} alternated process runs each, medians",
+        if governed == "governed" {
+            ", defaults"
+        } else {
+            ", no background thread"
+        }
     );
     println!(
         "{:<10} {:>12} {:>12} {:>8} {:>8}   runs (governed / plain)",
@@ -351,15 +484,15 @@ fn main() {
         let (mut g, mut p, mut h) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..rounds {
             if w == "hop" {
-                g.push(run_child(w, "governed"));
+                g.push(run_child(w, governed));
                 continue;
             }
             if r % 2 == 0 {
-                g.push(run_child(w, "governed"));
+                g.push(run_child(w, governed));
                 p.push(run_child(w, "plain"));
             } else {
                 p.push(run_child(w, "plain"));
-                g.push(run_child(w, "governed"));
+                g.push(run_child(w, governed));
             }
             if floor {
                 h.push(run_child(w, "plain-hook"));
