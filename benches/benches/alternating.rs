@@ -1,13 +1,15 @@
 //! Small-object churn, governed vs plain jemalloc, alternated in rounds in one process and on
 //! one thread, without dynamic dispatch: the medians of 15 alternated rounds and their ratio.
 //! Wall-clock figures on a shared 2-core VM scatter; alternating the two in one process is the
-//! fairest comparison we can make. Run: `cargo bench -p nodedb-mem-benches --bench alternating`.
+//! fairest comparison we can make. The governed allocator runs as users run it: a governor
+//! installed with the defaults, its background thread included (`-- --no-background`: without
+//! it). Run: `cargo bench -p nodedb-mem-benches --bench alternating`.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
 use std::time::Instant;
 
-use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc};
+use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc, MemoryGovernor};
 use tikv_jemallocator::Jemalloc;
 
 #[global_allocator]
@@ -39,6 +41,12 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks benches to list their tests
     }
+    let mut builder = MemoryGovernor::builder();
+    let background = !std::env::args().any(|a| a == "--no-background");
+    if !background {
+        builder = builder.background(None);
+    }
+    builder.install().expect("install the governor");
     let layouts: Vec<Layout> = (0..64)
         .map(|i| Layout::from_size_align(16 + (i * 37) % 240, 8).expect("valid layout"))
         .collect();
@@ -56,7 +64,13 @@ fn main() {
     jemalloc.sort_by(f64::total_cmp);
     let (g, j) = (governed[7], jemalloc[7]);
     println!(
-        "small-object churn (16-256 B, 64 live), ns per alloc+free pair, median of 15 alternated rounds:"
+        "small-object churn (16-256 B, 64 live), ns per alloc+free pair, median of 15 alternated rounds \
+         (governor installed, {}):",
+        if background {
+            "defaults"
+        } else {
+            "no background thread"
+        }
     );
     println!("  governed {g:.2}  (min {:.2})", governed[0]);
     println!("  jemalloc {j:.2}  (min {:.2})", jemalloc[0]);

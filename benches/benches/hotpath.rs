@@ -42,7 +42,8 @@
 //!
 //! Run: `cargo bench -p nodedb-mem-benches --bench hotpath` (five rounds), or with
 //! `-- --rounds N` / `-- --only churn,hashmap` / `-- --floor` / `-- --no-background` /
-//! `-- --instructions`.
+//! `-- --against-no-background` (the installed governor with its thread against the same
+//! without it) / `-- --instructions`.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
@@ -467,8 +468,15 @@ fn main() {
     } else {
         "governed"
     };
+    // What the governed runs are compared with: plain jemalloc, or (`--against-no-background`)
+    // the governor without its background thread, to see what the thread costs.
+    let base = if args.iter().any(|a| a == "--against-no-background") {
+        "governed-nobg"
+    } else {
+        "plain"
+    };
     println!(
-        "hot path: {governed} (installed{}) vs plain tikv-jemallocator, {rounds} alternated process runs each, medians",
+        "hot path: {governed} (installed{}) vs {base}, {rounds} alternated process runs each, medians",
         if governed == "governed" {
             ", defaults"
         } else {
@@ -476,8 +484,8 @@ fn main() {
         }
     );
     println!(
-        "{:<10} {:>12} {:>12} {:>8} {:>8}   runs (governed / plain)",
-        "workload", "governed ns", "plain ns", "ratio", "paired"
+        "{:<10} {:>12} {:>12} {:>8} {:>8}   runs (governed / base)",
+        "workload", "governed ns", "base ns", "ratio", "paired"
     );
     let mut floors = Vec::new();
     for w in only {
@@ -489,9 +497,9 @@ fn main() {
             }
             if r % 2 == 0 {
                 g.push(run_child(w, governed));
-                p.push(run_child(w, "plain"));
+                p.push(run_child(w, base));
             } else {
-                p.push(run_child(w, "plain"));
+                p.push(run_child(w, base));
                 g.push(run_child(w, governed));
             }
             if floor {
