@@ -9,6 +9,7 @@
 //! ```sh
 //! cargo run --release --example background_cost            # 60 s idle
 //! cargo run --release --example background_cost -- 10      # 10 s idle
+//! cargo run --release --example background_cost -- 60 50   # sleeping up to 50 intervals
 //! ```
 
 use std::time::{Duration, Instant};
@@ -36,8 +37,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .parse()
             .map_err(|e| format!("idle seconds {s:?}: {e} (expected a whole number)"))?,
     };
+    let stretch: u32 = match std::env::args().nth(2) {
+        None => nodedb_mem::BACKGROUND_STRETCH_MAX,
+        Some(s) => s
+            .parse()
+            .map_err(|e| format!("stretch {s:?}: {e} (expected a whole number)"))?,
+    };
     let gov = MemoryGovernor::builder()
         .global_ceiling(1 << 30)
+        .background_stretch(stretch)
         .install()?;
     // Some live data in every engine, as in a running database.
     let _data: Vec<Vec<u8>> = EngineId::ALL
@@ -71,7 +79,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         full_tick.as_secs_f64() * 1e6
     );
     println!(
-        "idle {wall:.1} s with the default {} ms background thread: {ticks} ticks, \
+        "idle {wall:.1} s with the default {} ms background thread (sleeping up to {stretch} \
+         intervals): {ticks} ticks, \
          {refreshes} statistics refreshes; CPU {:.1} ms (user {:.1}, system {:.1}) = {:.3} % \
          of a core, {:.1} µs per tick",
         nodedb_mem::DEFAULT_BACKGROUND_INTERVAL.as_millis(),

@@ -201,6 +201,7 @@ pub struct GovernorBuilder {
     allow_unattributed: bool,
     huge_pages: bool,
     background: Option<std::time::Duration>,
+    background_stretch: u32,
     sweep_budget: u64,
 }
 
@@ -258,6 +259,8 @@ pub(crate) struct Config {
         expect(dead_code, reason = "loom models never install a governor")
     )]
     pub(crate) background: Option<std::time::Duration>,
+    /// The longest sleep of the background thread while quiet, in intervals.
+    pub(crate) background_stretch: u32,
     /// Bytes of file data one sweep of a governed directory examines.
     pub(crate) sweep_budget: u64,
 }
@@ -296,6 +299,7 @@ impl Default for GovernorBuilder {
             allow_unattributed: false,
             huge_pages: true,
             background: Some(DEFAULT_BACKGROUND_INTERVAL),
+            background_stretch: BACKGROUND_STRETCH_MAX,
             sweep_budget: DEFAULT_SWEEP_BUDGET,
         }
     }
@@ -421,6 +425,29 @@ impl GovernorBuilder {
     /// not depend on it. A zero interval is refused.
     pub fn background(mut self, interval: Option<std::time::Duration>) -> Self {
         self.background = interval;
+        self
+    }
+
+    /// Sets the longest the background thread sleeps while nothing moves, in intervals
+    /// (default [`BACKGROUND_STRETCH_MAX`], 20; `1`: never past the interval). Allocations
+    /// and the governor's own events wake it at once whatever this is; what a longer sleep
+    /// delays while the process is quiet is the answer to resident memory the governor does not
+    /// hand out and to a moved cgroup limit. On a virtual machine each wake-up costs more than
+    /// the tick (`docs/benchmarks.md`), so a longer sleep is what lowers the idle cost there.
+    /// Between 1 and 1000.
+    ///
+    /// ```
+    /// use nodedb_mem::MemoryGovernor;
+    ///
+    /// let err = MemoryGovernor::builder().background_stretch(0).build().unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid configuration `background_stretch` = 0: must be between 1 (never sleep past the interval) and 1000 intervals"
+    /// );
+    /// # Ok::<(), nodedb_mem::MemError>(())
+    /// ```
+    pub fn background_stretch(mut self, intervals: u32) -> Self {
+        self.background_stretch = intervals;
         self
     }
 
@@ -551,6 +578,13 @@ impl GovernorBuilder {
         }
         if self.background.is_some_and(|d| d.is_zero()) {
             return Err(MemError::config("background", "0 s", "must be above zero"));
+        }
+        if !(1..=1000).contains(&self.background_stretch) {
+            return Err(MemError::config(
+                "background_stretch",
+                self.background_stretch,
+                "must be between 1 (never sleep past the interval) and 1000 intervals",
+            ));
         }
         if self.sweep_budget == 0 {
             return Err(MemError::config(
@@ -781,6 +815,7 @@ impl GovernorBuilder {
             allow_unattributed: self.allow_unattributed,
             huge_pages: self.huge_pages,
             background: self.background,
+            background_stretch: self.background_stretch,
             sweep_budget: self.sweep_budget,
         })
     }

@@ -74,6 +74,12 @@ pub(crate) struct Inner {
     pub(crate) configured: crate::follow::Configured,
     /// The state of following the cgroup and of a lowered ceiling.
     pub(crate) following: Mutex<crate::follow::Following>,
+    /// The longest sleep of the background thread while quiet, in intervals.
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models run no background thread")
+    )]
+    pub(crate) background_stretch: u32,
     /// `proc_status`, kept open.
     pub(crate) proc_file: crate::kept::KeptFile,
     /// What the engines' dirty pages were at the last statistics refresh.
@@ -165,6 +171,7 @@ impl MemoryGovernor {
                 reclaimers: Reclaimers::new(),
                 rss_margin: AtomicU64::new(c.rss_margin),
                 proc_file: crate::kept::KeptFile::new(c.proc_status),
+                background_stretch: c.background_stretch,
                 dirty_watch: Default::default(),
                 cgroup: c.cgroup,
                 last_rss: Mutex::new(RssSample::default()),

@@ -58,7 +58,7 @@ impl Rebalancer {
             .spawn(move || {
                 use nodedb_mem_alloc::wake;
                 let mut ticks = 0u64;
-                let mut state = crate::tick::TickState::new(interval);
+                let mut state = crate::tick::TickState::new(interval, gov.inner.background_stretch);
                 loop {
                     // Read before looking at anything, so a wake from here on is not lost.
                     let seen = wake::wake_seq();

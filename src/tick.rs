@@ -18,7 +18,8 @@
 //! # Sleeping longer while quiet
 //! A timer wake-up alone costs about 0.1 ms of CPU on that VM: at a 100 ms interval, 0.1 % of
 //! a core before any work. So after a *quiet* tick the next sleep doubles, up to
-//! [`BACKGROUND_STRETCH_MAX`](crate::BACKGROUND_STRETCH_MAX) intervals; any other tick brings it back to the interval. A tick is quiet
+//! [`BACKGROUND_STRETCH_MAX`](crate::BACKGROUND_STRETCH_MAX) intervals (or as set with
+//! `GovernorBuilder::background_stretch`); any other tick brings it back to the interval. A tick is quiet
 //! when the process is far from its limits and nothing moved: resident memory and global
 //! usage, plus what the wake marks below let through, under both half the ceiling and the
 //! global warning threshold; every engine and the kernel at `Normal` pressure and within its
@@ -39,7 +40,6 @@
 use std::time::{Duration, Instant};
 
 use crate::EngineId;
-use crate::config::BACKGROUND_STRETCH_MAX;
 use crate::governor::MemoryGovernor;
 use crate::pressure::PressureLevel;
 use crate::resident::Stats;
@@ -60,6 +60,8 @@ const MARKED_SLOTS: u64 = EngineId::COUNT as u64 + 5;
 #[derive(Debug)]
 pub(crate) struct TickState {
     interval: Duration,
+    /// The longest sleep, in intervals.
+    stretch: u32,
     /// The next sleep: the interval, or longer after quiet ticks.
     sleep: Duration,
     last_slow: Option<Instant>,
@@ -70,9 +72,10 @@ pub(crate) struct TickState {
 }
 
 impl TickState {
-    pub(crate) fn new(interval: Duration) -> TickState {
+    pub(crate) fn new(interval: Duration, stretch: u32) -> TickState {
         TickState {
             interval,
+            stretch: stretch.max(1),
             sleep: interval,
             last_slow: None,
             last_walk: None,
@@ -130,7 +133,7 @@ impl MemoryGovernor {
             && report.reclaimed.is_empty()
             && self.is_quiet(st, resident);
         st.sleep = if quiet {
-            (st.sleep * 2).min(st.interval * BACKGROUND_STRETCH_MAX)
+            (st.sleep * 2).min(st.interval * st.stretch)
         } else {
             st.interval
         };
@@ -170,8 +173,13 @@ impl MemoryGovernor {
     }
 
     /// Arms the allocator's wake marks for a stretched sleep: each engine's charge may grow by
-    /// one step, and not to its warning level.
+    /// one step, and not to its warning level. A standalone governor, which the allocator does
+    /// not charge, leaves the marks (the process's, the installed governor's) alone.
     pub(crate) fn arm_wake_marks(&self) {
+        if !self.is_installed() {
+            nodedb_mem_alloc::wake::stretch();
+            return;
+        }
         let step = wake_step(self.ceiling());
         let warning = self.inner.thresholds.warning;
         let marks = EngineId::ALL.map(|e| {

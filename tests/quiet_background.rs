@@ -134,3 +134,33 @@ fn a_request_waiting_for_memory_wakes_the_thread_to_rebalance() {
     assert!(gov.limit(EngineId::Query) >= 48 * MIB);
     drop(r);
 }
+
+#[test]
+fn the_longest_sleep_is_a_setting_and_one_interval_never_stretches() {
+    let _serial = serial();
+    let tick = Duration::from_millis(10);
+    for (stretch, longest) in [(1, tick), (4, tick * 4)] {
+        // A standalone governor: nothing is charged to it, so every tick after the first
+        // is quiet.
+        let gov = MemoryGovernor::builder()
+            .global_ceiling(16u64 << 30)
+            .background_stretch(stretch)
+            .build()
+            .unwrap();
+        let bg = gov.spawn_rebalancer(tick).unwrap();
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut sleeps = Vec::new();
+        while gov.snapshot().background_ticks < 12 {
+            sleeps.push(gov.snapshot().background_sleep);
+            assert!(Instant::now() < until, "twelve ticks");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(bg);
+        let s = gov.snapshot();
+        assert_eq!(s.background_sleep, longest, "stretch {stretch}");
+        assert!(
+            sleeps.iter().all(|&d| d <= longest),
+            "stretch {stretch}: {sleeps:?}"
+        );
+    }
+}

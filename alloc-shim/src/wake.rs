@@ -78,7 +78,14 @@ pub fn nudge() {
     }
 }
 
-/// Arms the marks for a stretched sleep: a charge of `engine`'s home slot reaching
+/// Marks a stretched sleep without arming the marks, for a governor the allocator does not
+/// charge (a standalone one): [`nudge`] wakes it.
+pub fn stretch() {
+    STRETCHED.store(true, Ordering::Release);
+}
+
+/// Arms the marks for a stretched sleep (the installed governor's: the marks are the
+/// process's): a charge of `engine`'s home slot reaching
 /// `marks[engine]` wakes the sleepers, and so does one of its overflow slot passing the
 /// overflow charge now by `step` (overflow pages are resident until pushed out).
 pub fn arm(marks: &[u64; EngineId::COUNT], step: u64) {
