@@ -39,6 +39,7 @@ mod pushout;
 mod size_class;
 mod slot;
 mod sync;
+pub mod sys;
 mod thread;
 pub mod wake;
 

@@ -1,7 +1,6 @@
 //! The per-engine page-cache ledger the governor keeps: what governed I/O left in the cache,
 //! what it dropped behind, and the protected regions.
 
-use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One engine's page-cache figures.
@@ -104,30 +103,6 @@ pub(super) fn lock_regions(
 }
 
 /// The page size `mincore` and `mlock` work in.
-pub(super) const PAGE: usize = 4096;
+pub(super) use nodedb_mem_alloc::sys::PAGE;
 
-/// Bytes of the pages of `[addr, addr + len)` resident now (`ENOMEM` where part of it is not
-/// mapped). In steps of 16 MiB into a 4 KiB buffer on the stack: constant memory whatever the
-/// length (a byte per page of a 512 GiB file was 128 MiB).
-pub(super) fn resident_range(addr: usize, len: usize) -> io::Result<u64> {
-    const STEP_PAGES: usize = 4096;
-    if len == 0 {
-        return Ok(0);
-    }
-    let mut at = addr & !(PAGE - 1);
-    let end = (addr + len).next_multiple_of(PAGE);
-    let mut vec = [0u8; STEP_PAGES];
-    let mut resident = 0u64;
-    while at < end {
-        let n = (end - at).min(STEP_PAGES * PAGE);
-        // SAFETY: `mincore` reads only the kernel's page tables for `[at, at + n)`
-        // (page-aligned), failing with `ENOMEM` for addresses not mapped; it writes one byte per
-        // page into `vec`, which has room for `n / PAGE <= STEP_PAGES` of them.
-        if unsafe { libc::mincore(at as *mut libc::c_void, n, vec.as_mut_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        resident += vec[..n / PAGE].iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE as u64;
-        at += n;
-    }
-    Ok(resident)
-}
+pub(super) use nodedb_mem_alloc::sys::resident_range;

@@ -157,8 +157,8 @@ impl OverflowFigures {
     }
 }
 
-/// Reads `engine`'s overflow figures from the kernel (`mincore` over the region, 16 MiB per
-/// call into a stack buffer, and `fstat`): milliseconds for gigabytes; sample it. Zero without
+/// Reads `engine`'s overflow figures from the kernel (`mincore` over the region through
+/// [`sys::resident_range`](crate::sys::resident_range), and `fstat`): milliseconds for gigabytes; sample it. Zero without
 /// overflow.
 pub fn overflow_figures(engine: EngineId) -> OverflowFigures {
     use std::os::fd::AsRawFd;
@@ -166,21 +166,8 @@ pub fn overflow_figures(engine: EngineId) -> OverflowFigures {
         return OverflowFigures::default();
     };
     let len = region.len();
-    let mut resident = 0u64;
-    let mut vec = [0u8; 4096];
-    let mut at = 0usize;
-    while at < len {
-        let n = (len - at).min(vec.len() * 4096);
-        // SAFETY: `[base + at, base + at + n)` is a mapped part of the region (`at + n <= len`,
-        // page-aligned); `vec` has room for one byte per page of it.
-        let rc = unsafe { libc::mincore(region.base().add(at).cast(), n, vec.as_mut_ptr()) };
-        if rc != 0 {
-            break;
-        }
-        let pages = n.div_ceil(4096);
-        resident += vec[..pages].iter().filter(|&&b| b & 1 != 0).count() as u64 * 4096;
-        at += n;
-    }
+    // The region is mapped for its whole length while the process lives.
+    let resident = crate::sys::resident_range(region.base() as usize, len).unwrap_or(0);
     // SAFETY: an all-zero stat is valid for fstat to fill.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: the region's open descriptor and a stat to write.
