@@ -2,24 +2,24 @@
 //!
 //! # Invariants (checked by the loom models and the property test)
 //!
-//! * `headroom == limit - used - reserved` whenever no operation is in flight. Admission is a
-//!   single compare-and-swap on `headroom` that refuses to take it below zero, so a reservation
-//!   can never push an engine past its limit, whatever runs concurrently — including the
-//!   rebalancer, which changes a limit through the same word.
+//! * `headroom == limit - used - reserved` whenever no operation is in flight (a
+//!   [`Headroom`]). Admission is a single compare-and-swap on it that refuses to take it below
+//!   the allocator's bytes, so a reservation can never push an engine past its limit, whatever
+//!   runs concurrently — including the rebalancer, which changes a limit through the same word.
 //! * `usage >= used + reserved` at every instant: increments reach `usage` first and decrements
 //!   reach it last, so `usage` never goes below zero and never wraps.
 //! * `used` and `reserved` are only decreased by a checked compare-and-swap: releasing more than
 //!   was charged is refused with [`MemError::OverRelease`] and changes nothing.
 //!
-//! `headroom` is signed: implicit charges (allocations that cannot be refused) and a limit
-//! shrunk by the rebalancer can take it below zero, which is what "over budget" means. Its
-//! magnitude is bounded by the limit (at most 2^50, see the builder) plus the bytes charged
-//! (at most the address space), far from `i64`'s range.
+//! The word is signed: implicit charges (allocations that cannot be refused) and a limit
+//! shrunk by the rebalancer can take it below zero, which is what "over budget" means.
 
 use crate::EngineId;
 use crate::error::{MemError, Result};
+use crate::headroom::Headroom;
+pub(crate) use crate::headroom::Refused;
 use crate::pressure::{PressureLevel, ThresholdsPpm};
-use crate::sync::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use crate::sync::{AtomicU8, AtomicU64, Ordering};
 
 /// One engine's ledger: its limit and what is charged against it.
 ///
@@ -35,10 +35,9 @@ pub struct Budget {
     floor: AtomicU64,
     /// The limit never grows above this.
     cap: AtomicU64,
-    /// Current limit. Written only by the rebalancer (serialised by the governor's lock).
-    limit: AtomicU64,
-    /// `limit - used - reserved`; the admission word.
-    headroom: AtomicI64,
+    /// Current limit (written only under the governor's rebalance lock) and
+    /// `limit - used - reserved`, the admission word.
+    headroom: Headroom,
     /// Live bytes charged by allocators.
     used: AtomicU64,
     /// Bytes held by outstanding reservations.
@@ -82,13 +81,6 @@ pub struct Budget {
     from_allocator: bool,
 }
 
-/// Why an admission failed: the usage and limit seen by the refused compare-and-swap.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Refused {
-    pub(crate) usage: u64,
-    pub(crate) limit: u64,
-}
-
 impl Budget {
     pub(crate) fn new(
         engine: EngineId,
@@ -102,8 +94,7 @@ impl Budget {
             base: AtomicU64::new(base),
             floor: AtomicU64::new(floor),
             cap: AtomicU64::new(cap),
-            limit: AtomicU64::new(base),
-            headroom: AtomicI64::new(to_i64(base)),
+            headroom: Headroom::new(base),
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             usage: AtomicU64::new(0),
@@ -164,7 +155,7 @@ impl Budget {
     }
     /// The current limit (the budget, moved by rebalancing between floor and cap).
     pub fn limit(&self) -> u64 {
-        self.limit.load(Ordering::Acquire)
+        self.headroom.limit()
     }
     /// Live bytes charged by allocators: the global allocator's ledger for this engine (when
     /// the governor is installed) plus what was charged with
@@ -182,8 +173,7 @@ impl Budget {
     }
     /// What admission would still accept: `limit - usage`, or zero when over the limit.
     pub fn available(&self) -> u64 {
-        let h = i128::from(self.headroom.load(Ordering::Acquire));
-        u64::try_from(h - i128::from(self.allocator_bytes())).unwrap_or(0)
+        self.headroom.available(self.allocator_bytes())
     }
     /// The highest usage seen: at every reservation and pressure poll, and for the allocator's
     /// share at every ledger update of the allocator.
@@ -238,12 +228,6 @@ impl Budget {
         self.moves.load(Ordering::Relaxed)
     }
 
-    /// Takes `bytes` of headroom if what is left still covers the allocator's bytes. The only
-    /// admission decision. On refusal returns the headroom seen and the allocator bytes read.
-    fn take_headroom(&self, bytes: u64) -> std::result::Result<(), (i64, u64)> {
-        take_headroom(&self.headroom, bytes, self.allocator_bytes())
-    }
-
     fn raise_usage(&self, bytes: u64) {
         let now = self.usage.fetch_add(bytes, Ordering::AcqRel) + bytes + self.allocator_bytes();
         raise_max(&self.peak, now);
@@ -255,15 +239,8 @@ impl Budget {
     /// retry). Follow with [`commit_reservation`](Self::commit_reservation) or
     /// [`cancel_admission`](Self::cancel_admission).
     pub(crate) fn try_admit(&self, bytes: u64) -> std::result::Result<(), Refused> {
-        self.take_headroom(bytes).map_err(|(headroom, ext)| {
-            let limit = self.limit();
-            // `usage` as the refused CAS saw it, from the same word, not a second read.
-            let own = u64::try_from(i128::from(limit) - i128::from(headroom)).unwrap_or(0);
-            Refused {
-                usage: own + ext,
-                limit,
-            }
-        })
+        // The only admission decision: what is left must still cover the allocator's bytes.
+        self.headroom.take(bytes, self.allocator_bytes())
     }
 
     /// Turns an admission into a held reservation.
@@ -274,7 +251,7 @@ impl Budget {
 
     /// Returns the headroom of an admission that will not be committed (the ceiling refused).
     pub(crate) fn cancel_admission(&self, bytes: u64) {
-        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        self.headroom.give(bytes);
     }
 
     pub(crate) fn count_rejection(&self) {
@@ -285,13 +262,13 @@ impl Budget {
     pub(crate) fn release(&self, bytes: u64) -> Result<()> {
         checked_sub(&self.reserved, bytes).map_err(|charged| self.over_release(bytes, charged))?;
         self.usage.fetch_sub(bytes, Ordering::AcqRel);
-        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        self.headroom.give(bytes);
         Ok(())
     }
 
     /// Charges `bytes` of live memory, unconditionally (allocations cannot be refused here).
     pub(crate) fn charge(&self, bytes: u64) {
-        self.headroom.fetch_sub(to_i64(bytes), Ordering::AcqRel);
+        self.headroom.force(bytes);
         self.raise_usage(bytes);
         self.used.fetch_add(bytes, Ordering::AcqRel);
     }
@@ -300,7 +277,7 @@ impl Budget {
     pub(crate) fn credit(&self, bytes: u64) -> Result<()> {
         checked_sub(&self.used, bytes).map_err(|charged| self.over_release(bytes, charged))?;
         self.usage.fetch_sub(bytes, Ordering::AcqRel);
-        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        self.headroom.give(bytes);
         Ok(())
     }
 
@@ -320,10 +297,12 @@ impl Budget {
         if limit.saturating_sub(bytes) < self.floor() || bytes > limit {
             return false;
         }
-        if self.take_headroom(bytes).is_err() {
+        if !self
+            .headroom
+            .lower_limit_if_free(bytes, self.allocator_bytes())
+        {
             return false;
         }
-        self.limit.store(limit - bytes, Ordering::Release);
         self.lent_total.fetch_add(bytes, Ordering::Relaxed);
         self.moves.fetch_add(1, Ordering::Relaxed);
         true
@@ -345,8 +324,7 @@ impl Budget {
     }
 
     fn raise_limit(&self, bytes: u64) {
-        self.limit.fetch_add(bytes, Ordering::AcqRel);
-        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        self.headroom.raise_limit(bytes);
         self.moves.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -354,8 +332,7 @@ impl Budget {
     /// back). Caller holds the rebalance lock and keeps the limit at or above `base`.
     pub(crate) fn give_back(&self, bytes: u64) {
         debug_assert!(self.limit() >= self.base() + bytes);
-        self.headroom.fetch_sub(to_i64(bytes), Ordering::AcqRel);
-        self.limit.fetch_sub(bytes, Ordering::AcqRel);
+        self.headroom.lower_limit(bytes);
         self.returned_total.fetch_add(bytes, Ordering::Relaxed);
         self.moves.fetch_add(1, Ordering::Relaxed);
     }
@@ -369,9 +346,7 @@ impl Budget {
         self.base.store(base, Ordering::Release);
         self.floor.store(floor, Ordering::Release);
         self.cap.store(cap, Ordering::Release);
-        let old = self.limit.swap(base, Ordering::AcqRel);
-        self.headroom
-            .fetch_add(to_i64(base) - to_i64(old), Ordering::AcqRel);
+        let old = self.headroom.set_limit(base);
         if old != base {
             self.moves.fetch_add(1, Ordering::Relaxed);
         }
@@ -418,34 +393,7 @@ impl Budget {
 
     /// `headroom` as stored, for consistency checks.
     pub(crate) fn raw_headroom(&self) -> i64 {
-        self.headroom.load(Ordering::Acquire)
-    }
-}
-
-/// The admission decision on a headroom word (`limit - own usage`): takes `bytes` by one
-/// compare-and-swap if what is left still covers `ext` (usage counted outside the word: the
-/// allocator's bytes, unaccounted resident memory). On refusal returns the headroom seen and
-/// `ext`, and changes nothing.
-pub(crate) fn take_headroom(
-    headroom: &AtomicI64,
-    bytes: u64,
-    ext: u64,
-) -> std::result::Result<(), (i64, u64)> {
-    let want = to_i64(bytes).saturating_add(to_i64(ext));
-    let mut h = headroom.load(Ordering::Acquire);
-    loop {
-        if h < want {
-            return Err((h, ext));
-        }
-        match headroom.compare_exchange_weak(
-            h,
-            h - to_i64(bytes),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(seen) => h = seen,
-        }
+        self.headroom.raw()
     }
 }
 
@@ -519,13 +467,6 @@ pub(crate) fn checked_sub(counter: &AtomicU64, bytes: u64) -> std::result::Resul
             Err(seen) => cur = seen,
         }
     }
-}
-
-/// Byte counts enter the signed headroom word through here. Every count is bounded by the
-/// builder's maximum ceiling (2^50) or by the address space (2^48), so this never saturates in
-/// practice; saturating keeps it total rather than wrapping if that bound were ever broken.
-pub(crate) fn to_i64(bytes: u64) -> i64 {
-    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 #[cfg(all(test, not(nodedb_mem_loom)))]

@@ -252,6 +252,10 @@ pub(crate) struct Config {
     )]
     pub(crate) allow_unattributed: bool,
     /// Whether the engines' arenas may get transparent huge pages.
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models never install a governor")
+    )]
     pub(crate) huge_pages: bool,
     /// The interval of the background thread `install` starts (`None`: none).
     #[cfg_attr(

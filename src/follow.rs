@@ -341,6 +341,10 @@ impl MemoryGovernor {
     /// container resized in place has its own cgroup's limit moved (Kubernetes lowers the
     /// container's before the pod's), so that is followed within one tick; a limit moved on an
     /// ancestor only, within one walk.
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models run no background thread")
+    )]
     pub(crate) fn follow_cgroup_tick(&self, walk: bool) -> Option<CeilingChange> {
         let own = self.inner.cgroup.as_ref()?.own_limits();
         let changed = lock(&self.inner.following).own_seen.replace(own) != Some(own);

@@ -465,7 +465,7 @@ impl MemoryGovernor {
                 "global usage {usage} != sum of engines {total_usage}"
             ));
         }
-        let headroom = g.headroom.load(Ordering::Acquire);
+        let headroom = g.headroom.raw();
         if i128::from(headroom) != i128::from(g.ceiling()) - i128::from(usage) {
             return Err(format!(
                 "global headroom {headroom} != ceiling - usage {usage}"

@@ -9,20 +9,20 @@ use std::fmt;
 use crossbeam_utils::CachePadded;
 
 use crate::EngineId;
-use crate::budget::{Budget, checked_sub, raise_max, take_headroom, to_i64};
+use crate::budget::{Budget, checked_sub, raise_max};
 use crate::error::{Limit, MemError, Result};
 use crate::events::{EventKind, EventLog};
+use crate::headroom::{Headroom, Refused};
 use crate::pressure::ThresholdsPpm;
 use crate::scope::{Scope, ScopeNode, ScopeTree};
-use crate::sync::{Arc, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use crate::sync::{Arc, AtomicU8, AtomicU64, Ordering};
 use crate::wait::{Attempt, Queues, Ticker, Waiter};
 
 /// The process-wide counterpart of a [`Budget`]: usage of all engines against the ceiling.
 pub(crate) struct GlobalLedger {
-    /// The ceiling; moved only by `MemoryGovernor::set_ceiling` (under the rebalance lock).
-    ceiling: AtomicU64,
-    /// `ceiling - usage`; the global admission word.
-    pub(crate) headroom: AtomicI64,
+    /// The ceiling (moved only by `MemoryGovernor::set_ceiling`, under the rebalance lock) and
+    /// `ceiling - usage`, the global admission word.
+    pub(crate) headroom: Headroom,
     pub(crate) usage: AtomicU64,
     pub(crate) peak: AtomicU64,
     pub(crate) rejections: AtomicU64,
@@ -53,8 +53,7 @@ pub(crate) struct GlobalLedger {
 impl GlobalLedger {
     pub(crate) fn new(ceiling: u64, from_allocator: bool) -> GlobalLedger {
         GlobalLedger {
-            ceiling: AtomicU64::new(ceiling),
-            headroom: AtomicI64::new(to_i64(ceiling)),
+            headroom: Headroom::new(ceiling),
             usage: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             rejections: AtomicU64::new(0),
@@ -73,16 +72,13 @@ impl GlobalLedger {
     }
 
     pub(crate) fn ceiling(&self) -> u64 {
-        self.ceiling.load(Ordering::Acquire)
+        self.headroom.limit()
     }
 
     /// Moves the ceiling to `ceiling` (the headroom by as much, below zero if usage is above
     /// it); returns the old one. Caller holds the rebalance lock.
     pub(crate) fn set_ceiling(&self, ceiling: u64) -> u64 {
-        let old = self.ceiling.swap(ceiling, Ordering::AcqRel);
-        self.headroom
-            .fetch_add(to_i64(ceiling) - to_i64(old), Ordering::AcqRel);
-        old
+        self.headroom.set_limit(ceiling)
     }
 
     /// Bytes the global allocator has charged to all engines together.
@@ -106,9 +102,11 @@ impl GlobalLedger {
         self.own_usage() + self.allocator_bytes()
     }
 
-    fn take_headroom(&self, bytes: u64) -> std::result::Result<(), (i64, u64)> {
+    /// Admission against the ceiling: the allocator's bytes and the resident memory found
+    /// beyond the governed usage count besides the word.
+    fn take(&self, bytes: u64) -> std::result::Result<(), Refused> {
         let ext = self.allocator_bytes() + self.rss_excess.load(Ordering::Acquire);
-        take_headroom(&self.headroom, bytes, ext)
+        self.headroom.take(bytes, ext)
     }
 
     fn raise(&self, bytes: u64) {
@@ -121,7 +119,7 @@ impl GlobalLedger {
     fn lower(&self, bytes: u64) {
         let lowered = checked_sub(&self.usage, bytes);
         debug_assert!(lowered.is_ok(), "global usage below an engine's");
-        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        self.headroom.give(bytes);
     }
 }
 
@@ -221,12 +219,13 @@ impl Ledger {
             }
         }
         let g = &self.global;
-        if let Err((headroom, ext)) = g.take_headroom(bytes) {
+        if let Err(Refused {
+            usage: used,
+            limit: ceiling,
+        }) = g.take(bytes)
+        {
             path().for_each(|m| m.untake(bytes));
             b.cancel_admission(bytes);
-            let ceiling = g.ceiling();
-            let own = u64::try_from(i128::from(ceiling) - i128::from(headroom)).unwrap_or(0);
-            let used = own + ext;
             if report {
                 self.refused_by_ceiling(
                     engine,
@@ -241,7 +240,7 @@ impl Ledger {
             return Err(MemError::ceiling_exceeded(engine, bytes, used, ceiling));
         }
         if how == Admit::Ask {
-            g.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+            g.headroom.give(bytes);
             path().for_each(|m| m.untake(bytes));
             b.cancel_admission(bytes);
         } else {
@@ -270,7 +269,7 @@ impl Ledger {
             return;
         }
         let g = &self.global;
-        g.headroom.fetch_sub(to_i64(bytes), Ordering::AcqRel);
+        g.headroom.force(bytes);
         g.raise(bytes);
         self.budget(engine).charge(bytes);
     }

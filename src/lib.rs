@@ -28,6 +28,7 @@ mod follow;
 #[cfg(not(nodedb_mem_loom))]
 mod future;
 mod governor;
+mod headroom;
 #[cfg(not(nodedb_mem_loom))]
 mod install;
 mod kept;

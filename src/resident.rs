@@ -219,17 +219,29 @@ pub(crate) enum Stats {
     Refresh,
     /// Only when resident memory is near the ceiling or dirty pages may have grown past an
     /// allowance (the background thread's ticks).
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models run no background thread")
+    )]
     IfNeeded,
 }
 
 /// A change in an engine's allocator charge, or in its peak, that counts as "moved" for
 /// [`DIRTY_RECHECK`].
+#[cfg_attr(
+    nodedb_mem_loom,
+    expect(dead_code, reason = "loom models run no background thread")
+)]
 const DIRTY_MOVED: u64 = 1 << 20;
 
 /// How long the statistics may go unread while the allocator's ledgers moved but no engine's
 /// bound on its dirty pages passed its allowance: the bound assumes jemalloc reuses freed pages
 /// before it maps new ones, which fragmentation can break. jemalloc's own decay returns dirty
 /// pages over 10 s.
+#[cfg_attr(
+    nodedb_mem_loom,
+    expect(dead_code, reason = "loom models run no background thread")
+)]
 const DIRTY_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the engines' arenas held at the last refresh of jemalloc's statistics, to tell without
@@ -245,6 +257,10 @@ const DIRTY_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub(crate) struct DirtyWatch {
     /// When the statistics were last read here (`None`: never).
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models run no background thread")
+    )]
     at: Option<std::time::Instant>,
     /// Per engine, its arenas' dirty bytes then (0 where they were purged).
     dirty: [u64; EngineId::COUNT],

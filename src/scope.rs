@@ -23,9 +23,10 @@
 
 use std::fmt;
 
-use crate::budget::{checked_sub, raise_max, take_headroom, to_i64, update_level};
+use crate::budget::{checked_sub, raise_max, update_level};
+use crate::headroom::Headroom;
 use crate::pressure::{PressureLevel, ThresholdsPpm};
-use crate::sync::{Arc, AtomicI64, AtomicU8, AtomicU64, Mutex, Ordering, lock};
+use crate::sync::{Arc, AtomicU8, AtomicU64, Mutex, Ordering, lock};
 
 /// A scope's number, unique within its governor, in creation order from 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -72,9 +73,8 @@ pub(crate) struct ScopeNode {
     tree: u64,
     /// The thresholds its pressure is judged by, and where a change is reported.
     shared: std::sync::Arc<TreeShared>,
-    limit: AtomicU64,
-    /// `limit - usage`; the admission word.
-    headroom: AtomicI64,
+    /// The limit and `limit - usage`, the admission word.
+    headroom: Headroom,
     /// Bytes reserved in this scope and every scope below it.
     usage: AtomicU64,
     peak: AtomicU64,
@@ -93,7 +93,7 @@ impl ScopeNode {
     }
 
     pub(crate) fn limit(&self) -> u64 {
-        self.limit.load(Ordering::Acquire)
+        self.headroom.limit()
     }
 
     pub(crate) fn usage(&self) -> u64 {
@@ -102,19 +102,19 @@ impl ScopeNode {
 
     /// `headroom` as stored, for consistency checks.
     pub(crate) fn raw_headroom(&self) -> i64 {
-        self.headroom.load(Ordering::Acquire)
+        self.headroom.raw()
     }
 
     /// Takes `bytes` of headroom, or reports the usage the refused compare-and-swap saw.
     pub(crate) fn try_take(&self, bytes: u64) -> std::result::Result<(), u64> {
-        take_headroom(&self.headroom, bytes, 0).map_err(|(headroom, _)| {
-            u64::try_from(i128::from(self.limit()) - i128::from(headroom)).unwrap_or(0)
-        })
+        self.headroom
+            .take(bytes, 0)
+            .map_err(|refused| refused.usage)
     }
 
     /// Gives back headroom taken by [`try_take`](Self::try_take) and not committed.
     pub(crate) fn untake(&self, bytes: u64) {
-        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        self.headroom.give(bytes);
     }
 
     pub(crate) fn commit(&self, bytes: u64) {
@@ -127,7 +127,7 @@ impl ScopeNode {
     pub(crate) fn release(&self, bytes: u64) {
         let lowered = checked_sub(&self.usage, bytes);
         debug_assert!(lowered.is_ok(), "scope usage below a reservation's");
-        self.headroom.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        self.headroom.give(bytes);
     }
 
     pub(crate) fn count_rejection(&self) {
@@ -454,8 +454,7 @@ impl ScopeTree {
             parent,
             tree: self.id,
             shared: std::sync::Arc::clone(&self.shared),
-            limit: AtomicU64::new(limit),
-            headroom: AtomicI64::new(to_i64(limit)),
+            headroom: Headroom::new(limit),
             usage: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             rejections: AtomicU64::new(0),
@@ -514,11 +513,9 @@ impl ScopeTree {
         if n.is_removed() {
             return Err(TreeError::Removed);
         }
-        let old = n.limit.swap(limit, Ordering::AcqRel);
-        // Both limits are at most 2^50, so the difference fits; headroom may go negative.
-        n.headroom
-            .fetch_add(to_i64(limit) - to_i64(old), Ordering::AcqRel);
-        Ok(old)
+        // The word may go negative: usage above the new limit is kept and refuses until it
+        // falls.
+        Ok(n.headroom.set_limit(limit))
     }
 
     /// Every live scope, in creation order.
