@@ -200,6 +200,7 @@ pub struct GovernorBuilder {
     cap_to_node_memory: bool,
     allow_unattributed: bool,
     huge_pages: bool,
+    inflight_bound: Option<u64>,
     background: Option<std::time::Duration>,
     background_stretch: u32,
     sweep_budget: u64,
@@ -257,6 +258,12 @@ pub(crate) struct Config {
         expect(dead_code, reason = "loom models never install a governor")
     )]
     pub(crate) huge_pages: bool,
+    /// The in-flight bound the caller expects (checked against the process's at install).
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models never install a governor")
+    )]
+    pub(crate) inflight_bound: Option<u64>,
     /// The interval of the background thread `install` starts (`None`: none).
     #[cfg_attr(
         nodedb_mem_loom,
@@ -302,6 +309,7 @@ impl Default for GovernorBuilder {
             cap_to_node_memory: false,
             allow_unattributed: false,
             huge_pages: true,
+            inflight_bound: None,
             background: Some(DEFAULT_BACKGROUND_INTERVAL),
             background_stretch: BACKGROUND_STRETCH_MAX,
             sweep_budget: DEFAULT_SWEEP_BUDGET,
@@ -478,6 +486,31 @@ impl GovernorBuilder {
         self
     }
 
+    /// The per-thread in-flight bound this program expects (see
+    /// [`inflight_bound`](crate::inflight_bound)): a power of two from 64 KiB (the default:
+    /// the ledger is exact to 64 KiB per thread) to 4 MiB (fewer settlements, a cheaper hot
+    /// path; `docs/benchmarks.md` has the cost of each). The bound is the process's and is
+    /// fixed at its first allocation, before `main`, from the environment variable
+    /// [`INFLIGHT_BOUND_ENV`](crate::INFLIGHT_BOUND_ENV) (`NODEDB_MEM_INFLIGHT_BOUND=1MiB`);
+    /// this setting does not change it but makes [`install`](Self::install) refuse to run
+    /// under another one, so a deployment that lost the variable fails at start rather than
+    /// running with other bounds than tested. Checked at `build` too.
+    ///
+    /// ```
+    /// use nodedb_mem::MemoryGovernor;
+    ///
+    /// let err = MemoryGovernor::builder().inflight_bound(96 << 10).build().unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid configuration `inflight_bound` = 96 KiB: must be a power of two"
+    /// );
+    /// # Ok::<(), nodedb_mem::MemError>(())
+    /// ```
+    pub fn inflight_bound(mut self, bytes: u64) -> Self {
+        self.inflight_bound = Some(bytes);
+        self
+    }
+
     /// Lets [`install`](Self::install) succeed where the engine arenas cannot be created (too
     /// little address space even for [`MIN_RANGE_BYTES`](crate::MIN_RANGE_BYTES) per engine,
     /// say): every allocation is then served, and counted, as `Unattributed`'s, and only
@@ -582,6 +615,11 @@ impl GovernorBuilder {
         }
         if self.background.is_some_and(|d| d.is_zero()) {
             return Err(MemError::config("background", "0 s", "must be above zero"));
+        }
+        if let Some(b) = self.inflight_bound {
+            let text = b.to_string();
+            nodedb_mem_alloc::parse_bound(text.as_bytes())
+                .map_err(|why| MemError::config("inflight_bound", crate::size::ByteSize(b), why))?;
         }
         if !(1..=1000).contains(&self.background_stretch) {
             return Err(MemError::config(
@@ -818,6 +856,7 @@ impl GovernorBuilder {
             numa_policy: self.numa_policy,
             allow_unattributed: self.allow_unattributed,
             huge_pages: self.huge_pages,
+            inflight_bound: self.inflight_bound,
             background: self.background,
             background_stretch: self.background_stretch,
             sweep_budget: self.sweep_budget,

@@ -67,6 +67,7 @@ fn install(config: Config) -> Result<&'static MemoryGovernor> {
     if !allocator_is_global() {
         return Err(MemError::AllocatorNotGlobal);
     }
+    check_inflight_bound(config.inflight_bound)?;
     if let Some(why) = nodedb_mem_alloc::arena_failure() {
         if !config.allow_unattributed {
             return Err(MemError::ArenasUnavailable(why));
@@ -172,6 +173,29 @@ fn allocator_is_global() -> bool {
     // The probe's free may sit in this thread's pending credit: publish it.
     nodedb_mem_alloc::flush_thread();
     nodedb_mem_alloc::is_active()
+}
+
+/// Refuses an in-flight bound environment variable that does not parse (the allocator fell
+/// back to the default), and a bound the builder expects that is not the process's.
+fn check_inflight_bound(expected: Option<u64>) -> Result<()> {
+    let env = nodedb_mem_alloc::INFLIGHT_BOUND_ENV;
+    if let Err(why) = nodedb_mem_alloc::bound_from_env() {
+        let value = std::env::var_os(env).unwrap_or_default();
+        return Err(MemError::config(env, value.to_string_lossy(), why));
+    }
+    let fixed = nodedb_mem_alloc::inflight_bound().batch;
+    match expected {
+        Some(want) if want != fixed => Err(MemError::config(
+            "inflight_bound",
+            crate::size::ByteSize(want),
+            format!(
+                "the process's bound is {}, fixed at its first allocation; start it with {env}={}",
+                crate::size::ByteSize(fixed),
+                crate::size::ByteSize(want).to_string().replace(' ', "")
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -80,15 +80,15 @@ pub use install::installed;
 pub use ledger::Reservation;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::{
-    ArenaFailure, ArenaStats, BATCH, DIRECT_THRESHOLD, EngineGuard, EngineId, GUARD_SLOTS,
-    GovernedAlloc, MAX_NODES, MAX_RANGE_BYTES, MIN_RANGE_BYTES, NumaError, NumaPolicy,
-    OverflowBreaches, OverflowError, OverflowFigures, OverflowPolicy, OverflowRegion,
-    OverflowStats, PageOutMethod, PushOutStats, RANGE_BYTES_ENV, RangeFallbacks, Topology,
-    UnknownEngine, arena_failure, bind_thread_to_local_numa, current_engine, enable_overflow,
-    flush_thread, home_engine, is_forked_child, is_overflow, is_overflowing, machine_topology,
-    node_of, overflow_breaches, overflow_figures, overflow_region, overflow_stats, owner,
-    pin_thread_arena, push_out_stats, range_bytes, range_fallbacks, set_overflow_limit,
-    thread_node,
+    ArenaFailure, ArenaStats, Bound, DEFAULT_INFLIGHT_BOUND, DIRECT_THRESHOLD, EngineGuard,
+    EngineId, GUARD_SLOTS, GovernedAlloc, INFLIGHT_BOUND_ENV, MAX_INFLIGHT_BOUND, MAX_NODES,
+    MAX_RANGE_BYTES, MIN_INFLIGHT_BOUND, MIN_RANGE_BYTES, NumaError, NumaPolicy, OverflowBreaches,
+    OverflowError, OverflowFigures, OverflowPolicy, OverflowRegion, OverflowStats, PageOutMethod,
+    PushOutStats, RANGE_BYTES_ENV, RangeFallbacks, Topology, UnknownEngine, arena_failure,
+    bind_thread_to_local_numa, current_engine, enable_overflow, flush_thread, home_engine,
+    inflight_bound, is_forked_child, is_overflow, is_overflowing, machine_topology, node_of,
+    overflow_breaches, overflow_figures, overflow_region, overflow_stats, owner, pin_thread_arena,
+    push_out_stats, range_bytes, range_fallbacks, set_overflow_limit, thread_node,
 };
 pub use pressure::{PressureLevel, PressureThresholds};
 pub use rebalance::{RebalanceMove, RebalanceReport};

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use nodedb_mem::{
-    BATCH, EngineGuard, EngineId, GovernedAlloc, MemoryGovernor, OverflowConfig, flush_thread,
+    EngineGuard, EngineId, GovernedAlloc, MemoryGovernor, OverflowConfig, flush_thread,
 };
 
 #[global_allocator]
@@ -56,8 +56,9 @@ fn assert_within_limit(gov: &MemoryGovernor, threads: u64, at: &str) {
     let usage = gov.usage(Q);
     let limit = gov.limit(Q);
     assert!(
-        usage <= limit + threads * BATCH,
-        "{at}: usage {usage} above limit {limit} + {threads} × {BATCH}"
+        usage <= limit + threads * nodedb_mem::inflight_bound().batch,
+        "{at}: usage {usage} above limit {limit} + {threads} × {}",
+        nodedb_mem::inflight_bound().batch
     );
 }
 
@@ -235,7 +236,7 @@ fn rerouting_starts_at_the_limit_and_does_not_flap() {
                 first_overflow = Some(i);
                 let usage = gov.usage(Q);
                 assert!(
-                    usage + 2 * BATCH >= limit,
+                    usage + 2 * nodedb_mem::inflight_bound().batch >= limit,
                     "rerouting began at {usage} B of a {limit} B limit"
                 );
             }
@@ -300,7 +301,8 @@ fn protected_data_lowers_the_point_where_the_heap_reroutes() {
     }
     let at = rerouted_at.expect("the heap rerouted to overflow");
     assert!(
-        at + 2 * BATCH >= limit && at <= limit + BATCH,
+        at + 2 * nodedb_mem::inflight_bound().batch >= limit
+            && at <= limit + nodedb_mem::inflight_bound().batch,
         "rerouting began at {at} B of usage (heap and 4 MiB protected), limit {limit} B"
     );
     // Unprotected, the heap has the whole limit again: after the blocks in overflow are freed,

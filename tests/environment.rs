@@ -7,7 +7,8 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use nodedb_mem::{
-    EngineGuard, EngineId, GovernedAlloc, MemError, MemoryGovernor, RANGE_BYTES_ENV, flush_thread,
+    EngineGuard, EngineId, GovernedAlloc, INFLIGHT_BOUND_ENV, MemError, MemoryGovernor,
+    RANGE_BYTES_ENV, flush_thread,
 };
 
 #[global_allocator]
@@ -157,4 +158,101 @@ fn child_install_under_a_limit() {
         "nodedb_mem_engine_range_bytes{{engine=\"query\"}} {range}"
     )));
     drop(v);
+}
+
+#[test]
+fn the_in_flight_bound_comes_from_the_environment_and_install_checks_it() {
+    let (ok, out) = run_child("child_at_one_mib", &[(INFLIGHT_BOUND_ENV, "1MiB")], None);
+    assert!(ok, "{out}");
+    assert!(out.contains("bound 1048576, interval 393216"), "{out}");
+    for (value, why) in [
+        ("3MiB", "must be a power of two"),
+        ("8MiB", "must be between 64 KiB and 4 MiB"),
+        ("lots", "expected a number of bytes, such as 1MiB"),
+    ] {
+        let (ok, out) = run_child(
+            "child_with_a_bad_bound",
+            &[(INFLIGHT_BOUND_ENV, value)],
+            None,
+        );
+        assert!(ok, "{out}");
+        assert!(
+            out.contains(&format!(
+                "invalid configuration `NODEDB_MEM_INFLIGHT_BOUND` = {value}: {why}"
+            )),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "run by the_in_flight_bound_comes_from_the_environment_and_install_checks_it"]
+fn child_at_one_mib() {
+    let b = nodedb_mem::inflight_bound();
+    println!("bound {}, interval {}", b.batch, b.interval);
+    // A program expecting another bound is refused, and told how to get it.
+    let err = MemoryGovernor::builder()
+        .global_ceiling(256 * MIB)
+        .inflight_bound(64 << 10)
+        .install()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration `inflight_bound` = 64 KiB: the process's bound is 1 MiB, fixed \
+         at its first allocation; start it with NODEDB_MEM_INFLIGHT_BOUND=64KiB"
+    );
+    // The bound it runs under installs, and holds: a thread's unsettled bytes stay within it.
+    let gov = MemoryGovernor::builder()
+        .global_ceiling(256 * MIB)
+        .inflight_bound(1 << 20)
+        .background(None)
+        .install()
+        .unwrap();
+    let q = EngineId::Query;
+    flush_thread();
+    let base = gov.usage(q);
+    // Blocks of jemalloc's size classes (their usable size is their size), held in a list
+    // allocated outside the engine.
+    const CLASSES: [usize; 6] = [64, 128, 512, 1024, 2048, 4096];
+    let mut live: Vec<Vec<u8>> = Vec::with_capacity(20_000);
+    let mut bytes = 0u64;
+    let mut worst = (i64::MAX, i64::MIN);
+    let g = EngineGuard::enter(q);
+    for i in 0..20_000usize {
+        if i % 3 == 2 {
+            bytes -= live.swap_remove((i * 7) % live.len()).len() as u64;
+        } else {
+            let n = CLASSES[(i * 13) % CLASSES.len()];
+            live.push(vec![i as u8; n]);
+            bytes += n as u64;
+        }
+        let off = gov.usage(q) as i64 - (base + bytes) as i64;
+        worst = (worst.0.min(off), worst.1.max(off));
+    }
+    println!("ledger off by {} to {} B", worst.0, worst.1);
+    assert!(
+        worst.0 >= 0 && worst.1 < 1 << 20,
+        "within [0, 1 MiB): {worst:?}"
+    );
+    assert!(worst.1 > 64 << 10, "the larger bound is used: {worst:?}");
+    drop(live);
+    drop(g);
+    flush_thread();
+    assert_eq!(gov.usage(q), base, "exact once the thread has flushed");
+}
+
+#[test]
+#[ignore = "run by the_in_flight_bound_comes_from_the_environment_and_install_checks_it"]
+fn child_with_a_bad_bound() {
+    assert_eq!(
+        nodedb_mem::inflight_bound().batch,
+        64 << 10,
+        "a bound that does not parse leaves the default"
+    );
+    let err = MemoryGovernor::builder()
+        .global_ceiling(256 * MIB)
+        .install()
+        .unwrap_err();
+    println!("{err}");
+    assert!(nodedb_mem::installed().is_none());
 }

@@ -163,7 +163,7 @@ fn a_full_disk_fails_fallible_allocations_under_fail_allocation() {
         (gov.usage(Q) - base) + (gov.budget(Q).overflow_bytes() - base_over),
         total
     );
-    assert!(gov.usage(Q) <= gov.limit(Q) + nodedb_mem::BATCH);
+    assert!(gov.usage(Q) <= gov.limit(Q) + nodedb_mem::inflight_bound().batch);
     drop(held);
     flush_thread();
     assert_eq!(

@@ -121,7 +121,7 @@ fn child_background_thread_settled() {
     assert!(
         at_start
             .iter()
-            .all(|&b| b.unsigned_abs() < nodedb_mem::BATCH),
+            .all(|&b| b.unsigned_abs() < nodedb_mem::inflight_bound().batch),
         "{at_start:?}"
     );
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

@@ -15,7 +15,6 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::ledger::INTERVAL;
 use crate::mallctl;
 use crate::thread::THREAD;
 
@@ -81,9 +80,11 @@ pub(crate) fn ensure_hook() -> bool {
     {
         return HOOK.load(Ordering::Acquire) == ACTIVE;
     }
+    // The bound is fixed here, before any thread holds headroom under it.
+    let interval = crate::ledger::inflight_bound().interval;
     // SAFETY: `on_thread_event` reaches only this thread's own state through `try_with`; it
     // neither allocates, locks nor unwinds.
-    let registered = unsafe { register_thread_event_hook(on_thread_event, INTERVAL) }.is_ok();
+    let registered = unsafe { register_thread_event_hook(on_thread_event, interval) }.is_ok();
     let state = if registered { ACTIVE } else { FAILED };
     HOOK.store(state, Ordering::Release);
     state == ACTIVE
@@ -97,8 +98,8 @@ pub fn thread_events_active() -> bool {
     HOOK.load(Ordering::Acquire) == ACTIVE
 }
 
-/// jemalloc calls this on a thread whose allocated (or deallocated) bytes grew by
-/// [`INTERVAL`] since the last call; it runs inside jemalloc with its reentrancy guard raised,
+/// jemalloc calls this on a thread whose allocated (or deallocated) bytes grew by the bound's
+/// interval ([`Bound::interval`](crate::Bound::interval)) since the last call; it runs inside jemalloc with its reentrancy guard raised,
 /// so it must not allocate (nothing it reaches does) and cannot unwind (nothing it reaches
 /// panics).
 unsafe extern "C" fn on_thread_event(is_alloc: bool, _allocated: u64, _deallocated: u64) {

@@ -15,9 +15,11 @@
 //!   handed out: a free on any thread, and a `realloc`, credit the engine that owns the memory.
 //! * A thread's allocations and frees of its *home* engine's blocks of up to [`FAST_MAX`]
 //!   (8 KiB − 1) go straight to jemalloc, which counts them; jemalloc's thread-event hook
-//!   settles them into the [`charged`] ledger every [`INTERVAL`] (24 KiB), and the thread holds
-//!   headroom bought within the engine's limit, so the ledger is never below the live bytes,
-//!   never past the limit, and less than [`BATCH`] (64 KiB) per thread above the live bytes.
+//!   settles them into the [`charged`] ledger every [`Bound::interval`] (24 KiB by default), and
+//!   the thread holds headroom bought within the engine's limit, so the ledger is never below
+//!   the live bytes, never past the limit, and less than the in-flight bound
+//!   ([`inflight_bound`]: 64 KiB by default, up to 4 MiB through [`INFLIGHT_BOUND_ENV`]) per
+//!   thread above the live bytes.
 //!   Everything else updates the ledger at once. See `ledger.rs` and `docs/design.md`.
 //!
 //! The hot path never allocates, locks, panics or unwinds, and works before `main`, during
@@ -57,8 +59,9 @@ pub use arena::{
 pub use events::{ThreadEventCallback, register_thread_event_hook, thread_events_active};
 pub use guard::{EngineGuard, GUARD_SLOTS};
 pub use ledger::{
-    BATCH, DIRECT_THRESHOLD, FAST_MAX, HEADROOM, HEADROOM_MAX, HEADROOM_MIN, INTERVAL, charged,
-    charged_peak, overflow_charged, set_overflow_limit, take_window_peak, window_peak,
+    Bound, DEFAULT_INFLIGHT_BOUND, DIRECT_THRESHOLD, FAST_MAX, INFLIGHT_BOUND_ENV,
+    MAX_INFLIGHT_BOUND, MIN_INFLIGHT_BOUND, bound_from_env, charged, charged_peak, inflight_bound,
+    overflow_charged, parse_bound, set_overflow_limit, take_window_peak, window_peak,
 };
 pub use numa::{MAX_CPUS, MAX_NODES, Topology};
 pub use overflow::{

@@ -8,7 +8,7 @@
 
 use loom::sync::atomic::{AtomicU64, Ordering};
 
-use crate::ledger::{self, INTERVAL};
+use crate::ledger;
 
 /// One engine's ledger.
 #[derive(Debug)]
@@ -94,11 +94,11 @@ impl<'a> Home<'a> {
     }
 
     /// A home-path allocation of `bytes` (open path only); jemalloc calls the hook inside the
-    /// allocation that takes the thread `INTERVAL` past its last settlement.
+    /// allocation that takes the thread the bound's interval past its last settlement.
     pub fn alloc(&mut self, bytes: u64) {
         assert!(self.open(), "the home path is closed");
         self.allocated += bytes;
-        if self.allocated - self.settled.0 >= INTERVAL {
+        if self.allocated - self.settled.0 >= ledger::inflight_bound().interval {
             self.settle(true);
         }
     }
@@ -106,7 +106,7 @@ impl<'a> Home<'a> {
     /// A home-path free of `bytes` (of a home block allocated by any thread).
     pub fn free(&mut self, bytes: u64) {
         self.deallocated += bytes;
-        if self.deallocated - self.settled.1 >= INTERVAL {
+        if self.deallocated - self.settled.1 >= ledger::inflight_bound().interval {
             self.settle(true);
         }
     }

@@ -29,7 +29,7 @@ use tikv_jemalloc_sys as jem;
 use crate::EngineId;
 use crate::arena::{SLOTS, arena_of, topology};
 use crate::guard::GuardStack;
-use crate::ledger::{self, INTERVAL};
+use crate::ledger;
 use crate::mallctl::{self, Mib};
 use crate::slot::Slot;
 
@@ -502,12 +502,13 @@ impl ThreadState {
     }
 
     /// The home path's bookkeeping where jemalloc does not (yet) call the hook for this thread:
-    /// settles once either counter has moved by [`INTERVAL`] since the last settlement, as the
-    /// hook would have.
+    /// settles once either counter has moved by the bound's interval since the last
+    /// settlement, as the hook would have.
     #[inline]
     pub(crate) fn check(&self) {
         let (_, added, freed) = self.unsettled();
-        if added >= INTERVAL || freed >= INTERVAL {
+        let interval = ledger::inflight_bound().interval;
+        if added >= interval || freed >= interval {
             self.settle(true);
         }
     }

@@ -189,7 +189,7 @@ fn batching_error_is_bounded_while_running() {
             live + holder
         );
         assert!(
-            ledger <= live + holder + nodedb_mem_alloc::BATCH,
+            ledger <= live + holder + nodedb_mem_alloc::inflight_bound().batch,
             "ledger {ledger} live {}",
             live + holder
         );

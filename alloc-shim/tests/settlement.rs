@@ -6,8 +6,8 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout};
 
 use nodedb_mem_alloc::{
-    BATCH, EngineGuard, EngineId, GovernedAlloc, HOME_SWITCH_AFTER, INTERVAL, OverflowPolicy,
-    charged, enable_overflow, home_engine, is_overflow, overflow_charged, owner,
+    EngineGuard, EngineId, GovernedAlloc, HOME_SWITCH_AFTER, OverflowPolicy, charged,
+    enable_overflow, home_engine, inflight_bound, is_overflow, overflow_charged, owner,
     set_overflow_limit, thread_events_active, thread_settlements,
 };
 
@@ -52,6 +52,7 @@ fn the_ledger_stays_within_the_bound_at_every_step() {
     let base = settled(engine);
     let (events_before, _) = thread_settlements();
     let mut live = 0u64;
+    let mut allocated = 0u64;
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut worst = (i64::MAX, i64::MIN);
     for step in 0..STEPS {
@@ -66,6 +67,7 @@ fn the_ledger_stays_within_the_bound_at_every_step() {
             assert_eq!(owner(p), engine);
             blocks.push((p, layout));
             live += size as u64;
+            allocated += size as u64;
         } else {
             let i = (r >> 16) as usize % blocks.len();
             let (p, layout) = blocks.swap_remove(i);
@@ -76,16 +78,18 @@ fn the_ledger_stays_within_the_bound_at_every_step() {
         let off = charged(engine) as i64 - (base + live) as i64;
         worst = (worst.0.min(off), worst.1.max(off));
         assert!(
-            (0..BATCH as i64).contains(&off),
-            "step {step}: ledger {} for {} live bytes: {off} off, outside [0, {BATCH})",
+            (0..inflight_bound().batch as i64).contains(&off),
+            "step {step}: ledger {} for {} live bytes: {off} off, outside [0, {})",
             charged(engine),
-            base + live
+            base + live,
+            inflight_bound().batch
         );
     }
     let (events, settlements) = thread_settlements();
     eprintln!(
-        "{STEPS} steps, {live} B live at the end: ledger off by {} to {} B; {} hook calls, \
-         {settlements} settlements",
+        "bound {}: {STEPS} steps, {live} B live at the end: ledger off by {} to {} B; {} hook \
+         calls, {settlements} settlements",
+        inflight_bound().batch,
         worst.0,
         worst.1,
         events - events_before
@@ -94,10 +98,12 @@ fn the_ledger_stays_within_the_bound_at_every_step() {
         thread_events_active(),
         "this jemalloc has the thread-event hook"
     );
-    // About 100 MB allocated and freed: the hook came thousands of times.
+    // About 100 MB allocated and freed: the hook came at least once per interval allocated
+    // (thousands of times at the default bound).
+    let interval = inflight_bound().interval;
     assert!(
-        events - events_before > 1000,
-        "{} hook calls",
+        events - events_before >= allocated / interval - 1,
+        "{} hook calls for {allocated} B allocated at a {interval} B interval",
         events - events_before
     );
     for (p, layout) in blocks.drain(..) {
@@ -170,7 +176,7 @@ fn a_thread_that_never_reaches_the_interval_settles_when_it_exits() {
     .join()
     .expect("thread");
     assert!(
-        INTERVAL > 5 * 1024 + 2 * HOME_SWITCH_AFTER as u64 * 8,
+        inflight_bound().interval > 5 * 1024 + 2 * HOME_SWITCH_AFTER as u64 * 8,
         "the test's premise"
     );
     assert_eq!(events, 0, "the hook never fired on that thread");
@@ -260,7 +266,7 @@ fn a_large_block_freed_on_the_home_path_is_credited_before_the_free_returns() {
     let big: Vec<u8> = vec![1; 2 << 20];
     let with = charged(engine);
     assert!(
-        with >= base + (2 << 20) && with < base + (2 << 20) + BATCH,
+        with >= base + (2 << 20) && with < base + (2 << 20) + inflight_bound().batch,
         "{with} charged for {} B live",
         base + (2 << 20)
     );
@@ -268,9 +274,28 @@ fn a_large_block_freed_on_the_home_path_is_credited_before_the_free_returns() {
     // No flush: the free crossed the interval, so jemalloc called the hook inside it.
     let after = charged(engine);
     assert!(
-        after >= base && after < base + BATCH,
+        after >= base && after < base + inflight_bound().batch,
         "{after} charged once the block is gone (base {base})"
     );
     assert!(thread_settlements().0 > events_before);
     assert_eq!(settled(engine), base);
+}
+
+/// The same run in a process whose in-flight bound is 1 MiB (`NODEDB_MEM_INFLIGHT_BOUND`): the
+/// ledger within `[0, 1 MiB)` of the live bytes at every step, and exact once flushed.
+#[test]
+fn the_ledger_stays_within_a_one_mib_bound_at_every_step() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "the_ledger_stays_within_the_bound_at_every_step",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(nodedb_mem_alloc::INFLIGHT_BOUND_ENV, "1MiB")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("bound 1048576: 40000 steps"), "{text}");
 }

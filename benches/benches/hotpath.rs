@@ -29,7 +29,7 @@
 //!
 //! With `--floor`, each round also runs a third mode, `plain-hook`: plain jemalloc with a
 //! thread-event hook that does nothing registered at the governed allocator's interval
-//! ([`INTERVAL`]). It measures what jemalloc's own event machinery costs at that interval,
+//! (the in-flight bound's interval). It measures what jemalloc's own event machinery costs at that interval,
 //! before any work of ours: the part of the governed figure no change on our side of the hook
 //! can remove.
 //!
@@ -43,7 +43,8 @@
 //! Run: `cargo bench -p nodedb-mem-benches --bench hotpath` (five rounds), or with
 //! `-- --rounds N` / `-- --only churn,hashmap` / `-- --floor` / `-- --no-background` /
 //! `-- --against-no-background` (the installed governor with its thread against the same
-//! without it) / `-- --instructions`.
+//! without it) / `-- --instructions` / `-- --inflight 1MiB` (the children's in-flight bound,
+//! through `NODEDB_MEM_INFLIGHT_BOUND`).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
@@ -55,7 +56,6 @@ use std::time::Instant;
 
 use malloc_bench_rs::{Config, Workload};
 use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc, MemoryGovernor};
-use nodedb_mem_alloc::INTERVAL;
 use tikv_jemallocator::Jemalloc;
 
 /// The process's allocator: governed unless the child was started in plain mode.
@@ -287,8 +287,9 @@ unsafe extern "C" fn ignore_event(_is_alloc: bool, _allocated: u64, _deallocated
 
 /// Registers a thread-event hook that does nothing, at the governed allocator's interval.
 fn register_ignoring_hook() {
+    let interval = nodedb_mem_alloc::inflight_bound().interval;
     // SAFETY: the callback does nothing, so it neither allocates, locks nor unwinds.
-    let rc = unsafe { nodedb_mem_alloc::register_thread_event_hook(ignore_event, INTERVAL) };
+    let rc = unsafe { nodedb_mem_alloc::register_thread_event_hook(ignore_event, interval) };
     assert_eq!(rc, Ok(()), "registering the thread-event hook");
 }
 
@@ -340,9 +341,22 @@ fn child(workload: &str, mode: &str, work: Work) {
     println!("{ns} {ops}");
 }
 
+/// The in-flight bound the children run under (`--inflight SIZE`, passed as
+/// `NODEDB_MEM_INFLIGHT_BOUND`), if not the default.
+static INFLIGHT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `cmd` with the chosen in-flight bound in its environment.
+fn with_bound(mut cmd: Command) -> Command {
+    if let Some(b) = INFLIGHT.get() {
+        cmd.env(nodedb_mem::INFLIGHT_BOUND_ENV, b);
+    }
+    cmd
+}
+
 fn run_child(workload: &str, mode: &str) -> f64 {
     let exe = std::env::current_exe().expect("own executable");
-    let out = Command::new(exe)
+    let mut cmd = with_bound(Command::new(exe));
+    let out = cmd
         .args(["--child", workload, mode])
         .output()
         .expect("start child");
@@ -360,7 +374,8 @@ fn run_child(workload: &str, mode: &str) -> f64 {
 /// operations it made.
 fn instructions(workload: &str, mode: &str, tenths: usize) -> (f64, f64) {
     let exe = std::env::current_exe().expect("own executable");
-    let out = Command::new("valgrind")
+    let mut cmd = with_bound(Command::new("valgrind"));
+    let out = cmd
         .args([
             "--tool=cachegrind",
             "--cache-sim=no",
@@ -459,6 +474,12 @@ fn main() {
     let rounds: usize = value("--rounds").map_or(5, |r| r.parse().expect("--rounds N"));
     let only: Vec<&str> = value("--only").map_or(WORKLOADS.to_vec(), |s| s.split(',').collect());
     let floor = args.iter().any(|a| a == "--floor");
+    if let Some(b) = value("--inflight") {
+        nodedb_mem_alloc::parse_bound(b.as_bytes())
+            .expect("--inflight: a power of two, 64KiB to 4MiB");
+        INFLIGHT.set(b.clone()).expect("set once");
+        println!("in-flight bound of the children: {b}");
+    }
     if args.iter().any(|a| a == "--instructions") {
         instruction_table(&only);
         return;
@@ -536,7 +557,8 @@ fn main() {
     }
     if !floors.is_empty() {
         println!(
-            "\njemalloc's event machinery alone: plain with an ignoring hook every {INTERVAL} bytes"
+            "\njemalloc's event machinery alone: plain with an ignoring hook every {} bytes",
+            nodedb_mem_alloc::inflight_bound().interval
         );
         println!(
             "{:<10} {:>14} {:>8} {:>18}",

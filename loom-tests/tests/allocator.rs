@@ -8,8 +8,13 @@
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
+use nodedb_mem_alloc::Bound;
 use nodedb_mem_alloc::model::{Home, Ledger};
-use nodedb_mem_alloc::{HEADROOM, HEADROOM_MAX, INTERVAL};
+
+/// The models run at the default in-flight bound (the environment variable unset).
+const HEADROOM: u64 = Bound::DEFAULT.headroom;
+const HEADROOM_MAX: u64 = Bound::DEFAULT.headroom_max;
+const INTERVAL: u64 = Bound::DEFAULT.interval;
 use nodedb_mem_loom_tests::model;
 
 const KIB: u64 = 1024;

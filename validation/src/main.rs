@@ -637,7 +637,7 @@ fn build_report(
         // The allocator's ledger never passes a limit; what it has not settled yet is less
         // than `BATCH` per thread.
         let threads = samples.iter().map(|x| x.threads).max().unwrap_or(1).max(1);
-        let bound = nodedb_mem::BATCH * threads;
+        let bound = nodedb_mem::inflight_bound().batch * threads;
         for (i, e) in engines.iter().enumerate() {
             let k = ENGINES.iter().position(|x| x.name() == e.name).unwrap_or(i);
             let over = limit_overruns(samples, k, bound);
@@ -659,7 +659,7 @@ fn build_report(
                     over.grew,
                     ByteSize(bound),
                     threads,
-                    ByteSize(nodedb_mem::BATCH),
+                    ByteSize(nodedb_mem::inflight_bound().batch),
                 ),
             ));
         }
