@@ -59,19 +59,27 @@ impl Rebalancer {
                 use nodedb_mem_alloc::wake;
                 let mut ticks = 0u64;
                 let mut state = crate::tick::TickState::new(interval, gov.inner.background_stretch);
+                // Read before a tick looks at anything: a signal from then on ends a stretched
+                // sleep at once, even one that came before the thread marked it stretched.
+                let mut seen = wake::wake_seq();
                 loop {
-                    // Read before looking at anything, so a wake from here on is not lost.
-                    let seen = wake::wake_seq();
+                    if !state.stretched() {
+                        // At the interval, signals during the tick do not cut the sleep short
+                        // (a storm of them would keep the thread busy); a stop still does.
+                        seen = wake::wake_seq();
+                    }
                     if theirs.stop.load(Ordering::Acquire) {
                         return ticks;
                     }
-                    if state.stretched() {
-                        gov.arm_wake_marks();
+                    // A charge past a mark already: no longer quiet, back to the interval.
+                    if state.stretched() && !gov.arm_wake_marks(&state) {
+                        state.unstretch();
                     }
                     wake::sleep(seen, state.sleep());
                     if theirs.stop.load(Ordering::Acquire) {
                         return ticks;
                     }
+                    seen = wake::wake_seq();
                     // A panic in a step (a `tracing` subscriber's, say; reclaimers are caught
                     // one by one) is reported, and the next tick runs as usual: resident
                     // sampling, push-out and rebalancing must not stop for good.

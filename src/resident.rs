@@ -111,6 +111,7 @@ impl MemoryGovernor {
             return true;
         };
         let mut moved = false;
+        let moved_by = dirty_moved();
         for e in EngineId::ALL {
             let (b, i) = (self.budget(e), e.index());
             let now = nodedb_mem_alloc::charged(e);
@@ -120,8 +121,8 @@ impl MemoryGovernor {
             if e != EngineId::Unattributed && bound > self.dirty_allowance(e) {
                 return true;
             }
-            moved |= now.abs_diff(w.charged[i]) >= DIRTY_MOVED
-                || peak - w.charged[i].min(peak) >= DIRTY_MOVED;
+            moved |=
+                now.abs_diff(w.charged[i]) >= moved_by || peak - w.charged[i].min(peak) >= moved_by;
         }
         moved && at.elapsed() >= DIRTY_RECHECK
     }
@@ -227,12 +228,12 @@ pub(crate) enum Stats {
 }
 
 /// A change in an engine's allocator charge, or in its peak, that counts as "moved" for
-/// [`DIRTY_RECHECK`].
-#[cfg_attr(
-    nodedb_mem_loom,
-    expect(dead_code, reason = "loom models run no background thread")
-)]
-const DIRTY_MOVED: u64 = 1 << 20;
+/// [`DIRTY_RECHECK`]: the smallest allowance, and at least twice the in-flight bound (a
+/// thread's headroom moves the charge by up to the bound with no block allocated or freed).
+#[cfg(not(nodedb_mem_loom))]
+fn dirty_moved() -> u64 {
+    DIRTY_ALLOWANCE_MIN.max(2 * nodedb_mem_alloc::inflight_bound().batch)
+}
 
 /// How long the statistics may go unread while the allocator's ledgers moved but no engine's
 /// bound on its dirty pages passed its allowance: the bound assumes jemalloc reuses freed pages

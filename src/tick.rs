@@ -69,6 +69,11 @@ pub(crate) struct TickState {
     /// Resident memory and global usage at the last tick.
     last_resident: u64,
     last_usage: u64,
+    /// Each engine's allocator charge, and its overflow's, when the last tick began: the
+    /// wake marks of a stretched sleep count from there, so memory charged while the tick ran
+    /// ends the sleep at once.
+    charged: [u64; EngineId::COUNT],
+    overflow: [u64; EngineId::COUNT],
 }
 
 impl TickState {
@@ -81,12 +86,19 @@ impl TickState {
             last_walk: None,
             last_resident: 0,
             last_usage: 0,
+            charged: [0; EngineId::COUNT],
+            overflow: [0; EngineId::COUNT],
         }
     }
 
     /// How long to sleep before the next tick.
     pub(crate) fn sleep(&self) -> Duration {
         self.sleep
+    }
+
+    /// Makes the next sleep the interval.
+    pub(crate) fn unstretch(&mut self) {
+        self.sleep = self.interval;
     }
 
     /// Whether the next sleep is longer than the interval (and so arms the wake marks).
@@ -98,6 +110,9 @@ impl TickState {
 impl MemoryGovernor {
     /// One tick of the background thread (see the module's docs); sets the next sleep.
     pub(crate) fn background_tick(&self, st: &mut TickState) {
+        let events = self.inner.ledger.events.recorded();
+        st.charged = EngineId::ALL.map(nodedb_mem_alloc::charged);
+        st.overflow = EngineId::ALL.map(nodedb_mem_alloc::overflow_charged);
         let slow = st.last_slow.is_none_or(|t| t.elapsed() >= SLOW_EVERY)
             || self.global_pressure() >= PressureLevel::Warning;
         if slow {
@@ -127,8 +142,11 @@ impl MemoryGovernor {
         let report = self.rebalance();
         self.pump_events();
         let g = &self.inner.ledger.global;
+        // A tick that recorded an event is not quiet: something happened (and the event's
+        // signal would end a stretched sleep at once).
         let quiet = !followed
             && !swept
+            && self.inner.ledger.events.recorded() == events
             && report.moves.is_empty()
             && report.reclaimed.is_empty()
             && self.is_quiet(st, resident);
@@ -173,23 +191,24 @@ impl MemoryGovernor {
     }
 
     /// Arms the allocator's wake marks for a stretched sleep: each engine's charge may grow by
-    /// one step, and not to its warning level. A standalone governor, which the allocator does
+    /// one step from where it was when the last tick began, and not to its warning level; its
+    /// overflow by one step. Returns `false` when a charge is already past its mark (the thread
+    /// should sleep only its interval). A standalone governor, which the allocator does
     /// not charge, leaves the marks (the process's, the installed governor's) alone.
-    pub(crate) fn arm_wake_marks(&self) {
+    pub(crate) fn arm_wake_marks(&self, st: &TickState) -> bool {
         if !self.is_installed() {
             nodedb_mem_alloc::wake::stretch();
-            return;
+            return true;
         }
         let step = wake_step(self.ceiling());
         let warning = self.inner.thresholds.warning;
-        let marks = EngineId::ALL.map(|e| {
+        let home = EngineId::ALL.map(|e| {
             let b = self.budget(e);
             let warn = crate::size::fraction_of(b.limit(), warning).saturating_sub(b.reserved());
-            nodedb_mem_alloc::charged(e)
-                .saturating_add(step)
-                .min(warn.max(1))
+            st.charged[e.index()].saturating_add(step).min(warn.max(1))
         });
-        nodedb_mem_alloc::wake::arm(&marks, step);
+        let overflow = st.overflow.map(|o| o.saturating_add(step));
+        nodedb_mem_alloc::wake::arm(&home, &overflow)
     }
 }
 

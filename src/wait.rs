@@ -287,8 +287,6 @@ impl<T> Queues<T> {
         attempt: impl FnMut(&Waiter<T>) -> Attempt<T>,
         report_of: impl FnMut(&Waiter<T>, &MemError) -> Option<R>,
     ) -> (Option<Result<T, MemError>>, Vec<R>) {
-        // A request that waits makes its engine busy: rebalancing should look soon.
-        crate::sync::nudge_background();
         let settled = {
             let mut queue = lock(&self.queue);
             self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -297,6 +295,9 @@ impl<T> Queues<T> {
             self.count(w, true);
             self.pass(&mut queue, now, attempt, report_of)
         };
+        // A request that waits makes its engine busy: rebalancing should look soon. Signalled
+        // once the request is counted, so the tick it wakes sees it.
+        crate::sync::nudge_background();
         let (_, reports) = settled.finish();
         (w.take_outcome(), reports)
     }

@@ -2,7 +2,7 @@
 //!
 //! While nothing moves, the background thread sleeps for longer than its interval (a timer
 //! wake-up alone costs about 0.1 ms of CPU on a virtual machine). Before such a sleep it arms a
-//! mark on every ledger slot: a charge that brings a slot to its mark wakes the thread at once
+//! mark on every ledger slot ([`arm`]): a charge that brings a slot to its mark wakes the thread at once
 //! (one `futex` wake, no lock, no allocation), so memory the allocator hands out is never seen
 //! later than it would have been at the normal interval. [`nudge`] does the same for the
 //! governor's own signals (an event recorded, a request queued).
@@ -69,10 +69,13 @@ pub fn wake() {
     }
 }
 
-/// Wakes the sleepers if one sleeps past its interval; otherwise does nothing (the thread looks
-/// soon anyway), so a burst of signals costs one wake at most.
+/// Counts a signal, and wakes the sleepers if one sleeps past its interval (a burst of
+/// signals costs one wake at most). A thread that reads [`wake_seq`] before it judges whether
+/// to sleep longer and passes that count to [`sleep`] misses no signal: one that came after the
+/// read ends the sleep at once, even if it came before the sleeper marked its sleep stretched.
 #[inline]
 pub fn nudge() {
+    SEQ.fetch_add(1, Ordering::Release);
     if STRETCHED.load(Ordering::Relaxed) && STRETCHED.swap(false, Ordering::AcqRel) {
         wake();
     }
@@ -85,26 +88,41 @@ pub fn stretch() {
 }
 
 /// Arms the marks for a stretched sleep (the installed governor's: the marks are the
-/// process's): a charge of `engine`'s home slot reaching
-/// `marks[engine]` wakes the sleepers, and so does one of its overflow slot passing the
-/// overflow charge now by `step` (overflow pages are resident until pushed out).
-pub fn arm(marks: &[u64; EngineId::COUNT], step: u64) {
-    for e in EngineId::ALL {
-        let slot = Slot::of(e);
-        MARK[slot.index()].store(marks[e.index()], Ordering::Relaxed);
-        if let Some(o) = slot.overflow() {
-            let now = crate::ledger::charged_at(o);
-            MARK[o.index()].store(now.saturating_add(step), Ordering::Relaxed);
-        }
+/// process's): a charge of `engine`'s home slot reaching `home[engine]`, or of its overflow
+/// slot reaching `overflow[engine]`, wakes the sleepers. Returns `false`, and wakes nobody,
+/// when a slot is already at its mark (a charge came between the caller's look and now): the
+/// caller should not sleep.
+///
+/// The marks are stored, and the charges then read, in one total order with every charge (its
+/// read-modify-write and its read of the mark are sequentially consistent): a charge either
+/// sees its mark or is seen here.
+pub fn arm(home: &[u64; EngineId::COUNT], overflow: &[u64; EngineId::COUNT]) -> bool {
+    let slots = || {
+        EngineId::ALL.into_iter().flat_map(|e| {
+            let slot = Slot::of(e);
+            let o = slot.overflow().map(|o| (o, overflow[e.index()]));
+            std::iter::once((slot, home[e.index()])).chain(o)
+        })
+    };
+    for (slot, mark) in slots() {
+        MARK[slot.index()].store(mark, Ordering::SeqCst);
     }
-    STRETCHED.store(true, Ordering::Release);
+    STRETCHED.store(true, Ordering::SeqCst);
+    if slots().any(|(slot, mark)| crate::ledger::charged_seq_cst(slot) >= mark) {
+        STRETCHED.store(false, Ordering::Relaxed);
+        for m in &MARK {
+            m.store(u64::MAX, Ordering::Relaxed);
+        }
+        return false;
+    }
+    true
 }
 
 /// After a charge brought `slot` to `now`: wakes the sleepers at its mark.
 #[inline(always)]
 pub(crate) fn check(slot: Slot, now: u64) {
     if let Some(m) = MARK.get(slot.index())
-        && now >= m.load(Ordering::Relaxed)
+        && now >= m.load(Ordering::SeqCst)
     {
         wake();
     }
@@ -129,12 +147,22 @@ mod tests {
         // A nudge wakes only a stretched sleeper (one test: the words are the process's).
         let seen = wake_seq();
         nudge();
-        assert_eq!(wake_seq(), seen, "nobody stretched: no wake");
-        arm(&[u64::MAX; EngineId::COUNT], u64::MAX);
+        assert_eq!(wake_seq(), seen + 1, "counted");
+        assert!(
+            sleep(seen, Duration::from_secs(30)),
+            "a sleep from before it ends at once"
+        );
+        assert!(arm(
+            &[u64::MAX; EngineId::COUNT],
+            &[u64::MAX; EngineId::COUNT]
+        ));
+        let before = wake_seq();
         nudge();
-        assert_ne!(wake_seq(), seen);
+        assert_eq!(wake_seq(), before + 2, "counted, and a wake");
+        // Later signals are counted, without a system call until the next stretched sleep.
         let again = wake_seq();
         nudge();
-        assert_eq!(wake_seq(), again, "one wake per stretched sleep");
+        assert_eq!(wake_seq(), again + 1);
+        assert!(!STRETCHED.load(Ordering::Relaxed));
     }
 }
