@@ -311,7 +311,15 @@ fn child(workload: &str, mode: &str, work: Work) {
         if mode == "governed-nobg" {
             b = b.background(None);
         }
-        b.install().expect("install the governor");
+        let gov = b.install().expect("install the governor");
+        // The thread's first ticks read jemalloc's statistics and judge the process; let them
+        // pass before measuring, so each run (and each of the two instruction-count runs)
+        // sees only the ticks of a running process.
+        if mode == "governed" {
+            while gov.snapshot().background_ticks < 2 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
     }
     stay_in_engine();
     if !workload.ends_with("-2") && std::env::var_os("HOTPATH_NO_PIN").is_none() {
