@@ -311,14 +311,13 @@ fn child(workload: &str, mode: &str, work: Work) {
         if mode == "governed-nobg" {
             b = b.background(None);
         }
-        let gov = b.install().expect("install the governor");
-        // The thread's first ticks read jemalloc's statistics and judge the process; let them
-        // pass before measuring, so each run (and each of the two instruction-count runs)
-        // sees only the ticks of a running process.
+        b.install().expect("install the governor");
+        // The thread's first ticks (100 and 300 ms after start) read jemalloc's statistics and
+        // judge the process; let them pass before measuring, so each run (and each of the two
+        // instruction-count runs) sees only the ticks of a running process. A sleep, not a
+        // poll: a snapshot refreshes jemalloc's statistics, which would count.
         if mode == "governed" {
-            while gov.snapshot().background_ticks < 2 {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
         }
     }
     stay_in_engine();
