@@ -36,15 +36,11 @@ pub(crate) struct Cgroup {
 /// tick), its stall time (once a second) and its ancestors' limits (every five seconds).
 #[derive(Debug)]
 struct TickFiles {
-    /// `memory.max` (v1: `memory.limit_in_bytes`).
-    max: KeptFile,
-    /// `memory.high` (v2 only).
-    high: Option<KeptFile>,
     /// `memory.pressure` (v2 only).
     pressure: Option<KeptFile>,
     /// The limit files on the path from the cgroup up to the hierarchy's root, the cgroup's
-    /// own first: `memory.max` (v1: `memory.limit_in_bytes`) and `memory.high` (v2; empty in
-    /// v1).
+    /// own first (never empty): `memory.max` (v1: `memory.limit_in_bytes`) and `memory.high`
+    /// (v2; empty in v1).
     walk_max: Vec<KeptFile>,
     walk_high: Vec<KeptFile>,
 }
@@ -59,12 +55,6 @@ impl Cgroup {
         }
         let walk = |file: &str| levels.iter().map(|d| KeptFile::new(d.join(file))).collect();
         let files = TickFiles {
-            max: KeptFile::new(dir.join(if v2 {
-                "memory.max"
-            } else {
-                "memory.limit_in_bytes"
-            })),
-            high: v2.then(|| KeptFile::new(dir.join("memory.high"))),
             pressure: v2.then(|| KeptFile::new(dir.join("memory.pressure"))),
             walk_max: walk(if v2 {
                 "memory.max"
@@ -503,7 +493,10 @@ impl Cgroup {
             };
             file?.with_text(parse).ok().flatten()
         };
-        [read(Some(&self.files.max)), read(self.files.high.as_ref())]
+        [
+            read(self.files.walk_max.first()),
+            read(self.files.walk_high.first()),
+        ]
     }
 
     /// The limit the ceiling follows: the tightest `memory.max` or `memory.high` on the path
@@ -512,7 +505,7 @@ impl Cgroup {
     /// own limit file cannot be read or holds neither a number nor `max`: the cgroup vanished
     /// or is being changed, and the last good limit should stand.
     pub(crate) fn limit(&self) -> Result<Option<CgroupLimit>, String> {
-        let own = &self.files.max;
+        let own = &self.files.walk_max[0];
         let path = own.path();
         let text = own
             .with_text(str::to_owned)

@@ -113,13 +113,12 @@ impl MemoryGovernor {
         let events = self.inner.ledger.events.recorded();
         st.charged = EngineId::ALL.map(nodedb_mem_alloc::charged);
         st.overflow = EngineId::ALL.map(nodedb_mem_alloc::overflow_charged);
-        let slow = st.last_slow.is_none_or(|t| t.elapsed() >= SLOW_EVERY)
-            || self.global_pressure() >= PressureLevel::Warning;
+        let pressed = self.global_pressure() >= PressureLevel::Warning;
+        let slow = pressed || st.last_slow.is_none_or(|t| t.elapsed() >= SLOW_EVERY);
         if slow {
             st.last_slow = Some(Instant::now());
         }
-        let walk = st.last_walk.is_none_or(|t| t.elapsed() >= WALK_EVERY)
-            || self.global_pressure() >= PressureLevel::Warning;
+        let walk = pressed || st.last_walk.is_none_or(|t| t.elapsed() >= WALK_EVERY);
         if walk {
             st.last_walk = Some(Instant::now());
         }
