@@ -52,9 +52,9 @@ pub(crate) const SLOW_EVERY: Duration = Duration::from_secs(1);
 /// read on every tick).
 pub(crate) const WALK_EVERY: Duration = Duration::from_secs(5);
 
-/// The ledger slots a stretched sleep arms a mark on: every engine's home, and the five
-/// overflow regions.
-const MARKED_SLOTS: u64 = EngineId::COUNT as u64 + 5;
+/// The ledger slots a stretched sleep arms a mark on: every engine's home, and the overflow
+/// region of every engine but `Unattributed` (which never overflows).
+const MARKED_SLOTS: u64 = 2 * EngineId::COUNT as u64 - 1;
 
 /// What the background thread carries from one tick to the next.
 #[derive(Debug)]

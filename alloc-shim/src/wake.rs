@@ -53,10 +53,7 @@ pub fn sleep(seen: u32, timeout: Duration) -> bool {
 /// Wakes every sleeper now and disarms the marks. Async-signal-safe: an atomic add and one
 /// system call.
 pub fn wake() {
-    STRETCHED.store(false, Ordering::Relaxed);
-    for m in &MARK {
-        m.store(u64::MAX, Ordering::Relaxed);
-    }
+    disarm();
     SEQ.fetch_add(1, Ordering::Release);
     // SAFETY: FUTEX_WAKE on a live, aligned 32-bit word touches no memory.
     unsafe {
@@ -109,13 +106,18 @@ pub fn arm(home: &[u64; EngineId::COUNT], overflow: &[u64; EngineId::COUNT]) -> 
     }
     STRETCHED.store(true, Ordering::SeqCst);
     if slots().any(|(slot, mark)| crate::ledger::charged_seq_cst(slot) >= mark) {
-        STRETCHED.store(false, Ordering::Relaxed);
-        for m in &MARK {
-            m.store(u64::MAX, Ordering::Relaxed);
-        }
+        disarm();
         return false;
     }
     true
+}
+
+/// Ends a stretched sleep's arrangements: no mark armed, no nudge owed a wake.
+fn disarm() {
+    STRETCHED.store(false, Ordering::Relaxed);
+    for m in &MARK {
+        m.store(u64::MAX, Ordering::Relaxed);
+    }
 }
 
 /// After a charge brought `slot` to `now`: wakes the sleepers at its mark.
