@@ -122,7 +122,7 @@ impl Budget {
     pub(crate) fn allocator_bytes(&self) -> u64 {
         #[cfg(not(nodedb_mem_loom))]
         if self.from_allocator {
-            return nodedb_mem_alloc::charged(self.engine);
+            return nodedb_mem_alloc::ctl::ledger::charged(self.engine);
         }
         0
     }
@@ -181,7 +181,7 @@ impl Budget {
         let own = self.peak.load(Ordering::Acquire);
         #[cfg(not(nodedb_mem_loom))]
         if self.from_allocator {
-            return own.max(nodedb_mem_alloc::charged_peak(self.engine));
+            return own.max(nodedb_mem_alloc::ctl::ledger::charged_peak(self.engine));
         }
         own
     }
@@ -193,7 +193,7 @@ impl Budget {
     pub fn overflow_bytes(&self) -> u64 {
         #[cfg(not(nodedb_mem_loom))]
         if self.from_allocator {
-            return nodedb_mem_alloc::overflow_charged(self.engine);
+            return nodedb_mem_alloc::ctl::ledger::overflow_charged(self.engine);
         }
         0
     }
@@ -359,7 +359,7 @@ impl Budget {
         let own = self.window_peak.swap(usage, Ordering::AcqRel).max(usage);
         #[cfg(not(nodedb_mem_loom))]
         if self.from_allocator {
-            let alloc = nodedb_mem_alloc::take_window_peak(self.engine);
+            let alloc = nodedb_mem_alloc::ctl::ledger::take_window_peak(self.engine);
             raise_max(&self.alloc_peak_since_stats, alloc);
             return own.max(alloc + self.reserved());
         }
@@ -372,7 +372,7 @@ impl Budget {
     pub(crate) fn alloc_peak_since_stats(&self) -> u64 {
         self.alloc_peak_since_stats
             .load(Ordering::Acquire)
-            .max(nodedb_mem_alloc::window_peak(self.engine))
+            .max(nodedb_mem_alloc::ctl::ledger::window_peak(self.engine))
     }
 
     /// Starts the window of [`alloc_peak_since_stats`](Self::alloc_peak_since_stats) at `now`.

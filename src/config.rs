@@ -28,7 +28,7 @@ pub const DEFAULT_CGROUP_MARGIN: f64 = 0.10;
 /// The most an engine's overflow region can ever hold: the largest range the allocator
 /// reserves per engine (4 TiB). The bound in a given process is its reserved range,
 /// [`range_bytes`](crate::range_bytes), which `install` checks.
-pub const MAX_OVERFLOW_CAPACITY: u64 = nodedb_mem_alloc::MAX_RANGE_BYTES as u64;
+pub const MAX_OVERFLOW_CAPACITY: u64 = nodedb_mem_alloc::ctl::arenas::MAX_RANGE_BYTES as u64;
 
 /// The interval of the background thread `install` starts by default: resident sampling,
 /// purging, rebalancing, events. While nothing moves it sleeps longer, up to
@@ -69,7 +69,7 @@ pub struct OverflowConfig {
     /// disk fills first, the [`policy`](Self::policy) decides.
     pub capacity: Option<Size>,
     /// What happens when a region cannot take an allocation.
-    pub policy: nodedb_mem_alloc::OverflowPolicy,
+    pub policy: nodedb_mem_alloc::ctl::overflow::OverflowPolicy,
     /// Accept a tmpfs directory.
     pub allow_tmpfs: bool,
 }
@@ -79,7 +79,7 @@ impl Default for OverflowConfig {
         OverflowConfig {
             dir: std::env::temp_dir(),
             capacity: None,
-            policy: nodedb_mem_alloc::OverflowPolicy::FallBack,
+            policy: nodedb_mem_alloc::ctl::overflow::OverflowPolicy::FallBack,
             allow_tmpfs: false,
         }
     }
@@ -196,7 +196,7 @@ pub struct GovernorBuilder {
     cgroup_margin: Size,
     proc_status: PathBuf,
     overflow: Option<OverflowConfig>,
-    numa_policy: nodedb_mem_alloc::NumaPolicy,
+    numa_policy: nodedb_mem_alloc::ctl::numa::NumaPolicy,
     cap_to_node_memory: bool,
     allow_unattributed: bool,
     huge_pages: bool,
@@ -245,7 +245,7 @@ pub(crate) struct Config {
         nodedb_mem_loom,
         expect(dead_code, reason = "loom models never install a governor")
     )]
-    pub(crate) numa_policy: nodedb_mem_alloc::NumaPolicy,
+    pub(crate) numa_policy: nodedb_mem_alloc::ctl::numa::NumaPolicy,
     /// Whether `install` may go on when the engine arenas cannot be created.
     #[cfg_attr(
         nodedb_mem_loom,
@@ -305,7 +305,7 @@ impl Default for GovernorBuilder {
             cgroup_margin: Size::Fraction(DEFAULT_CGROUP_MARGIN),
             proc_status: PathBuf::from("/proc/self/status"),
             overflow: None,
-            numa_policy: nodedb_mem_alloc::NumaPolicy::Preferred,
+            numa_policy: nodedb_mem_alloc::ctl::numa::NumaPolicy::Preferred,
             cap_to_node_memory: false,
             allow_unattributed: false,
             huge_pages: true,
@@ -397,7 +397,7 @@ impl GovernorBuilder {
 
     /// Sets how engine memory is bound to its NUMA node (default: preferred, so a full node
     /// spills to others; strict binds it to the node). Takes effect at `install`.
-    pub fn numa_policy(mut self, policy: nodedb_mem_alloc::NumaPolicy) -> Self {
+    pub fn numa_policy(mut self, policy: nodedb_mem_alloc::ctl::numa::NumaPolicy) -> Self {
         self.numa_policy = policy;
         self
     }
@@ -618,7 +618,7 @@ impl GovernorBuilder {
         }
         if let Some(b) = self.inflight_bound {
             let text = b.to_string();
-            nodedb_mem_alloc::parse_bound(text.as_bytes())
+            nodedb_mem_alloc::ctl::ledger::parse_bound(text.as_bytes())
                 .map_err(|why| MemError::config("inflight_bound", crate::size::ByteSize(b), why))?;
         }
         if !(1..=1000).contains(&self.background_stretch) {
@@ -727,8 +727,9 @@ impl GovernorBuilder {
                 EnvSource::Fixed { root, .. } => root.clone(),
                 EnvSource::Process => PathBuf::from("/"),
             };
-            let topo = nodedb_mem_alloc::Topology::read(root.as_os_str().as_encoded_bytes());
-            (0..nodedb_mem_alloc::MAX_NODES)
+            let topo =
+                nodedb_mem_alloc::ctl::numa::Topology::read(root.as_os_str().as_encoded_bytes());
+            (0..nodedb_mem_alloc::ctl::numa::MAX_NODES)
                 .filter(|&n| topo.has_node(n))
                 .map(|n| topo.node_memory(n))
                 .max()

@@ -208,10 +208,10 @@ pub enum MemError {
          ranges of it), or call GovernorBuilder::allow_unattributed(true) to run without \
          attribution"
     )]
-    ArenasUnavailable(nodedb_mem_alloc::ArenaFailure),
+    ArenasUnavailable(nodedb_mem_alloc::ctl::arenas::ArenaFailure),
     /// The overflow regions could not be set up.
     #[error("overflow: {0}")]
-    Overflow(#[from] nodedb_mem_alloc::OverflowError),
+    Overflow(#[from] nodedb_mem_alloc::ctl::overflow::OverflowError),
     /// An operating-system call failed.
     #[error("{what}: {source}")]
     Io {

@@ -205,9 +205,11 @@ impl MemoryGovernor {
         };
         self.publish_limits();
         #[cfg(not(nodedb_mem_loom))]
-        if self.is_installed() && nodedb_mem_alloc::overflow_region(EngineId::Vector).is_some() {
+        if self.is_installed()
+            && nodedb_mem_alloc::ctl::overflow::overflow_region(EngineId::Vector).is_some()
+        {
             let margin = self.rss_margin();
-            nodedb_mem_alloc::set_resident_target(Some(bytes - margin), margin / 4);
+            nodedb_mem_alloc::ctl::overflow::set_resident_target(Some(bytes - margin), margin / 4);
         }
         inner.ledger.events.record(EventKind::CeilingChanged {
             from,

@@ -194,12 +194,14 @@ impl MemoryGovernor {
         // Without overflow regions there is nowhere to reroute to: publishing limits would only
         // send the over-limit engines' allocations down the slow path for nothing.
         #[cfg(not(nodedb_mem_loom))]
-        if self.is_installed() && nodedb_mem_alloc::overflow_region(EngineId::Vector).is_some() {
+        if self.is_installed()
+            && nodedb_mem_alloc::ctl::overflow::overflow_region(EngineId::Vector).is_some()
+        {
             let _serial = lock(&self.inner.rebalance_lock);
             for e in EngineId::ALL {
                 let protected = self.page_cache_ledger(e).protected_bytes();
                 let heap = self.limit(e).saturating_sub(protected);
-                nodedb_mem_alloc::set_overflow_limit(e, Some(heap));
+                nodedb_mem_alloc::ctl::ledger::set_overflow_limit(e, Some(heap));
             }
         }
     }
@@ -344,7 +346,7 @@ impl MemoryGovernor {
         let inner = &*self.inner;
         let global_pressure = self.global_pressure();
         let (arenas, by_node) = if inner.ledger.global.from_allocator {
-            nodedb_mem_alloc::arena_stats_by_node()
+            nodedb_mem_alloc::ctl::arenas::arena_stats_by_node()
         } else {
             Default::default()
         };
@@ -391,7 +393,7 @@ impl MemoryGovernor {
             ),
             allocator_stats_refreshes: g.stats_refreshes.load(Ordering::Relaxed),
             overflow: if self.is_installed() {
-                nodedb_mem_alloc::overflow_stats()
+                nodedb_mem_alloc::ctl::overflow::overflow_stats()
             } else {
                 Default::default()
             },

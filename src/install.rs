@@ -68,7 +68,7 @@ fn install(config: Config) -> Result<&'static MemoryGovernor> {
         return Err(MemError::AllocatorNotGlobal);
     }
     check_inflight_bound(config.inflight_bound)?;
-    if let Some(why) = nodedb_mem_alloc::arena_failure() {
+    if let Some(why) = nodedb_mem_alloc::ctl::arenas::arena_failure() {
         if !config.allow_unattributed {
             return Err(MemError::ArenasUnavailable(why));
         }
@@ -78,9 +78,9 @@ fn install(config: Config) -> Result<&'static MemoryGovernor> {
             "the engine arenas could not be created: every allocation is unattributed"
         );
     }
-    nodedb_mem_alloc::set_numa_policy(config.numa_policy);
-    if !config.huge_pages && nodedb_mem_alloc::arenas_ready() {
-        nodedb_mem_alloc::prevent_huge_pages().map_err(|errno| MemError::Io {
+    nodedb_mem_alloc::ctl::numa::set_numa_policy(config.numa_policy);
+    if !config.huge_pages && nodedb_mem_alloc::ctl::arenas::arenas_ready() {
+        nodedb_mem_alloc::ctl::arenas::prevent_huge_pages().map_err(|errno| MemError::Io {
             what: "keeping transparent huge pages out of the engines' ranges".into(),
             source: std::io::Error::from_raw_os_error(errno),
         })?;
@@ -88,9 +88,9 @@ fn install(config: Config) -> Result<&'static MemoryGovernor> {
     let overflow = config
         .overflow
         .clone()
-        .filter(|_| nodedb_mem_alloc::arenas_ready());
+        .filter(|_| nodedb_mem_alloc::ctl::arenas::arenas_ready());
     if let Some((c, capacity, explicit)) = overflow {
-        let range = nodedb_mem_alloc::range_bytes() as u64;
+        let range = nodedb_mem_alloc::ctl::arenas::range_bytes() as u64;
         let capacity = match capacity {
             Some(capacity) if capacity > range => {
                 return Err(MemError::config(
@@ -109,8 +109,13 @@ fn install(config: Config) -> Result<&'static MemoryGovernor> {
         };
         let enabled = capacity.and_then(|capacity| {
             let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
-            nodedb_mem_alloc::enable_overflow(&c.dir, capacity, c.allow_tmpfs, c.policy)
-                .map_err(MemError::from)
+            nodedb_mem_alloc::ctl::overflow::enable_overflow(
+                &c.dir,
+                capacity,
+                c.allow_tmpfs,
+                c.policy,
+            )
+            .map_err(MemError::from)
         });
         match enabled {
             Ok(()) => {}
@@ -129,10 +134,13 @@ fn install(config: Config) -> Result<&'static MemoryGovernor> {
         .map_err(|_| MemError::AlreadyInstalled)?;
     let gov = INSTALLED.get().ok_or(MemError::AlreadyInstalled)?;
     gov.publish_limits();
-    if nodedb_mem_alloc::overflow_region(EngineId::Vector).is_some() {
+    if nodedb_mem_alloc::ctl::overflow::overflow_region(EngineId::Vector).is_some() {
         // The thread that grows overflow holds resident memory under the margin itself.
         let margin = gov.rss_margin();
-        nodedb_mem_alloc::set_resident_target(Some(gov.ceiling() - margin), margin / 4);
+        nodedb_mem_alloc::ctl::overflow::set_resident_target(
+            Some(gov.ceiling() - margin),
+            margin / 4,
+        );
     }
     if let Some(interval) = background {
         match gov.spawn_rebalancer(interval) {
@@ -160,10 +168,10 @@ pub fn installed() -> Option<&'static MemoryGovernor> {
 /// Allocates one block for an engine other than this thread's home: only `GovernedAlloc`
 /// notices, so this tells whether it is the global allocator.
 fn allocator_is_global() -> bool {
-    if nodedb_mem_alloc::is_active() {
+    if nodedb_mem_alloc::ctl::thread::is_active() {
         return true;
     }
-    let probe = match nodedb_mem_alloc::home_engine() {
+    let probe = match nodedb_mem_alloc::ctl::thread::home_engine() {
         EngineId::Vector => EngineId::Sparse,
         _ => EngineId::Vector,
     };
@@ -171,19 +179,19 @@ fn allocator_is_global() -> bool {
     drop(std::hint::black_box(Box::new(0u64)));
     drop(guard);
     // The probe's free may sit in this thread's pending credit: publish it.
-    nodedb_mem_alloc::flush_thread();
-    nodedb_mem_alloc::is_active()
+    nodedb_mem_alloc::ctl::thread::flush_thread();
+    nodedb_mem_alloc::ctl::thread::is_active()
 }
 
 /// Refuses an in-flight bound environment variable that does not parse (the allocator fell
 /// back to the default), and a bound the builder expects that is not the process's.
 fn check_inflight_bound(expected: Option<u64>) -> Result<()> {
-    let env = nodedb_mem_alloc::INFLIGHT_BOUND_ENV;
-    if let Err(why) = nodedb_mem_alloc::bound_from_env() {
+    let env = nodedb_mem_alloc::ctl::ledger::INFLIGHT_BOUND_ENV;
+    if let Err(why) = nodedb_mem_alloc::ctl::ledger::bound_from_env() {
         let value = std::env::var_os(env).unwrap_or_default();
         return Err(MemError::config(env, value.to_string_lossy(), why));
     }
-    let fixed = nodedb_mem_alloc::inflight_bound().batch;
+    let fixed = nodedb_mem_alloc::ctl::ledger::inflight_bound().batch;
     match expected {
         Some(want) if want != fixed => Err(MemError::config(
             "inflight_bound",

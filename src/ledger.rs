@@ -87,7 +87,7 @@ impl GlobalLedger {
         if self.from_allocator {
             return EngineId::ALL
                 .iter()
-                .map(|&e| nodedb_mem_alloc::charged(e))
+                .map(|&e| nodedb_mem_alloc::ctl::ledger::charged(e))
                 .sum();
         }
         0

@@ -79,17 +79,25 @@ pub use governor::{DIRTY_ALLOWANCE_MIN, MemoryGovernor};
 pub use install::installed;
 pub use ledger::Reservation;
 pub use metrics::{EngineSnapshot, Snapshot};
-pub use nodedb_mem_alloc::{
-    ArenaFailure, ArenaStats, Bound, DEFAULT_INFLIGHT_BOUND, DIRECT_THRESHOLD, EngineGuard,
-    EngineId, GUARD_SLOTS, GovernedAlloc, INFLIGHT_BOUND_ENV, MAX_INFLIGHT_BOUND, MAX_NODES,
-    MAX_RANGE_BYTES, MIN_INFLIGHT_BOUND, MIN_RANGE_BYTES, NumaError, NumaPolicy, OverflowBreaches,
-    OverflowError, OverflowFigures, OverflowPolicy, OverflowRegion, OverflowStats, PageOutMethod,
-    PushOutStats, RANGE_BYTES_ENV, RangeFallbacks, Topology, UnknownEngine, arena_failure,
-    bind_thread_to_local_numa, current_engine, enable_overflow, flush_thread, home_engine,
-    inflight_bound, is_forked_child, is_overflow, is_overflowing, machine_topology, node_of,
-    overflow_breaches, overflow_figures, overflow_region, overflow_stats, owner, pin_thread_arena,
-    push_out_stats, range_bytes, range_fallbacks, set_overflow_limit, thread_node,
+pub use nodedb_mem_alloc::ctl::arenas::{
+    ArenaFailure, ArenaStats, MAX_RANGE_BYTES, MIN_RANGE_BYTES, RANGE_BYTES_ENV, RangeFallbacks,
+    arena_failure, is_overflow, node_of, owner, range_bytes, range_fallbacks,
 };
+pub use nodedb_mem_alloc::ctl::ledger::{
+    Bound, DEFAULT_INFLIGHT_BOUND, DIRECT_THRESHOLD, INFLIGHT_BOUND_ENV, MAX_INFLIGHT_BOUND,
+    MIN_INFLIGHT_BOUND, inflight_bound, set_overflow_limit,
+};
+pub use nodedb_mem_alloc::ctl::numa::{
+    MAX_NODES, NumaError, NumaPolicy, Topology, bind_thread_to_local_numa, machine_topology,
+    pin_thread_arena, thread_node,
+};
+pub use nodedb_mem_alloc::ctl::overflow::{
+    OverflowBreaches, OverflowError, OverflowFigures, OverflowPolicy, OverflowRegion,
+    OverflowStats, PageOutMethod, PushOutStats, enable_overflow, is_forked_child, is_overflowing,
+    overflow_breaches, overflow_figures, overflow_region, overflow_stats, push_out_stats,
+};
+pub use nodedb_mem_alloc::ctl::thread::{current_engine, flush_thread, home_engine};
+pub use nodedb_mem_alloc::{EngineGuard, EngineId, GUARD_SLOTS, GovernedAlloc, UnknownEngine};
 pub use pressure::{PressureLevel, PressureThresholds};
 pub use rebalance::{RebalanceMove, RebalanceReport};
 #[cfg(not(nodedb_mem_loom))]

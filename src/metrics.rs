@@ -96,11 +96,11 @@ impl EngineSnapshot {
         let (range_bytes, range_fallbacks, overflow, push_out, overflow_breaches) =
             if installed && e != EngineId::Unattributed {
                 (
-                    nodedb_mem_alloc::range_bytes() as u64,
-                    nodedb_mem_alloc::range_fallbacks(e),
-                    nodedb_mem_alloc::overflow_figures(e),
-                    nodedb_mem_alloc::push_out_stats(e),
-                    nodedb_mem_alloc::overflow_breaches(e),
+                    nodedb_mem_alloc::ctl::arenas::range_bytes() as u64,
+                    nodedb_mem_alloc::ctl::arenas::range_fallbacks(e),
+                    nodedb_mem_alloc::ctl::overflow::overflow_figures(e),
+                    nodedb_mem_alloc::ctl::overflow::push_out_stats(e),
+                    nodedb_mem_alloc::ctl::overflow::overflow_breaches(e),
                 )
             } else {
                 Default::default()

@@ -56,7 +56,7 @@ impl Rebalancer {
         let thread = std::thread::Builder::new()
             .name("nodedb-mem-rebalancer".into())
             .spawn(move || {
-                use nodedb_mem_alloc::wake;
+                use nodedb_mem_alloc::ctl::wake;
                 let mut ticks = 0u64;
                 let mut state = crate::tick::TickState::new(interval, gov.inner.background_stretch);
                 // Read before a tick looks at anything: a signal from then on ends a stretched
@@ -91,7 +91,7 @@ impl Rebalancer {
                     }
                     // What this thread allocated is settled before it sleeps: the ledgers
                     // are exact at rest.
-                    nodedb_mem_alloc::flush_thread();
+                    nodedb_mem_alloc::ctl::thread::flush_thread();
                     ticks += 1;
                 }
             })
@@ -112,7 +112,7 @@ impl Rebalancer {
 
     fn shutdown(&mut self) -> u64 {
         self.shared.stop.store(true, Ordering::Release);
-        nodedb_mem_alloc::wake::wake();
+        nodedb_mem_alloc::ctl::wake::wake();
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(ticks)) => ticks,
             Some(Err(panic)) => std::panic::resume_unwind(panic),

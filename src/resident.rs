@@ -50,8 +50,8 @@ impl MemoryGovernor {
         if near {
             let before = resident;
             if installed {
-                nodedb_mem_alloc::purge_all_arenas();
-                nodedb_mem_alloc::page_out_overflow();
+                nodedb_mem_alloc::ctl::arenas::purge_all_arenas();
+                nodedb_mem_alloc::ctl::overflow::page_out_overflow();
                 resident = read()?.0;
             }
             inner.ledger.events.record(EventKind::ResidentNearCeiling {
@@ -79,11 +79,11 @@ impl MemoryGovernor {
         } else if !refresh {
             // As of the last refresh.
             lock(&inner.last_rss).allocator_resident
-        } else if purged_engines || !nodedb_mem_alloc::arenas_ready() {
+        } else if purged_engines || !nodedb_mem_alloc::ctl::arenas::arenas_ready() {
             // Purged since the refresh, or no refresh made (no engine arenas).
-            nodedb_mem_alloc::allocator_resident().unwrap_or(0)
+            nodedb_mem_alloc::ctl::arenas::allocator_resident().unwrap_or(0)
         } else {
-            nodedb_mem_alloc::allocator_resident_as_refreshed().unwrap_or(0)
+            nodedb_mem_alloc::ctl::arenas::allocator_resident_as_refreshed().unwrap_or(0)
         };
         let sample = RssSample {
             resident,
@@ -114,7 +114,7 @@ impl MemoryGovernor {
         let moved_by = dirty_moved();
         for e in EngineId::ALL {
             let (b, i) = (self.budget(e), e.index());
-            let now = nodedb_mem_alloc::charged(e);
+            let now = nodedb_mem_alloc::ctl::ledger::charged(e);
             let peak = b.alloc_peak_since_stats().max(now);
             // Pages freed since the read are at most what the charge fell from its peak.
             let bound = w.dirty[i].saturating_add(peak - now);
@@ -141,7 +141,7 @@ impl MemoryGovernor {
         {
             let mut seen = lock(&self.inner.breaches_seen);
             for e in EngineId::ALL {
-                let b = nodedb_mem_alloc::overflow_breaches(e);
+                let b = nodedb_mem_alloc::ctl::overflow::overflow_breaches(e);
                 let last = &mut seen[e.index()];
                 let (breaches, refused) = (b.breaches - last.0, b.refused - last.1);
                 if breaches > 0 || refused > 0 {
@@ -168,7 +168,7 @@ impl MemoryGovernor {
     /// resident until jemalloc's 10 s decay returns them.
     /// Returns whether it purged any.
     fn purge_dirty_engines(&self) -> bool {
-        let stats = nodedb_mem_alloc::arena_stats();
+        let stats = nodedb_mem_alloc::ctl::arenas::arena_stats();
         self.inner
             .ledger
             .global
@@ -181,14 +181,14 @@ impl MemoryGovernor {
         };
         for e in EngineId::ALL {
             let i = e.index();
-            let charged = nodedb_mem_alloc::charged(e);
+            let charged = nodedb_mem_alloc::ctl::ledger::charged(e);
             #[cfg(not(nodedb_mem_loom))]
             self.budget(e).restart_stats_window(charged);
             watch.charged[i] = charged;
             watch.dirty[i] = stats[i].dirty;
             if e != EngineId::Unattributed
                 && stats[i].dirty > self.dirty_allowance(e)
-                && nodedb_mem_alloc::purge_engine(e)
+                && nodedb_mem_alloc::ctl::arenas::purge_engine(e)
             {
                 self.inner
                     .ledger
@@ -232,7 +232,7 @@ pub(crate) enum Stats {
 /// thread's headroom moves the charge by up to the bound with no block allocated or freed).
 #[cfg(not(nodedb_mem_loom))]
 fn dirty_moved() -> u64 {
-    DIRTY_ALLOWANCE_MIN.max(2 * nodedb_mem_alloc::inflight_bound().batch)
+    DIRTY_ALLOWANCE_MIN.max(2 * nodedb_mem_alloc::ctl::ledger::inflight_bound().batch)
 }
 
 /// How long the statistics may go unread while the allocator's ledgers moved but no engine's

@@ -33,5 +33,5 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[inline]
 pub(crate) fn nudge_background() {
     #[cfg(not(nodedb_mem_loom))]
-    nodedb_mem_alloc::wake::nudge();
+    nodedb_mem_alloc::ctl::wake::nudge();
 }

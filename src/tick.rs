@@ -27,7 +27,7 @@
 //! in without allocating); no governed directory to sweep; no limit moved, nothing reclaimed; resident memory and usage moved by less than one step (a 64th of the ceiling)
 //! since the last tick.
 //!
-//! A stretched sleep ends at once when something moves (`nodedb_mem_alloc::wake`): the
+//! A stretched sleep ends at once when something moves (`nodedb_mem_alloc::ctl::wake`): the
 //! allocator wakes the thread when an engine's charge grows by a step or reaches its warning
 //! level, or an overflow region grows by a step; the governor does when it records an event (a
 //! refusal, a pressure change, a moved ceiling) or queues a waiting request. So memory handed
@@ -111,8 +111,8 @@ impl MemoryGovernor {
     /// One tick of the background thread (see the module's docs); sets the next sleep.
     pub(crate) fn background_tick(&self, st: &mut TickState) {
         let events = self.inner.ledger.events.recorded();
-        st.charged = EngineId::ALL.map(nodedb_mem_alloc::charged);
-        st.overflow = EngineId::ALL.map(nodedb_mem_alloc::overflow_charged);
+        st.charged = EngineId::ALL.map(nodedb_mem_alloc::ctl::ledger::charged);
+        st.overflow = EngineId::ALL.map(nodedb_mem_alloc::ctl::ledger::overflow_charged);
         let pressed = self.global_pressure() >= PressureLevel::Warning;
         let slow = pressed || st.last_slow.is_none_or(|t| t.elapsed() >= SLOW_EVERY);
         if slow {
@@ -186,7 +186,7 @@ impl MemoryGovernor {
             // Overflowed data read back faults pages in without any allocation.
             && EngineId::ALL
                 .into_iter()
-                .all(|e| nodedb_mem_alloc::overflow_charged(e) == 0)
+                .all(|e| nodedb_mem_alloc::ctl::ledger::overflow_charged(e) == 0)
     }
 
     /// Arms the allocator's wake marks for a stretched sleep: each engine's charge may grow by
@@ -196,7 +196,7 @@ impl MemoryGovernor {
     /// not charge, leaves the marks (the process's, the installed governor's) alone.
     pub(crate) fn arm_wake_marks(&self, st: &TickState) -> bool {
         if !self.is_installed() {
-            nodedb_mem_alloc::wake::stretch();
+            nodedb_mem_alloc::ctl::wake::stretch();
             return true;
         }
         let step = wake_step(self.ceiling());
@@ -207,7 +207,7 @@ impl MemoryGovernor {
             st.charged[e.index()].saturating_add(step).min(warn.max(1))
         });
         let overflow = st.overflow.map(|o| o.saturating_add(step));
-        nodedb_mem_alloc::wake::arm(&home, &overflow)
+        nodedb_mem_alloc::ctl::wake::arm(&home, &overflow)
     }
 }
 

@@ -219,7 +219,7 @@ fn start_serving(ledger: &Arc<Ledger>) -> Result<()> {
                     drop(ledger);
                     // What this thread allocated is settled before it sleeps: the ledgers
                     // are exact at rest.
-                    nodedb_mem_alloc::flush_thread();
+                    nodedb_mem_alloc::ctl::thread::flush_thread();
                     let nap = match (busy, next) {
                         (false, _) => IDLE,
                         (true, None) => WAIT_RETRY,

@@ -144,13 +144,13 @@ fn a_full_disk_fails_fallible_allocations_under_fail_allocation() {
         held.push(vec![7u8; 64 * 1024]);
     }
     // The disk is full: the overflow file cannot grow.
-    nodedb_mem_alloc::overflow_fault::fail_always(libc::ENOSPC);
+    nodedb_mem_alloc::ctl::overflow::fault::fail_always(libc::ENOSPC);
     let mut v: Vec<u8> = Vec::new();
     let r = {
         let _g = EngineGuard::enter(Q);
         v.try_reserve_exact(8 * MIB)
     };
-    nodedb_mem_alloc::overflow_fault::clear();
+    nodedb_mem_alloc::ctl::overflow::fault::clear();
     assert!(r.is_err(), "the allocation fails cleanly");
     let b = nodedb_mem::overflow_breaches(Q);
     assert_eq!((b.refused, b.refused_bytes), (1, 8 * MIB as u64));

@@ -89,7 +89,8 @@ fn child_passes(name: &str, env: &[(&str, &str)]) {
 fn unsettled() -> [i64; EngineId::COUNT] {
     flush_thread();
     EngineId::ALL.map(|e| {
-        let ledger = nodedb_mem_alloc::charged(e) + nodedb_mem_alloc::overflow_charged(e);
+        let ledger = nodedb_mem_alloc::ctl::ledger::charged(e)
+            + nodedb_mem_alloc::ctl::ledger::overflow_charged(e);
         ledger as i64 - LIVE[e.index()].load(Ordering::Relaxed)
     })
 }
@@ -250,7 +251,7 @@ fn child_install_retried() {
             })
     };
     // The third region of five cannot be made: as with too many open files.
-    nodedb_mem_alloc::overflow_fault::fail_after(2, libc::EMFILE);
+    nodedb_mem_alloc::ctl::overflow::fault::fail_after(2, libc::EMFILE);
     let err = builder().install().unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -394,7 +395,7 @@ fn child_full_disk_after_purge() {
         .count();
     assert!(in_overflow >= n / 2, "{in_overflow} of {n} in overflow");
     drop(first);
-    assert!(nodedb_mem_alloc::purge_all_arenas());
+    assert!(nodedb_mem_alloc::ctl::arenas::purge_all_arenas());
     // Someone else fills the disk.
     let filler = dir.join("filler");
     {

@@ -10,8 +10,9 @@
 //! ```
 
 use nodedb_mem_alloc::{
-    EngineGuard, EngineId, GovernedAlloc, arena_failure, arenas_ready, charged, flush_thread,
-    range_bytes, range_fallbacks,
+    EngineGuard, EngineId, GovernedAlloc, ctl::arenas::arena_failure, ctl::arenas::arenas_ready,
+    ctl::arenas::range_bytes, ctl::arenas::range_fallbacks, ctl::ledger::charged,
+    ctl::thread::flush_thread,
 };
 
 #[global_allocator]

@@ -8,7 +8,7 @@
 
 use loom::sync::atomic::{AtomicU64, Ordering};
 
-use crate::ledger;
+use crate::accounting::ledger;
 
 /// One engine's ledger.
 #[derive(Debug)]
@@ -98,7 +98,7 @@ impl<'a> Home<'a> {
     pub fn alloc(&mut self, bytes: u64) {
         assert!(self.open(), "the home path is closed");
         self.allocated += bytes;
-        if self.allocated - self.settled.0 >= ledger::inflight_bound().interval {
+        if self.allocated - self.settled.0 >= crate::accounting::bound::inflight_bound().interval {
             self.settle(true);
         }
     }
@@ -106,7 +106,8 @@ impl<'a> Home<'a> {
     /// A home-path free of `bytes` (of a home block allocated by any thread).
     pub fn free(&mut self, bytes: u64) {
         self.deallocated += bytes;
-        if self.deallocated - self.settled.1 >= ledger::inflight_bound().interval {
+        if self.deallocated - self.settled.1 >= crate::accounting::bound::inflight_bound().interval
+        {
             self.settle(true);
         }
     }

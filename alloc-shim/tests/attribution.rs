@@ -6,8 +6,8 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use nodedb_mem_alloc::{
-    EngineGuard, EngineId, GovernedAlloc, HOME_SWITCH_AFTER, charged, current_engine, home_engine,
-    owner,
+    EngineGuard, EngineId, GovernedAlloc, ctl::arenas::owner, ctl::ledger::charged,
+    ctl::thread::HOME_SWITCH_AFTER, ctl::thread::current_engine, ctl::thread::home_engine,
 };
 
 use common::{serial, settled};
@@ -189,7 +189,7 @@ fn batching_error_is_bounded_while_running() {
             live + holder
         );
         assert!(
-            ledger <= live + holder + nodedb_mem_alloc::inflight_bound().batch,
+            ledger <= live + holder + nodedb_mem_alloc::ctl::ledger::inflight_bound().batch,
             "ledger {ledger} live {}",
             live + holder
         );
@@ -249,7 +249,7 @@ fn allocating_in_another_thread_locals_destructor_is_charged_and_credited() {
     let _s = serial();
     let totals = || EngineId::ALL.map(settled);
     let before = totals();
-    let detached_before = nodedb_mem_alloc::detached_operations();
+    let detached_before = nodedb_mem_alloc::ctl::thread::detached_operations();
     // A raw thread, so that nothing allocates in it before `FIRST` registers its destructor
     // (std's thread start-up does).
     extern "C" fn body(_: *mut libc::c_void) -> *mut libc::c_void {
@@ -271,7 +271,7 @@ fn allocating_in_another_thread_locals_destructor_is_charged_and_credited() {
     assert_eq!(rc, 0);
     // SAFETY: `tid` is a joinable thread created above, joined once.
     assert_eq!(unsafe { libc::pthread_join(tid, std::ptr::null_mut()) }, 0);
-    assert!(nodedb_mem_alloc::detached_operations() >= detached_before + 3);
+    assert!(nodedb_mem_alloc::ctl::thread::detached_operations() >= detached_before + 3);
     let p = LEAKED.swap(std::ptr::null_mut(), Ordering::SeqCst);
     let late = LEAKED_LATE.swap(std::ptr::null_mut(), Ordering::SeqCst);
     assert!(!p.is_null() && !late.is_null());

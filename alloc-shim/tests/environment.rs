@@ -13,9 +13,11 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use nodedb_mem_alloc::{
-    EngineGuard, EngineId, GovernedAlloc, OverflowPolicy, RANGE_BYTES_ENV, arena_failure,
-    arenas_ready, current_engine, enable_overflow, is_forked_child, is_overflow, overflow_charged,
-    owner, range_bytes, range_fallbacks, set_overflow_limit,
+    EngineGuard, EngineId, GovernedAlloc, ctl::arenas::RANGE_BYTES_ENV, ctl::arenas::arena_failure,
+    ctl::arenas::arenas_ready, ctl::arenas::is_overflow, ctl::arenas::owner,
+    ctl::arenas::range_bytes, ctl::arenas::range_fallbacks, ctl::ledger::overflow_charged,
+    ctl::ledger::set_overflow_limit, ctl::overflow::OverflowPolicy, ctl::overflow::enable_overflow,
+    ctl::overflow::is_forked_child, ctl::thread::current_engine,
 };
 
 use common::{serial, settled};

@@ -3,8 +3,9 @@
 //! allocations still land in the right engine. This binary installs `GovernedAlloc`.
 
 use nodedb_mem_alloc::{
-    EngineGuard, EngineId, GovernedAlloc, NumaError, bind_thread_to_local_numa, machine_topology,
-    mbind_failures, node_of, owner, pin_thread_arena, thread_node,
+    EngineGuard, EngineId, GovernedAlloc, ctl::arenas::node_of, ctl::arenas::owner,
+    ctl::numa::NumaError, ctl::numa::bind_thread_to_local_numa, ctl::numa::machine_topology,
+    ctl::numa::mbind_failures, ctl::numa::pin_thread_arena, ctl::numa::thread_node,
 };
 
 #[global_allocator]

@@ -5,7 +5,10 @@
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 
-use nodedb_mem_alloc::{OverflowError, OverflowRegion, overflow_fault};
+use nodedb_mem_alloc::{
+    ctl::overflow::OverflowError, ctl::overflow::OverflowRegion,
+    ctl::overflow::fault as overflow_fault,
+};
 
 const MIB: usize = 1 << 20;
 

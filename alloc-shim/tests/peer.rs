@@ -6,7 +6,10 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::Mutex;
 
-use nodedb_mem_alloc::{EngineGuard, EngineId, GovernedAlloc, charged, flush_thread, owner};
+use nodedb_mem_alloc::{
+    EngineGuard, EngineId, GovernedAlloc, ctl::arenas::owner, ctl::ledger::charged,
+    ctl::thread::flush_thread,
+};
 
 #[global_allocator]
 static A: GovernedAlloc = GovernedAlloc::new();

@@ -6,9 +6,11 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use nodedb_mem_alloc::{
-    EngineGuard, EngineId, GovernedAlloc, OverflowPolicy, charged, enable_overflow, flush_thread,
-    is_overflow, is_overflowing, overflow_charged, overflow_fault, overflow_region, overflow_stats,
-    owner, set_overflow_limit,
+    EngineGuard, EngineId, GovernedAlloc, ctl::arenas::is_overflow, ctl::arenas::owner,
+    ctl::ledger::charged, ctl::ledger::overflow_charged, ctl::ledger::set_overflow_limit,
+    ctl::overflow::OverflowPolicy, ctl::overflow::enable_overflow,
+    ctl::overflow::fault as overflow_fault, ctl::overflow::is_overflowing,
+    ctl::overflow::overflow_region, ctl::overflow::overflow_stats, ctl::thread::flush_thread,
 };
 
 #[global_allocator]
@@ -94,7 +96,7 @@ fn paging_out_overflow_keeps_the_data() {
         (0..1024).map(|i| vec![(i % 251) as u8; 8192]).collect()
     };
     assert!(blocks.iter().all(|b| is_overflow(b.as_ptr())));
-    assert!(nodedb_mem_alloc::page_out_overflow() >= 8 * MIB as u64);
+    assert!(nodedb_mem_alloc::ctl::overflow::page_out_overflow() >= 8 * MIB as u64);
     assert!(
         blocks
             .iter()
@@ -143,7 +145,7 @@ fn a_full_overflow_region_refuses_under_the_fail_policy() {
     let e = EngineId::Vector;
     let (base, base_over) = settled(e);
     set_overflow_limit(e, Some(base as u64));
-    nodedb_mem_alloc::set_overflow_policy(OverflowPolicy::FailAllocation);
+    nodedb_mem_alloc::ctl::overflow::set_overflow_policy(OverflowPolicy::FailAllocation);
     // Bigger than the whole 32 MiB region: it cannot take it.
     let layout = Layout::from_size_align(40 * MIB, 8).unwrap();
     let before = overflow_stats();
@@ -165,7 +167,7 @@ fn a_full_overflow_region_refuses_under_the_fail_policy() {
         (base, base_over),
         "nothing charged for refused requests"
     );
-    nodedb_mem_alloc::set_overflow_policy(OverflowPolicy::FallBack);
+    nodedb_mem_alloc::ctl::overflow::set_overflow_policy(OverflowPolicy::FallBack);
     let p = {
         let _g = EngineGuard::enter(e);
         // SAFETY: non-zero size; freed below.
@@ -319,9 +321,9 @@ fn concurrent_small_allocations_never_take_the_ledger_past_the_limit() {
     });
     // Prepaid credit included, the engine's ledger never passed its limit.
     assert!(
-        nodedb_mem_alloc::charged_peak(e) <= limit as u64,
+        nodedb_mem_alloc::ctl::ledger::charged_peak(e) <= limit as u64,
         "peak {} over the limit {limit}",
-        nodedb_mem_alloc::charged_peak(e)
+        nodedb_mem_alloc::ctl::ledger::charged_peak(e)
     );
     let all = || blocks.iter().flatten();
     let in_overflow = all().filter(|b| is_overflow(b.as_ptr())).count();

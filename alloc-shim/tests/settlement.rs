@@ -6,9 +6,11 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout};
 
 use nodedb_mem_alloc::{
-    EngineGuard, EngineId, GovernedAlloc, HOME_SWITCH_AFTER, OverflowPolicy, charged,
-    enable_overflow, home_engine, inflight_bound, is_overflow, overflow_charged, owner,
-    set_overflow_limit, thread_events_active, thread_settlements,
+    EngineGuard, EngineId, GovernedAlloc, ctl::arenas::is_overflow, ctl::arenas::owner,
+    ctl::ledger::charged, ctl::ledger::inflight_bound, ctl::ledger::overflow_charged,
+    ctl::ledger::set_overflow_limit, ctl::overflow::OverflowPolicy, ctl::overflow::enable_overflow,
+    ctl::thread::HOME_SWITCH_AFTER, ctl::thread::home_engine, ctl::thread::thread_events_active,
+    ctl::thread::thread_settlements,
 };
 
 use common::{serial, settled};
@@ -291,7 +293,7 @@ fn the_ledger_stays_within_a_one_mib_bound_at_every_step() {
             "--exact",
             "--nocapture",
         ])
-        .env(nodedb_mem_alloc::INFLIGHT_BOUND_ENV, "1MiB")
+        .env(nodedb_mem_alloc::ctl::ledger::INFLIGHT_BOUND_ENV, "1MiB")
         .output()
         .unwrap();
     let text =

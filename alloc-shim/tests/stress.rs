@@ -4,7 +4,10 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nodedb_mem_alloc::{EngineGuard, EngineId, GovernedAlloc, charged, flush_thread, owner};
+use nodedb_mem_alloc::{
+    EngineGuard, EngineId, GovernedAlloc, ctl::arenas::owner, ctl::ledger::charged,
+    ctl::thread::flush_thread,
+};
 
 #[global_allocator]
 static ALLOC: GovernedAlloc = GovernedAlloc::new();

@@ -3,7 +3,7 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use nodedb_mem_alloc::Topology;
+use nodedb_mem_alloc::ctl::numa::Topology;
 
 struct Node<'a> {
     cpus: &'a str,

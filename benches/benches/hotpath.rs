@@ -287,9 +287,11 @@ unsafe extern "C" fn ignore_event(_is_alloc: bool, _allocated: u64, _deallocated
 
 /// Registers a thread-event hook that does nothing, at the governed allocator's interval.
 fn register_ignoring_hook() {
-    let interval = nodedb_mem_alloc::inflight_bound().interval;
+    let interval = nodedb_mem_alloc::ctl::ledger::inflight_bound().interval;
     // SAFETY: the callback does nothing, so it neither allocates, locks nor unwinds.
-    let rc = unsafe { nodedb_mem_alloc::register_thread_event_hook(ignore_event, interval) };
+    let rc = unsafe {
+        nodedb_mem_alloc::ctl::thread::register_thread_event_hook(ignore_event, interval)
+    };
     assert_eq!(rc, Ok(()), "registering the thread-event hook");
 }
 
@@ -482,7 +484,7 @@ fn main() {
     let only: Vec<&str> = value("--only").map_or(WORKLOADS.to_vec(), |s| s.split(',').collect());
     let floor = args.iter().any(|a| a == "--floor");
     if let Some(b) = value("--inflight") {
-        nodedb_mem_alloc::parse_bound(b.as_bytes())
+        nodedb_mem_alloc::ctl::ledger::parse_bound(b.as_bytes())
             .expect("--inflight: a power of two, 64KiB to 4MiB");
         INFLIGHT.set(b.clone()).expect("set once");
         println!("in-flight bound of the children: {b}");
@@ -565,7 +567,7 @@ fn main() {
     if !floors.is_empty() {
         println!(
             "\njemalloc's event machinery alone: plain with an ignoring hook every {} bytes",
-            nodedb_mem_alloc::inflight_bound().interval
+            nodedb_mem_alloc::ctl::ledger::inflight_bound().interval
         );
         println!(
             "{:<10} {:>14} {:>8} {:>18}",

@@ -8,7 +8,7 @@
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
-use nodedb_mem_alloc::Bound;
+use nodedb_mem_alloc::ctl::ledger::Bound;
 use nodedb_mem_alloc::model::{Home, Ledger};
 
 /// The models run at the default in-flight bound (the environment variable unset).

@@ -2,21 +2,28 @@
 //! file-backed [`OverflowRegion`] and jemalloc arena per engine, the policy for what overflow
 //! cannot take, its counters, and what a child of `fork` does without it.
 
+mod backing;
+mod error;
+#[cfg(feature = "testing")]
+pub mod fault;
+#[cfg(not(feature = "testing"))]
+mod fault;
+mod file;
+pub(crate) mod pushout;
 mod region;
 
-pub use region::{OverflowError, OverflowRegion, PageOutMethod, fault};
+pub use region::{OverflowError, OverflowRegion, PageOutMethod};
 
-use std::ffi::{c_uint, c_void};
-use std::ptr;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
-use crate::EngineId;
-use crate::arena::{
-    ARENA_ENGINES, EngineHooks, OVERFLOW_SLOT, create_arena, engine_hooks, ensure_arenas, layout,
-    range_bytes,
-};
-use crate::ledger::{is_over, would_cross};
-use crate::slot::Slot;
+use crate::accounting::bound::DIRECT_THRESHOLD;
+use crate::accounting::ledger::would_cross;
+use crate::accounting::limits::is_over;
+use crate::id::{ARENA_ENGINES, Arena, EngineId, Slot};
+use crate::space::arenas::ensure_arenas;
+use crate::space::hooks;
+use crate::space::reservation::{range_bytes, range_start};
+use crate::sys::mallctl::keys;
 
 /// What happens when an engine's overflow region cannot take an allocation (full, or its
 /// file cannot grow).
@@ -30,45 +37,29 @@ pub enum OverflowPolicy {
     FailAllocation,
 }
 
-const OVERFLOW_OFF: u8 = 0;
-const OVERFLOW_ON: u8 = 1;
-
-static OVERFLOW_STATE: AtomicU8 = AtomicU8::new(OVERFLOW_OFF);
 static OVERFLOW_POLICY: AtomicU8 = AtomicU8::new(0);
 static OVERFLOW_ARENA: [AtomicU32; ARENA_ENGINES] = [const { AtomicU32::new(0) }; ARENA_ENGINES];
-static OVERFLOW_NEXT: [AtomicUsize; ARENA_ENGINES] = [const { AtomicUsize::new(0) }; ARENA_ENGINES];
-static OVERFLOW_REGIONS: [std::sync::OnceLock<crate::OverflowRegion>; ARENA_ENGINES] =
-    [const { std::sync::OnceLock::new() }; ARENA_ENGINES];
 /// Allocations that overflow could not take and that were served normally instead.
 static BREACHES: AtomicU64 = AtomicU64::new(0);
 /// Allocations refused (null) because overflow could not take them.
 static REFUSED: AtomicU64 = AtomicU64::new(0);
-/// Extents the overflow hook could not provide (region full or file growth failed).
-static OVERFLOW_EXTENT_FAILURES: AtomicU64 = AtomicU64::new(0);
-
-static OVERFLOW_HOOKS: [EngineHooks; ARENA_ENGINES] = [
-    engine_hooks(OVERFLOW_SLOT, 0),
-    engine_hooks(OVERFLOW_SLOT + 1, 0),
-    engine_hooks(OVERFLOW_SLOT + 2, 0),
-    engine_hooks(OVERFLOW_SLOT + 3, 0),
-    engine_hooks(OVERFLOW_SLOT + 4, 0),
-];
 
 /// Whether a new block of `usable` bytes for `engine` belongs in its overflow region: the
 /// engine is over its limit, or the block is large and would take it over.
 #[inline]
 pub(crate) fn wants_overflow(engine: Slot, usable: u64) -> bool {
-    is_over(engine) || (usable >= crate::DIRECT_THRESHOLD && would_cross(engine, usable))
+    is_over(engine) || (usable >= DIRECT_THRESHOLD && would_cross(engine, usable))
 }
 
 /// The overflow arena of engine `e`, when overflow is enabled.
-pub(crate) fn overflow_arena(e: Slot) -> Option<c_uint> {
-    if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
+#[inline]
+pub(crate) fn overflow_arena(e: Slot) -> Option<Arena> {
+    if !backing::is_on() {
         return None;
     }
     OVERFLOW_ARENA
         .get(e.index())
-        .map(|a| a.load(Ordering::Relaxed))
+        .map(|a| Arena(a.load(Ordering::Relaxed)))
 }
 
 /// The configured policy for allocations overflow cannot take.
@@ -184,55 +175,6 @@ pub fn overflow_figures(engine: EngineId) -> OverflowFigures {
     }
 }
 
-/// # Safety
-/// `zero` and `commit` must be valid pointers (jemalloc's hook arguments).
-pub(crate) unsafe fn overflow_extent(
-    e: usize,
-    size: usize,
-    alignment: usize,
-    zero: *mut bool,
-    commit: *mut bool,
-) -> *mut c_void {
-    if FORKED.load(Ordering::Relaxed) {
-        // The child has no overflow mapping (and must not grow the parent's file).
-        return ptr::null_mut();
-    }
-    let (Some(region), Some(next)) = (
-        OVERFLOW_REGIONS.get(e).and_then(std::sync::OnceLock::get),
-        OVERFLOW_NEXT.get(e),
-    ) else {
-        return ptr::null_mut();
-    };
-    let base = region.base() as usize;
-    let mut cur = next.load(Ordering::Relaxed);
-    loop {
-        let start = (base + cur).next_multiple_of(alignment) - base;
-        let end = start.saturating_add(size);
-        if end > region.capacity() {
-            OVERFLOW_EXTENT_FAILURES.fetch_add(1, Ordering::Relaxed);
-            return ptr::null_mut();
-        }
-        match next.compare_exchange_weak(cur, end, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => {
-                if region.grow_to(end).is_err() {
-                    // The range stays unused (the bump pointer never goes back); the file
-                    // could not back it.
-                    OVERFLOW_EXTENT_FAILURES.fetch_add(1, Ordering::Relaxed);
-                    return ptr::null_mut();
-                }
-                // SAFETY: valid pointers per the contract. Fresh file blocks read as zeros and
-                // the mapping is readable and writable.
-                unsafe {
-                    *zero = true;
-                    *commit = true;
-                }
-                return (base + start) as *mut c_void;
-            }
-            Err(seen) => cur = seen,
-        }
-    }
-}
-
 /// Creates every engine's overflow region in `dir` (`capacity` bytes each, at most
 /// [`range_bytes`])
 /// over its reserved overflow range, and the overflow arenas. Once per process.
@@ -241,14 +183,14 @@ pub fn enable_overflow(
     capacity: usize,
     allow_tmpfs: bool,
     policy: OverflowPolicy,
-) -> Result<(), crate::OverflowError> {
-    let err = |op: &'static str, errno: i32| crate::OverflowError::Os { op, errno };
+) -> Result<(), OverflowError> {
+    let err = |op: &'static str, errno: i32| OverflowError::Os { op, errno };
     if !ensure_arenas() {
         return Err(err("creating the engine arenas", libc::ENOMEM));
     }
     let range = range_bytes();
     if capacity > range {
-        return Err(crate::OverflowError::Exhausted {
+        return Err(OverflowError::Exhausted {
             requested: capacity,
             capacity: range,
         });
@@ -258,19 +200,22 @@ pub fn enable_overflow(
     let mut created = ENABLING
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if OVERFLOW_REGIONS.iter().any(|r| r.get().is_some()) {
+    if backing::REGIONS.iter().any(|r| r.get().is_some()) {
         return Err(err("enabling overflow (already enabled)", libc::EEXIST));
     }
-    let (base, range_shift, _) = layout();
     // The arenas first: without their metadata outside the hooks, a forked child would die.
     // Created once: a call that failed later on leaves them for the next call to use.
     let arenas = match *created {
         Some(arenas) => arenas,
         None => {
-            let mut arenas = [0; ARENA_ENGINES];
-            for (slot, hooks) in arenas.iter_mut().zip(&OVERFLOW_HOOKS) {
-                match create_arena(hooks) {
-                    Ok((arena, false)) => *slot = arena,
+            let mut arenas = [Arena(0); ARENA_ENGINES];
+            for (e, at) in arenas.iter_mut().enumerate() {
+                let Some(slot) = Slot::at(e).overflow() else {
+                    continue;
+                };
+                hooks::register(slot, &backing::OVERFLOW_BACKING);
+                match hooks::create_arena(slot, 0) {
+                    Ok((arena, false)) => *at = arena,
                     Ok((_, true)) => {
                         return Err(err(
                             "creating an overflow arena safe across fork",
@@ -287,17 +232,20 @@ pub fn enable_overflow(
     // Every region is made before any is stored, so a failure part-way (a full disk, too many
     // open files) leaves nothing behind: the regions made so far are dropped, which puts the
     // reservation back over their ranges, and a later call can try again.
-    let mut regions: [Option<crate::OverflowRegion>; ARENA_ENGINES] = Default::default();
+    let mut regions: [Option<OverflowRegion>; ARENA_ENGINES] = Default::default();
     for (e, slot) in regions.iter_mut().enumerate() {
-        let at = (base + ((OVERFLOW_SLOT + e) << range_shift)) as *mut u8;
-        *slot = Some(crate::overflow::OverflowRegion::create_at(
+        let Some(overflow) = Slot::at(e).overflow() else {
+            continue;
+        };
+        let at = range_start(overflow, 0) as *mut u8;
+        *slot = Some(OverflowRegion::create_at(
             dir,
             capacity,
             allow_tmpfs,
             Some(at),
         )?);
     }
-    for (slot, region) in OVERFLOW_REGIONS.iter().zip(regions) {
+    for (slot, region) in backing::REGIONS.iter().zip(regions) {
         if let Some(region) = region
             && slot.set(region).is_err()
         {
@@ -307,16 +255,17 @@ pub fn enable_overflow(
     }
     for (slot, arena) in OVERFLOW_ARENA.iter().zip(arenas) {
         set_retain_grow_limit(arena, OVERFLOW_GROW_LIMIT);
-        slot.store(arena, Ordering::Relaxed);
+        slot.store(arena.index(), Ordering::Relaxed);
     }
+    register_fork_handler();
     set_overflow_policy(policy);
-    OVERFLOW_STATE.store(OVERFLOW_ON, Ordering::Release);
+    backing::set_on(true);
     Ok(())
 }
 
 /// Held by [`enable_overflow`] from its check to the last region stored; keeps the overflow
 /// arenas once created, for a call after a failed one.
-static ENABLING: std::sync::Mutex<Option<[c_uint; ARENA_ENGINES]>> = std::sync::Mutex::new(None);
+static ENABLING: std::sync::Mutex<Option<[Arena; ARENA_ENGINES]>> = std::sync::Mutex::new(None);
 
 /// The most an overflow arena asks its region for at once (beyond what one allocation needs).
 /// jemalloc grows an arena's retained memory geometrically; a request that does not fit what is
@@ -325,10 +274,11 @@ static ENABLING: std::sync::Mutex<Option<[c_uint; ARENA_ENGINES]>> = std::sync::
 const OVERFLOW_GROW_LIMIT: usize = 4 << 20;
 
 /// `arena.<arena>.retain_grow_limit = limit`.
-fn set_retain_grow_limit(arena: c_uint, limit: usize) -> bool {
-    let name = crate::mallctl::arena_name(arena, b".retain_grow_limit");
-    // SAFETY: `arena.<i>.retain_grow_limit` takes a `size_t`.
-    unsafe { crate::mallctl::write(name.as_cstr(), limit) }.is_ok()
+fn set_retain_grow_limit(arena: Arena, limit: usize) -> bool {
+    keys::ARENA_RETAIN_GROW_LIMIT
+        .at(keys::ARENA_PART, arena.index())
+        .write(limit)
+        .is_ok()
 }
 
 /// Changes what happens when overflow cannot take an allocation.
@@ -360,18 +310,15 @@ pub fn overflow_stats() -> OverflowStats {
     OverflowStats {
         breaches: BREACHES.load(Ordering::Relaxed),
         refused: REFUSED.load(Ordering::Relaxed),
-        extent_failures: OVERFLOW_EXTENT_FAILURES.load(Ordering::Relaxed),
+        extent_failures: backing::extent_failures(),
     }
 }
 
 /// Pushes every overflow region's pages out of memory and out of the page cache (see
-/// [`crate::OverflowRegion::push_out`]). Returns the bytes swept.
+/// [`OverflowRegion::push_out`]). Returns the bytes swept.
 pub fn page_out_overflow() -> u64 {
     let mut total = 0u64;
-    if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
-        return 0;
-    }
-    for region in OVERFLOW_REGIONS.iter().filter_map(std::sync::OnceLock::get) {
+    for region in (0..ARENA_ENGINES).filter_map(backing::region_of) {
         let len = region.len();
         if len > 0 && region.push_out(0, len).is_ok() {
             total += len as u64;
@@ -382,48 +329,41 @@ pub fn page_out_overflow() -> u64 {
 
 /// The overflow region of `engine`, once enabled (`None` in a child of `fork`, which does not
 /// inherit the regions).
-pub fn overflow_region(engine: EngineId) -> Option<&'static crate::OverflowRegion> {
-    if OVERFLOW_STATE.load(Ordering::Acquire) != OVERFLOW_ON {
-        return None;
-    }
-    OVERFLOW_REGIONS
-        .get(engine.index())
-        .and_then(std::sync::OnceLock::get)
-}
-
-/// [`overflow_region`] by engine index.
-pub(crate) fn overflow_region_of(e: usize) -> Option<&'static crate::OverflowRegion> {
-    EngineId::from_index(e).and_then(overflow_region)
+pub fn overflow_region(engine: EngineId) -> Option<&'static OverflowRegion> {
+    backing::region_of(engine.index())
 }
 
 // ---------------------------------------------------------------------------------------------
 // fork: the child keeps the engine arenas (private memory, copied as usual) but not overflow.
 
-/// Whether this process is a child of `fork` of a process that had the engine arenas.
-static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Registers [`after_fork_in_child`] once the arenas exist.
-pub(crate) fn register_fork_handler() {
-    // SAFETY: the child handler is an `extern "C" fn()` that lives as long as the process.
-    unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+/// Registers [`after_fork_in_child`], once (when overflow is first enabled).
+fn register_fork_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the child handler is an `extern "C" fn()` that lives as long as the process.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    });
 }
 
-/// Whether this process is a child of `fork` (overflow is off in it).
+/// Whether this process is a child of `fork` of a process that had overflow enabled
+/// (overflow is off in it).
 pub fn is_forked_child() -> bool {
-    FORKED.load(Ordering::Relaxed)
+    backing::is_forked()
 }
 
-/// Runs in a child of `fork`, on its only thread, before `fork` returns there. The overflow
+/// Runs in a child of `fork`, on its only thread, before `fork` returns there.
+///
+/// # Safety
+/// Called by the C library only, in the child of `fork`, with no other thread running. The overflow
 /// mappings are `MADV_DONTFORK` (the child sharing the parent's file pages would corrupt the
 /// parent's heap), so the child has none: turn overflow off, so the child's engines allocate in
 /// their normal arenas, and reserve the holes again so nothing else is mapped inside the
 /// overflow ranges (whose addresses would be taken for overflow blocks). Only system calls and
 /// atomic stores: safe between `fork` and `exec`.
-extern "C" fn after_fork_in_child() {
-    FORKED.store(true, Ordering::Relaxed);
-    OVERFLOW_STATE.store(OVERFLOW_OFF, Ordering::Release);
-    crate::pushout::after_fork_in_child();
-    for region in OVERFLOW_REGIONS.iter().filter_map(std::sync::OnceLock::get) {
+unsafe extern "C" fn after_fork_in_child() {
+    backing::set_forked();
+    backing::set_on(false);
+    for region in backing::REGIONS.iter().filter_map(std::sync::OnceLock::get) {
         // SAFETY: the region's range lies inside our reservation; in the child nothing is
         // mapped there any more (the parent's mapping was not inherited), so replacing it with
         // an inaccessible reservation affects no memory of the child's.

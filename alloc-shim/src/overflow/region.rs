@@ -9,76 +9,20 @@
 
 use std::ffi::CString;
 use std::fmt;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub use super::error::OverflowError;
+use super::error::last_errno;
+use super::fault;
+use super::file::{is_tmpfs, open_unnamed};
+
 const PAGE: usize = 4096;
-/// `TMPFS_MAGIC` from `linux/magic.h`.
-const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// `MADV_PAGEOUT` (Linux 5.4).
 const MADV_PAGEOUT: libc::c_int = 21;
-
-/// Why an overflow region could not be created, grown or paged out. `Copy`, allocation-free.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OverflowError {
-    /// The capacity was zero.
-    ZeroCapacity,
-    /// Growing past the configured capacity.
-    Exhausted {
-        /// Bytes asked for in total.
-        requested: usize,
-        /// The region's capacity.
-        capacity: usize,
-    },
-    /// The directory is on tmpfs: its pages cannot be evicted without swap, so overflow there
-    /// would still be resident memory.
-    Tmpfs,
-    /// A system call failed.
-    Os {
-        /// What was being done.
-        op: &'static str,
-        /// `errno`.
-        errno: i32,
-    },
-}
-
-impl fmt::Display for OverflowError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            OverflowError::ZeroCapacity => f.write_str("overflow capacity must be above zero"),
-            OverflowError::Exhausted {
-                requested,
-                capacity,
-            } => write!(
-                f,
-                "overflow region exhausted: {requested} bytes requested, capacity {capacity}"
-            ),
-            OverflowError::Tmpfs => f.write_str(
-                "the overflow directory is on tmpfs, whose pages cannot be evicted without swap; \
-                 choose a directory on a disk-backed filesystem",
-            ),
-            OverflowError::Os { op, errno } => write!(
-                f,
-                "{op} failed: {}",
-                std::io::Error::from_raw_os_error(*errno)
-            ),
-        }
-    }
-}
-
-impl std::error::Error for OverflowError {}
-
-fn last_errno(op: &'static str) -> OverflowError {
-    OverflowError::Os {
-        op,
-        errno: std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO),
-    }
-}
 
 /// How [`OverflowRegion::page_out`] released the pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +108,12 @@ impl OverflowRegion {
             return Err(OverflowError::Tmpfs);
         }
         let file = open_unnamed(&cdir, dir)?;
-        fault::check("mapping the overflow file")?;
+        if let Some(errno) = fault::check() {
+            return Err(OverflowError::Os {
+                op: "mapping the overflow file",
+                errno,
+            });
+        }
         let base = match at {
             Some(p) => p.cast::<libc::c_void>(),
             None => {
@@ -247,7 +196,12 @@ impl OverflowRegion {
                 capacity: self.capacity,
             });
         }
-        fault::check("growing the overflow file")?;
+        if let Some(errno) = fault::check() {
+            return Err(OverflowError::Os {
+                op: "growing the overflow file",
+                errno,
+            });
+        }
         // SAFETY: `file` is our open descriptor; fallocate(mode 0) allocates blocks for the
         // range and extends the file's size if needed, never shrinking it. Both values fit
         // `off_t` because `len <= capacity`, itself a mapped length.
@@ -380,7 +334,12 @@ impl OverflowRegion {
     /// [`punch_hole`]: Self::punch_hole
     pub(crate) fn back(&self, offset: usize, len: usize) -> Result<(), OverflowError> {
         self.span(offset, len)?;
-        fault::check("backing overflow pages again")?;
+        if let Some(errno) = fault::check() {
+            return Err(OverflowError::Os {
+                op: "backing overflow pages again",
+                errno,
+            });
+        }
         // SAFETY: our open descriptor and a byte range inside the file's backed length
         // (checked by `span`, so both values fit `off_t`); mode 0 allocates blocks for holes
         // and leaves allocated ones as they are, never shrinking the file.
@@ -433,117 +392,5 @@ impl Drop for OverflowRegion {
                 );
             }
         }
-    }
-}
-
-fn is_tmpfs(dir: &CString) -> Result<bool, OverflowError> {
-    // SAFETY: `statfs` fills the zeroed struct for the NUL-terminated path.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(dir.as_ptr(), &mut st) } != 0 {
-        return Err(last_errno("inspecting the overflow directory"));
-    }
-    Ok(st.f_type as i64 == TMPFS_MAGIC)
-}
-
-/// An unnamed file in `dir`: `O_TMPFILE` where the filesystem supports it, else a fresh `0600`
-/// file unlinked as soon as it is open.
-fn open_unnamed(cdir: &CString, dir: &Path) -> Result<OwnedFd, OverflowError> {
-    // SAFETY: a NUL-terminated path, flags and a mode: open has no other preconditions.
-    let fd = unsafe {
-        libc::open(
-            cdir.as_ptr(),
-            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
-            0o600,
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: `fd` was just opened and is owned by nobody else.
-        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-    }
-    for attempt in 0..16u32 {
-        let name = dir.join(format!(
-            ".nodedb-mem-overflow-{}-{}-{attempt}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-        ));
-        let cname = CString::new(name.as_os_str().as_bytes()).map_err(|_| OverflowError::Os {
-            op: "overflow file name",
-            errno: libc::EINVAL,
-        })?;
-        // SAFETY: as above.
-        let fd = unsafe {
-            libc::open(
-                cname.as_ptr(),
-                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC,
-                0o600,
-            )
-        };
-        if fd >= 0 {
-            // SAFETY: `fd` was just opened; unlinking the name leaves the open file alive.
-            let file = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: a NUL-terminated path we just created.
-            unsafe { libc::unlink(cname.as_ptr()) };
-            return Ok(file);
-        }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-            return Err(last_errno("creating the overflow file"));
-        }
-    }
-    Err(last_errno("creating the overflow file"))
-}
-
-/// Fault injection for tests: make the next growth steps fail with a chosen `errno`.
-pub mod fault {
-    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
-
-    use super::OverflowError;
-
-    static SKIP: AtomicU32 = AtomicU32::new(0);
-    static ERRNO: AtomicI32 = AtomicI32::new(0);
-    static STICKY: AtomicBool = AtomicBool::new(false);
-
-    /// After `skip` more steps succeed (creating a region maps it; growing one allocates file
-    /// blocks), the next one fails with `errno` (`ENOSPC`, `EIO`, `ENOMEM`, ...), once.
-    pub fn fail_after(skip: u32, errno: i32) {
-        STICKY.store(false, Ordering::SeqCst);
-        SKIP.store(skip, Ordering::SeqCst);
-        ERRNO.store(errno, Ordering::SeqCst);
-    }
-
-    /// Every step from now on fails with `errno` until [`clear`]: a disk that stays full.
-    pub fn fail_always(errno: i32) {
-        STICKY.store(true, Ordering::SeqCst);
-        SKIP.store(0, Ordering::SeqCst);
-        ERRNO.store(errno, Ordering::SeqCst);
-    }
-
-    /// Cancels a pending injected failure.
-    pub fn clear() {
-        ERRNO.store(0, Ordering::SeqCst);
-        STICKY.store(false, Ordering::SeqCst);
-    }
-
-    pub(super) fn check(op: &'static str) -> Result<(), OverflowError> {
-        if ERRNO.load(Ordering::Relaxed) == 0 {
-            return Ok(());
-        }
-        if SKIP
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| s.checked_sub(1))
-            .is_ok()
-        {
-            return Ok(());
-        }
-        let errno = if STICKY.load(Ordering::SeqCst) {
-            ERRNO.load(Ordering::SeqCst)
-        } else {
-            ERRNO.swap(0, Ordering::SeqCst)
-        };
-        if errno == 0 {
-            return Ok(());
-        }
-        Err(OverflowError::Os { op, errno })
     }
 }

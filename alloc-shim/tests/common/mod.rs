@@ -4,7 +4,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use nodedb_mem_alloc::{EngineId, charged, flush_thread};
+use nodedb_mem_alloc::{EngineId, ctl::ledger::charged, ctl::thread::flush_thread};
 
 /// Tests share the process-wide ledger (and fault injection): one at a time. nextest runs one
 /// per process anyway; `cargo test` runs them on threads.

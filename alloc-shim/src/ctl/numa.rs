@@ -1,10 +1,15 @@
-//! Pinning threads to CPUs and their engine memory to NUMA nodes (for thread-per-core
-//! runtimes).
+//! NUMA: the machine's topology as the allocator uses it, how engine extents are bound to
+//! their node, and pinning threads to CPUs and their engine memory to nodes (for
+//! thread-per-core runtimes).
 
 use std::mem::size_of;
 
-use crate::arena::topology;
-use crate::thread::{THREAD, ThreadState};
+pub use crate::space::arenas::{NumaPolicy, mbind_failures, set_numa_policy};
+pub use crate::sys::numa::{MAX_CPUS, MAX_NODES, Topology};
+
+use crate::space::arenas::ensure_arenas;
+use crate::space::reservation::topology;
+use crate::thread::{self, ThreadState};
 
 /// Why a thread could not be pinned. The thread is left as it was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,12 +83,12 @@ fn configured_cpus() -> usize {
 /// affinity and arenas.
 pub fn pin_thread_arena(core: usize) -> Result<usize, NumaError> {
     let cores = configured_cpus();
-    if core >= cores || core >= crate::numa::MAX_CPUS {
+    if core >= cores || core >= MAX_CPUS {
         return Err(NumaError::NoSuchCore { core, cores });
     }
     set_affinity(std::iter::once(core))?;
     let node = topology().placement_for_cpu(core);
-    let _ = THREAD.try_with(|t| t.set_node(node));
+    let _ = thread::with(|t| t.set_node(node));
     Ok(node)
 }
 
@@ -102,11 +107,17 @@ pub fn bind_thread_to_local_numa() -> Result<usize, NumaError> {
     let node = topo.node_of_cpu(cpu);
     set_affinity(topo.cpus_of(node).filter(|&c| c < configured_cpus()))?;
     let place = topo.memory_node_for(node);
-    let _ = THREAD.try_with(|t| t.set_node(place));
+    let _ = thread::with(|t| t.set_node(place));
     Ok(place)
 }
 
 /// The NUMA node the calling thread's engine allocations come from.
 pub fn thread_node() -> usize {
-    THREAD.try_with(ThreadState::node).unwrap_or(0)
+    thread::with(ThreadState::node).unwrap_or(0)
+}
+
+/// The machine's NUMA topology as the allocator uses it.
+pub fn machine_topology() -> Topology {
+    ensure_arenas();
+    *topology()
 }

@@ -4,19 +4,17 @@
 use std::cell::Cell;
 use std::marker::PhantomData;
 
-use crate::EngineId;
-use crate::thread::THREAD;
+use super::with;
+use crate::id::{EngineId, Slot};
 
 /// Guards per thread whose drops may come in any order (deeper ones must drop in reverse).
 pub const GUARD_SLOTS: usize = 64;
-
-const UNATTRIBUTED: u8 = EngineId::Unattributed as u8;
 
 /// A thread's live guards, in the order entered: the first [`GUARD_SLOTS`] engines with an
 /// alive bit each, and the stack's height.
 pub(crate) struct GuardStack {
     /// Engines of the live guards, in the order entered.
-    engines: [Cell<u8>; GUARD_SLOTS],
+    engines: [Cell<Slot>; GUARD_SLOTS],
     /// Bit `i` set: the guard entered at depth `i` is alive.
     alive: Cell<u64>,
     /// Guards entered and not yet known dropped: the stack's height.
@@ -26,7 +24,7 @@ pub(crate) struct GuardStack {
 impl GuardStack {
     pub(crate) const fn new() -> GuardStack {
         GuardStack {
-            engines: [const { Cell::new(UNATTRIBUTED) }; GUARD_SLOTS],
+            engines: [const { Cell::new(Slot::UNATTRIBUTED) }; GUARD_SLOTS],
             alive: Cell::new(0),
             depth: Cell::new(0),
         }
@@ -34,7 +32,7 @@ impl GuardStack {
 
     /// Pushes a guard for `engine`; returns its depth.
     #[inline(always)]
-    pub(crate) fn push(&self, engine: u8) -> u32 {
+    pub(crate) fn push(&self, engine: Slot) -> u32 {
         let depth = self.depth.get();
         if let Some(slot) = self.engines.get(depth as usize) {
             slot.set(engine);
@@ -49,7 +47,7 @@ impl GuardStack {
     /// the top live guard's, `Unattributed` when none is left, `previous` beyond the tracked
     /// slots (strict nesting) — or `None` when a deeper guard is still alive and stays current.
     #[inline(always)]
-    pub(crate) fn pop(&self, depth: u32, previous: u8) -> Option<u8> {
+    pub(crate) fn pop(&self, depth: u32, previous: Slot) -> Option<Slot> {
         let slots = GUARD_SLOTS as u32;
         if depth >= slots {
             // Beyond the tracked slots: strictly nested guards only.
@@ -69,8 +67,11 @@ impl GuardStack {
         }
         self.depth.set(top);
         Some(match top.checked_sub(1) {
-            Some(i) => self.engines.get(i as usize).map_or(UNATTRIBUTED, Cell::get),
-            None => UNATTRIBUTED,
+            Some(i) => self
+                .engines
+                .get(i as usize)
+                .map_or(Slot::UNATTRIBUTED, Cell::get),
+            None => Slot::UNATTRIBUTED,
         })
     }
 }
@@ -89,7 +90,7 @@ impl GuardStack {
 /// entered (the rule for strictly nested guards).
 ///
 /// ```
-/// use nodedb_mem_alloc::{EngineGuard, EngineId, current_engine};
+/// use nodedb_mem_alloc::{EngineGuard, EngineId, ctl::thread::current_engine};
 ///
 /// assert_eq!(current_engine(), EngineId::Unattributed);
 /// {
@@ -122,7 +123,7 @@ impl GuardStack {
 pub struct EngineGuard {
     /// The guard's depth on its thread's stack, and the engine current before it (`None`:
     /// entered during teardown, when the thread state was unreachable; dropping does nothing).
-    entered: Option<(u32, u8)>,
+    entered: Option<(u32, Slot)>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -131,7 +132,7 @@ impl EngineGuard {
     /// thread's state is gone) this does nothing, and allocations stay attributed by address.
     #[inline(always)]
     pub fn enter(engine: EngineId) -> EngineGuard {
-        let entered = THREAD.try_with(|t| t.enter_guard(engine as u8)).ok();
+        let entered = with(|t| t.enter_guard(Slot::of(engine)));
         EngineGuard {
             entered,
             _not_send: PhantomData,
@@ -143,7 +144,7 @@ impl Drop for EngineGuard {
     #[inline(always)]
     fn drop(&mut self) {
         if let Some((depth, previous)) = self.entered {
-            let _ = THREAD.try_with(|t| t.leave_guard(depth, previous));
+            let _ = with(|t| t.leave_guard(depth, previous));
         }
     }
 }

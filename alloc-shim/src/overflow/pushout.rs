@@ -18,11 +18,11 @@
 //! Everything here is system calls and atomics: nothing allocates or locks (concurrent pushers
 //! claim disjoint spans), so it can run on the allocation path.
 
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use crate::EngineId;
-use crate::arena::ARENA_ENGINES;
-use crate::overflow::overflow_region_of;
+use super::backing::region_of as overflow_region_of;
+use crate::id::{ARENA_ENGINES, EngineId};
+use crate::sys::resident;
 
 /// The resident target in bytes (`u64::MAX`: none, no inline push-out).
 static TARGET: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -32,8 +32,6 @@ static STEP: AtomicU64 = AtomicU64::new(8 << 20);
 static SINCE: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(0) }; ARENA_ENGINES];
 /// Each region's clock hand: the offset its next push-out starts at.
 static HAND: [AtomicUsize; ARENA_ENGINES] = [const { AtomicUsize::new(0) }; ARENA_ENGINES];
-/// `/proc/self/statm`, opened on first use (-1 before).
-static STATM: AtomicI32 = AtomicI32::new(-1);
 
 static CHECKS: AtomicU64 = AtomicU64::new(0);
 static CALLS: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(0) }; ARENA_ENGINES];
@@ -85,15 +83,6 @@ pub fn push_out_checks() -> (u64, u64) {
         CHECKS.load(Ordering::Relaxed),
         FAILURES.load(Ordering::Relaxed),
     )
-}
-
-/// In a child of `fork`: the descriptor names the parent's `statm`; forget it.
-pub(crate) fn after_fork_in_child() {
-    let fd = STATM.swap(-1, Ordering::Relaxed);
-    if fd >= 0 {
-        // SAFETY: our own descriptor, used by nobody else in the child's only thread.
-        unsafe { libc::close(fd) };
-    }
 }
 
 /// Called after `engine` placed `bytes` in its overflow region at `[keep, keep + bytes)`.
@@ -205,63 +194,6 @@ fn now_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
-/// The process's resident memory in bytes, from `/proc/self/statm` (its second field, in
-/// pages), read into a stack buffer. `None` where it cannot be read.
-pub fn resident() -> Option<u64> {
-    let mut fd = STATM.load(Ordering::Relaxed);
-    if fd < 0 {
-        // SAFETY: a NUL-terminated path and flags.
-        let opened = unsafe {
-            libc::open(
-                c"/proc/self/statm".as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
-        if opened < 0 {
-            return None;
-        }
-        match STATM.compare_exchange(-1, opened, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => fd = opened,
-            Err(theirs) => {
-                // SAFETY: our own descriptor, not shared.
-                unsafe { libc::close(opened) };
-                fd = theirs;
-            }
-        }
-    }
-    let mut buf = [0u8; 128];
-    // SAFETY: reads at most `buf.len()` bytes into the stack buffer from our descriptor.
-    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-    let parsed = usize::try_from(n)
-        .ok()
-        .and_then(|n| buf.get(..n))
-        .and_then(parse_statm);
-    if parsed.is_none() {
-        // The descriptor was closed behind our back (or now names another file): forget it,
-        // without closing what may be someone else's, and open a fresh one next time.
-        let _ = STATM.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
-    }
-    parsed
-}
-
-/// The resident bytes in a `statm` line (`size resident shared ...`, in pages).
-fn parse_statm(text: &[u8]) -> Option<u64> {
-    let mut fields = text.split(|&b| b == b' ');
-    let _size = fields.next()?;
-    let resident = fields.next()?;
-    if resident.is_empty() || fields.next().is_none() {
-        return None;
-    }
-    let mut pages: u64 = 0;
-    for &d in resident {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        pages = pages.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
-    }
-    pages.checked_mul(4096)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,20 +207,5 @@ mod tests {
         assert_eq!(v(0, 100, 50, 150), vec![(0, 50)]);
         assert_eq!(v(100, 200, 50, 150), vec![(150, 200)]);
         assert_eq!(v(100, 200, 0, 0), vec![(100, 200)]);
-    }
-
-    #[test]
-    fn statm_lines_parse() {
-        assert_eq!(parse_statm(b"1000 250 30 1 0 400 0\n"), Some(250 * 4096));
-        assert_eq!(parse_statm(b"1000"), None);
-        assert_eq!(parse_statm(b"1000 x 3"), None);
-        assert_eq!(parse_statm(b"not statm at all"), None);
-        assert_eq!(parse_statm(b""), None);
-    }
-
-    #[test]
-    fn resident_is_read_and_plausible() {
-        let rss = resident().unwrap();
-        assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
     }
 }

@@ -243,15 +243,7 @@ fn for_each_number(text: &[u8], mut f: impl FnMut(u64)) {
     }
 }
 
-fn parse_u64(s: &[u8]) -> Option<u64> {
-    let s = s.trim_ascii();
-    if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    s.iter().try_fold(0u64, |acc, &d| {
-        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
+use super::parse::field as parse_u64;
 
 /// `MemTotal` from a node's `meminfo` ("Node 0 MemTotal:  7563040 kB"), in bytes.
 fn parse_mem_total(text: &[u8]) -> Option<u64> {

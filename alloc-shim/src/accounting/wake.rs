@@ -10,8 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::EngineId;
-use crate::slot::{SLOTS, Slot};
+use crate::id::{EngineId, SLOTS, Slot};
 
 /// Bumped by every wake; the futex word sleepers wait on.
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -93,7 +92,14 @@ pub fn stretch() {
 /// The marks are stored, and the charges then read, in one total order with every charge (its
 /// read-modify-write and its read of the mark are sequentially consistent): a charge either
 /// sees its mark or is seen here.
-pub fn arm(home: &[u64; EngineId::COUNT], overflow: &[u64; EngineId::COUNT]) -> bool {
+///
+/// `charged` reads a slot's ledger in that order (the ledger's `charged_seq_cst`; a parameter
+/// so that this module, which the ledger calls on every charge, needs nothing of the ledger).
+pub(crate) fn arm(
+    home: &[u64; EngineId::COUNT],
+    overflow: &[u64; EngineId::COUNT],
+    charged: impl Fn(Slot) -> u64,
+) -> bool {
     let slots = || {
         EngineId::ALL.into_iter().flat_map(|e| {
             let slot = Slot::of(e);
@@ -105,7 +111,7 @@ pub fn arm(home: &[u64; EngineId::COUNT], overflow: &[u64; EngineId::COUNT]) -> 
         MARK[slot.index()].store(mark, Ordering::SeqCst);
     }
     STRETCHED.store(true, Ordering::SeqCst);
-    if slots().any(|(slot, mark)| crate::ledger::charged_seq_cst(slot) >= mark) {
+    if slots().any(|(slot, mark)| charged(slot) >= mark) {
         disarm();
         return false;
     }
@@ -156,7 +162,8 @@ mod tests {
         );
         assert!(arm(
             &[u64::MAX; EngineId::COUNT],
-            &[u64::MAX; EngineId::COUNT]
+            &[u64::MAX; EngineId::COUNT],
+            |_| 0,
         ));
         let before = wake_seq();
         nudge();

@@ -11,7 +11,7 @@
 //! anyone counts them. A settlement leaves the ledger alone while the headroom left stays within
 //! `headroom_min..=headroom_max`, and otherwise brings it back to `headroom` in one atomic
 //! operation, so a thread whose allocations and frees balance never touches the shared
-//! counter. Everything else (other engines' blocks, blocks above [`FAST_MAX`]) is charged and
+//! counter. Everything else (other engines' blocks, blocks above [`FAST_MAX`](super::bound::FAST_MAX)) is charged and
 //! credited when it happens. So for every engine, at every instant,
 //!
 //! ```text
@@ -21,7 +21,7 @@
 //!
 //! Unsettled home allocations stay below `interval + FAST_MAX + 1 = headroom_min` (jemalloc
 //! calls the hook inside the allocation that crosses an interval, and the home path takes
-//! nothing larger than [`FAST_MAX`]), and unsettled frees below `interval`. So the ledger
+//! nothing larger than [`FAST_MAX`](super::bound::FAST_MAX)), and unsettled frees below `interval`. So the ledger
 //! never understates an engine, not even inside an allocation, and since headroom is bought
 //! only within the limit, a settlement never takes the ledger past the limit either. A thread
 //! only gives back bytes that were charged — its own headroom, or blocks freed — so `charged`
@@ -34,167 +34,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::EngineId;
-use crate::slot::{ARENA_ENGINES, SLOTS, Slot};
-use crate::sync::Word;
-
-/// The default per-thread in-flight bound: a thread's headroom and its home bytes not yet
-/// settled keep the ledger less than this many bytes above the live bytes, and never below
-/// them. Exactness is what peers lack (their batched trackers drift by 4 MiB per thread);
-/// a larger bound costs fewer settlements (`docs/benchmarks.md` has the table).
-pub const DEFAULT_INFLIGHT_BOUND: u64 = 64 * 1024;
-
-/// The least and most in-flight bound a process may choose.
-pub const MIN_INFLIGHT_BOUND: u64 = 64 * 1024;
-/// See [`MIN_INFLIGHT_BOUND`].
-pub const MAX_INFLIGHT_BOUND: u64 = 4 << 20;
-
-/// The environment variable that sets the process's in-flight bound: a power of two from
-/// [`MIN_INFLIGHT_BOUND`] to [`MAX_INFLIGHT_BOUND`], in bytes or with a `KiB`/`MiB` suffix
-/// (`1MiB`). Read once, at the first allocation that needs the bound (before `main`); a value
-/// that does not parse leaves the default, and `install()` refuses it with the reason.
-pub const INFLIGHT_BOUND_ENV: &str = "NODEDB_MEM_INFLIGHT_BOUND";
-
-/// The thresholds an in-flight bound implies (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bound {
-    /// The bound itself: the ledger is less than this many bytes above a thread's live bytes.
-    pub batch: u64,
-    /// jemalloc calls the thread-event hook each time a thread's allocated, or its
-    /// deallocated, bytes grow by this much (three eighths of the bound); the thread settles
-    /// its home delta then. Each call costs about 60 ns here, so the larger the interval, the
-    /// cheaper the hot path.
-    pub interval: u64,
-    /// The least headroom a thread may hold and still allocate on the home path: the interval
-    /// plus the largest home-path block, all it can allocate before its next settlement, so
-    /// the ledger never lags the live bytes.
-    pub headroom_min: u64,
-    /// The headroom a settlement that touches the ledger leaves the thread with (the middle of
-    /// the band).
-    pub headroom: u64,
-    /// The most headroom a thread keeps (frees give it back beyond this): the bound less the
-    /// interval.
-    pub headroom_max: u64,
-}
-
-impl Bound {
-    /// The thresholds of bound `batch` (a power of two in the allowed range).
-    pub const fn of(batch: u64) -> Bound {
-        let interval = batch / 8 * 3;
-        let headroom_max = batch - interval;
-        let headroom_min = interval + FAST_MAX as u64 + 1;
-        Bound {
-            batch,
-            interval,
-            headroom_min,
-            headroom: (headroom_min + headroom_max) / 2,
-            headroom_max,
-        }
-    }
-
-    /// The default bound's thresholds (24 KiB interval, headroom 32–40 KiB).
-    pub const DEFAULT: Bound = Bound::of(DEFAULT_INFLIGHT_BOUND);
-}
-
-const _: () = {
-    let (lo, hi) = (Bound::of(MIN_INFLIGHT_BOUND), Bound::of(MAX_INFLIGHT_BOUND));
-    assert!(
-        lo.headroom_min <= lo.headroom
-            && lo.headroom <= lo.headroom_max
-            && lo.headroom_max + lo.interval == lo.batch
-            && hi.headroom_min <= hi.headroom
-            && hi.headroom <= hi.headroom_max
-            && hi.headroom_max + hi.interval == hi.batch,
-        "the headroom band of every allowed bound"
-    );
-    let d = Bound::DEFAULT;
-    assert!(
-        d.interval == 24 * 1024
-            && d.headroom_min == 32 * 1024
-            && d.headroom == 36 * 1024
-            && d.headroom_max == 40 * 1024,
-        "the default bound's thresholds"
-    );
-};
-
-/// The process's bound (`0` until fixed). Fixed once, by the first thread that registers for
-/// the home path (before any thread holds headroom), and never changed after.
-static BOUND: AtomicU64 = AtomicU64::new(0);
-
-/// The process's in-flight bound, fixing it (from [`INFLIGHT_BOUND_ENV`], else the default) if
-/// no thread has yet.
-#[inline]
-pub fn inflight_bound() -> Bound {
-    let b = BOUND.load(Ordering::Relaxed);
-    Bound::of(if b != 0 { b } else { fix_bound() })
-}
-
-#[cold]
-fn fix_bound() -> u64 {
-    let want = bound_from_env()
-        .ok()
-        .flatten()
-        .unwrap_or(DEFAULT_INFLIGHT_BOUND);
-    match BOUND.compare_exchange(0, want, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => want,
-        Err(fixed) => fixed,
-    }
-}
-
-/// The bound [`INFLIGHT_BOUND_ENV`] asks for: `Ok(None)` when unset, `Err` with the reason when
-/// it does not parse or is out of range. Reads the environment without allocating (it runs
-/// inside the allocator).
-pub fn bound_from_env() -> Result<Option<u64>, &'static str> {
-    // SAFETY: the name is a NUL-terminated constant; `getenv` returns null or a pointer into
-    // the environment, valid until the environment changes, read at once below.
-    let p = unsafe { libc::getenv(c"NODEDB_MEM_INFLIGHT_BOUND".as_ptr()) };
-    if p.is_null() {
-        return Ok(None);
-    }
-    // SAFETY: non-null, so a NUL-terminated string from the environment.
-    let text = unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes();
-    parse_bound(text).map(Some)
-}
-
-/// Parses a bound: digits, then nothing or `K`/`KiB`/`M`/`MiB`; a power of two from
-/// [`MIN_INFLIGHT_BOUND`] to [`MAX_INFLIGHT_BOUND`].
-pub fn parse_bound(text: &[u8]) -> Result<u64, &'static str> {
-    let text = text.trim_ascii();
-    let digits = text.iter().take_while(|c| c.is_ascii_digit()).count();
-    if digits == 0 {
-        return Err("expected a number of bytes, such as 1MiB");
-    }
-    let mut n: u64 = 0;
-    for &c in &text[..digits] {
-        n = n
-            .checked_mul(10)
-            .and_then(|n| n.checked_add(u64::from(c - b'0')))
-            .ok_or("too large")?;
-    }
-    let unit: u64 = match text[digits..].trim_ascii() {
-        b"" | b"B" => 1,
-        b"K" | b"KiB" | b"k" => 1024,
-        b"M" | b"MiB" => 1 << 20,
-        _ => return Err("unknown unit (bytes, KiB or MiB)"),
-    };
-    let bytes = n.checked_mul(unit).ok_or("too large")?;
-    if !(MIN_INFLIGHT_BOUND..=MAX_INFLIGHT_BOUND).contains(&bytes) {
-        return Err("must be between 64 KiB and 4 MiB");
-    }
-    if !bytes.is_power_of_two() {
-        return Err("must be a power of two");
-    }
-    Ok(bytes)
-}
-
-/// The largest request (and alignment) the home path serves without charging it at once, a
-/// mask so that one test covers both (`size | align <= FAST_MAX`); its usable size is at most
-/// `FAST_MAX + 1`. Anything larger is charged and credited exactly when it happens.
-pub const FAST_MAX: usize = 8 * 1024 - 1;
-
-/// Allocations and frees of at least this many bytes always update the ledger immediately
-/// (as, in fact, does everything above [`FAST_MAX`]).
-pub const DIRECT_THRESHOLD: u64 = 1 << 20;
+use super::bound::inflight_bound;
+use super::limits::{self, limit_of, update_over};
+use super::sync::Word;
+use super::wake;
+use crate::id::{ARENA_ENGINES, EngineId, SLOTS, Slot};
 
 #[repr(align(128))]
 pub(crate) struct EngineLedger {
@@ -380,7 +224,7 @@ pub(crate) fn settle(engine: Slot, held: u64, added: u64, freed: u64, buy: bool)
 /// After a charge brought `l` to `now`: the peaks and the over-limit flag.
 #[inline(always)]
 fn charged_to(l: &EngineLedger, engine: Slot, now: u64) {
-    crate::wake::check(engine, now);
+    wake::check(engine, now);
     if l.peak.load(Ordering::Relaxed) < now {
         l.peak.fetch_max(now, Ordering::AcqRel);
     }
@@ -451,109 +295,21 @@ pub fn take_window_peak(engine: EngineId) -> u64 {
     l.window_peak.swap(now, Ordering::AcqRel).max(now)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Limits: what the governor publishes for each engine, and the over-limit flag they drive.
-
-/// Per-engine limit on the allocator's ledger; above it, new allocations overflow.
-static LIMIT: [AtomicU64; ARENA_ENGINES] = [const { AtomicU64::new(u64::MAX) }; ARENA_ENGINES];
-/// Whether an engine is over its limit (set above it, cleared below 95 % of it).
-static OVER: [std::sync::atomic::AtomicBool; ARENA_ENGINES] =
-    [const { std::sync::atomic::AtomicBool::new(false) }; ARENA_ENGINES];
-
-/// Whether `engine`'s new allocations should go to its overflow arena now.
-#[inline(always)]
-pub(crate) fn is_over(engine: Slot) -> bool {
-    match OVER.get(engine.index()) {
-        Some(flag) => flag.load(Ordering::Relaxed),
-        None => false,
-    }
-}
-
-/// Re-evaluates `engine`'s over-limit flag after its ledger moved to `charged`: set at the
-/// limit, cleared below 95 % of it (hysteresis, so the flag does not flap on one block).
-#[inline]
-pub(crate) fn update_over(engine: Slot, charged: u64) {
-    let (Some(limit), Some(flag)) = (LIMIT.get(engine.index()), OVER.get(engine.index())) else {
-        return;
-    };
-    let limit = limit.load(Ordering::Relaxed);
-    if charged >= limit {
-        if !flag.load(Ordering::Relaxed) {
-            flag.store(true, Ordering::Relaxed);
-        }
-    } else if flag.load(Ordering::Relaxed) && charged < limit / 20 * 19 {
-        flag.store(false, Ordering::Relaxed);
-    }
-}
-
-/// The limit published for ledger slot `slot` (`u64::MAX`: none; overflow slots have none).
-#[inline]
-pub(crate) fn limit_of(slot: Slot) -> u64 {
-    match LIMIT.get(slot.index()) {
-        Some(limit) => limit.load(Ordering::Relaxed),
-        None => u64::MAX,
-    }
-}
-
 /// Whether charging `bytes` more would take `engine` past its published limit. Only asked for
-/// large blocks (at least [`crate::DIRECT_THRESHOLD`]), before they are placed, so that one
+/// large blocks (at least [`DIRECT_THRESHOLD`](super::bound::DIRECT_THRESHOLD)), before they are placed, so that one
 /// block cannot carry an engine far past its limit before the over flag is set; small blocks
 /// overshoot by at most a thread's batch.
 #[inline]
 pub(crate) fn would_cross(engine: Slot, bytes: u64) -> bool {
-    match LIMIT.get(engine.index()) {
-        Some(limit) => {
-            let limit = limit.load(Ordering::Relaxed);
-            limit != u64::MAX && charged_at(engine).saturating_add(bytes) > limit
-        }
-        None => false,
-    }
+    let limit = limit_of(engine);
+    limit != u64::MAX && charged_at(engine).saturating_add(bytes) > limit
 }
 
 /// Sets the limit above which `engine`'s new allocations go to its overflow region (`None`:
 /// no limit). The governor publishes each engine's limit here.
 pub fn set_overflow_limit(engine: EngineId, limit: Option<u64>) {
-    if let Some(slot) = LIMIT.get(engine.index()) {
-        slot.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
-        update_over(Slot::of(engine), crate::charged(engine));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bounds_parse_and_their_thresholds_follow() {
-        assert_eq!(parse_bound(b"1MiB"), Ok(1 << 20));
-        assert_eq!(parse_bound(b" 256 KiB "), Ok(256 << 10));
-        assert_eq!(parse_bound(b"65536"), Ok(64 << 10));
-        assert_eq!(parse_bound(b"4M"), Ok(4 << 20));
-        assert_eq!(parse_bound(b"96K"), Err("must be a power of two"));
-        assert_eq!(
-            parse_bound(b"32KiB"),
-            Err("must be between 64 KiB and 4 MiB")
-        );
-        assert_eq!(
-            parse_bound(b"8MiB"),
-            Err("must be between 64 KiB and 4 MiB")
-        );
-        assert_eq!(
-            parse_bound(b"1GiB"),
-            Err("unknown unit (bytes, KiB or MiB)")
-        );
-        assert_eq!(
-            parse_bound(b"MiB"),
-            Err("expected a number of bytes, such as 1MiB")
-        );
-        assert_eq!(parse_bound(b"99999999999999999999"), Err("too large"));
-        let b = Bound::of(1 << 20);
-        assert_eq!(
-            (b.interval, b.headroom_min, b.headroom, b.headroom_max),
-            (384 << 10, 392 << 10, 516 << 10, 640 << 10)
-        );
-        assert_eq!(b.headroom_max + b.interval, b.batch);
-        // This test process runs at the default.
-        assert_eq!(inflight_bound(), Bound::DEFAULT);
+    if engine.index() < ARENA_ENGINES {
+        limits::publish(Slot::of(engine), limit.unwrap_or(u64::MAX));
+        update_over(Slot::of(engine), charged(engine));
     }
 }

@@ -1,0 +1,150 @@
+//! `realloc` off the home path: the block keeps its owner, moves to the owner's overflow
+//! region when it grows past the limit, and leaves a full range as a new block would.
+
+use std::ffi::c_int;
+
+use tikv_jemalloc_sys as jem;
+
+use super::counters::range_fallback;
+use super::flags::{align_flags, usable};
+use super::place::{charge_where_it_is, count_detached, free_owned, overflow_alloc};
+use super::relocate::account;
+use crate::accounting::bound::DIRECT_THRESHOLD;
+use crate::accounting::ledger;
+use crate::accounting::limits::is_over;
+use crate::overflow::{
+    OverflowPolicy, count_breach, count_refusal, overflow_arena, overflow_policy, pushout,
+};
+use crate::space::reservation::owner_of;
+use crate::thread::ThreadState;
+
+/// Every `realloc` the home path did not take.
+///
+/// # Safety
+/// As for [`GlobalAlloc::realloc`], with `layout`'s size and alignment as `old_size` and
+/// `align`.
+#[inline(never)]
+pub(super) unsafe fn realloc_slow(
+    t: &ThreadState,
+    ptr: *mut u8,
+    old_size: usize,
+    align: usize,
+    new_size: usize,
+) -> *mut u8 {
+    let old_usable = usable(old_size, align).unwrap_or(0);
+    let Some(new_usable) = usable(new_size, align) else {
+        return std::ptr::null_mut();
+    };
+    let flags = align_flags(new_size, align);
+    let old = (old_size, align_flags(old_size, align));
+    let began = t.begin_slow();
+    // SAFETY: the caller's contract.
+    let q = unsafe { realloc(t, ptr, old, new_size, flags, old_usable, new_usable) };
+    t.end_slow(began);
+    q
+}
+
+/// Resizes a block. `old` is its size and alignment flags, `new_size`/`flags` the new
+/// size and its alignment flags.
+#[inline(never)]
+unsafe fn realloc(
+    t: &ThreadState,
+    ptr: *mut u8,
+    old: (usize, c_int),
+    new_size: usize,
+    flags: c_int,
+    old_usable: u64,
+    new_usable: u64,
+) -> *mut u8 {
+    count_detached(t);
+    let owner = owner_of(ptr);
+    let mut fell_back = false;
+    // A large block growing past its engine's limit moves to the engine's overflow region,
+    // as a new block of that size would go there.
+    if new_usable > old_usable
+        && new_usable >= DIRECT_THRESHOLD
+        && owner.has_arena()
+        && (is_over(owner) || ledger::would_cross(owner, new_usable - old_usable))
+        && let Some(overflow) = overflow_arena(owner)
+    {
+        // SAFETY: new_size > 0 (GlobalAlloc contract); `overflow` is the owner's overflow
+        // arena.
+        let q = unsafe { overflow_alloc(t, owner, overflow, new_size, flags, false) };
+        if !q.is_null() {
+            // SAFETY: `ptr` is live for `old.0` bytes (GlobalAlloc contract), `q` is a
+            // fresh block of `new_size > old_usable >= old.0` bytes: both ranges are
+            // valid and cannot overlap.
+            unsafe { std::ptr::copy_nonoverlapping(ptr, q, old.0) };
+            // SAFETY: `ptr` is live with size `old.0` and alignment flags `old.1`.
+            unsafe { free_owned(t, ptr, owner, old.0, old.1, old_usable) };
+            // SAFETY: `q` was just allocated with `new_size` and alignment flags `flags`,
+            // and holds `old.0` bytes of data.
+            return unsafe {
+                account(t, q, owner_of(q), new_size, flags, new_usable, false, old.0)
+            };
+        }
+        match overflow_policy() {
+            OverflowPolicy::FailAllocation => {
+                count_refusal(owner, new_usable);
+                // The old block stays valid, as a failed realloc requires.
+                return std::ptr::null_mut();
+            }
+            OverflowPolicy::FallBack => {
+                count_breach(owner, new_usable);
+                fell_back = true;
+            }
+        }
+    }
+    // The new block keeps the owner: away from home, name the owner's arena explicitly.
+    let align = flags;
+    let flags = if t.is_home(owner) {
+        flags
+    } else {
+        match t.visit_arena(owner) {
+            Some(arena) => flags | t.cache_flag(owner) | arena.flag(),
+            None => flags | jem::MALLOCX_TCACHE_NONE,
+        }
+    };
+    // SAFETY: `ptr` is live and from this allocator; new_size > 0 (GlobalAlloc contract).
+    let q = unsafe { jem::rallocx(ptr.cast(), new_size, flags) }.cast::<u8>();
+    if q.is_null() {
+        if !owner.has_arena() {
+            return q;
+        }
+        // The owner's range is full: move the block out of it, as a new block would go.
+        // SAFETY: new_size > 0; `align` holds only an alignment.
+        let q =
+            unsafe { range_fallback(owner, t.auto_arena(), new_size, align, new_usable, false) };
+        if q.is_null() {
+            return q;
+        }
+        // SAFETY: `ptr` is live for `old.0` bytes, `q` for `new_size`; distinct blocks.
+        unsafe { std::ptr::copy_nonoverlapping(ptr, q, old.0.min(new_size)) };
+        // SAFETY: `ptr` is live with size `old.0` and alignment flags `old.1`.
+        unsafe { free_owned(t, ptr, owner, old.0, old.1, old_usable) };
+        charge_where_it_is(t, owner_of(q), new_usable);
+        return q;
+    }
+    t.on_free(owner, old_usable);
+    if owner.is_overflow() && new_usable > old_usable {
+        pushout::note(owner.engine().index(), new_usable - old_usable, q);
+    }
+    if fell_back {
+        charge_where_it_is(t, owner_of(q), new_usable);
+        return q;
+    }
+    // SAFETY: `q` is live with `new_size` bytes and alignment flags `align`, and holds
+    // `min(old, new)` bytes of data.
+    unsafe {
+        account(
+            t,
+            q,
+            owner_of(q),
+            new_size,
+            align,
+            new_usable,
+            false,
+            old.0.min(new_size),
+        )
+    }
+}

@@ -1,0 +1,212 @@
+//! Allocations and frees the home path did not take: home allocations that must be checked,
+//! visits to other engines, allocations for an engine over its limit, foreign frees.
+
+use std::ffi::c_int;
+use std::sync::atomic::Ordering;
+
+use tikv_jemalloc_sys as jem;
+
+use super::counters::{ACTIVE, UNROUTED, range_fallback};
+use super::detached::detached_dealloc;
+use super::flags::{align_flags, fast_alloc, usable};
+use super::place::{charge_where_it_is, count_detached, free_owned, overflow_alloc};
+use super::relocate::account;
+use crate::accounting::bound::FAST_MAX;
+use crate::id::Slot;
+use crate::overflow::{
+    OverflowPolicy, count_breach, count_refusal, overflow_arena, overflow_policy, wants_overflow,
+};
+use crate::space::reservation::owner_of;
+use crate::thread::ThreadState;
+
+/// Every allocation the home path did not take.
+///
+/// # Safety
+/// `size > 0`; `align` is a power of two (a `Layout`'s).
+#[inline(never)]
+pub(super) unsafe fn alloc_slow(t: &ThreadState, size: usize, align: usize, zero: bool) -> *mut u8 {
+    let Some(usable) = usable(size, align) else {
+        return std::ptr::null_mut();
+    };
+    let flags = align_flags(size, align);
+    if t.at_home() && size | align <= FAST_MAX && t.home_ready() {
+        // A home allocation counted by jemalloc, as on the home path, with the check the
+        // hook would make (it is not armed for this thread yet, or not available).
+        // SAFETY: as in `alloc_impl`.
+        let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
+        if !p.is_null() {
+            t.check();
+            return p;
+        }
+    }
+    let began = t.begin_slow();
+    // SAFETY: the caller's contract; `flags` holds only the alignment.
+    let p = unsafe { slow_alloc(t, size, flags, usable, zero) };
+    t.end_slow(began);
+    p
+}
+
+/// Every free the home path did not take.
+///
+/// # Safety
+/// `ptr` is live, allocated by this allocator with `size` and `align`.
+#[inline(never)]
+pub(super) unsafe fn dealloc_slow(t: &ThreadState, ptr: *mut u8, size: usize, align: usize) {
+    // The allocation succeeded with this layout, so its usable size exists.
+    let usable = usable(size, align).unwrap_or(0);
+    let flags = align_flags(size, align);
+    if t.is_detached() {
+        // SAFETY: the caller's contract.
+        return unsafe { detached_dealloc(ptr, size, flags, usable) };
+    }
+    let owner = owner_of(ptr);
+    if t.is_home(owner) && size | align <= FAST_MAX && t.register() {
+        // A home free counted by jemalloc, as on the home path, checked as in `alloc_slow`.
+        // SAFETY: the caller's contract: `size` lies within the block's usable range.
+        unsafe { jem::sdallocx(ptr.cast(), size, flags) };
+        t.check();
+        return;
+    }
+    let began = t.begin_slow();
+    // SAFETY: the caller's contract.
+    unsafe { free_owned(t, ptr, owner, size, flags, usable) };
+    t.end_slow(began);
+}
+
+/// An allocation off the fast path: for an engine over its limit (its overflow arena), or
+/// for an engine other than home (a visit).
+///
+/// # Safety
+/// `size > 0`; `flags` holds at most the alignment; `usable` is the block's usable size.
+#[inline(never)]
+unsafe fn slow_alloc(
+    t: &ThreadState,
+    size: usize,
+    flags: c_int,
+    usable: u64,
+    zero: bool,
+) -> *mut u8 {
+    let engine = t.current();
+    let mut fell_back = false;
+    if wants_overflow(engine, usable)
+        && let Some(overflow) = overflow_arena(engine)
+    {
+        ACTIVE.store(true, Ordering::Relaxed);
+        // SAFETY: size > 0 (GlobalAlloc contract); `overflow` is the engine's overflow arena.
+        let p = unsafe { overflow_alloc(t, engine, overflow, size, flags, zero) };
+        if !p.is_null() {
+            // SAFETY: `p` was just allocated with `size` and alignment flags `flags`.
+            return unsafe { account(t, p, owner_of(p), size, flags, usable, zero, 0) };
+        }
+        match overflow_policy() {
+            OverflowPolicy::FailAllocation => {
+                count_refusal(engine, usable);
+                return p;
+            }
+            OverflowPolicy::FallBack => {
+                count_breach(engine, usable);
+                fell_back = true;
+            }
+        }
+    }
+    if t.is_home(engine) {
+        // SAFETY: as in `alloc_impl`.
+        let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
+        // SAFETY: `p` (unless null) was just allocated with `size` and alignment `flags`.
+        return unsafe { placed(t, p, size, flags, usable, zero, fell_back) };
+    }
+    // SAFETY: as in `alloc_impl`.
+    unsafe { visit_alloc(t, size, flags, usable, zero, fell_back) }
+}
+
+/// An engine arena returned null for `engine`: its range is full (or the request is
+/// impossible). Serve the block from this thread's automatic arena instead, charged by
+/// address, rather than fail an infallible allocation; null only if that fails too.
+///
+/// # Safety
+/// `size > 0`; `flags` holds only an alignment.
+#[cold]
+#[inline(never)]
+pub(super) unsafe fn failed(
+    t: &ThreadState,
+    engine: Slot,
+    size: usize,
+    flags: c_int,
+    usable: u64,
+    zero: bool,
+) -> *mut u8 {
+    if !engine.has_arena() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the caller's contract; the thread's automatic arena (or arena 0).
+    let p = unsafe { range_fallback(engine, t.auto_arena(), size, flags, usable, zero) };
+    if !p.is_null() {
+        charge_where_it_is(t, owner_of(p), usable);
+    }
+    p
+}
+
+/// Charges a block just placed in an engine arena off the fast path. After overflow has
+/// already failed to take it (`fell_back`, a breach counted), it is charged where it is
+/// even past the limit; otherwise as [`account`] decides.
+///
+/// # Safety
+/// `p` is null, or as for [`account`] with `keep = 0`.
+#[inline(always)]
+unsafe fn placed(
+    t: &ThreadState,
+    p: *mut u8,
+    size: usize,
+    flags: c_int,
+    usable: u64,
+    zero: bool,
+    fell_back: bool,
+) -> *mut u8 {
+    if p.is_null() {
+        // SAFETY: the caller's contract (size > 0, alignment flags only).
+        return unsafe { failed(t, t.current(), size, flags, usable, zero) };
+    }
+    let owner = owner_of(p);
+    if fell_back {
+        charge_where_it_is(t, owner, usable);
+        return p;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { account(t, p, owner, size, flags, usable, zero, 0) }
+}
+
+/// An allocation for an engine other than home: that engine's arena (on this thread's
+/// node), through this thread's explicit cache for it.
+#[inline(never)]
+unsafe fn visit_alloc(
+    t: &ThreadState,
+    size: usize,
+    flags: c_int,
+    usable: u64,
+    zero: bool,
+    fell_back: bool,
+) -> *mut u8 {
+    count_detached(t);
+    let engine = t.current();
+    ACTIVE.store(true, Ordering::Relaxed);
+    t.note_visit(engine);
+    let p = match t.visit_arena(engine) {
+        Some(arena) => {
+            let zero = if zero { jem::MALLOCX_ZERO } else { 0 };
+            let flags = flags | zero | t.cache_flag(engine) | arena.flag();
+            // SAFETY: size > 0; flags name an existing arena, this thread's cache for that
+            // engine (or none), and an alignment.
+            unsafe { jem::mallocx(size, flags) }
+        }
+        None => {
+            // The engine arenas could not be created: serve it like home (the block lies
+            // outside every range, so it is charged to Unattributed by address).
+            UNROUTED.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: size > 0 and `flags` holds only an alignment.
+            unsafe { fast_alloc(size, flags, zero) }
+        }
+    }
+    .cast::<u8>();
+    // SAFETY: `p` (unless null) was just allocated with `size` and alignment flags `flags`.
+    unsafe { placed(t, p, size, flags, usable, zero, fell_back) }
+}
