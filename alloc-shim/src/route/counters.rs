@@ -45,7 +45,7 @@ pub struct RangeFallbacks {
 }
 
 /// How often `engine`'s allocations fell back to the automatic arenas because its range
-/// ([`range_bytes`](crate::range_bytes)) was exhausted. Such blocks are counted, but by
+/// ([`range_bytes`](crate::ctl::arenas::range_bytes)) was exhausted. Such blocks are counted, but by
 /// address, as `Unattributed`'s: the engine's own figures no longer see them. A breach of the
 /// engine's attribution, which the governor's snapshot reports.
 pub fn range_fallbacks(engine: EngineId) -> RangeFallbacks {
