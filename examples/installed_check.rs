@@ -35,7 +35,7 @@ fn main() {
     }
     flush_thread();
     let charged = gov.usage(q) + gov.budget(q).overflow_bytes() - before
-        + nodedb_mem::range_fallbacks(q).bytes;
+        + nodedb_mem::range_fallbacks(q).unattributed_bytes;
     let intact = blocks
         .iter()
         .enumerate()

@@ -81,7 +81,7 @@ pub use ledger::Reservation;
 pub use metrics::{EngineSnapshot, Snapshot};
 pub use nodedb_mem_alloc::ctl::arenas::{
     ArenaFailure, ArenaStats, MAX_RANGE_BYTES, MIN_RANGE_BYTES, RANGE_BYTES_ENV, RangeFallbacks,
-    arena_failure, is_overflow, node_of, owner, range_bytes, range_fallbacks,
+    arena_failure, fallback_range_bytes, is_overflow, node_of, owner, range_bytes, range_fallbacks,
 };
 pub use nodedb_mem_alloc::ctl::ledger::{
     Bound, DEFAULT_INFLIGHT_BOUND, DIRECT_THRESHOLD, INFLIGHT_BOUND_ENV, MAX_INFLIGHT_BOUND,

@@ -380,7 +380,7 @@ impl Snapshot {
         }
 
         type Field = fn(&EngineSnapshot) -> i128;
-        let per_engine: [(&str, &str, &str, Field); 45] = [
+        let per_engine: [(&str, &str, &str, Field); 46] = [
             (
                 "engine_waiters",
                 "gauge",
@@ -498,7 +498,7 @@ impl Snapshot {
             (
                 "engine_range_fallbacks_total",
                 "counter",
-                "Allocations served outside the engine's full range, counted as unattributed.",
+                "Allocations served outside the engine's full range (in the shared fallback range, still the engine's, or beyond it).",
                 |e| e.range_fallbacks.count.into(),
             ),
             (
@@ -506,6 +506,12 @@ impl Snapshot {
                 "counter",
                 "Bytes of allocations served outside the engine's full range.",
                 |e| e.range_fallbacks.bytes.into(),
+            ),
+            (
+                "engine_range_fallback_unattributed_bytes_total",
+                "counter",
+                "Bytes of those served beyond the fallback range too, counted as unattributed.",
+                |e| e.range_fallbacks.unattributed_bytes.into(),
             ),
             (
                 "engine_limit_bytes",

@@ -134,6 +134,9 @@ pub(crate) const OVERFLOW_SLOT: usize = EngineId::COUNT;
 /// one overflow slot per engine with an arena.
 pub(crate) const SLOTS: usize = OVERFLOW_SLOT + ARENA_ENGINES;
 
+/// Slots the extent hooks serve: every ledger slot and [`Slot::FALLBACK`].
+pub(crate) const HOOKED_SLOTS: usize = SLOTS + 1;
+
 /// One ledger slot (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Slot(u8);
@@ -141,6 +144,10 @@ pub(crate) struct Slot(u8);
 impl Slot {
     /// Memory outside every range.
     pub(crate) const UNATTRIBUTED: Slot = Slot(EngineId::Unattributed as u8);
+
+    /// The shared fallback range's extent hooks: never an owner (the owner of a block there is
+    /// its chunk's slot) and never charged, so it has no ledger counters.
+    pub(crate) const FALLBACK: Slot = Slot(SLOTS as u8);
 
     /// `engine`'s own slot.
     #[inline(always)]
@@ -184,7 +191,7 @@ impl Slot {
     /// Whether this is an engine's overflow slot.
     #[inline(always)]
     pub(crate) const fn is_overflow(self) -> bool {
-        self.0 as usize >= OVERFLOW_SLOT
+        self.0 as usize >= OVERFLOW_SLOT && (self.0 as usize) < SLOTS
     }
 
     /// The engine the slot belongs to (an overflow slot belongs to its engine).
@@ -220,9 +227,54 @@ impl Arena {
     }
 }
 
+/// Most NUMA nodes placed: each engine's range is split into this many node sub-ranges.
+pub const MAX_NODES: usize = 8;
+
+/// A NUMA node the allocator places memory on: always below [`MAX_NODES`], so it indexes the
+/// per-node tables and sub-ranges without a check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Node(u8);
+
+impl Node {
+    /// Node 0, where memory goes when nothing else is known.
+    pub(crate) const FIRST: Node = Node(0);
+
+    /// Node `index`, if the allocator places memory on that many nodes.
+    #[inline(always)]
+    pub(crate) const fn at(index: usize) -> Option<Node> {
+        if index < MAX_NODES {
+            Some(Node(index as u8))
+        } else {
+            None
+        }
+    }
+
+    /// The node's number.
+    #[inline(always)]
+    pub(crate) const fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// Every node a table has a row for, in order.
+    pub(crate) fn all() -> impl Iterator<Item = Node> {
+        (0..MAX_NODES as u8).map(Node)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_stop_at_the_table_size() {
+        assert_eq!(Node::at(0), Some(Node::FIRST));
+        assert_eq!(
+            Node::at(MAX_NODES - 1).map(Node::index),
+            Some(MAX_NODES - 1)
+        );
+        assert_eq!(Node::at(MAX_NODES), None);
+        assert_eq!(Node::all().count(), MAX_NODES);
+    }
 
     #[test]
     fn names_are_unique_and_round_trip() {

@@ -30,7 +30,7 @@
 //!
 //! A one-way stack, bottom to top; no module uses one above it:
 //!
-//! 1. `id`: engines ([`EngineId`]), ledger slots and arenas as types;
+//! 1. `id`: engines ([`EngineId`]), ledger slots, arenas and NUMA nodes as types;
 //! 2. [`sys`]: every `mallctl` key with its C type, the NUMA topology, size classes, one
 //!    parser for `/proc` and `/sys` numbers, `statm` and `mincore`;
 //! 3. `space`: the reservation and `owner_of`, the one extent-hook table (dispatching by slot

@@ -6,11 +6,11 @@ use std::ffi::c_uint;
 pub use crate::route::{RangeFallbacks, range_fallbacks};
 pub use crate::space::arenas::{arena_failure, arenas_ready, range_exhaustions, shards};
 pub use crate::space::reservation::{
-    ArenaFailure, MAX_RANGE_BYTES, MIN_RANGE_BYTES, RANGE_BYTES_ENV, node_of, node_range_bytes,
-    prevent_huge_pages, range_bytes,
+    ArenaFailure, MAX_RANGE_BYTES, MIN_RANGE_BYTES, RANGE_BYTES_ENV, fallback_claimed_bytes,
+    fallback_range_bytes, node_of, node_range_bytes, prevent_huge_pages, range_bytes,
 };
 
-use crate::id::{ARENA_ENGINES, EngineId, Slot};
+use crate::id::{ARENA_ENGINES, EngineId, Node, Slot};
 use crate::overflow::overflow_arena;
 use crate::space::arenas::{arena_of, arenas_of, ensure_arenas, purge_arena};
 use crate::space::reservation::owner_of;
@@ -87,7 +87,7 @@ pub fn arena_stats_by_node() -> ([ArenaStats; EngineId::COUNT], ArenaStatsByNode
         for (node, a) in arenas_of(Slot::at(engine)) {
             let s = read(a.index());
             subtract(&s);
-            for total in [&mut by_node[engine][node], &mut out[engine]] {
+            for total in [&mut by_node[engine][node.index()], &mut out[engine]] {
                 total.resident += s.resident;
                 total.active += s.active;
                 total.dirty += s.dirty;
@@ -133,7 +133,7 @@ pub fn purge_engine(engine: EngineId) -> bool {
 /// The index of `engine`'s first arena (node 0, shard 0), for callers that want to inspect it
 /// with `mallctl`; the engine has [`shards`] such arenas per node.
 pub fn arena_index(engine: EngineId) -> Option<u32> {
-    arena_of(Slot::of(engine), 0, 0).map(|a| a.index())
+    arena_of(Slot::of(engine), Node::FIRST, 0).map(|a| a.index())
 }
 
 /// Returns every arena's dirty and muzzy pages to the system now (`arena.<all>.purge`).

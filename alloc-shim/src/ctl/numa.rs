@@ -7,6 +7,7 @@ use std::mem::size_of;
 pub use crate::space::arenas::{NumaPolicy, mbind_failures, set_numa_policy};
 pub use crate::sys::numa::{MAX_CPUS, MAX_NODES, Topology};
 
+use crate::id::Node;
 use crate::space::arenas::ensure_arenas;
 use crate::space::reservation::topology;
 use crate::thread::{self, ThreadState};
@@ -87,9 +88,9 @@ pub fn pin_thread_arena(core: usize) -> Result<usize, NumaError> {
         return Err(NumaError::NoSuchCore { core, cores });
     }
     set_affinity(std::iter::once(core))?;
-    let node = topology().placement_for_cpu(core);
+    let node = Node::at(topology().placement_for_cpu(core)).unwrap_or(Node::FIRST);
     let _ = thread::with(|t| t.set_node(node));
-    Ok(node)
+    Ok(node.index())
 }
 
 /// Restricts the calling thread to the CPUs of the NUMA node it runs on now, and its engine
@@ -106,14 +107,14 @@ pub fn bind_thread_to_local_numa() -> Result<usize, NumaError> {
     let topo = topology();
     let node = topo.node_of_cpu(cpu);
     set_affinity(topo.cpus_of(node).filter(|&c| c < configured_cpus()))?;
-    let place = topo.memory_node_for(node);
+    let place = Node::at(topo.memory_node_for(node)).unwrap_or(Node::FIRST);
     let _ = thread::with(|t| t.set_node(place));
-    Ok(place)
+    Ok(place.index())
 }
 
 /// The NUMA node the calling thread's engine allocations come from.
 pub fn thread_node() -> usize {
-    thread::with(ThreadState::node).unwrap_or(0)
+    thread::with(ThreadState::node).map_or(0, Node::index)
 }
 
 /// The machine's NUMA topology as the allocator uses it.

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use super::region::OverflowRegion;
-use crate::id::{ARENA_ENGINES, Slot};
+use crate::id::{ARENA_ENGINES, Arena, Node, Slot};
 use crate::space::hooks::Backing;
 
 const OFF: u8 = 0;
@@ -80,7 +80,7 @@ fn region(slot: Slot) -> Option<&'static OverflowRegion> {
 }
 
 /// A fresh extent bumped off the region, its file grown to back it.
-fn extent(slot: Slot, _node: usize, size: usize, alignment: usize) -> Option<usize> {
+fn extent(slot: Slot, _node: Node, _arena: Arena, size: usize, alignment: usize) -> Option<usize> {
     // The child has no overflow mapping (and must not grow the parent's file).
     let region = region(slot)?;
     let next = NEXT.get(slot.engine().index())?;

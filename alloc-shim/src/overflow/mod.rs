@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use crate::accounting::bound::DIRECT_THRESHOLD;
 use crate::accounting::ledger::would_cross;
 use crate::accounting::limits::is_over;
-use crate::id::{ARENA_ENGINES, Arena, EngineId, Slot};
+use crate::id::{ARENA_ENGINES, Arena, EngineId, Node, Slot};
 use crate::space::arenas::ensure_arenas;
 use crate::space::hooks;
 use crate::space::reservation::{range_bytes, range_start};
@@ -214,7 +214,7 @@ pub fn enable_overflow(
                     continue;
                 };
                 hooks::register(slot, &backing::OVERFLOW_BACKING);
-                match hooks::create_arena(slot, 0) {
+                match hooks::create_arena(slot, Node::FIRST) {
                     Ok((arena, false)) => *at = arena,
                     Ok((_, true)) => {
                         return Err(err(
@@ -237,7 +237,7 @@ pub fn enable_overflow(
         let Some(overflow) = Slot::at(e).overflow() else {
             continue;
         };
-        let at = range_start(overflow, 0) as *mut u8;
+        let at = range_start(overflow, Node::FIRST) as *mut u8;
         *slot = Some(OverflowRegion::create_at(
             dir,
             capacity,

@@ -21,7 +21,10 @@ pub(super) unsafe fn detached_entry(size: usize, align: usize, zero: bool) -> *m
     let Some(usable) = usable(size, align) else {
         return std::ptr::null_mut();
     };
-    // SAFETY: the caller's contract.
+    // SAFETY: `detached_alloc` needs
+    // 1. `size > 0`: this function's contract;
+    // 2. at most the alignment in the flags: `align_flags` of a power-of-two `align`;
+    // 3. `usable` the block's usable size: `usable(size, align)`.
     unsafe { detached_alloc(size, align_flags(size, align), usable, zero) }
 }
 
@@ -33,11 +36,15 @@ pub(super) unsafe fn detached_entry(size: usize, align: usize, zero: bool) -> *m
 unsafe fn detached_alloc(size: usize, flags: c_int, usable: u64, zero: bool) -> *mut u8 {
     DETACHED.fetch_add(1, Ordering::Relaxed);
     let zero = if zero { jem::MALLOCX_ZERO } else { 0 };
-    // SAFETY: size > 0 and `flags` holds only an alignment and the zero flag.
+    // SAFETY: `mallocx` needs
+    // 1. `size > 0`: this function's contract;
+    // 2. only an alignment, `MALLOCX_ZERO` and `MALLOCX_TCACHE_NONE` in the flags: `flags`
+    //    holds at most the alignment (this function's contract).
     let mut p = unsafe { jem::mallocx(size, flags | zero | jem::MALLOCX_TCACHE_NONE) }.cast::<u8>();
     if p.is_null() {
         // The thread may still be bound to an engine arena whose range is full.
-        // SAFETY: as above; arena 0 is automatic.
+        // SAFETY: `range_fallback` needs `size > 0` and alignment-only `flags` (this
+        // function's contract) and an automatic arena: arena 0 always is.
         p = unsafe { range_fallback(Slot::UNATTRIBUTED, Arena(0), size, flags, usable, zero != 0) };
     }
     if !p.is_null() {
@@ -55,7 +62,11 @@ unsafe fn detached_alloc(size: usize, flags: c_int, usable: u64, zero: bool) -> 
 pub(super) unsafe fn detached_dealloc(ptr: *mut u8, size: usize, flags: c_int, usable: u64) {
     DETACHED.fetch_add(1, Ordering::Relaxed);
     let owner = owner_of(ptr);
-    // SAFETY: as in `ThreadState::dealloc`.
+    // SAFETY: `sdallocx` needs
+    // 1. `ptr` from jemalloc, not yet freed: this function's contract;
+    // 2. `size` within its `[requested, usable]`: the size it was allocated with;
+    // 3. its alignment flags: `flags` (this function's contract); bypassing the cache is
+    //    always allowed.
     unsafe { jem::sdallocx(ptr.cast(), size, flags | jem::MALLOCX_TCACHE_NONE) };
     ledger::credit(owner, usable);
 }
@@ -75,7 +86,10 @@ pub(super) unsafe fn detached_realloc(
 ) -> *mut u8 {
     DETACHED.fetch_add(1, Ordering::Relaxed);
     let owner = owner_of(ptr);
-    // SAFETY: as in `ThreadState::realloc`.
+    // SAFETY: `rallocx` needs
+    // 1. `ptr` from jemalloc, not yet freed: `GlobalAlloc::realloc`'s contract;
+    // 2. `new_size > 0`: the same contract;
+    // 3. only an alignment (the new layout's, `flags`) and `MALLOCX_TCACHE_NONE`.
     let q = unsafe { jem::rallocx(ptr.cast(), new_size, flags | jem::MALLOCX_TCACHE_NONE) }
         .cast::<u8>();
     if !q.is_null() {

@@ -53,18 +53,28 @@ impl GovernedAlloc {
 unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
     let (size, align) = (layout.size(), layout.align());
     let Some(t) = thread::state() else {
-        // SAFETY: the caller's `Layout` has a non-zero size (GlobalAlloc contract).
+        // SAFETY: `detached_entry` needs
+        // 1. `size > 0`: the caller's contract (`GlobalAlloc::alloc`);
+        // 2. `align` a power of two: it is a `Layout`'s.
         return unsafe { detached_entry(size, align, zero) };
     };
-    // SAFETY: the pointer is to this thread's own state, alive for the thread's whole life and
-    // only ever touched by this thread.
+    // SAFETY: a shared reference needs
+    // 1. a live, aligned `ThreadState`: `thread::state` returns the address of this thread's
+    //    own thread-local state, which has no destructor and so lives for the thread's whole
+    //    life, teardown included;
+    // 2. no `&mut` to it while the reference lives: the state is only ever reached through
+    //    shared references (its fields are `Cell`s), and only by this thread.
     let t = unsafe { &*t };
     // The home path: jemalloc's own fast path, its counters our only bookkeeping. It serves
     // home's arena through a cache that only ever holds home's blocks (foreign frees bypass
     // it, and moving home flushes it), so the owner is home without looking.
     if size | align <= t.alloc_limit() {
         let p = if align <= MIN_ALIGN && align <= size {
-            // SAFETY: size > 0 (GlobalAlloc contract); jemalloc's natural alignment suffices.
+            // SAFETY: `malloc` and `calloc` need
+            // 1. nothing of the size (zero is allowed), and `size > 0` here anyway;
+            // 2. for `Layout`'s promise, `align <= MIN_ALIGN` and `align <= size`: jemalloc
+            //    aligns every block of at least `MIN_ALIGN` bytes to `MIN_ALIGN`, and smaller
+            //    blocks to their size class, a multiple of `align` (a power of two <= size).
             unsafe {
                 if zero {
                     jem::calloc(1, size)
@@ -73,7 +83,10 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
                 }
             }
         } else {
-            // SAFETY: size > 0; the flags hold only a power-of-two alignment.
+            // SAFETY: `fast_alloc` needs
+            // 1. `size > 0`: the caller's contract;
+            // 2. flags holding at most a power-of-two alignment: `align_flags` builds only
+            //    `MALLOCX_LG_ALIGN` of a `Layout`'s alignment.
             unsafe { fast_alloc(size, align_flags(size, align), zero) }
         }
         .cast::<u8>();
@@ -81,7 +94,9 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
             return p;
         }
     }
-    // SAFETY: as above.
+    // SAFETY: `alloc_slow` needs
+    // 1. `size > 0`: the caller's contract;
+    // 2. `align` a power of two: a `Layout`'s.
     unsafe { alloc_slow(t, size, align, zero) }
 }
 
@@ -107,10 +122,19 @@ unsafe impl GlobalAlloc for GovernedAlloc {
         let (size, align) = (layout.size(), layout.align());
         let Some(t) = thread::state() else {
             let usable = usable(size, align).unwrap_or(0);
-            // SAFETY: `ptr` was returned by this allocator for `layout` (GlobalAlloc contract).
+            // SAFETY: `detached_dealloc` needs
+            // 1. `ptr` a live block of this allocator: the caller's contract
+            //    (`GlobalAlloc::dealloc`);
+            // 2. allocated with `size` and these alignment flags: `layout` is the one it was
+            //    allocated with, and `align_flags` is the function every path allocated with;
+            // 3. `usable` its usable bytes: `usable` of that layout, which exists because the
+            //    allocation succeeded (so the `0` fallback is never taken).
             return unsafe { detached_dealloc(ptr, size, align_flags(size, align), usable) };
         };
-        // SAFETY: this thread's own state, as in `alloc_impl`.
+        // SAFETY: a shared reference needs
+        // 1. a live, aligned `ThreadState`: this thread's own thread-local state, which has no
+        //    destructor and so lives for the thread's whole life;
+        // 2. no `&mut` to it: the state is only reached through shared references.
         let t = unsafe { &*t };
         if t.frees_fast(ptr) {
             // The home path: a home block of any size, counted by jemalloc, settled later (a
@@ -121,12 +145,18 @@ unsafe impl GlobalAlloc for GovernedAlloc {
             } else {
                 align_flags(size, align)
             };
-            // SAFETY: `ptr` was allocated by this allocator with this layout (GlobalAlloc
-            // contract), so `size` lies within its usable range, as `sdallocx` requires.
+            // SAFETY: `sdallocx` needs
+            // 1. `ptr` returned by jemalloc and not yet freed: the caller's contract, and every
+            //    path of this allocator returns jemalloc's blocks unchanged;
+            // 2. `size` within `[requested, usable]` of the block: it is the requested size;
+            // 3. the alignment flags it was allocated with: `flags` is what `alloc_impl` and
+            //    the slow paths derive from the same layout (none when natural alignment
+            //    suffices, `MALLOCX_LG_ALIGN` otherwise).
             unsafe { jem::sdallocx(ptr.cast(), size, flags) };
             return;
         }
-        // SAFETY: as above.
+        // SAFETY: `dealloc_slow` needs `ptr` live and allocated by this allocator with
+        // `size` and `align`: the caller's contract.
         unsafe { dealloc_slow(t, ptr, size, align) }
     }
 
@@ -139,18 +169,27 @@ unsafe impl GlobalAlloc for GovernedAlloc {
                 return std::ptr::null_mut();
             };
             let flags = align_flags(new_size, align);
-            // SAFETY: `ptr` is live for `layout`; `new_size` is non-zero and, rounded to
-            // `align`, does not overflow (GlobalAlloc contract).
+            // SAFETY: `detached_realloc` needs
+            // 1. `GlobalAlloc::realloc`'s contract: the caller's (`ptr` live for `layout`,
+            //    `new_size > 0` and not overflowing when rounded to `align`);
+            // 2. `flags` the new size's alignment flags: `align_flags(new_size, align)`;
+            // 3. the usable sizes of the old and new layouts: computed just above.
             return unsafe { detached_realloc(ptr, new_size, flags, old_usable, new_usable) };
         };
-        // SAFETY: this thread's own state, as in `alloc_impl`.
+        // SAFETY: a shared reference needs
+        // 1. a live, aligned `ThreadState`: this thread's own thread-local state, which has no
+        //    destructor and so lives for the thread's whole life;
+        // 2. no `&mut` to it: the state is only reached through shared references.
         let t = unsafe { &*t };
         if old_size | new_size | align <= FAST_MAX && t.frees_fast(ptr) && t.fast_alloc_open() {
             // The home path: a home block staying home (a moved block comes from this thread's
             // arena, home's), both sides counted by jemalloc.
             let flags = align_flags(new_size, align);
-            // SAFETY: `ptr` is live and from this allocator; `new_size > 0`; the flags hold only
-            // an alignment.
+            // SAFETY: `realloc` and `rallocx` need
+            // 1. `ptr` live and from jemalloc: the caller's contract;
+            // 2. `new_size > 0`: the caller's contract;
+            // 3. flags holding only a power-of-two alignment: `align_flags` of the new size,
+            //    0 exactly when jemalloc's natural alignment for `new_size` meets `align`.
             let q = unsafe {
                 if flags == 0 {
                     jem::realloc(ptr.cast(), new_size)
@@ -163,7 +202,8 @@ unsafe impl GlobalAlloc for GovernedAlloc {
                 return q;
             }
         }
-        // SAFETY: forwarded from the caller.
+        // SAFETY: `realloc_slow` needs `GlobalAlloc::realloc`'s contract with `layout`'s
+        // size and alignment as `old_size` and `align`: the caller's, passed on.
         unsafe { realloc_slow(t, ptr, old_size, align, new_size) }
     }
 }

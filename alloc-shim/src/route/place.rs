@@ -44,8 +44,13 @@ pub(super) unsafe fn overflow_alloc(
     let z = if zero { jem::MALLOCX_ZERO } else { 0 };
     let cache = t.cache_flag(engine.overflow().unwrap_or(Slot::UNATTRIBUTED));
     let f = flags | z | cache | overflow.flag();
-    // SAFETY: size > 0; flags name an existing arena, this thread's cache for its slot (or
-    // none), an alignment and maybe zeroing.
+    // SAFETY: `mallocx` needs
+    // 1. `size > 0`: this function's contract;
+    // 2. an existing arena: `overflow` is the engine's overflow arena (this function's
+    //    contract);
+    // 3. a cache this thread created, or none: `cache_flag`;
+    // 4. otherwise only a power-of-two alignment and `MALLOCX_ZERO`: `flags` holds only an
+    //    alignment (this function's contract).
     let p = unsafe { jem::mallocx(size, f) }.cast::<u8>();
     if !p.is_null() {
         pushout::note(engine.index(), size as u64, p);
@@ -69,7 +74,12 @@ unsafe fn foreign_free(
     usable: u64,
 ) {
     count_detached(t);
-    // SAFETY: as in `GlobalAlloc::dealloc`.
+    // SAFETY: `sdallocx` needs
+    // 1. `ptr` from jemalloc, not yet freed: this function's contract;
+    // 2. `size` within its `[requested, usable]`: the size it was allocated with;
+    // 3. its alignment flags: `flags` (this function's contract);
+    // 4. a cache this thread created, or none: `cache_flag` (a cache holds blocks of any
+    //    arena, so freeing into the owner's cache keeps the owner's blocks together).
     unsafe { jem::sdallocx(ptr.cast(), size, flags | t.cache_flag(owner)) };
     t.on_free(owner, usable);
 }
@@ -88,11 +98,13 @@ pub(super) unsafe fn free_owned(
     usable: u64,
 ) {
     if t.is_home(owner) {
-        // SAFETY: the caller's contract.
+        // SAFETY: `sdallocx` needs `ptr` from jemalloc and not yet freed, `size` within its
+        // `[requested, usable]`, and its alignment flags: this function's contract.
         unsafe { jem::sdallocx(ptr.cast(), size, flags) };
         t.on_free(owner, usable);
     } else {
-        // SAFETY: the caller's contract.
+        // SAFETY: `foreign_free` needs the same of `ptr`, `size`, `flags` and `usable`, and
+        // `owner` its owner: this function's contract.
         unsafe { foreign_free(t, ptr, owner, size, flags, usable) };
     }
 }

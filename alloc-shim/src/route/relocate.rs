@@ -39,7 +39,7 @@ pub(super) unsafe fn account(
     if t.on_alloc(owner, usable) {
         return p;
     }
-    // SAFETY: the caller's contract, passed on.
+    // SAFETY: `relocate` has `account`'s contract: this function's, passed on.
     unsafe { relocate(t, p, owner, size, flags, usable, zero, keep) }
 }
 
@@ -69,18 +69,23 @@ unsafe fn relocate(
         } else {
             t.cache_flag(owner)
         };
-        // SAFETY: `ptr` is live with `size` and alignment flags `flags`; the cache flag
-        // names this thread's cache for the owner (or none, or the default for home).
+        // SAFETY: `sdallocx` needs
+        // 1. `ptr` from jemalloc, not yet freed: `p` (this function's contract), freed once;
+        // 2. `size` and its alignment flags: this function's contract;
+        // 3. a cache this thread created, none, or the default (0, for home): `cache_flag`.
         unsafe { jem::sdallocx(ptr.cast(), size, flags | cache) };
     };
     if owner.has_arena()
         && let Some(overflow) = overflow_arena(owner)
     {
-        // SAFETY: size > 0 (the caller's block has it); `overflow` is the owner's overflow
-        // arena.
+        // SAFETY: `overflow_alloc` needs
+        // 1. `size > 0`: `p` is a live block of `size` bytes (this function's contract);
+        // 2. `overflow` the owner's overflow arena: `overflow_arena(owner)` returned it;
+        // 3. `flags` holding only an alignment: this function's contract.
         let q = unsafe { overflow_alloc(t, owner, overflow, size, flags, zero) };
         if !q.is_null() {
-            // SAFETY: both blocks are live with at least `size >= keep` bytes and distinct.
+            // SAFETY: `copy_nonoverlapping` needs both ranges valid and disjoint: `p` and
+            // `q` are distinct live blocks of at least `size >= keep` bytes.
             unsafe { std::ptr::copy_nonoverlapping(p, q, keep) };
             release(p);
             // Overflow ledgers have no limit: this charge always succeeds.

@@ -38,7 +38,12 @@ pub(super) unsafe fn realloc_slow(
     let flags = align_flags(new_size, align);
     let old = (old_size, align_flags(old_size, align));
     let began = t.begin_slow();
-    // SAFETY: the caller's contract.
+    // SAFETY: `realloc` needs
+    // 1. `ptr` live, from this allocator, with size `old.0` and alignment flags `old.1`:
+    //    this function's contract, and `align_flags` is what it was allocated with;
+    // 2. `new_size > 0`: this function's contract;
+    // 3. `flags` the new size's alignment flags and the usable sizes of both layouts:
+    //    computed just above.
     let q = unsafe { realloc(t, ptr, old, new_size, flags, old_usable, new_usable) };
     t.end_slow(began);
     q
@@ -46,6 +51,11 @@ pub(super) unsafe fn realloc_slow(
 
 /// Resizes a block. `old` is its size and alignment flags, `new_size`/`flags` the new
 /// size and its alignment flags.
+///
+/// # Safety
+/// `ptr` is a live block of this allocator allocated with size `old.0` and alignment flags
+/// `old.1`; `new_size > 0`; `flags` holds only the new size's alignment; `old_usable` and
+/// `new_usable` are the usable sizes of the old and new layouts.
 #[inline(never)]
 unsafe fn realloc(
     t: &ThreadState,
@@ -67,17 +77,22 @@ unsafe fn realloc(
         && (is_over(owner) || ledger::would_cross(owner, new_usable - old_usable))
         && let Some(overflow) = overflow_arena(owner)
     {
-        // SAFETY: new_size > 0 (GlobalAlloc contract); `overflow` is the owner's overflow
-        // arena.
+        // SAFETY: `overflow_alloc` needs
+        // 1. `new_size > 0`: this function's contract;
+        // 2. `overflow` the owner's overflow arena: `overflow_arena(owner)` returned it;
+        // 3. `flags` holding only an alignment: this function's contract.
         let q = unsafe { overflow_alloc(t, owner, overflow, new_size, flags, false) };
         if !q.is_null() {
             // SAFETY: `ptr` is live for `old.0` bytes (GlobalAlloc contract), `q` is a
             // fresh block of `new_size > old_usable >= old.0` bytes: both ranges are
             // valid and cannot overlap.
             unsafe { std::ptr::copy_nonoverlapping(ptr, q, old.0) };
-            // SAFETY: `ptr` is live with size `old.0` and alignment flags `old.1`.
+            // SAFETY: `free_owned` needs `ptr` live with size `old.0` and alignment flags
+            // `old.1`, of `old_usable` bytes (this function's contract), owned by `owner`
+            // (`owner_of` of its address).
             unsafe { free_owned(t, ptr, owner, old.0, old.1, old_usable) };
-            // SAFETY: `q` was just allocated with `new_size` and alignment flags `flags`,
+            // SAFETY: `account` needs `q` live, not yet charged, and `keep <= size`: `q`
+            // was just allocated with `new_size` and alignment flags `flags`,
             // and holds `old.0` bytes of data.
             return unsafe {
                 account(t, q, owner_of(q), new_size, flags, new_usable, false, old.0)
@@ -105,25 +120,50 @@ unsafe fn realloc(
             None => flags | jem::MALLOCX_TCACHE_NONE,
         }
     };
-    // SAFETY: `ptr` is live and from this allocator; new_size > 0 (GlobalAlloc contract).
+    // SAFETY: `rallocx` needs
+    // 1. `ptr` from jemalloc, not yet freed: this function's contract;
+    // 2. `new_size > 0`: the same;
+    // 3. an existing arena and a cache this thread created, if any: `visit_arena` and
+    //    `cache_flag` give only those; the alignment is the new layout's (`align`).
     let q = unsafe { jem::rallocx(ptr.cast(), new_size, flags) }.cast::<u8>();
     if q.is_null() {
         if !owner.has_arena() {
             return q;
         }
         // The owner's range is full: move the block out of it, as a new block would go.
-        // SAFETY: new_size > 0; `align` holds only an alignment.
+        // SAFETY: `range_fallback` needs `new_size > 0` and alignment-only flags (this
+        // function's contract: `align` is the caller's `flags`) and an automatic arena
+        // (`auto_arena`: the one jemalloc chose for this thread, or arena 0).
         let q =
             unsafe { range_fallback(owner, t.auto_arena(), new_size, align, new_usable, false) };
         if q.is_null() {
             return q;
         }
-        // SAFETY: `ptr` is live for `old.0` bytes, `q` for `new_size`; distinct blocks.
+        // SAFETY: `copy_nonoverlapping` needs both ranges valid and disjoint: `ptr` is live
+        // for `old.0` bytes, `q` a fresh block of `new_size`, and the copy takes the smaller.
         unsafe { std::ptr::copy_nonoverlapping(ptr, q, old.0.min(new_size)) };
-        // SAFETY: `ptr` is live with size `old.0` and alignment flags `old.1`.
+        // SAFETY: `free_owned` needs `ptr` live with size `old.0`, alignment flags `old.1`
+        // and `old_usable` bytes (this function's contract), owned by `owner` (`owner_of`).
         unsafe { free_owned(t, ptr, owner, old.0, old.1, old_usable) };
-        charge_where_it_is(t, owner_of(q), new_usable);
-        return q;
+        if fell_back {
+            charge_where_it_is(t, owner_of(q), new_usable);
+            return q;
+        }
+        // SAFETY: `account` needs `q` live with `new_size` and alignment flags `align`, not
+        // yet charged, and `keep <= new_size`: just allocated so, holding `min(old, new)`
+        // bytes of data.
+        return unsafe {
+            account(
+                t,
+                q,
+                owner_of(q),
+                new_size,
+                align,
+                new_usable,
+                false,
+                old.0.min(new_size),
+            )
+        };
     }
     t.on_free(owner, old_usable);
     if owner.is_overflow() && new_usable > old_usable {
@@ -133,8 +173,9 @@ unsafe fn realloc(
         charge_where_it_is(t, owner_of(q), new_usable);
         return q;
     }
-    // SAFETY: `q` is live with `new_size` bytes and alignment flags `align`, and holds
-    // `min(old, new)` bytes of data.
+    // SAFETY: `account` needs `q` live with `new_size` and alignment flags `align`, not yet
+    // charged (the ledger credited the old block's and charged nothing for `q`), and
+    // `keep <= new_size`: `min(old, new)` bytes of data.
     unsafe {
         account(
             t,

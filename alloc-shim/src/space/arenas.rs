@@ -5,9 +5,10 @@
 use std::ffi::{c_uint, c_void};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
+use super::fallback;
 use super::hooks::{self, Backing};
 use super::reservation::{self, ArenaFailure, Stage, topology};
-use crate::id::{ARENA_ENGINES, Arena, Slot};
+use crate::id::{ARENA_ENGINES, Arena, Node, Slot};
 use crate::sys::mallctl::keys;
 use crate::sys::numa::MAX_NODES;
 
@@ -71,8 +72,8 @@ pub fn range_exhaustions() -> u64 {
 }
 
 /// Binds `[addr, addr + len)` to `node` with the configured policy.
-fn bind_to_node(addr: usize, len: usize, node: usize) {
-    let mask: u64 = 1 << node;
+fn bind_to_node(addr: usize, len: usize, node: Node) {
+    let mask: u64 = 1 << node.index();
     let mode = libc::c_long::from(MBIND_MODE.load(Ordering::Relaxed));
     // SAFETY: mbind only sets the memory policy of our own mapping `[addr, addr + len)`;
     // `mask` outlives the call and `maxnode` (64) is its size in bits.
@@ -98,21 +99,18 @@ static ENGINE_BACKING: Backing = Backing {
     alloc: engine_extent,
     commit: |_, _, _| true,
     decommit: |_, _, _| false,
-    purge_lazy: |_, at, length| madvise(at, length, libc::MADV_FREE),
-    purge_forced: |_, at, length| madvise(at, length, libc::MADV_DONTNEED),
+    purge_lazy: |_, at, length| hooks::advise(at, length, libc::MADV_FREE),
+    purge_forced: |_, at, length| hooks::advise(at, length, libc::MADV_DONTNEED),
 };
 
-/// `madvise` over a span of an extent jemalloc owns; whether it worked.
-fn madvise(at: usize, length: usize, advice: libc::c_int) -> bool {
-    // SAFETY: jemalloc passes a page-aligned span of an extent it owns inside our private
-    // anonymous mapping; MADV_FREE / MADV_DONTNEED only drop page contents of that range, and
-    // private anonymous memory reads back as zeros after MADV_DONTNEED, as a forced purge
-    // promises.
-    unsafe { libc::madvise(at as *mut c_void, length, advice) == 0 }
-}
-
-fn engine_extent(slot: Slot, node: usize, size: usize, alignment: usize) -> Option<usize> {
-    let next = NEXT.get(slot.index())?.get(node)?;
+fn engine_extent(
+    slot: Slot,
+    node: Node,
+    _arena: Arena,
+    size: usize,
+    alignment: usize,
+) -> Option<usize> {
+    let next = NEXT.get(slot.index())?.get(node.index())?;
     let range = 1usize << reservation::layout().2;
     let start_of_range = reservation::range_start(slot, node);
     let mut cur = next.load(Ordering::Relaxed);
@@ -126,17 +124,8 @@ fn engine_extent(slot: Slot, node: usize, size: usize, alignment: usize) -> Opti
         }
         match next.compare_exchange_weak(cur, end, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => {
-                // SAFETY: `[addr, addr + size)` lies inside our reservation (checked above) and
-                // was handed out to nobody before (the bump pointer never goes back), so
-                // changing its protection affects no live memory.
-                let rc = unsafe {
-                    libc::mprotect(
-                        addr as *mut c_void,
-                        size,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                    )
-                };
-                if rc != 0 {
+                // Inside the range (checked above), and the bump pointer never goes back.
+                if !hooks::open_extent(addr, size) {
                     return None;
                 }
                 bind_to_node(addr, size, node);
@@ -151,14 +140,14 @@ fn engine_extent(slot: Slot, node: usize, size: usize, alignment: usize) -> Opti
 /// of shard `shard` (any number: taken modulo the shards created), once the arenas exist;
 /// `None` for `Unattributed`, overflow slots, before initialisation, and if it failed.
 #[inline(always)]
-pub(crate) fn arena_of(engine: Slot, node: usize, shard: usize) -> Option<Arena> {
+pub(crate) fn arena_of(engine: Slot, node: Node, shard: usize) -> Option<Arena> {
     if !engine.has_arena() || !ensure_arenas() {
         return None;
     }
     let row = ARENA.get(engine.index())?;
     let shard = shard % shards().max(1);
-    let at = |node: usize| {
-        row.get(node)
+    let at = |node: Node| {
+        row.get(node.index())
             .and_then(|shards| shards.get(shard))
             .map(|a| a.load(Ordering::Relaxed))
             .filter(|&a| a != 0)
@@ -166,20 +155,22 @@ pub(crate) fn arena_of(engine: Slot, node: usize, shard: usize) -> Option<Arena>
     };
     // A node without an arena of its own (no memory): its nearest node's, which `create_arenas`
     // always creates for node `topology().memory_node_for(node)`.
-    at(node).or_else(|| at(topology().memory_node_for(node)))
+    at(node).or_else(|| Node::at(topology().memory_node_for(node.index())).and_then(at))
 }
 
 /// Every arena of `engine` (all nodes and shards) with its node, for statistics and purging.
-pub(crate) fn arenas_of(engine: Slot) -> impl Iterator<Item = (usize, Arena)> {
-    ARENA.get(engine.index()).into_iter().flat_map(|row| {
-        row.iter().enumerate().flat_map(|(node, shards)| {
+pub(crate) fn arenas_of(engine: Slot) -> impl Iterator<Item = (Node, Arena)> {
+    let own = ARENA.get(engine.index()).into_iter().flat_map(|row| {
+        Node::all().zip(row).flat_map(|(node, shards)| {
             shards
                 .iter()
                 .map(move |a| (node, a.load(Ordering::Relaxed)))
                 .filter(|&(_, a)| a != 0)
                 .map(|(node, a)| (node, Arena(a)))
         })
-    })
+    });
+    // The fallback arena's extents are not bound to a node; counted with the first.
+    own.chain(fallback::arena(engine).map(|a| (Node::FIRST, a)))
 }
 
 /// Creates the ranges and arenas if nobody has yet (see `init`); whether they exist.
@@ -230,6 +221,10 @@ fn init() {
     reservation::read_topology();
     let ok = reservation::reserve()
         && create_arenas()
+        && fallback::create_arenas().map_or_else(
+            |rc| reservation::fail(ArenaFailure::CreateArena { rc }),
+            |()| true,
+        )
         && ((keys::THREAD_ARENA.resolve() && keys::THREAD_TCACHE_FLUSH.resolve())
             || reservation::fail(ArenaFailure::Mallctl));
     reservation::finish(ok);
@@ -248,8 +243,9 @@ fn create_arenas() -> bool {
     for (e, row) in ARENA.iter().enumerate() {
         let slot = Slot::at(e);
         hooks::register(slot, &ENGINE_BACKING);
-        for (node, arenas) in row.iter().enumerate() {
-            if !topo.has_node(node) || topo.memory_node_for(node) != node {
+        for (node, arenas) in Node::all().zip(row) {
+            let n = node.index();
+            if !topo.has_node(n) || topo.memory_node_for(n) != n {
                 continue;
             }
             for at in &arenas[..shards] {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 
 use tikv_jemalloc_sys::extent_hooks_t;
 
-use crate::id::{Arena, SLOTS, Slot};
+use crate::id::{Arena, HOOKED_SLOTS, Node, SLOTS, Slot};
 use crate::sys::mallctl::{ArenaConfig, keys};
 use crate::sys::numa::MAX_NODES;
 
@@ -21,7 +21,9 @@ use crate::sys::numa::MAX_NODES;
 pub(crate) struct Backing {
     /// A fresh extent of `size` bytes aligned to `alignment` for `slot` on `node`, readable,
     /// writable and reading as zeros: its address, or `None`.
-    pub(crate) alloc: fn(slot: Slot, node: usize, size: usize, alignment: usize) -> Option<usize>,
+    /// `arena` is the arena asking.
+    pub(crate) alloc:
+        fn(slot: Slot, node: Node, arena: Arena, size: usize, alignment: usize) -> Option<usize>,
     /// Makes the extent's pages usable again after a decommit.
     pub(crate) commit: fn(slot: Slot, at: usize, length: usize) -> bool,
     /// Gives the extent's pages (and whatever backs them) back; they read as zeros after a
@@ -34,7 +36,8 @@ pub(crate) struct Backing {
 }
 
 /// The backing registered for each slot (null: none yet; every hook then refuses).
-static BACKING: [AtomicPtr<Backing>; SLOTS] = [const { AtomicPtr::new(ptr::null_mut()) }; SLOTS];
+static BACKING: [AtomicPtr<Backing>; HOOKED_SLOTS] =
+    [const { AtomicPtr::new(ptr::null_mut()) }; HOOKED_SLOTS];
 
 /// Registers `backing` for `slot`'s arenas. Before any arena of the slot is created.
 pub(crate) fn register(slot: Slot, backing: &'static Backing) {
@@ -56,7 +59,7 @@ fn backing(slot: Slot) -> Option<&'static Backing> {
 struct Entry {
     hooks: extent_hooks_t,
     slot: Slot,
-    node: usize,
+    node: Node,
 }
 
 const fn entry(slot: usize, node: usize) -> Entry {
@@ -72,16 +75,24 @@ const fn entry(slot: usize, node: usize) -> Entry {
             split: Some(hook_split),
             merge: Some(hook_merge),
         },
-        slot: Slot::at(slot),
-        node,
+        slot: if slot < SLOTS {
+            Slot::at(slot)
+        } else {
+            Slot::FALLBACK
+        },
+        // The table's loop stays below `MAX_NODES`, so `at` always answers.
+        node: match Node::at(node) {
+            Some(n) => n,
+            None => Node::FIRST,
+        },
     }
 }
 
 /// jemalloc reads these but never writes through the pointer it is given.
-static TABLE: [[Entry; MAX_NODES]; SLOTS] = {
-    let mut all = [const { [const { entry(0, 0) }; MAX_NODES] }; SLOTS];
+static TABLE: [[Entry; MAX_NODES]; HOOKED_SLOTS] = {
+    let mut all = [const { [const { entry(0, 0) }; MAX_NODES] }; HOOKED_SLOTS];
     let mut s = 0;
-    while s < SLOTS {
+    while s < HOOKED_SLOTS {
         let mut n = 0;
         while n < MAX_NODES {
             all[s][n] = entry(s, n);
@@ -98,10 +109,10 @@ static TABLE: [[Entry; MAX_NODES]; SLOTS] = {
 /// arena's metadata in the child after `fork`. Where this jemalloc lacks the experimental
 /// control, falls back to `arenas.create` (metadata through the hooks) and says so in the
 /// second value. Returns the arena, or jemalloc's error code.
-pub(crate) fn create_arena(slot: Slot, node: usize) -> Result<(Arena, bool), i32> {
+pub(crate) fn create_arena(slot: Slot, node: Node) -> Result<(Arena, bool), i32> {
     let entry = TABLE
         .get(slot.index())
-        .and_then(|row| row.get(node))
+        .and_then(|row| row.get(node.index()))
         .ok_or(libc::EINVAL)?;
     let extent_hooks = ptr::from_ref(&entry.hooks).cast_mut();
     let config = ArenaConfig {
@@ -124,7 +135,7 @@ pub(crate) fn create_arena(slot: Slot, node: usize) -> Result<(Arena, bool), i32
 /// `hooks` is a pointer jemalloc got from [`create_arena`]: the `hooks` field of an entry of
 /// `TABLE`.
 #[inline(always)]
-unsafe fn entry_of(hooks: *mut extent_hooks_t) -> (Slot, usize) {
+unsafe fn entry_of(hooks: *mut extent_hooks_t) -> (Slot, Node) {
     // SAFETY: per the contract, `hooks` points at the first field of a `repr(C)` `Entry` in a
     // static, so the cast pointer is valid to read for the life of the process.
     let e = unsafe { &*hooks.cast::<Entry>() };
@@ -143,7 +154,7 @@ unsafe extern "C" fn hook_alloc(
     alignment: usize,
     zero: *mut bool,
     commit: *mut bool,
-    _arena: c_uint,
+    arena: c_uint,
 ) -> *mut c_void {
     // Growing an extent in place at a given address is optional; refusing is always correct.
     if !new_addr.is_null() || alignment == 0 {
@@ -151,7 +162,9 @@ unsafe extern "C" fn hook_alloc(
     }
     // SAFETY: jemalloc passes back the hooks pointer it was given at creation.
     let (slot, node) = unsafe { entry_of(hooks) };
-    let Some(at) = backing(slot).and_then(|b| (b.alloc)(slot, node, size, alignment)) else {
+    let asking = Arena(arena);
+    let Some(at) = backing(slot).and_then(|b| (b.alloc)(slot, node, asking, size, alignment))
+    else {
         return ptr::null_mut();
     };
     // SAFETY: valid pointers per the contract. Every backing hands out never-touched
@@ -188,6 +201,24 @@ unsafe extern "C" fn hook_destroy(
     _committed: bool,
     _arena: c_uint,
 ) {
+}
+
+/// `madvise` over a span of an extent jemalloc owns in our reservation; whether it worked.
+pub(crate) fn advise(at: usize, length: usize, advice: libc::c_int) -> bool {
+    // SAFETY: jemalloc passes a page-aligned span of an extent it owns inside our private
+    // anonymous mapping; MADV_FREE / MADV_DONTNEED only drop page contents of that range, and
+    // private anonymous memory reads back as zeros after MADV_DONTNEED, as a forced purge
+    // promises.
+    unsafe { libc::madvise(at as *mut c_void, length, advice) == 0 }
+}
+
+/// Makes a fresh extent of our `PROT_NONE` reservation readable and writable; whether it
+/// worked.
+pub(crate) fn open_extent(at: usize, size: usize) -> bool {
+    // SAFETY: `[at, at + size)` lies inside our reservation and was handed out to nobody
+    // before (every backing's claim only moves forward), so changing its protection affects
+    // no live memory.
+    unsafe { libc::mprotect(at as *mut c_void, size, libc::PROT_READ | libc::PROT_WRITE) == 0 }
 }
 
 /// One of a backing's span functions.

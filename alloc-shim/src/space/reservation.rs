@@ -1,27 +1,18 @@
 //! The reservation: one span of address space, one range per ledger slot, so the owner of any
-//! pointer is `(ptr - base) >> shift` (O(1), no header, no lookup table). Its layout, how it is
-//! sized, and where it stands.
+//! pointer is `(ptr - base) >> shift` (O(1), no header, no lookup table), then a shared
+//! fallback range for extents an engine's full range cannot take, whose chunks record their
+//! owner. Its layout and where it stands.
 
 use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
-use crate::id::{ARENA_ENGINES, SLOTS, Slot};
-use crate::sys::numa::{MAX_NODES, Topology};
-use crate::sys::parse;
+use crate::id::{ARENA_ENGINES, Node, SLOTS, Slot};
+use crate::sys::numa::Topology;
 
-/// Smallest range per slot the allocator settles for (64 MiB): below it, the engine arenas are
-/// not created and `install()` says why.
-pub const MIN_RANGE_BYTES: usize = 1 << MIN_RANGE_SHIFT;
-/// Largest range per slot (4 TiB): eleven of them stay well inside a 47-bit address space.
-pub const MAX_RANGE_BYTES: usize = 1 << MAX_RANGE_SHIFT;
-const MIN_RANGE_SHIFT: u32 = 26;
-const MAX_RANGE_SHIFT: u32 = 42;
-
-/// The environment variable that sets the range reserved per engine (bytes, or with a `KiB`,
-/// `MiB`, `GiB` or `TiB` suffix), rounded down to a power of two within
-/// [`MIN_RANGE_BYTES`]`..=`[`MAX_RANGE_BYTES`].
-pub const RANGE_BYTES_ENV: &str = "NODEDB_MEM_RANGE_BYTES";
+use super::chunks;
+pub use super::sizing::{MAX_RANGE_BYTES, MIN_RANGE_BYTES, RANGE_BYTES_ENV};
+use super::sizing::{MIN_RANGE_SHIFT, fallback_ranges, node_bits, planned_range_shift};
 
 /// Where setting up the ranges and arenas stands (see [`Stage`]).
 static STAGE: AtomicU8 = AtomicU8::new(Stage::Untried as u8);
@@ -89,24 +80,28 @@ pub(crate) fn layout() -> (usize, u32, u32) {
     )
 }
 
-/// The slot that owns `ptr`: the range holding it, else `Unattributed`.
+/// The slot that owns `ptr`: the range holding it, the owner of its chunk in the fallback
+/// range, else `Unattributed`.
 #[inline(always)]
 pub(crate) fn owner_of(ptr: *const u8) -> Slot {
     let l = LAYOUT.load(Ordering::Relaxed);
     // Before the ranges exist the layout is 0 (base and shift 0), and a heap pointer's "slot"
     // is the pointer itself, far above the count.
-    Slot::at(
-        (ptr as usize)
-            .wrapping_sub(l & BASE_MASK)
-            .wrapping_shr((l & SHIFT_MASK) as u32),
-    )
+    let index = (ptr as usize)
+        .wrapping_sub(l & BASE_MASK)
+        .wrapping_shr((l & SHIFT_MASK) as u32);
+    if index < SLOTS {
+        Slot::at(index)
+    } else {
+        chunks::owner(ptr)
+    }
 }
 
 /// The first address of `slot`'s range on `node` (its whole range for node 0).
 #[inline]
-pub(crate) fn range_start(slot: Slot, node: usize) -> usize {
+pub(crate) fn range_start(slot: Slot, node: Node) -> usize {
     let (base, range_shift, node_shift) = layout();
-    base + (slot.index() << range_shift) + (node << node_shift)
+    base + (slot.index() << range_shift) + (node.index() << node_shift)
 }
 
 /// The node a pointer's memory was placed on (0 outside the engines' ranges).
@@ -119,6 +114,20 @@ pub fn node_of(ptr: *const u8) -> usize {
     ((ptr as usize).wrapping_sub(base) >> node_shift) & (nodes - 1)
 }
 
+/// Bytes of the shared fallback range (0 without one, or before the arenas exist).
+pub fn fallback_range_bytes() -> usize {
+    if stage() == Stage::Ready {
+        chunks::range_bytes()
+    } else {
+        0
+    }
+}
+
+/// Bytes of the fallback range claimed for extents so far (address space, not memory).
+pub fn fallback_claimed_bytes() -> usize {
+    chunks::claimed_bytes()
+}
+
 /// Where the ranges stand, for address tests.
 pub(crate) enum Ranges {
     /// Not created yet (or being created): the layout may still change.
@@ -129,7 +138,8 @@ pub(crate) enum Ranges {
     At(usize, usize),
 }
 
-/// The addresses of `slot`'s range, or (`None`) of all of them together.
+/// The addresses of `slot`'s range, or (`None`) of the whole reservation: every slot's range
+/// and the fallback range.
 pub(crate) fn slot_range(slot: Option<Slot>) -> Ranges {
     match stage() {
         Stage::Ready => {}
@@ -139,10 +149,13 @@ pub(crate) fn slot_range(slot: Option<Slot>) -> Ranges {
     let (base, shift, _) = layout();
     let len = 1usize << shift;
     match slot {
-        None => Ranges::At(base, len * SLOTS),
+        None => Ranges::At(base, RESERVED.load(Ordering::Relaxed)),
         Some(s) => Ranges::At(base + (s.index() << shift), len),
     }
 }
+
+/// Bytes of the whole reservation (0 before it exists).
+static RESERVED: AtomicUsize = AtomicUsize::new(0);
 
 /// Bytes of virtual address space reserved for each engine's range, and for each engine's
 /// overflow range (0 before the arenas exist, or when they could not be created): what one
@@ -176,12 +189,18 @@ pub fn prevent_huge_pages() -> Result<(), i32> {
         return Err(libc::ENOENT);
     };
     let len = ARENA_ENGINES << layout().1;
-    // SAFETY: advice over the engines' part of our own reservation (`ARENA_ENGINES` ranges
-    // from its base); it changes how future faults are served, never the contents.
-    if unsafe { libc::madvise(base as *mut c_void, len, libc::MADV_NOHUGEPAGE) } != 0 {
-        return Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EINVAL));
+    for (at, len) in [(base, len), (chunks::start(), chunks::range_bytes())] {
+        if len == 0 {
+            continue;
+        }
+        // SAFETY: advice over the engines' part of our own reservation (`ARENA_ENGINES`
+        // ranges from its base) or over its fallback range; it changes how future faults are
+        // served, never the contents.
+        if unsafe { libc::madvise(at as *mut c_void, len, libc::MADV_NOHUGEPAGE) } != 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL));
+        }
     }
     Ok(())
 }
@@ -191,7 +210,8 @@ pub fn prevent_huge_pages() -> Result<(), i32> {
 pub enum ArenaFailure {
     /// Not even [`MIN_RANGE_BYTES`] per slot of address space could be reserved.
     Reserve {
-        /// Bytes of the smallest reservation tried (eleven slots of the minimum range).
+        /// Bytes of the smallest reservation tried (eleven slots of the minimum range; a
+        /// twelfth, the fallback range, was tried first).
         bytes: usize,
         /// `errno` of the failed `mmap`.
         errno: i32,
@@ -287,98 +307,6 @@ pub(crate) fn topology() -> &'static Topology {
     TOPOLOGY.get().unwrap_or(&SINGLE)
 }
 
-/// `ceil(log2(n))` for `n >= 1`.
-const fn ceil_log2(n: u64) -> u32 {
-    if n <= 1 {
-        0
-    } else {
-        64 - (n - 1).leading_zeros()
-    }
-}
-
-/// The size asked for in [`RANGE_BYTES_ENV`]: `None` when unset, `Some(Err(()))` when it is
-/// not a size in range. Read with `getenv`: nothing is allocated.
-fn range_from_env() -> Option<Result<u32, ()>> {
-    // SAFETY: a NUL-terminated name; getenv returns null or a NUL-terminated string that we
-    // only read here, before anything of ours could change the environment.
-    let value = unsafe { libc::getenv(c"NODEDB_MEM_RANGE_BYTES".as_ptr()) };
-    if value.is_null() {
-        return None;
-    }
-    // SAFETY: as above: a valid C string.
-    let bytes = unsafe { std::ffi::CStr::from_ptr(value) }.to_bytes();
-    Some(parse_range(bytes).ok_or(()))
-}
-
-/// A size such as `268435456`, `256MiB` or `1 GiB`, as the `log2` of its largest power of two
-/// within the allowed ranges.
-pub(crate) fn parse_range(bytes: &[u8]) -> Option<u32> {
-    const UNITS: &[(&[u8], u32)] = &[
-        (b"", 0),
-        (b"B", 0),
-        (b"KiB", 10),
-        (b"K", 10),
-        (b"MiB", 20),
-        (b"M", 20),
-        (b"GiB", 30),
-        (b"G", 30),
-        (b"TiB", 40),
-        (b"T", 40),
-    ];
-    let n = parse::size(bytes, UNITS).ok()?;
-    if n < MIN_RANGE_BYTES as u64 || n > MAX_RANGE_BYTES as u64 {
-        return None;
-    }
-    Some(63 - n.leading_zeros())
-}
-
-/// The range per slot to try first: [`RANGE_BYTES_ENV`] if set; else, for each NUMA node,
-/// twice the machine's physical memory rounded up to a power of two, so one engine can hold
-/// all of it on any node: jemalloc's own use of a range runs ahead of the live bytes (it grows
-/// its retained extents geometrically, and pads an aligned request by its alignment: 1 GiB
-/// blocks aligned to 1 GiB take 2 GiB of range each until their padding is reused). Either way
-/// at most a half of the address space the process may map (`RLIMIT_AS`), so the rest of the
-/// process keeps room.
-fn planned_range_shift(topo: &Topology) -> Result<u32, ()> {
-    let node_bits = node_bits(topo);
-    let wanted = match range_from_env() {
-        Some(r) => r?,
-        None => {
-            // SAFETY: sysconf has no preconditions (-1 on failure).
-            let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
-            // SAFETY: as above.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-            let phys = u64::try_from(pages)
-                .unwrap_or(0)
-                .saturating_mul(u64::try_from(page).unwrap_or(4096));
-            ceil_log2(phys.max(1)) + 1 + node_bits
-        }
-    };
-    let mut shift = wanted.clamp(MIN_RANGE_SHIFT.max(12 + node_bits), MAX_RANGE_SHIFT);
-    // SAFETY: an all-zero rlimit is valid to pass for getrlimit to fill.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `lim` is a valid rlimit to write.
-    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } == 0
-        && lim.rlim_cur != libc::RLIM_INFINITY
-    {
-        let room = lim.rlim_cur / 2;
-        while shift > MIN_RANGE_SHIFT && (SLOTS as u64) << shift > room {
-            shift -= 1;
-        }
-    }
-    Ok(shift)
-}
-
-/// Bits of a pointer's offset in its engine range that select the NUMA node's part:
-/// enough for the highest node number present.
-fn node_bits(topo: &Topology) -> u32 {
-    let highest = (0..MAX_NODES)
-        .rev()
-        .find(|&n| topo.has_node(n))
-        .unwrap_or(0);
-    ceil_log2(highest as u64 + 1)
-}
-
 /// Reserves address space only: `PROT_NONE` private mappings cost no commit charge even under
 /// `vm.overcommit_memory = 2`; the extent hooks make each extent readable and writable when
 /// they hand it out. Tries the planned size first and halves it until the kernel accepts (an
@@ -386,12 +314,13 @@ fn node_bits(topo: &Topology) -> u32 {
 /// down to [`MIN_RANGE_BYTES`] per slot.
 pub(crate) fn reserve() -> bool {
     let topo = topology();
-    let Ok(mut shift) = planned_range_shift(topo) else {
+    let Ok((mut shift, room)) = planned_range_shift(topo) else {
         return fail(ArenaFailure::Environment);
     };
+    let mut fallback = fallback_ranges(shift, room);
     let node_shift_of = |shift: u32| shift - node_bits(topo);
     loop {
-        let len = SLOTS << shift;
+        let len = (SLOTS + fallback) << shift;
         // SAFETY: a fresh anonymous private mapping at an address of the kernel's choice: no
         // existing memory is affected.
         let p = unsafe {
@@ -405,11 +334,22 @@ pub(crate) fn reserve() -> bool {
             )
         };
         if p != libc::MAP_FAILED {
-            let packed = (p as usize) | shift as usize | ((node_shift_of(shift) as usize) << 6);
+            let base = p as usize;
+            if fallback > 0 {
+                chunks::set_up(base + (SLOTS << shift), fallback << shift);
+            }
+            RESERVED.store(len, Ordering::Relaxed);
+            let packed = base | shift as usize | ((node_shift_of(shift) as usize) << 6);
             LAYOUT.store(packed, Ordering::Release);
             return true;
         }
         if shift <= MIN_RANGE_SHIFT {
+            // Last, the slots' ranges alone: engines keep their own attribution, and a full
+            // range falls back outside the reservation, as `Unattributed`'s.
+            if fallback > 0 {
+                fallback = 0;
+                continue;
+            }
             let errno = std::io::Error::last_os_error()
                 .raw_os_error()
                 .unwrap_or(libc::ENOMEM);
@@ -419,5 +359,6 @@ pub(crate) fn reserve() -> bool {
             });
         }
         shift -= 1;
+        fallback = fallback.min(1);
     }
 }

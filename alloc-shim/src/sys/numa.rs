@@ -3,8 +3,7 @@
 
 use std::ffi::c_int;
 
-/// Most NUMA nodes placed: each engine's range is split into this many node sub-ranges.
-pub const MAX_NODES: usize = 8;
+pub use crate::id::MAX_NODES;
 /// Most CPUs mapped to nodes; CPUs above this count as node 0's.
 pub const MAX_CPUS: usize = 1024;
 

@@ -33,7 +33,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::accounting::bound::FAST_MAX;
-use crate::id::{Arena, EngineId, SLOTS, Slot};
+use crate::id::{Arena, EngineId, Node, SLOTS, Slot};
 use guard::GuardStack;
 
 /// Consecutive allocations visiting one engine after which a thread moves its home there.
@@ -111,7 +111,7 @@ pub(crate) struct ThreadState {
     shard: Cell<Option<u8>>,
     /// The NUMA node whose arenas serve this thread (`None` until first needed: sampled with
     /// `sched_getcpu` then, and set again when the thread is pinned).
-    node: Cell<Option<u8>>,
+    node: Cell<Option<Node>>,
     /// This thread's explicit jemalloc cache for each slot (engine, or engine's overflow) it
     /// visits or frees foreign blocks of.
     tcaches: [Cell<Cache>; SLOTS],

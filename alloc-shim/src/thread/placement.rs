@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tikv_jemalloc_sys as jem;
 
 use super::{Cache, HOME_SWITCH_AFTER, HOME_SWITCHES, Phase, TCACHES_CREATED, ThreadState};
-use crate::id::{Arena, Slot};
+use crate::id::{Arena, Node, Slot};
 use crate::space::arenas::{MAX_SHARDS, arena_of};
 use crate::space::reservation::topology;
 use crate::sys::mallctl::keys;
@@ -57,14 +57,15 @@ impl ThreadState {
     }
 
     /// The node this thread's engine memory comes from.
-    pub(crate) fn node(&self) -> usize {
+    pub(crate) fn node(&self) -> Node {
         match self.node.get() {
-            Some(n) => n as usize,
+            Some(n) => n,
             None => {
                 // SAFETY: sched_getcpu has no preconditions (-1 on failure).
                 let cpu = unsafe { libc::sched_getcpu() };
                 let node = topology().placement_for_cpu(usize::try_from(cpu).unwrap_or(0));
-                self.node.set(Some(node as u8));
+                let node = Node::at(node).unwrap_or(Node::FIRST);
+                self.node.set(Some(node));
                 node
             }
         }
@@ -72,8 +73,8 @@ impl ThreadState {
 
     /// Moves this thread's engine memory to `node`'s arenas (rebinding home if it is an
     /// engine).
-    pub(crate) fn set_node(&self, node: usize) {
-        self.node.set(Some(node as u8));
+    pub(crate) fn set_node(&self, node: Node) {
+        self.node.set(Some(node));
         let home = self.home.get();
         if !self.is_detached()
             && home.has_arena()
