@@ -104,14 +104,15 @@ pub(crate) fn planned_range_shift(topo: &Topology) -> Result<(u32, Option<u64>),
 
 /// Ranges of shared fallback space to reserve after the slots' (see `docs/design.md`, "When a
 /// range is full"): what is left of `room` once the slots have theirs (at most
-/// [`MAX_FALLBACK_RANGES`]), at least one; one without a limit, where a range already holds
-/// twice the machine's memory.
+/// [`MAX_FALLBACK_RANGES`]); none where not even one range is left (a limit so tight that the
+/// slots alone pass half of it: the rest of the process needs the address space more); one
+/// without a limit, where a range already holds twice the machine's memory.
 pub(crate) fn fallback_ranges(shift: u32, room: Option<u64>) -> usize {
     let Some(room) = room else {
         return 1;
     };
     let left = room.saturating_sub((SLOTS as u64) << shift) >> shift;
-    (left as usize).clamp(1, MAX_FALLBACK_RANGES)
+    (left as usize).min(MAX_FALLBACK_RANGES)
 }
 
 /// Most ranges of fallback space reserved.
