@@ -39,8 +39,9 @@
 //! 5. `thread`: the thread's state and guards, its settlement, the thread-event callback (the
 //!    only module that touches the thread-local);
 //! 6. `overflow`: regions, their backing, push-out and `fork`;
-//! 7. `route`: the global allocator's paths as functions over the thread's state;
-//! 8. the root ([`GovernedAlloc`], [`EngineGuard`]) and [`ctl`], what the governor drives.
+//! 7. `profile`: heap-profile samples (which live blocks, whose, from which stack);
+//! 8. `route`: the global allocator's paths as functions over the thread's state;
+//! 9. the root ([`GovernedAlloc`], [`EngineGuard`]) and [`ctl`], what the governor drives.
 //!
 //! [`charged`]: ctl::ledger::charged
 //! [`Bound::interval`]: ctl::ledger::Bound::interval
@@ -55,6 +56,7 @@ mod id;
 #[doc(hidden)]
 pub mod model;
 mod overflow;
+mod profile;
 mod route;
 mod space;
 pub mod sys;

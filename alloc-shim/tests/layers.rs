@@ -14,6 +14,7 @@ const LAYERS: &[&str] = &[
     "accounting",
     "thread",
     "overflow",
+    "profile",
     "route",
     "ctl",
 ];

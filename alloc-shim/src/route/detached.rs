@@ -8,6 +8,7 @@ use tikv_jemalloc_sys as jem;
 
 use super::counters::{DETACHED, range_fallback};
 use super::flags::{align_flags, usable};
+use super::sample::forget;
 use crate::accounting::ledger;
 use crate::id::{Arena, Slot};
 use crate::space::reservation::owner_of;
@@ -62,6 +63,7 @@ unsafe fn detached_alloc(size: usize, flags: c_int, usable: u64, zero: bool) -> 
 pub(super) unsafe fn detached_dealloc(ptr: *mut u8, size: usize, flags: c_int, usable: u64) {
     DETACHED.fetch_add(1, Ordering::Relaxed);
     let owner = owner_of(ptr);
+    forget(ptr);
     // SAFETY: `sdallocx` needs
     // 1. `ptr` from jemalloc, not yet freed: this function's contract;
     // 2. `size` within its `[requested, usable]`: the size it was allocated with;
@@ -86,6 +88,8 @@ pub(super) unsafe fn detached_realloc(
 ) -> *mut u8 {
     DETACHED.fetch_add(1, Ordering::Relaxed);
     let owner = owner_of(ptr);
+    // A sampled block leaves the profile here (a detached thread keeps nothing sampled).
+    forget(ptr);
     // SAFETY: `rallocx` needs
     // 1. `ptr` from jemalloc, not yet freed: `GlobalAlloc::realloc`'s contract;
     // 2. `new_size > 0`: the same contract;

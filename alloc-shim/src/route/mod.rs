@@ -8,6 +8,7 @@ mod flags;
 mod place;
 mod relocate;
 mod resize;
+mod sample;
 mod slow;
 
 pub use counters::{
@@ -23,6 +24,7 @@ use crate::thread;
 use detached::{detached_dealloc, detached_entry, detached_realloc};
 use flags::{MIN_ALIGN, align_flags, fast_alloc, usable};
 use resize::realloc_slow;
+use sample::after;
 use slow::{alloc_slow, dealloc_slow};
 
 /// The global allocator: jemalloc, with every allocation charged to the engine that owns it.
@@ -90,14 +92,98 @@ unsafe fn alloc_impl(layout: Layout, zero: bool) -> *mut u8 {
             unsafe { fast_alloc(size, align_flags(size, align), zero) }
         }
         .cast::<u8>();
-        if !p.is_null() {
+        // The null test, folded with the sampler's: a sample due makes every block fail it.
+        if p as usize > t.sample_gate() {
             return p;
         }
+        // SAFETY: `home_missed` needs `size > 0` and a power-of-two `align` (the caller's
+        // contract, a `Layout`'s), and `p` null or a fresh home block of that layout: the
+        // home path's answer.
+        return unsafe { home_missed(t, p, size, align, zero) };
     }
     // SAFETY: `alloc_slow` needs
     // 1. `size > 0`: the caller's contract;
     // 2. `align` a power of two: a `Layout`'s.
     unsafe { alloc_slow(t, size, align, zero) }
+}
+
+/// The home path's answer `p` failed its test: null (the slow path then serves the request)
+/// or chosen by the sampling clock.
+///
+/// # Safety
+/// `size > 0`; `align` is a power of two; `p` is null or a fresh home block, not yet handed
+/// out, of `size` bytes asked with alignment `align`.
+#[cold]
+#[inline(never)]
+unsafe fn home_missed(
+    t: &thread::ThreadState,
+    p: *mut u8,
+    size: usize,
+    align: usize,
+    zero: bool,
+) -> *mut u8 {
+    if p.is_null() {
+        // SAFETY: `alloc_slow` needs `size > 0` and a power-of-two `align`: this function's
+        // contract.
+        return unsafe { alloc_slow(t, size, align, zero) };
+    }
+    // SAFETY: `home_sample` needs `p` a fresh home block of that layout: this function's
+    // contract.
+    unsafe { home_sample(t, p, size, align, zero) }
+}
+
+/// The home path's block `p` was chosen by the sampling clock.
+///
+/// # Safety
+/// `p` is a fresh home block, not yet handed out, of `size` bytes asked with alignment
+/// `align` (a `Layout`'s).
+#[cold]
+#[inline(never)]
+unsafe fn home_sample(
+    t: &thread::ThreadState,
+    p: *mut u8,
+    size: usize,
+    align: usize,
+    zero: bool,
+) -> *mut u8 {
+    let flags = if align <= MIN_ALIGN && align <= size {
+        0
+    } else {
+        align_flags(size, align)
+    };
+    let usable = usable(size, align).unwrap_or(0);
+    // SAFETY: `after` needs `p` live with `size` and `flags` (the home path allocated it
+    // with exactly those: no flags when natural alignment suffices), of `usable` bytes, and
+    // nothing to keep (`data` 0): it was never handed out.
+    unsafe { after(t, p, size, flags, usable, zero, 0) }
+}
+
+/// The home path's `realloc` answer `q` failed its test: null (the block at `ptr` is intact
+/// and the slow path resizes it) or chosen by the sampling clock.
+///
+/// # Safety
+/// If `q` is null, `GlobalAlloc::realloc`'s contract for `ptr`, `old_size`, `align` and
+/// `new_size`; otherwise `q` is the live block `realloc` just returned for `new_size` bytes
+/// with alignment flags `flags`.
+#[cold]
+#[inline(never)]
+unsafe fn realloc_missed(
+    t: &thread::ThreadState,
+    ptr: *mut u8,
+    q: *mut u8,
+    old_size: usize,
+    align: usize,
+    new_size: usize,
+    flags: std::ffi::c_int,
+) -> *mut u8 {
+    if q.is_null() {
+        // SAFETY: `realloc_slow` needs the caller's `realloc` contract: this function's.
+        return unsafe { realloc_slow(t, ptr, old_size, align, new_size) };
+    }
+    let usable = usable(new_size, align).unwrap_or(0);
+    // SAFETY: `after` needs `q` live with `new_size` bytes asked and alignment flags
+    // `flags`, of `usable` bytes, its first `new_size` bytes kept: this function's contract.
+    unsafe { after(t, q, new_size, flags, usable, false, new_size) }
 }
 
 // SAFETY: every method returns memory from jemalloc with the requested size and alignment
@@ -198,9 +284,13 @@ unsafe impl GlobalAlloc for GovernedAlloc {
                 }
             }
             .cast::<u8>();
-            if !q.is_null() {
+            if q as usize > t.sample_gate() {
                 return q;
             }
+            // SAFETY: `realloc_missed` needs `GlobalAlloc::realloc`'s contract for `ptr`
+            // (the caller's) unless `q` is non-null, and then `q` the block `realloc` just
+            // returned for `new_size` with these flags.
+            return unsafe { realloc_missed(t, ptr, q, old_size, align, new_size, flags) };
         }
         // SAFETY: `realloc_slow` needs `GlobalAlloc::realloc`'s contract with `layout`'s
         // size and alignment as `old_size` and `align`: the caller's, passed on.

@@ -9,12 +9,14 @@ use super::counters::range_fallback;
 use super::flags::{align_flags, usable};
 use super::place::{charge_where_it_is, count_detached, free_owned, overflow_alloc};
 use super::relocate::account;
+use super::sample::{after, keep_flags};
 use crate::accounting::bound::DIRECT_THRESHOLD;
 use crate::accounting::ledger;
 use crate::accounting::limits::is_over;
 use crate::overflow::{
     OverflowPolicy, count_breach, count_refusal, overflow_arena, overflow_policy, pushout,
 };
+use crate::profile;
 use crate::space::reservation::owner_of;
 use crate::thread::ThreadState;
 
@@ -38,31 +40,48 @@ pub(super) unsafe fn realloc_slow(
     let flags = align_flags(new_size, align);
     let old = (old_size, align_flags(old_size, align));
     let began = t.begin_slow();
+    // A sampled block stays sampled: resized within its owner's fallback arena, its sample
+    // carried to the new place (or put back if the old block stays).
+    let sampled = profile::forget(ptr);
+    let keep = sampled.and_then(|s| keep_flags(s.owner));
     // SAFETY: `realloc` needs
     // 1. `ptr` live, from this allocator, with size `old.0` and alignment flags `old.1`:
     //    this function's contract, and `align_flags` is what it was allocated with;
     // 2. `new_size > 0`: this function's contract;
     // 3. `flags` the new size's alignment flags and the usable sizes of both layouts:
     //    computed just above.
-    let q = unsafe { realloc(t, ptr, old, new_size, flags, old_usable, new_usable) };
+    let q = unsafe { realloc(t, ptr, old, new_size, flags, keep, old_usable, new_usable) };
     t.end_slow(began);
-    q
+    if let Some(s) = sampled {
+        if q.is_null() {
+            profile::moved(s, s.owner, ptr, s.usable);
+        } else if profile::is_sampled_place(q) {
+            profile::moved(s, owner_of(q), q, new_usable);
+        }
+    }
+    // SAFETY: `after` needs `q` null or live with `new_size` and `flags`, of `new_usable`
+    // bytes, its first `new_size` bytes kept: the block `realloc` returned.
+    unsafe { after(t, q, new_size, flags, new_usable, false, new_size) }
 }
 
 /// Resizes a block. `old` is its size and alignment flags, `new_size`/`flags` the new
-/// size and its alignment flags.
+/// size and its alignment flags; `keep`, the arena and cache flags to resize it with when it
+/// must stay where it is (a sampled block in its owner's fallback arena).
 ///
 /// # Safety
 /// `ptr` is a live block of this allocator allocated with size `old.0` and alignment flags
-/// `old.1`; `new_size > 0`; `flags` holds only the new size's alignment; `old_usable` and
-/// `new_usable` are the usable sizes of the old and new layouts.
+/// `old.1`; `new_size > 0`; `flags` holds only the new size's alignment; `keep` names an
+/// existing arena and no cache, if anything; `old_usable` and `new_usable` are the usable
+/// sizes of the old and new layouts.
 #[inline(never)]
+#[expect(clippy::too_many_arguments, reason = "the block's whole description")]
 unsafe fn realloc(
     t: &ThreadState,
     ptr: *mut u8,
     old: (usize, c_int),
     new_size: usize,
     flags: c_int,
+    keep: Option<c_int>,
     old_usable: u64,
     new_usable: u64,
 ) -> *mut u8 {
@@ -112,7 +131,9 @@ unsafe fn realloc(
     }
     // The new block keeps the owner: away from home, name the owner's arena explicitly.
     let align = flags;
-    let flags = if t.is_home(owner) {
+    let flags = if let Some(keep) = keep {
+        flags | keep
+    } else if t.is_home(owner) {
         flags
     } else {
         match t.visit_arena(owner) {
@@ -123,8 +144,9 @@ unsafe fn realloc(
     // SAFETY: `rallocx` needs
     // 1. `ptr` from jemalloc, not yet freed: this function's contract;
     // 2. `new_size > 0`: the same;
-    // 3. an existing arena and a cache this thread created, if any: `visit_arena` and
-    //    `cache_flag` give only those; the alignment is the new layout's (`align`).
+    // 3. an existing arena and a cache this thread created, if any: `keep` (this
+    //    function's contract), `visit_arena` and `cache_flag` give only those; the alignment
+    //    is the new layout's (`align`).
     let q = unsafe { jem::rallocx(ptr.cast(), new_size, flags) }.cast::<u8>();
     if q.is_null() {
         if !owner.has_arena() {

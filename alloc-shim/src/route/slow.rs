@@ -11,6 +11,7 @@ use super::detached::detached_dealloc;
 use super::flags::{align_flags, fast_alloc, usable};
 use super::place::{charge_where_it_is, count_detached, free_owned, overflow_alloc};
 use super::relocate::account;
+use super::sample::{after, forget};
 use crate::accounting::bound::FAST_MAX;
 use crate::id::Slot;
 use crate::overflow::{
@@ -38,7 +39,9 @@ pub(super) unsafe fn alloc_slow(t: &ThreadState, size: usize, align: usize, zero
         let p = unsafe { fast_alloc(size, flags, zero) }.cast::<u8>();
         if !p.is_null() {
             t.check();
-            return p;
+            // SAFETY: `after` needs `p` live with `size` and `flags`, of `usable` bytes,
+            // nothing kept: just allocated so.
+            return unsafe { after(t, p, size, flags, usable, zero, 0) };
         }
     }
     let began = t.begin_slow();
@@ -48,7 +51,8 @@ pub(super) unsafe fn alloc_slow(t: &ThreadState, size: usize, align: usize, zero
     // 3. `usable` the block's usable size: `usable(size, align)`, jemalloc's size class.
     let p = unsafe { slow_alloc(t, size, flags, usable, zero) };
     t.end_slow(began);
-    p
+    // SAFETY: as above.
+    unsafe { after(t, p, size, flags, usable, zero, 0) }
 }
 
 /// Every free the home path did not take.
@@ -68,6 +72,7 @@ pub(super) unsafe fn dealloc_slow(t: &ThreadState, ptr: *mut u8, size: usize, al
         return unsafe { detached_dealloc(ptr, size, flags, usable) };
     }
     let owner = owner_of(ptr);
+    forget(ptr);
     if t.is_home(owner) && size | align <= FAST_MAX && t.register() {
         // A home free counted by jemalloc, as on the home path, checked as in `alloc_slow`.
         // SAFETY: `sdallocx` needs

@@ -83,6 +83,15 @@ pub(crate) fn claim(owner: Slot, size: usize, alignment: usize) -> Option<usize>
     Some((start + (first << shift)).next_multiple_of(alignment))
 }
 
+/// Whether `ptr` lies in the fallback range.
+#[inline]
+pub(crate) fn contains(ptr: *const u8) -> bool {
+    let f = FALLBACK.load(Ordering::Relaxed);
+    f != 0
+        && (ptr as usize).wrapping_sub(f & BASE_MASK)
+            < TOTAL.load(Ordering::Relaxed) << (f & SHIFT_MASK)
+}
+
 /// Sets the fallback range up: `bytes` from `start` (page-aligned), cut into at most
 /// [`CHUNKS`] chunks. Once, while the reservation is made.
 pub(crate) fn set_up(start: usize, bytes: usize) {

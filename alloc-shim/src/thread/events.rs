@@ -90,8 +90,13 @@ pub fn thread_events_active() -> bool {
 /// # Safety
 /// Called by jemalloc only, on the thread the event is for; it has no preconditions of its
 /// own (it reaches nothing but that thread's state).
-unsafe extern "C" fn on_thread_event(is_alloc: bool, _allocated: u64, _deallocated: u64) {
-    let _ = with(|t: &ThreadState| t.on_event(is_alloc));
+unsafe extern "C" fn on_thread_event(is_alloc: bool, allocated: u64, _deallocated: u64) {
+    let _ = with(|t: &ThreadState| {
+        t.on_event(is_alloc);
+        if is_alloc && !t.is_detached() {
+            t.sample_tick(allocated);
+        }
+    });
 }
 
 /// Where jemalloc keeps the calling thread's allocated and deallocated byte counters, or

@@ -23,6 +23,7 @@
 pub(crate) mod events;
 pub(crate) mod guard;
 mod placement;
+pub(crate) mod sampling;
 mod settle;
 
 pub use guard::{EngineGuard, GUARD_SLOTS};
@@ -115,6 +116,18 @@ pub(crate) struct ThreadState {
     /// This thread's explicit jemalloc cache for each slot (engine, or engine's overflow) it
     /// visits or frees foreign blocks of.
     tcaches: [Cell<Cache>; SLOTS],
+    /// The heap-profile sampler's gate (see `sampling.rs`): 0, or `GATE_OPEN` while the
+    /// allocation in flight is to be sampled.
+    sample_gate: Cell<usize>,
+    /// jemalloc's allocated counter at which the next sample falls (`u64::MAX`: clock
+    /// stopped), and the sampler's random state.
+    sample_at: Cell<u64>,
+    /// The allocated counter at the previous thread-event hook, the program's bytes between
+    /// the last two hooks, and the sampler's own bytes since the last.
+    last_tick: Cell<u64>,
+    gap: Cell<u64>,
+    own_bytes: Cell<u64>,
+    rng: Cell<u64>,
 }
 
 impl ThreadState {
@@ -142,6 +155,12 @@ impl ThreadState {
             shard: Cell::new(None),
             node: Cell::new(None),
             tcaches: [const { Cell::new(Cache::Untried) }; SLOTS],
+            sample_gate: Cell::new(0),
+            sample_at: Cell::new(u64::MAX),
+            last_tick: Cell::new(0),
+            gap: Cell::new(1),
+            own_bytes: Cell::new(0),
+            rng: Cell::new(0),
         }
     }
 

@@ -1,0 +1,109 @@
+//! Taking a block the sampling clock chose (`thread/sampling.rs`): it moves into its owner's
+//! fallback arena, where every free and `realloc` of it, on any thread, takes the slow path
+//! (the address is outside every home range and inside the reservation), and is recorded
+//! with the calling thread's stack (`profile`). The move keeps the owner (the fallback
+//! range's chunks are the owner's) and the usable size (the same size class), so the ledger
+//! does not move: the thread's counters see one block allocated and one freed.
+
+use std::ffi::c_int;
+
+use tikv_jemalloc_sys as jem;
+
+use crate::id::Slot;
+use crate::profile;
+use crate::space::fallback;
+use crate::space::reservation::owner_of;
+use crate::thread::ThreadState;
+use crate::thread::sampling::{GATE_OPEN, mean_interval};
+
+/// The block at `p` (live, `size` bytes asked with alignment flags `flags`, `usable` bytes,
+/// holding `data` bytes the caller wrote or asked to keep) was chosen: moves it into its
+/// owner's fallback arena and records it, returning where it now lives; `p` itself (not
+/// sampled) where the owner has no fallback arena or the move fails.
+///
+/// # Safety
+/// `p` is a live block of this allocator, allocated with `size` and `flags`, of `usable`
+/// bytes, not handed to the program yet unless `data > 0` (then its first `data <= size`
+/// bytes are kept); `flags` holds only an alignment.
+#[cold]
+#[inline(never)]
+pub(super) unsafe fn take(
+    t: &ThreadState,
+    p: *mut u8,
+    size: usize,
+    flags: c_int,
+    usable: u64,
+    zero: bool,
+    data: usize,
+) -> *mut u8 {
+    let owner = owner_of(p);
+    let mean = mean_interval();
+    let interval = t.sample_gap();
+    if profile::is_sampled_place(p) {
+        // Already in the fallback range (a range fallback): sampled where it is.
+        profile::record(owner, p, usable, mean, interval);
+        return p;
+    }
+    let Some(arena) = fallback::arena(owner).filter(|_| owner.has_arena() && mean > 0) else {
+        return p;
+    };
+    let z = if zero { jem::MALLOCX_ZERO } else { 0 };
+    // SAFETY: `mallocx` needs
+    // 1. `size > 0`: `p` is a live block of `size` bytes;
+    // 2. an existing arena: `fallback::arena` returns only arenas created;
+    // 3. otherwise only an alignment (this function's contract), `MALLOCX_ZERO` and
+    //    `MALLOCX_TCACHE_NONE`.
+    let q = unsafe { jem::mallocx(size, flags | z | jem::MALLOCX_TCACHE_NONE | arena.flag()) }
+        .cast::<u8>();
+    if q.is_null() {
+        return p;
+    }
+    // SAFETY: `copy_nonoverlapping` needs both ranges valid and disjoint: `p` and `q` are
+    // distinct live blocks of at least `size >= data` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(p, q, data) };
+    // SAFETY: `sdallocx` needs `p` from jemalloc and not yet freed (this function's
+    // contract), `size` within its `[requested, usable]` (the size asked), its alignment
+    // flags (`flags`); bypassing the cache keeps every cache's blocks its owner's.
+    unsafe { jem::sdallocx(p.cast(), size, flags | jem::MALLOCX_TCACHE_NONE) };
+    // The move's bytes are the sampler's own, not the program's: the clock skips them (else
+    // each sample would shorten the wait for the next by its size), and a hook that fired
+    // inside them opened no sample.
+    t.skip_sampling(usable);
+    profile::record(owner, q, usable, mean, interval);
+    q
+}
+
+/// After an allocation served `p` (`size` bytes asked with alignment flags `flags`, `usable`
+/// bytes, `data` of them to keep): where the sampling clock opened this thread's gate during
+/// it, takes `p` as the sample and closes the gate.
+///
+/// # Safety
+/// `p` is null, or as for [`take`].
+#[inline(always)]
+pub(super) unsafe fn after(
+    t: &ThreadState,
+    p: *mut u8,
+    size: usize,
+    flags: c_int,
+    usable: u64,
+    zero: bool,
+    data: usize,
+) -> *mut u8 {
+    if p.is_null() || t.sample_gate() != GATE_OPEN || !t.take_sample() {
+        return p;
+    }
+    // SAFETY: `take` has this function's contract for a non-null `p`.
+    unsafe { take(t, p, size, flags, usable, zero, data) }
+}
+
+/// Forgets the sample of the block at `ptr`, if it is one, as it is freed.
+#[inline(always)]
+pub(super) fn forget(ptr: *const u8) {
+    let _ = profile::forget(ptr);
+}
+
+/// The owner-preserving arena flags that keep a sampled block sampled across a `realloc`:
+/// its owner's fallback arena, uncached (`None` without one).
+pub(super) fn keep_flags(owner: Slot) -> Option<c_int> {
+    fallback::arena(owner).map(|a| a.flag() | jem::MALLOCX_TCACHE_NONE)
+}

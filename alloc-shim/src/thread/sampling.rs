@@ -1,0 +1,112 @@
+//! The heap-profile sampling clock: each thread draws the byte count of jemalloc's allocated
+//! counter at which its next sample falls (exponential, mean [`mean_interval`]), and the
+//! thread-event hook, which fires inside the allocation that crosses its interval, opens the
+//! thread's sample gate once that count is passed. The routing layer takes the allocation in
+//! flight as the sample when it sees the gate open (`route`, `profile`). Off (mean 0), the hook
+//! only reads the mean; nothing on the allocation paths changes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::ThreadState;
+
+/// The mean sampling interval in bytes; 0: profiling off.
+static MEAN: AtomicU64 = AtomicU64::new(0);
+
+/// The gate value that makes the home path hand its allocation to the sampler: every address
+/// is at most this, so the home path's `p > gate` test fails for any block.
+pub(crate) const GATE_OPEN: usize = usize::MAX;
+
+/// Sets the mean sampling interval (`0` turns sampling off). Threads pick it up at their
+/// next thread-event hook.
+pub(crate) fn set_mean_interval(bytes: u64) {
+    MEAN.store(bytes, Ordering::Relaxed);
+}
+
+/// The mean sampling interval in bytes (0: off).
+pub(crate) fn mean_interval() -> u64 {
+    MEAN.load(Ordering::Relaxed)
+}
+
+impl ThreadState {
+    /// The thread-event hook saw this thread's allocated counter at `allocated`: stops the
+    /// clock if sampling is off, starts it (the wait counted from the previous hook) if it was
+    /// just turned on, and opens the gate when the count drawn for the next sample is passed
+    /// (drawing the one after).
+    pub(super) fn sample_tick(&self, allocated: u64) {
+        let last = self.last_tick.replace(allocated);
+        // The program's bytes since the previous hook: the sampler's own moves left out.
+        let own = self.own_bytes.replace(0);
+        self.gap
+            .set(allocated.wrapping_sub(last).saturating_sub(own).max(1));
+        let mean = mean_interval();
+        if mean == 0 {
+            self.sample_at.set(u64::MAX);
+            return;
+        }
+        let mut at = self.sample_at.get();
+        if at == u64::MAX {
+            at = last.saturating_add(self.draw(mean));
+        }
+        if allocated >= at {
+            self.sample_gate.set(GATE_OPEN);
+            at = allocated.saturating_add(self.draw(mean));
+        }
+        self.sample_at.set(at);
+    }
+
+    /// The home path's post-allocation test: a block at `p` goes straight back to the caller
+    /// when `p > sample_gate()` (0 normally: every non-null block; [`GATE_OPEN`] when the
+    /// allocation in flight is to be sampled: none).
+    #[inline(always)]
+    pub(crate) fn sample_gate(&self) -> usize {
+        self.sample_gate.get()
+    }
+
+    /// The sampler itself allocated `bytes` on this thread (moving a sample): they count on
+    /// jemalloc's counter but are not the program's, so the clock skips them, and a gate a
+    /// hook opened inside them is closed.
+    pub(crate) fn skip_sampling(&self, bytes: u64) {
+        self.sample_gate.set(0);
+        self.own_bytes
+            .set(self.own_bytes.get().saturating_add(bytes));
+        let at = self.sample_at.get();
+        if at != u64::MAX {
+            self.sample_at.set(at.saturating_add(bytes));
+        }
+    }
+
+    /// The program's bytes between the last two thread-event hooks: the interval the sample
+    /// in flight was chosen in (a block of `s < gap` bytes contained that hook with chance
+    /// `s / gap`).
+    pub(crate) fn sample_gap(&self) -> u64 {
+        self.gap.get()
+    }
+
+    /// Closes the gate; whether it was open (the allocation in flight is to be sampled).
+    #[inline]
+    pub(crate) fn take_sample(&self) -> bool {
+        self.sample_gate.replace(0) == GATE_OPEN
+    }
+
+    /// An exponential draw of mean `mean` bytes (xorshift64*, seeded from the state's
+    /// address, so threads differ), at least 1.
+    fn draw(&self, mean: u64) -> u64 {
+        let mut x = self.rng.get();
+        if x == 0 {
+            x = (std::ptr::from_ref(self) as u64) | 1;
+        }
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.set(x);
+        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        // A uniform in (0, 1] from the top 53 bits.
+        let u = ((r >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        let d = -u.ln() * mean as f64;
+        if d >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            (d as u64).max(1)
+        }
+    }
+}
