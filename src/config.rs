@@ -164,6 +164,12 @@ impl RebalanceConfig {
     }
 }
 
+/// The heap-profile sampling interval `install` sets unless told otherwise
+/// ([`GovernorBuilder::heap_profile_interval`]): a sample per 4 MiB allocated per thread on
+/// average, cheap enough to stay on (measured in `docs/benchmarks.md`).
+pub const DEFAULT_HEAP_PROFILE_INTERVAL: u64 =
+    nodedb_mem_alloc::ctl::profile::DEFAULT_SAMPLE_INTERVAL;
+
 /// Builds a [`MemoryGovernor`](crate::MemoryGovernor). Every setting has a working default;
 /// [`build`](Self::build) rejects any inconsistent combination with an error naming the setting
 /// and its value.
@@ -200,6 +206,7 @@ pub struct GovernorBuilder {
     cap_to_node_memory: bool,
     allow_unattributed: bool,
     huge_pages: bool,
+    heap_profile_interval: Option<u64>,
     inflight_bound: Option<u64>,
     background: Option<std::time::Duration>,
     background_stretch: u32,
@@ -258,6 +265,8 @@ pub(crate) struct Config {
         expect(dead_code, reason = "loom models never install a governor")
     )]
     pub(crate) huge_pages: bool,
+    /// The heap-profile sampling interval `install` sets (`None`: left as it is).
+    pub(crate) heap_profile_interval: Option<u64>,
     /// The in-flight bound the caller expects (checked against the process's at install).
     #[cfg_attr(
         nodedb_mem_loom,
@@ -309,6 +318,7 @@ impl Default for GovernorBuilder {
             cap_to_node_memory: false,
             allow_unattributed: false,
             huge_pages: true,
+            heap_profile_interval: Some(DEFAULT_HEAP_PROFILE_INTERVAL),
             inflight_bound: None,
             background: Some(DEFAULT_BACKGROUND_INTERVAL),
             background_stretch: BACKGROUND_STRETCH_MAX,
@@ -483,6 +493,19 @@ impl GovernorBuilder {
     /// the governor counts against the ceiling.
     pub fn huge_pages(mut self, allow: bool) -> Self {
         self.huge_pages = allow;
+        self
+    }
+
+    /// Samples heap allocations for per-engine profiles
+    /// ([`MemoryGovernor::heap_profile`](crate::MemoryGovernor::heap_profile)) at a mean
+    /// interval of `bytes` allocated per thread once [`install`](Self::install) has run; `0`
+    /// leaves sampling off. The default, [`DEFAULT_HEAP_PROFILE_INTERVAL`], keeps profiling on
+    /// at a cost measured in `docs/benchmarks.md`; change it at run time with
+    /// [`MemoryGovernor::set_heap_profiling`](crate::MemoryGovernor::set_heap_profiling).
+    /// `build` leaves the process's sampling as it is (the sampler is the process's, as the
+    /// allocator is).
+    pub fn heap_profile_interval(mut self, bytes: u64) -> Self {
+        self.heap_profile_interval = Some(bytes);
         self
     }
 
@@ -857,6 +880,7 @@ impl GovernorBuilder {
             numa_policy: self.numa_policy,
             allow_unattributed: self.allow_unattributed,
             huge_pages: self.huge_pages,
+            heap_profile_interval: self.heap_profile_interval,
             inflight_bound: self.inflight_bound,
             background: self.background,
             background_stretch: self.background_stretch,

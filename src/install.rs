@@ -79,6 +79,9 @@ fn install(config: Config) -> Result<&'static MemoryGovernor> {
         );
     }
     nodedb_mem_alloc::ctl::numa::set_numa_policy(config.numa_policy);
+    if let Some(interval) = config.heap_profile_interval {
+        nodedb_mem_alloc::ctl::profile::set_sample_interval(interval);
+    }
     if !config.huge_pages && nodedb_mem_alloc::ctl::arenas::arenas_ready() {
         nodedb_mem_alloc::ctl::arenas::prevent_huge_pages().map_err(|errno| MemError::Io {
             what: "keeping transparent huge pages out of the engines' ranges".into(),

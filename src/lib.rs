@@ -35,6 +35,8 @@ mod kept;
 mod ledger;
 mod metrics;
 mod pressure;
+#[cfg(not(nodedb_mem_loom))]
+pub mod profile;
 mod rebalance;
 #[cfg(not(nodedb_mem_loom))]
 mod rebalancer;
@@ -61,9 +63,9 @@ pub use ceiling::{CeilingSource, DEFAULT_RAM_FRACTION, MEMORY_LIMIT_ENV};
 pub use cgroup::{CgroupEvents, CgroupFigures, CgroupStat, CgroupVersion, MemoryPressure, PsiLine};
 pub use config::{
     BACKGROUND_STRETCH_MAX, DEFAULT_BACKGROUND_INTERVAL, DEFAULT_CGROUP_MARGIN,
-    DEFAULT_MIN_PAGE_CACHE, DEFAULT_OVERHEAD_RESERVE, DEFAULT_RSS_MARGIN, DEFAULT_SWEEP_BUDGET,
-    GovernorBuilder, MAX_CEILING, MAX_OVERFLOW_CAPACITY, MIN_CEILING, OVERFLOW_DISK_RESERVE,
-    OverflowConfig, RebalanceConfig,
+    DEFAULT_HEAP_PROFILE_INTERVAL, DEFAULT_MIN_PAGE_CACHE, DEFAULT_OVERHEAD_RESERVE,
+    DEFAULT_RSS_MARGIN, DEFAULT_SWEEP_BUDGET, GovernorBuilder, MAX_CEILING, MAX_OVERFLOW_CAPACITY,
+    MIN_CEILING, OVERFLOW_DISK_RESERVE, OverflowConfig, RebalanceConfig,
 };
 pub use error::{Limit, MemError, Result};
 pub use events::{BreachEvent, CeilingCause, EVENT_CAPACITY, EventKind};
@@ -99,6 +101,8 @@ pub use nodedb_mem_alloc::ctl::overflow::{
 pub use nodedb_mem_alloc::ctl::thread::{current_engine, flush_thread, home_engine};
 pub use nodedb_mem_alloc::{EngineGuard, EngineId, GUARD_SLOTS, GovernedAlloc, UnknownEngine};
 pub use pressure::{PressureLevel, PressureThresholds};
+#[cfg(not(nodedb_mem_loom))]
+pub use profile::{Frame, HeapProfile, Site};
 pub use rebalance::{RebalanceMove, RebalanceReport};
 #[cfg(not(nodedb_mem_loom))]
 pub use rebalancer::Rebalancer;

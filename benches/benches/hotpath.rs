@@ -44,7 +44,8 @@
 //! `-- --rounds N` / `-- --only churn,hashmap` / `-- --floor` / `-- --no-background` /
 //! `-- --against-no-background` (the installed governor with its thread against the same
 //! without it) / `-- --instructions` / `-- --inflight 1MiB` (the children's in-flight bound,
-//! through `NODEDB_MEM_INFLIGHT_BOUND`).
+//! through `NODEDB_MEM_INFLIGHT_BOUND`) / `-- --sample-interval 524288` (heap-profile sampling
+//! on in the governed children).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
@@ -313,7 +314,13 @@ fn child(workload: &str, mode: &str, work: Work) {
         if mode == "governed-nobg" {
             b = b.background(None);
         }
-        b.install().expect("install the governor");
+        let gov = b.install().expect("install the governor");
+        if let Some(i) = std::env::var(SAMPLING_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            gov.set_heap_profiling(i);
+        }
         // The thread's first ticks (100 and 300 ms after start) read jemalloc's statistics and
         // judge the process; let them pass before measuring, so each run (and each of the two
         // instruction-count runs) sees only the ticks of a running process. A sleep, not a
@@ -350,6 +357,11 @@ fn child(workload: &str, mode: &str, work: Work) {
     println!("{ns} {ops}");
 }
 
+/// The heap-profile sampling interval of the governed children (`--sample-interval BYTES`),
+/// passed in this variable; off without it.
+static SAMPLING: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+const SAMPLING_ENV: &str = "HOTPATH_SAMPLE_INTERVAL";
+
 /// The in-flight bound the children run under (`--inflight SIZE`, passed as
 /// `NODEDB_MEM_INFLIGHT_BOUND`), if not the default.
 static INFLIGHT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -358,6 +370,9 @@ static INFLIGHT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 fn with_bound(mut cmd: Command) -> Command {
     if let Some(b) = INFLIGHT.get() {
         cmd.env(nodedb_mem::INFLIGHT_BOUND_ENV, b);
+    }
+    if let Some(i) = SAMPLING.get() {
+        cmd.env(SAMPLING_ENV, i.to_string());
     }
     cmd
 }
@@ -488,6 +503,11 @@ fn main() {
             .expect("--inflight: a power of two, 64KiB to 4MiB");
         INFLIGHT.set(b.clone()).expect("set once");
         println!("in-flight bound of the children: {b}");
+    }
+    if let Some(i) = value("--sample-interval") {
+        let i: u64 = i.parse().expect("--sample-interval BYTES");
+        SAMPLING.set(i).expect("set once");
+        println!("heap-profile sampling in the governed children: every {i} bytes on average");
     }
     if args.iter().any(|a| a == "--instructions") {
         instruction_table(&only);

@@ -10,6 +10,7 @@ use super::counters::DETACHED;
 use crate::accounting::ledger;
 use crate::id::{Arena, Slot};
 use crate::overflow::pushout;
+use crate::profile;
 use crate::thread::ThreadState;
 
 #[inline(always)]
@@ -74,14 +75,33 @@ unsafe fn foreign_free(
     usable: u64,
 ) {
     count_detached(t);
+    let cache = if profile::is_sampled_place(ptr) {
+        jem::MALLOCX_TCACHE_NONE
+    } else {
+        t.cache_flag(owner)
+    };
     // SAFETY: `sdallocx` needs
     // 1. `ptr` from jemalloc, not yet freed: this function's contract;
     // 2. `size` within its `[requested, usable]`: the size it was allocated with;
     // 3. its alignment flags: `flags` (this function's contract);
     // 4. a cache this thread created, or none: `cache_flag` (a cache holds blocks of any
-    //    arena, so freeing into the owner's cache keeps the owner's blocks together).
-    unsafe { jem::sdallocx(ptr.cast(), size, flags | t.cache_flag(owner)) };
+    //    arena, so freeing into the owner's cache keeps the owner's blocks together), none
+    //    for a block of the fallback range (see `home_cache`).
+    unsafe { jem::sdallocx(ptr.cast(), size, flags | cache) };
     t.on_free(owner, usable);
+}
+
+/// The cache flag for freeing `ptr` on a path that would use the thread's default cache:
+/// none for a block of the fallback range (a sample, or a range fallback), so it goes back to
+/// its fallback arena instead of being handed out again by the home path, whose frees of it
+/// would then all take the slow path; the default's (0) otherwise.
+#[inline]
+pub(super) fn home_cache(ptr: *const u8) -> c_int {
+    if profile::is_sampled_place(ptr) {
+        jem::MALLOCX_TCACHE_NONE
+    } else {
+        0
+    }
 }
 
 /// Frees a live block owned by `owner` (`size` bytes, alignment flags `flags`, `usable`
@@ -99,8 +119,9 @@ pub(super) unsafe fn free_owned(
 ) {
     if t.is_home(owner) {
         // SAFETY: `sdallocx` needs `ptr` from jemalloc and not yet freed, `size` within its
-        // `[requested, usable]`, and its alignment flags: this function's contract.
-        unsafe { jem::sdallocx(ptr.cast(), size, flags) };
+        // `[requested, usable]`, and its alignment flags: this function's contract; the
+        // cache flag is the default's or none.
+        unsafe { jem::sdallocx(ptr.cast(), size, flags | home_cache(ptr)) };
         t.on_free(owner, usable);
     } else {
         // SAFETY: `foreign_free` needs the same of `ptr`, `size`, `flags` and `usable`, and

@@ -3,7 +3,7 @@
 //! (the address is outside every home range and inside the reservation), and is recorded
 //! with the calling thread's stack (`profile`). The move keeps the owner (the fallback
 //! range's chunks are the owner's) and the usable size (the same size class), so the ledger
-//! does not move: the thread's counters see one block allocated and one freed.
+//! does not move: the move's two blocks are left out of the thread's home delta.
 
 use std::ffi::c_int;
 
@@ -48,6 +48,11 @@ pub(super) unsafe fn take(
         return p;
     };
     let z = if zero { jem::MALLOCX_ZERO } else { 0 };
+    let before = t.allocated_now();
+    // The move is the sampler's, not the program's: its two blocks are left out of the home
+    // delta (a settlement between them would charge the new block before the old one is
+    // credited, taking the owner past its limit by a block for a moment).
+    let began = t.begin_slow();
     // SAFETY: `mallocx` needs
     // 1. `size > 0`: `p` is a live block of `size` bytes;
     // 2. an existing arena: `fallback::arena` returns only arenas created;
@@ -56,6 +61,7 @@ pub(super) unsafe fn take(
     let q = unsafe { jem::mallocx(size, flags | z | jem::MALLOCX_TCACHE_NONE | arena.flag()) }
         .cast::<u8>();
     if q.is_null() {
+        t.end_slow(began);
         return p;
     }
     // SAFETY: `copy_nonoverlapping` needs both ranges valid and disjoint: `p` and `q` are
@@ -65,10 +71,11 @@ pub(super) unsafe fn take(
     // contract), `size` within its `[requested, usable]` (the size asked), its alignment
     // flags (`flags`); bypassing the cache keeps every cache's blocks its owner's.
     unsafe { jem::sdallocx(p.cast(), size, flags | jem::MALLOCX_TCACHE_NONE) };
+    t.end_slow(began);
     // The move's bytes are the sampler's own, not the program's: the clock skips them (else
     // each sample would shorten the wait for the next by its size), and a hook that fired
     // inside them opened no sample.
-    t.skip_sampling(usable);
+    t.skip_sampling(before);
     profile::record(owner, q, usable, mean, interval);
     q
 }

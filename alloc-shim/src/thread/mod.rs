@@ -122,6 +122,8 @@ pub(crate) struct ThreadState {
     /// jemalloc's allocated counter at which the next sample falls (`u64::MAX`: clock
     /// stopped), and the sampler's random state.
     sample_at: Cell<u64>,
+    /// The mean interval `sample_at` was drawn with.
+    clock_mean: Cell<u64>,
     /// The allocated counter at the previous thread-event hook, the program's bytes between
     /// the last two hooks, and the sampler's own bytes since the last.
     last_tick: Cell<u64>,
@@ -157,6 +159,7 @@ impl ThreadState {
             tcaches: [const { Cell::new(Cache::Untried) }; SLOTS],
             sample_gate: Cell::new(0),
             sample_at: Cell::new(u64::MAX),
+            clock_mean: Cell::new(0),
             last_tick: Cell::new(0),
             gap: Cell::new(1),
             own_bytes: Cell::new(0),

@@ -30,7 +30,7 @@ pub(crate) fn mean_interval() -> u64 {
 impl ThreadState {
     /// The thread-event hook saw this thread's allocated counter at `allocated`: stops the
     /// clock if sampling is off, starts it (the wait counted from the previous hook) if it was
-    /// just turned on, and opens the gate when the count drawn for the next sample is passed
+    /// just turned on or its interval changed, and opens the gate when the count drawn for the next sample is passed
     /// (drawing the one after).
     pub(super) fn sample_tick(&self, allocated: u64) {
         let last = self.last_tick.replace(allocated);
@@ -44,7 +44,10 @@ impl ThreadState {
             return;
         }
         let mut at = self.sample_at.get();
-        if at == u64::MAX {
+        if at == u64::MAX || self.clock_mean.get() != mean {
+            // Just turned on, or the interval changed: a wait drawn at the old mean could
+            // leave megabytes unsampled, so the clock starts again (waits are memoryless).
+            self.clock_mean.set(mean);
             at = last.saturating_add(self.draw(mean));
         }
         if allocated >= at {
@@ -62,13 +65,22 @@ impl ThreadState {
         self.sample_gate.get()
     }
 
-    /// The sampler itself allocated `bytes` on this thread (moving a sample): they count on
-    /// jemalloc's counter but are not the program's, so the clock skips them, and a gate a
-    /// hook opened inside them is closed.
-    pub(crate) fn skip_sampling(&self, bytes: u64) {
+    /// jemalloc's allocated counter for this thread now (0 before the thread registers).
+    pub(crate) fn allocated_now(&self) -> u64 {
+        self.counters().0
+    }
+
+    /// The sampler itself allocated on this thread since the counter stood at `before`
+    /// (moving a sample): those bytes count on jemalloc's counter but are not the program's,
+    /// so the clock skips them, the next hook's gap leaves out the part after the last hook,
+    /// and a gate a hook opened inside them is closed.
+    pub(crate) fn skip_sampling(&self, before: u64) {
         self.sample_gate.set(0);
+        let now = self.allocated_now();
+        let bytes = now.saturating_sub(before);
+        let after_tick = now.saturating_sub(before.max(self.last_tick.get()));
         self.own_bytes
-            .set(self.own_bytes.get().saturating_add(bytes));
+            .set(self.own_bytes.get().saturating_add(after_tick));
         let at = self.sample_at.get();
         if at != u64::MAX {
             self.sample_at.set(at.saturating_add(bytes));

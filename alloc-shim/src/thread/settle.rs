@@ -95,7 +95,7 @@ impl ThreadState {
 
     /// jemalloc's counters for this thread now (zero before registration).
     #[inline(always)]
-    fn counters(&self) -> (u64, u64) {
+    pub(super) fn counters(&self) -> (u64, u64) {
         let (a, d) = (self.allocatedp.get(), self.deallocatedp.get());
         if a.is_null() || d.is_null() {
             return (0, 0);

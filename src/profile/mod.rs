@@ -1,0 +1,341 @@
+//! Heap profiles per engine: which code holds each engine's memory, from the allocator's
+//! samples (`nodedb_mem_alloc::ctl::profile`), each block's engine known by its address, and
+//! checked against the exact ledger.
+//!
+//! Sampling is on at the interval set with [`GovernorBuilder::heap_profile_interval`]
+//! (or [`MemoryGovernor::set_heap_profiling`] at run time); [`MemoryGovernor::heap_profile`]
+//! resolves the live samples' stacks in-process and returns a [`HeapProfile`], which writes
+//! itself as pprof (gzip-compressed protobuf, for `pprof` and `go tool pprof`), as folded
+//! stacks, or as a flame-graph SVG.
+//!
+//! ```
+//! use nodedb_mem::{EngineId, MemoryGovernor};
+//!
+//! let gov = MemoryGovernor::builder().global_ceiling(1 << 30).build().unwrap();
+//! gov.set_heap_profiling(64 << 10);
+//! let profile = gov.heap_profile(Some(EngineId::Query));
+//! // Without `GovernedAlloc` as the global allocator nothing is sampled.
+//! assert!(profile.sites.is_empty());
+//! let pprof = profile.to_pprof();
+//! assert_eq!(&pprof[..2], &[0x1f, 0x8b]); // gzip
+//! gov.set_heap_profiling(0);
+//! ```
+//!
+//! [`GovernorBuilder::heap_profile_interval`]: crate::GovernorBuilder::heap_profile_interval
+
+mod pprof;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use nodedb_mem_alloc::ctl::profile as sampler;
+
+use crate::{EngineId, MemoryGovernor};
+
+pub use nodedb_mem_alloc::ctl::profile::{DEFAULT_SAMPLE_INTERVAL, SampleCounts};
+
+/// One frame of a call stack, resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// The function (demangled), or `"??"` when no symbol covers the address.
+    pub function: String,
+    /// Its source file and line, where debug information says.
+    pub file: Option<String>,
+    /// The line in `file`.
+    pub line: Option<u32>,
+    /// The return address (or, for the innermost frame, the instruction) it was taken at.
+    pub address: usize,
+}
+
+/// One allocation site: a call stack and the live memory sampled there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Site {
+    /// The engine that owns the memory.
+    pub engine: EngineId,
+    /// The stack, innermost (the allocating call) first, the allocator's own frames left out.
+    pub frames: Vec<Frame>,
+    /// Live bytes: the sampled estimate scaled so the profile's sites add up to the ledger's
+    /// exact figure (the sampled shares, the exact total).
+    pub bytes: f64,
+    /// The sampled estimate itself: each sample stands for its size over its chance of being
+    /// sampled.
+    pub sampled_bytes: f64,
+    /// Estimated live blocks.
+    pub blocks: f64,
+    /// Samples behind the estimate.
+    pub samples: usize,
+}
+
+impl Site {
+    /// The innermost frame outside the standard library's allocation machinery, as a short
+    /// name for reports (`"??"` for an empty stack).
+    pub fn name(&self) -> &str {
+        self.frames
+            .iter()
+            .map(|f| f.function.as_str())
+            .find(|f| !is_plumbing(f))
+            .or_else(|| self.frames.first().map(|f| f.function.as_str()))
+            .unwrap_or("??")
+    }
+}
+
+/// The live heap of one engine (or all), by allocation site.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeapProfile {
+    /// The engine profiled (`None`: all).
+    pub engine: Option<EngineId>,
+    /// The mean sampling interval when the profile was taken (bytes; 0: sampling was off,
+    /// the profile holds what was sampled before).
+    pub interval: u64,
+    /// Sites by estimated bytes, largest first.
+    pub sites: Vec<Site>,
+    /// The exact live heap bytes of the engine(s) from the ledger, to judge the estimate by.
+    pub exact_bytes: u64,
+}
+
+impl HeapProfile {
+    /// The sampled estimate of the live bytes, before scaling to the ledger: the sum of the
+    /// sites' [`sampled_bytes`](Site::sampled_bytes).
+    pub fn estimated_bytes(&self) -> f64 {
+        self.sites.iter().map(|s| s.sampled_bytes).sum()
+    }
+
+    /// `(estimated - exact) / exact`: how far the sampled estimate is from the ledger
+    /// (`None` when the ledger holds nothing). The sites' `bytes` are scaled by `1 / (1 +
+    /// error)`; an error far from 0 at a fine interval says the samples miss blocks (sampling
+    /// turned on after they were allocated, or blocks in overflow, which are not sampled).
+    pub fn error(&self) -> Option<f64> {
+        (self.exact_bytes > 0)
+            .then(|| (self.estimated_bytes() - self.exact_bytes as f64) / self.exact_bytes as f64)
+    }
+
+    /// The `n` largest sites.
+    pub fn top(&self, n: usize) -> &[Site] {
+        &self.sites[..n.min(self.sites.len())]
+    }
+
+    /// Folded stacks, one line per site: `engine;outermost;…;innermost bytes` (the input of
+    /// `flamegraph.pl` and `inferno-flamegraph`).
+    pub fn to_folded(&self) -> String {
+        let mut out = String::new();
+        for s in &self.sites {
+            out.push_str(s.engine.name());
+            for f in s.frames.iter().rev() {
+                out.push(';');
+                out.push_str(&f.function.replace([';', ' '], "_"));
+            }
+            let _ = writeln!(out, " {}", s.bytes.round() as u64);
+        }
+        out
+    }
+
+    /// The profile in pprof's format: a gzip-compressed `perftools.profiles.Profile` with
+    /// sample types `inuse_objects`/`count` and `inuse_space`/`bytes`, each sample labelled
+    /// with its `engine`.
+    pub fn to_pprof(&self) -> Vec<u8> {
+        pprof::encode(self)
+    }
+
+    /// A flame graph of the profile, as SVG (a one-line picture saying so when nothing was
+    /// sampled).
+    pub fn to_flamegraph_svg(&self) -> std::io::Result<Vec<u8>> {
+        if self.sites.is_empty() {
+            return Ok(concat!(
+                r#"<?xml version="1.0" standalone="no"?>"#,
+                r#"<svg version="1.1" width="600" height="40" xmlns="http://www.w3.org/2000/svg">"#,
+                r#"<text x="10" y="24">no live sampled blocks</text></svg>"#
+            )
+            .as_bytes()
+            .to_vec());
+        }
+        let folded = self.to_folded();
+        let mut options = inferno::flamegraph::Options::default();
+        options.title = format!(
+            "live heap: {}",
+            self.engine.map_or("all engines", EngineId::name)
+        );
+        options.count_name = "bytes".to_string();
+        let mut svg = Vec::new();
+        inferno::flamegraph::from_lines(&mut options, folded.lines(), &mut svg)
+            .map_err(std::io::Error::other)?;
+        Ok(svg)
+    }
+}
+
+/// Frames of the allocator, the sampler and the standard library's allocation entry points:
+/// left out of stacks (innermost first, up to the first frame that is none of these).
+fn is_internal(function: &str) -> bool {
+    const INTERNAL: &[&str] = &[
+        "nodedb_mem_alloc::",
+        "<nodedb_mem_alloc::",
+        "backtrace::",
+        "__rustc::",
+        "__rust_alloc",
+        "__rust_realloc",
+        "alloc::alloc::",
+        "std::alloc::",
+        "<std::alloc::",
+        "_rjem_",
+    ];
+    INTERNAL.iter().any(|p| function.starts_with(p)) || function == "??"
+}
+
+/// Library frames a report's short name looks past (the site is the caller).
+fn is_plumbing(function: &str) -> bool {
+    const PLUMBING: &[&str] = &[
+        "alloc::",
+        "<alloc::",
+        "core::",
+        "<core::",
+        "std::",
+        "<std::",
+        "hashbrown::",
+        "<hashbrown::",
+    ];
+    // A trait method of the library on any type: `<u8 as alloc::vec::…>::from_elem`.
+    let trait_path = function.split_once(" as ").map_or("", |(_, rest)| rest);
+    PLUMBING
+        .iter()
+        .any(|p| function.starts_with(p) || trait_path.starts_with(p))
+}
+
+/// Resolves return addresses to frames (inlined calls expanded, innermost first), once each.
+#[derive(Default)]
+struct Symbols {
+    cache: HashMap<usize, Vec<Frame>>,
+}
+
+impl Symbols {
+    fn frames(&mut self, address: usize, innermost: bool) -> &[Frame] {
+        self.cache.entry(address).or_insert_with(|| {
+            // A return address points after the call: resolve the call itself.
+            let at = if innermost {
+                address
+            } else {
+                address.saturating_sub(1)
+            };
+            let mut frames = Vec::new();
+            backtrace::resolve(at as *mut std::ffi::c_void, |sym| {
+                frames.push(Frame {
+                    function: sym
+                        .name()
+                        .map_or_else(|| "??".to_string(), |n| format!("{n:#}")),
+                    file: sym.filename().map(|p| p.display().to_string()),
+                    line: sym.lineno(),
+                    address,
+                });
+            });
+            if frames.is_empty() {
+                frames.push(Frame {
+                    function: "??".to_string(),
+                    file: None,
+                    line: None,
+                    address,
+                });
+            }
+            frames
+        })
+    }
+
+    /// A sample's stack, resolved, the allocator's own frames left out.
+    fn stack(&mut self, addresses: &[usize]) -> Vec<Frame> {
+        let mut out = Vec::new();
+        for (i, &a) in addresses.iter().enumerate() {
+            out.extend_from_slice(self.frames(a, i == 0));
+        }
+        let internal = out.iter().take_while(|f| is_internal(&f.function)).count();
+        if internal == out.len() {
+            return out;
+        }
+        out.drain(..internal);
+        out
+    }
+}
+
+/// Builds the profile of `engine` (every engine with an arena with `None`) from the sampler's
+/// live samples, each engine's sites scaled to its exact live bytes `exact_of(engine)`.
+pub(crate) fn build(engine: Option<EngineId>, exact_of: impl Fn(EngineId) -> u64) -> HeapProfile {
+    let samples = sampler::live_samples(engine);
+    let mut symbols = Symbols::default();
+    let mut sites: HashMap<(EngineId, Vec<usize>), Site> = HashMap::new();
+    for s in samples {
+        let blocks = if s.size > 0 {
+            s.weight / s.size as f64
+        } else {
+            0.0
+        };
+        let site = sites
+            .entry((s.engine, s.stack.clone()))
+            .or_insert_with(|| Site {
+                engine: s.engine,
+                frames: symbols.stack(&s.stack),
+                bytes: 0.0,
+                sampled_bytes: 0.0,
+                blocks: 0.0,
+                samples: 0,
+            });
+        site.sampled_bytes += s.weight;
+        site.blocks += blocks;
+        site.samples += 1;
+    }
+    let mut sites: Vec<Site> = sites.into_values().collect();
+    let engines: Vec<EngineId> = match engine {
+        Some(e) => vec![e],
+        None => EngineId::ALL
+            .into_iter()
+            .filter(|&e| e != EngineId::Unattributed)
+            .collect(),
+    };
+    for &e in &engines {
+        let sampled: f64 = sites
+            .iter()
+            .filter(|s| s.engine == e)
+            .map(|s| s.sampled_bytes)
+            .sum();
+        let exact = exact_of(e);
+        let scale = if sampled > 0.0 && exact > 0 {
+            exact as f64 / sampled
+        } else {
+            1.0
+        };
+        for s in sites.iter_mut().filter(|s| s.engine == e) {
+            s.bytes = s.sampled_bytes * scale;
+            s.blocks *= scale;
+        }
+    }
+    sites.sort_by(|a, b| b.bytes.total_cmp(&a.bytes));
+    HeapProfile {
+        engine,
+        interval: sampler::sample_interval(),
+        sites,
+        exact_bytes: engines.iter().map(|&e| exact_of(e)).sum(),
+    }
+}
+
+impl MemoryGovernor {
+    /// Samples heap allocations for profiles at a mean interval of `bytes` allocated per
+    /// thread from now on (`0` stops sampling; blocks already sampled stay in profiles until
+    /// freed). Takes effect only with `GovernedAlloc` as the global allocator.
+    pub fn set_heap_profiling(&self, bytes: u64) {
+        sampler::set_sample_interval(bytes);
+    }
+
+    /// The heap-profile sampling interval in bytes (0: off).
+    pub fn heap_profiling(&self) -> u64 {
+        sampler::sample_interval()
+    }
+
+    /// The sampler's counts: samples taken, dropped, live, stacks stored.
+    pub fn heap_profile_counts(&self) -> SampleCounts {
+        sampler::sample_counts()
+    }
+
+    /// The live heap of `engine` (all engines with `None`) by allocation site, stacks
+    /// resolved in this process, with the exact ledger figure beside the estimate. Allocates
+    /// (on the calling thread, charged to its engine); takes milliseconds for thousands of
+    /// samples, longer the first time symbols are read.
+    pub fn heap_profile(&self, engine: Option<EngineId>) -> HeapProfile {
+        nodedb_mem_alloc::ctl::thread::flush_thread();
+        build(engine, nodedb_mem_alloc::ctl::ledger::charged)
+    }
+}

@@ -1,0 +1,127 @@
+//! Heap profiles per engine through an installed governor: sites found by name, the sampled
+//! estimate against the exact ledger, the pprof, folded and flame-graph outputs, and blocks
+//! freed on another thread leaving the profile. This binary installs `GovernedAlloc`.
+
+use std::io::Read as _;
+use std::sync::OnceLock;
+
+use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc, HeapProfile, MemoryGovernor};
+
+#[global_allocator]
+static ALLOC: GovernedAlloc = GovernedAlloc::new();
+
+const KIB: usize = 1 << 10;
+
+fn gov() -> &'static MemoryGovernor {
+    static GOV: OnceLock<&'static MemoryGovernor> = OnceLock::new();
+    GOV.get_or_init(|| {
+        MemoryGovernor::builder()
+            .global_ceiling(8 << 30)
+            .background(None)
+            .install()
+            .expect("install")
+    })
+}
+
+#[inline(never)]
+fn query_rows(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| vec![i as u8; 4 * KIB]).collect()
+}
+
+#[inline(never)]
+fn vector_index(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| vec![i as u8; 4 * KIB]).collect()
+}
+
+fn share(p: &HeapProfile, name: &str) -> f64 {
+    let total: f64 = p.sites.iter().map(|s| s.bytes).sum();
+    p.sites
+        .iter()
+        .filter(|s| s.frames.iter().any(|f| f.function.contains(name)))
+        .map(|s| s.bytes)
+        .sum::<f64>()
+        / total
+}
+
+#[test]
+fn profiles_name_each_engines_sites_match_the_ledger_and_write_every_format() {
+    let gov = gov();
+    assert_eq!(
+        gov.heap_profiling(),
+        nodedb_mem::DEFAULT_HEAP_PROFILE_INTERVAL
+    );
+    gov.set_heap_profiling(16 * KIB as u64);
+    let rows = {
+        let _g = EngineGuard::enter(EngineId::Query);
+        query_rows(25 * 1024) // 100 MiB
+    };
+    let index = {
+        let _g = EngineGuard::enter(EngineId::Vector);
+        vector_index(5 * 1024) // 20 MiB
+    };
+    let q = gov.heap_profile(Some(EngineId::Query));
+    let v = gov.heap_profile(Some(EngineId::Vector));
+    let err = q.error().unwrap();
+    println!(
+        "query: {} sites, sampled {:.0} B, exact {} B, error {:.2} %; top: {}",
+        q.sites.len(),
+        q.estimated_bytes(),
+        q.exact_bytes,
+        err * 100.0,
+        q.sites[0].name()
+    );
+    assert!(q.exact_bytes >= 100 << 20);
+    assert!(err.abs() < 0.05, "{err}");
+    // Scaled to the ledger, the sites add up to it.
+    let scaled: f64 = q.sites.iter().map(|s| s.bytes).sum();
+    assert!((scaled - q.exact_bytes as f64).abs() < 1.0, "{scaled}");
+    assert!(share(&q, "query_rows") >= 0.95);
+    assert!(
+        q.sites[0].name().contains("query_rows"),
+        "{}",
+        q.sites[0].name()
+    );
+    assert!(share(&v, "vector_index") >= 0.95);
+    assert_eq!(share(&v, "query_rows"), 0.0);
+    assert!(q.sites.iter().all(|s| s.engine == EngineId::Query));
+    // No frame of the allocator or the sampler is left at the top of a stack.
+    assert!(q.sites.iter().all(|s| s.frames.first().is_none_or(|f| {
+        !f.function.starts_with("nodedb_mem_alloc::") && !f.function.starts_with("backtrace::")
+    })));
+
+    // pprof: gzip, a protobuf naming the site and its engine.
+    let pprof = q.to_pprof();
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(&pprof[..])
+        .read_to_end(&mut raw)
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.contains("inuse_space") && text.contains("query_rows"));
+    assert!(text.contains("engine") && text.contains("query"));
+    // Folded stacks: a line per site, engine first, bytes last.
+    let folded = q.to_folded();
+    assert_eq!(folded.lines().count(), q.sites.len());
+    assert!(folded.lines().all(|l| l.starts_with("query;")));
+    let sum: u64 = folded
+        .lines()
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(sum.abs_diff(q.exact_bytes) <= q.sites.len() as u64);
+    // The flame graph.
+    let svg = String::from_utf8(q.to_flamegraph_svg().unwrap()).unwrap();
+    assert!(svg.starts_with("<?xml") && svg.contains("query_rows"));
+
+    // Freed on another thread: gone from the profile, the ledger back.
+    std::thread::spawn(move || drop(rows)).join().unwrap();
+    let after = gov.heap_profile(Some(EngineId::Query));
+    assert!(
+        after
+            .sites
+            .iter()
+            .all(|s| !s.frames.iter().any(|f| f.function.contains("query_rows"))),
+        "{:?}",
+        after.top(3)
+    );
+    drop(index);
+    gov.set_heap_profiling(0);
+}
