@@ -126,6 +126,10 @@ struct Args {
     /// Milliseconds between timeline samples.
     #[arg(long, value_parser = sample_ms, default_value = "25")]
     sample_ms: u64,
+    /// Mean bytes allocated per thread between heap-profile samples (0: profiling off)
+    /// [default: the governor's, 4 MiB].
+    #[arg(long, value_parser = bytes_or_zero)]
+    heap_profile_interval: Option<u64>,
 }
 
 /// An engine of the workload.
@@ -313,6 +317,10 @@ fn run(args: &Args) -> Result<bool, String> {
             .cap(EngineId::Timeseries, s.caps[1])
             .cap(EngineId::Query, s.caps[2])
             .overflow(OverflowConfig::in_dir(&overflow_dir))
+            .heap_profile_interval(
+                args.heap_profile_interval
+                    .unwrap_or(nodedb_mem::DEFAULT_HEAP_PROFILE_INTERVAL),
+            )
             .install()
             .map_err(|e| format!("configuring the governor: {e}"))?;
         Some(g)

@@ -127,34 +127,11 @@ unsafe fn home_missed(
         // contract.
         return unsafe { alloc_slow(t, size, align, zero) };
     }
-    // SAFETY: `home_sample` needs `p` a fresh home block of that layout: this function's
-    // contract.
-    unsafe { home_sample(t, p, size, align, zero) }
-}
-
-/// The home path's block `p` was chosen by the sampling clock.
-///
-/// # Safety
-/// `p` is a fresh home block, not yet handed out, of `size` bytes asked with alignment
-/// `align` (a `Layout`'s).
-#[cold]
-#[inline(never)]
-unsafe fn home_sample(
-    t: &thread::ThreadState,
-    p: *mut u8,
-    size: usize,
-    align: usize,
-    zero: bool,
-) -> *mut u8 {
-    let flags = if align <= MIN_ALIGN && align <= size {
-        0
-    } else {
-        align_flags(size, align)
-    };
+    let flags = align_flags(size, align);
     let usable = usable(size, align).unwrap_or(0);
     // SAFETY: `after` needs `p` live with `size` and `flags` (the home path allocated it
-    // with exactly those: no flags when natural alignment suffices), of `usable` bytes, and
-    // nothing to keep (`data` 0): it was never handed out.
+    // with exactly those: `align_flags` is none when natural alignment suffices), of
+    // `usable` bytes, and nothing to keep (`data` 0): it was never handed out.
     unsafe { after(t, p, size, flags, usable, zero, 0) }
 }
 

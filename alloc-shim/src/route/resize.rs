@@ -167,37 +167,42 @@ unsafe fn realloc(
         // SAFETY: `free_owned` needs `ptr` live with size `old.0`, alignment flags `old.1`
         // and `old_usable` bytes (this function's contract), owned by `owner` (`owner_of`).
         unsafe { free_owned(t, ptr, owner, old.0, old.1, old_usable) };
-        if fell_back {
-            charge_where_it_is(t, owner_of(q), new_usable);
-            return q;
-        }
-        // SAFETY: `account` needs `q` live with `new_size` and alignment flags `align`, not
-        // yet charged, and `keep <= new_size`: just allocated so, holding `min(old, new)`
-        // bytes of data.
-        return unsafe {
-            account(
-                t,
-                q,
-                owner_of(q),
-                new_size,
-                align,
-                new_usable,
-                false,
-                old.0.min(new_size),
-            )
-        };
+        // SAFETY: `charge_resized` needs `q` live with `new_size` and alignment flags
+        // `align`, not yet charged, holding `min(old, new)` bytes of data: just allocated so.
+        return unsafe { charge_resized(t, q, new_size, align, new_usable, old.0, fell_back) };
     }
     t.on_free(owner, old_usable);
     if owner.is_overflow() && new_usable > old_usable {
         pushout::note(owner.engine().index(), new_usable - old_usable, q);
     }
+    // SAFETY: `charge_resized` needs `q` live with `new_size` and alignment flags `align`,
+    // not yet charged (the ledger credited the old block's and charged nothing for `q`),
+    // holding `min(old, new)` bytes of data: `rallocx` kept them.
+    unsafe { charge_resized(t, q, new_size, align, new_usable, old.0, fell_back) }
+}
+
+/// Charges the resized block `q`: where it is after overflow already failed to take it
+/// (`fell_back`, a breach counted), else as [`account`] decides, keeping its first
+/// `min(old_size, new_size)` bytes if it must move.
+///
+/// # Safety
+/// `q` is live with `new_size` bytes asked and alignment flags `align`, of `new_usable`
+/// bytes, not yet charged, its first `min(old_size, new_size)` bytes data.
+unsafe fn charge_resized(
+    t: &ThreadState,
+    q: *mut u8,
+    new_size: usize,
+    align: c_int,
+    new_usable: u64,
+    old_size: usize,
+    fell_back: bool,
+) -> *mut u8 {
     if fell_back {
         charge_where_it_is(t, owner_of(q), new_usable);
         return q;
     }
-    // SAFETY: `account` needs `q` live with `new_size` and alignment flags `align`, not yet
-    // charged (the ledger credited the old block's and charged nothing for `q`), and
-    // `keep <= new_size`: `min(old, new)` bytes of data.
+    // SAFETY: `account` needs `q` live with `new_size` and `align`, not yet charged, and
+    // `keep <= new_size`: this function's contract, `keep` the smaller size.
     unsafe {
         account(
             t,
@@ -207,7 +212,7 @@ unsafe fn realloc(
             align,
             new_usable,
             false,
-            old.0.min(new_size),
+            old_size.min(new_size),
         )
     }
 }

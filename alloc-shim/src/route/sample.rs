@@ -39,12 +39,16 @@ pub(super) unsafe fn take(
     let owner = owner_of(p);
     let mean = mean_interval();
     let interval = t.sample_gap();
+    if mean == 0 {
+        // Turned off since the gate opened.
+        return p;
+    }
     if profile::is_sampled_place(p) {
         // Already in the fallback range (a range fallback): sampled where it is.
         profile::record(owner, p, usable, mean, interval);
         return p;
     }
-    let Some(arena) = fallback::arena(owner).filter(|_| owner.has_arena() && mean > 0) else {
+    let Some(arena) = fallback::arena(owner).filter(|_| owner.has_arena()) else {
         return p;
     };
     let z = if zero { jem::MALLOCX_ZERO } else { 0 };
