@@ -7,6 +7,9 @@
 #
 # engines: a space-separated subset of "vector timeseries query" (default all three).
 #
+# With CPU_OVERHEAD_OF=profiling the two sides are the governor with heap profiling at its
+# default interval and the governor with profiling off (--heap-profile-interval 0).
+#
 # Prints one line per run and the median of each side per engine with their ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +33,13 @@ for engine in $engines; do
     for ((i = 1; i <= runs; i++)); do
         for side in on off; do
             flags=()
-            [[ $side == off ]] && flags=(--no-governor)
+            if [[ $side == off ]]; then
+                if [[ ${CPU_OVERHEAD_OF:-governor} == profiling ]]; then
+                    flags=(--heap-profile-interval 0)
+                else
+                    flags=(--no-governor)
+                fi
+            fi
             "$bin" "${common[@]}" --engines "$engine" "${flags[@]}" --out "$out/run" >"$out/log" 2>&1 || {
                 echo "run failed ($engine, governor $side):"
                 tail -20 "$out/log"
@@ -44,7 +53,8 @@ for engine in $engines; do
     on=$(median <"$out/$engine.on")
     off=$(median <"$out/$engine.off")
     awk -v e="$engine" -v a="$on" -v b="$off" \
-        'BEGIN { printf "%s: median %.1f ns per unit governed, %.1f plain, ratio %.3f\n", e, a, b, a / b }' |
+        -v of="${CPU_OVERHEAD_OF:-governor}" \
+        'BEGIN { printf "%s (%s on/off): median %.1f ns per unit on, %.1f off, ratio %.3f\n", e, of, a, b, a / b }' |
         tee -a "$out/summary"
 done
 echo
