@@ -8,7 +8,8 @@ use std::collections::HashSet;
 
 use nodedb_mem_alloc::ctl::arenas::owner;
 use nodedb_mem_alloc::ctl::profile::{
-    LiveSample, live_samples, sample_counts, sample_interval, set_sample_interval,
+    LiveSample, hold_sampler_locks, live_samples, sample_counts, sample_interval,
+    set_sample_interval,
 };
 use nodedb_mem_alloc::{EngineGuard, EngineId, GovernedAlloc};
 
@@ -209,4 +210,59 @@ fn sampling_turns_on_and_off_under_load_and_leaves_nothing_behind() {
     let v: Vec<Vec<u8>> = (0..2000).map(|_| vec![0u8; 4 * KIB]).collect();
     drop(v);
     assert_eq!(sample_counts().taken, taken);
+}
+
+#[test]
+fn a_fork_child_frees_a_sampled_block_though_another_thread_held_the_sampler_at_the_fork() {
+    let _s = serial();
+    warm_up();
+    let q = EngineId::Query;
+    set_sample_interval(1);
+    // A block sure to be sampled.
+    let kept = {
+        let _g = EngineGuard::enter(q);
+        grown_site()
+    };
+    set_sample_interval(0);
+    let at = kept.as_ptr() as usize;
+    assert!(live_samples(Some(q)).iter().any(|s| s.address == at));
+    // Another thread holds the sampler's locks, as one taking a sample does for a moment,
+    // when this one forks: the child must not inherit them held.
+    let holder = std::thread::spawn(|| hold_sampler_locks(std::time::Duration::from_millis(300)));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    // SAFETY: the child only frees, reads the sampler's table and exits with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let copy = std::mem::ManuallyDrop::new(unsafe {
+            // SAFETY: the child's copy of `kept`'s block, freed once here.
+            Vec::from_raw_parts(kept.as_ptr().cast_mut(), kept.len(), kept.capacity())
+        });
+        drop(std::mem::ManuallyDrop::into_inner(copy));
+        let left = live_samples(None).iter().any(|s| s.address == at);
+        // SAFETY: `_exit` ends the child without running the parent's destructors.
+        unsafe { libc::_exit(if left { 4 } else { 0 }) };
+    }
+    let mut status = 0;
+    let started = std::time::Instant::now();
+    loop {
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            // SAFETY: our own child, hung.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the fork child hung on a sampler lock held at the fork");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{status}"
+    );
+    holder.join().unwrap();
+    drop(kept);
+    assert!(live_samples(Some(q)).iter().all(|s| s.address != at));
 }

@@ -20,6 +20,9 @@ pub const DEFAULT_SAMPLE_INTERVAL: u64 = 4 << 20;
 /// thread from its next thread-event hook); `0` stops sampling. Blocks already sampled stay
 /// in the profile until freed.
 pub fn set_sample_interval(bytes: u64) {
+    if bytes > 0 {
+        profile::fork_handlers();
+    }
     sampling::set_mean_interval(bytes);
 }
 
@@ -111,4 +114,11 @@ pub fn live_samples(engine: Option<EngineId>) -> Vec<LiveSample> {
             }
         })
         .collect()
+}
+
+/// Holds every lock of the sampler for `hold` on the calling thread, as a thread taking a
+/// sample holds one for a moment: for tests of what a `fork` meanwhile does.
+#[cfg(feature = "testing")]
+pub fn hold_sampler_locks(hold: std::time::Duration) {
+    profile::hold_locks(hold);
 }

@@ -22,9 +22,9 @@ impl<T> SpinLock<T> {
         }
     }
 
-    /// Runs `f` with the value, the flag held; spins, then yields, while another thread holds
-    /// it. `f` must not allocate (an allocation can come back here for the same lock).
-    pub(super) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+    /// Takes the flag (spinning, then yielding) without a closure: for `fork`, whose handlers
+    /// hold every lock across the call. Paired with [`SpinLock::release`].
+    pub(super) fn acquire(&self) {
         let mut spins = 0u32;
         while self
             .held
@@ -38,10 +38,21 @@ impl<T> SpinLock<T> {
                 std::thread::yield_now();
             }
         }
-        // SAFETY: the flag is ours until the store below, so no other reference to the value
+    }
+
+    /// Gives back the flag taken by [`SpinLock::acquire`].
+    pub(super) fn release(&self) {
+        self.held.store(false, Ordering::Release);
+    }
+
+    /// Runs `f` with the value, the flag held; spins, then yields, while another thread holds
+    /// it. `f` must not allocate (an allocation can come back here for the same lock).
+    pub(super) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        self.acquire();
+        // SAFETY: the flag is ours until `release` below, so no other reference to the value
         // exists while `f` runs.
         let r = f(unsafe { &mut *self.value.get() });
-        self.held.store(false, Ordering::Release);
+        self.release();
         r
     }
 }

@@ -107,3 +107,41 @@ pub(crate) fn counts() -> (u64, u64) {
         DROPPED.load(Ordering::Relaxed),
     )
 }
+
+/// Registers, once, `fork` handlers that hold the sampler's locks across the call: a child
+/// must not inherit a lock another thread of the parent held (that thread does not exist
+/// there, so its first free of a sampled block would spin for ever). The threads that hold
+/// one never allocate or fork while holding it, and each holds one at a time, so taking them
+/// all, in order, cannot deadlock.
+pub(crate) fn fork_handlers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the three handlers are `extern "C" fn()`s that live as long as the process.
+        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork)) };
+    });
+}
+
+/// # Safety
+/// Called by the C library only, in the thread calling `fork`, before it forks.
+unsafe extern "C" fn before_fork() {
+    stacks::lock();
+    table::lock_all();
+}
+
+/// # Safety
+/// Called by the C library only, after `fork`, in the parent and in the child, each time
+/// after [`before_fork`] took the locks.
+unsafe extern "C" fn after_fork() {
+    table::unlock_all();
+    stacks::unlock();
+}
+
+/// Holds every lock for `hold` (see `ctl::profile::hold_sampler_locks`).
+#[cfg(feature = "testing")]
+pub(crate) fn hold_locks(hold: std::time::Duration) {
+    stacks::lock();
+    table::lock_all();
+    std::thread::sleep(hold);
+    table::unlock_all();
+    stacks::unlock();
+}

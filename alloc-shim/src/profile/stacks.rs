@@ -80,3 +80,13 @@ pub(crate) fn read(id: u32, out: &mut [usize; DEPTH]) -> usize {
 pub(crate) fn count() -> usize {
     TABLE.with(|t| t.count)
 }
+
+/// Takes the table's lock (for `fork`: see `profile::fork_handlers`).
+pub(super) fn lock() {
+    TABLE.acquire();
+}
+
+/// Gives back the lock taken by [`lock`].
+pub(super) fn unlock() {
+    TABLE.release();
+}

@@ -134,3 +134,17 @@ pub(crate) fn collect(out: &mut Vec<Sample>, keep: impl Fn(&Sample) -> bool) -> 
 pub(crate) fn len() -> usize {
     TABLE.iter().map(|s| s.with(|s| s.len)).sum()
 }
+
+/// Takes every stripe's lock, in order (for `fork`: see `profile::fork_handlers`).
+pub(super) fn lock_all() {
+    for stripe in &TABLE {
+        stripe.acquire();
+    }
+}
+
+/// Gives back every stripe's lock taken by [`lock_all`].
+pub(super) fn unlock_all() {
+    for stripe in &TABLE {
+        stripe.release();
+    }
+}
