@@ -23,7 +23,7 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 # Room for everything: no budget refuses, nothing spills or overflows.
 common=(--ceiling 8GiB --vector-budget 1536MiB --timeseries-budget 1536MiB --query-budget 2560MiB
-    --expect-spill false --duration "$secs")
+    --expect-spill false --documents 0 --duration "$secs")
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
