@@ -75,32 +75,29 @@ unsafe fn foreign_free(
     usable: u64,
 ) {
     count_detached(t);
-    let cache = if profile::is_sampled_place(ptr) {
-        jem::MALLOCX_TCACHE_NONE
-    } else {
-        t.cache_flag(owner)
-    };
+    let cache = free_cache(t, ptr, owner);
     // SAFETY: `sdallocx` needs
     // 1. `ptr` from jemalloc, not yet freed: this function's contract;
     // 2. `size` within its `[requested, usable]`: the size it was allocated with;
     // 3. its alignment flags: `flags` (this function's contract);
-    // 4. a cache this thread created, or none: `cache_flag` (a cache holds blocks of any
-    //    arena, so freeing into the owner's cache keeps the owner's blocks together), none
-    //    for a block of the fallback range (see `home_cache`).
+    // 4. a cache this thread created, or none: `free_cache` (a cache holds blocks of any
+    //    arena, so freeing into the owner's cache keeps the owner's blocks together).
     unsafe { jem::sdallocx(ptr.cast(), size, flags | cache) };
     t.on_free(owner, usable);
 }
 
-/// The cache flag for freeing `ptr` on a path that would use the thread's default cache:
-/// none for a block of the fallback range (a sample, or a range fallback), so it goes back to
-/// its fallback arena instead of being handed out again by the home path, whose frees of it
-/// would then all take the slow path; the default's (0) otherwise.
+/// The cache flag to free `ptr` (owned by `owner`) with: none for a block of the fallback
+/// range (a sample, or a range fallback), so it goes back to its fallback arena instead of
+/// being handed out again from a cache, whose every free of it would then take the slow path;
+/// the default cache's (0) for home's; else this thread's explicit cache for the owner.
 #[inline]
-pub(super) fn home_cache(ptr: *const u8) -> c_int {
+pub(super) fn free_cache(t: &ThreadState, ptr: *const u8, owner: Slot) -> c_int {
     if profile::is_sampled_place(ptr) {
         jem::MALLOCX_TCACHE_NONE
-    } else {
+    } else if t.is_home(owner) {
         0
+    } else {
+        t.cache_flag(owner)
     }
 }
 
@@ -121,7 +118,7 @@ pub(super) unsafe fn free_owned(
         // SAFETY: `sdallocx` needs `ptr` from jemalloc and not yet freed, `size` within its
         // `[requested, usable]`, and its alignment flags: this function's contract; the
         // cache flag is the default's or none.
-        unsafe { jem::sdallocx(ptr.cast(), size, flags | home_cache(ptr)) };
+        unsafe { jem::sdallocx(ptr.cast(), size, flags | free_cache(t, ptr, owner)) };
         t.on_free(owner, usable);
     } else {
         // SAFETY: `foreign_free` needs the same of `ptr`, `size`, `flags` and `usable`, and

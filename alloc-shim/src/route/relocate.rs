@@ -5,7 +5,7 @@ use std::ffi::c_int;
 
 use tikv_jemalloc_sys as jem;
 
-use super::place::overflow_alloc;
+use super::place::{free_cache, overflow_alloc};
 use crate::accounting::ledger;
 use crate::id::Slot;
 use crate::overflow::{
@@ -64,15 +64,11 @@ unsafe fn relocate(
 ) -> *mut u8 {
     // The block was never charged: give it back without crediting anything.
     let release = |ptr: *mut u8| {
-        let cache = if t.is_home(owner) {
-            0
-        } else {
-            t.cache_flag(owner)
-        };
+        let cache = free_cache(t, ptr, owner);
         // SAFETY: `sdallocx` needs
         // 1. `ptr` from jemalloc, not yet freed: `p` (this function's contract), freed once;
         // 2. `size` and its alignment flags: this function's contract;
-        // 3. a cache this thread created, none, or the default (0, for home): `cache_flag`.
+        // 3. a cache this thread created, none, or the default (0, for home): `free_cache`.
         unsafe { jem::sdallocx(ptr.cast(), size, flags | cache) };
     };
     if owner.has_arena()

@@ -9,7 +9,7 @@ use tikv_jemalloc_sys as jem;
 use super::counters::{ACTIVE, UNROUTED, range_fallback};
 use super::detached::detached_dealloc;
 use super::flags::{align_flags, fast_alloc, usable};
-use super::place::{charge_where_it_is, count_detached, free_owned, home_cache, overflow_alloc};
+use super::place::{charge_where_it_is, count_detached, free_cache, free_owned, overflow_alloc};
 use super::relocate::account;
 use super::sample::{after, forget};
 use crate::accounting::bound::FAST_MAX;
@@ -80,7 +80,7 @@ pub(super) unsafe fn dealloc_slow(t: &ThreadState, ptr: *mut u8, size: usize, al
         // 2. `size` within the block's `[requested, usable]`: the requested size;
         // 3. the alignment flags it was allocated with: `align_flags` of its layout; the
         //    cache flag is the default's or none.
-        unsafe { jem::sdallocx(ptr.cast(), size, flags | home_cache(ptr)) };
+        unsafe { jem::sdallocx(ptr.cast(), size, flags | free_cache(t, ptr, owner)) };
         t.check();
         return;
     }
