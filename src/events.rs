@@ -15,6 +15,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::EngineId;
 use crate::pressure::PressureLevel;
 use crate::sync::{AtomicU64, Mutex, Ordering, lock};
+use crate::top_sites::TopSites;
 
 /// How many events the history keeps, and how many may wait to be pumped.
 pub const EVENT_CAPACITY: usize = 1024;
@@ -43,6 +44,9 @@ pub enum EventKind {
         used: u64,
         /// Limit at the refusal.
         limit: u64,
+        /// The engine's largest allocation sites by sampled live bytes when it was refused
+        /// (none with heap profiling off).
+        top: TopSites,
     },
     /// A reservation fit the engine's limit but was refused by the global ceiling.
     CeilingRejected {
@@ -97,6 +101,9 @@ pub enum EventKind {
         breach_bytes: u64,
         /// Bytes refused so far, in total.
         refused_bytes: u64,
+        /// The engine's largest allocation sites by sampled live bytes when it was reported
+        /// (none with heap profiling off).
+        top: TopSites,
     },
     /// A scoped reservation was refused by a scope's limit.
     ScopeRejected {
@@ -219,6 +226,9 @@ pub(crate) struct EventLog {
     history: Mutex<VecDeque<BreachEvent>>,
     /// Events lost because the pending queue was full (nobody pumped for a long time).
     dropped: AtomicU64,
+    /// The engines' top allocation sites for breach events, computed at most once a second.
+    #[cfg(not(nodedb_mem_loom))]
+    sites: crate::profile::TopSitesCache,
 }
 
 impl std::fmt::Debug for EventLog {
@@ -238,6 +248,8 @@ impl EventLog {
             pending: ArrayQueue::new(EVENT_CAPACITY),
             history: Mutex::new(VecDeque::with_capacity(EVENT_CAPACITY)),
             dropped: AtomicU64::new(0),
+            #[cfg(not(nodedb_mem_loom))]
+            sites: Default::default(),
         }
     }
 
@@ -248,9 +260,23 @@ impl EventLog {
 
     /// Records an event and emits it as a `tracing` event now. The caller holds no lock of the
     /// governor's: a subscriber may call back into it.
+    /// A breach (a budget's refusal, an overflow breach) is recorded with the engine's top
+    /// allocation sites, computed here (allocating; at most once a second per engine).
     pub(crate) fn record(&self, kind: EventKind) {
-        let event = self.push(kind, true);
+        let event = self.push(self.with_top_sites(kind), true);
         emit(&event, None);
+    }
+
+    /// `kind` with its engine's top sites filled in, for the kinds that carry them.
+    #[cfg_attr(nodedb_mem_loom, allow(unused_mut, clippy::unused_self))]
+    fn with_top_sites(&self, mut kind: EventKind) -> EventKind {
+        #[cfg(not(nodedb_mem_loom))]
+        if let EventKind::BudgetRejected { engine, top, .. }
+        | EventKind::OverflowBreach { engine, top, .. } = &mut kind
+        {
+            *top = self.sites.get(*engine);
+        }
+        kind
     }
 
     /// Records an event about the scope at `path` and emits it now, naming the scope. As for
@@ -354,6 +380,7 @@ fn emit_with(e: &BreachEvent, path: Option<&str>, detail: &str) {
             requested,
             used,
             limit,
+            top,
         } => tracing::warn!(
             target: "nodedb_mem",
             seq = e.seq,
@@ -361,6 +388,7 @@ fn emit_with(e: &BreachEvent, path: Option<&str>, detail: &str) {
             requested,
             used,
             limit,
+            top_sites = %top,
             "reservation refused by the engine's budget"
         ),
         EventKind::CeilingRejected {
@@ -415,6 +443,7 @@ fn emit_with(e: &BreachEvent, path: Option<&str>, detail: &str) {
             refused,
             breach_bytes,
             refused_bytes,
+            top,
         } => tracing::warn!(
             target: "nodedb_mem",
             seq = e.seq,
@@ -423,6 +452,7 @@ fn emit_with(e: &BreachEvent, path: Option<&str>, detail: &str) {
             refused,
             breach_bytes,
             refused_bytes,
+            top_sites = %top,
             "overflow could not take allocations: served past the budget or refused"
         ),
         EventKind::CallbackPanicked { engine, what } => tracing::error!(

@@ -16,6 +16,7 @@ use crate::headroom::{Headroom, Refused};
 use crate::pressure::ThresholdsPpm;
 use crate::scope::{Scope, ScopeNode, ScopeTree};
 use crate::sync::{Arc, AtomicU8, AtomicU64, Ordering};
+use crate::top_sites::TopSites;
 use crate::wait::{Attempt, Queues, Ticker, Waiter};
 
 /// The process-wide counterpart of a [`Budget`]: usage of all engines against the ceiling.
@@ -184,6 +185,7 @@ impl Ledger {
                         requested: bytes,
                         used: refused.usage,
                         limit: refused.limit,
+                        top: TopSites::NONE,
                     },
                 );
             }
@@ -449,6 +451,7 @@ impl Ledger {
                     requested,
                     used,
                     limit,
+                    top: TopSites::NONE,
                 },
             ),
             MemError::CeilingExceeded {
@@ -497,6 +500,7 @@ impl Ledger {
                         requested,
                         used: self.budget(engine).usage(),
                         limit: max,
+                        top: TopSites::NONE,
                     },
                 ),
                 Limit::Ceiling => Refusal::Ceiling(

@@ -51,6 +51,7 @@ mod sync;
 mod test_support;
 #[cfg(not(nodedb_mem_loom))]
 mod tick;
+mod top_sites;
 mod wait;
 mod waiting;
 
@@ -111,4 +112,5 @@ pub use rss::RssSample;
 pub use scope::{MAX_SCOPE_NAME, Scope, ScopeId, ScopeSnapshot};
 pub use size::{ByteSize, Size, SizeError};
 pub use spill::{SpillAction, SpillConfig, SpillController};
+pub use top_sites::{TOP_SITES, TopSite, TopSites};
 pub use waiting::{Reserving, WAIT_RETRY};

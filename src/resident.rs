@@ -152,6 +152,7 @@ impl MemoryGovernor {
                         refused,
                         breach_bytes: b.breach_bytes,
                         refused_bytes: b.refused_bytes,
+                        top: crate::TopSites::NONE,
                     });
                 }
             }

@@ -36,6 +36,8 @@ fn install(
 fn one_mib_blocks_fill_their_capacity_then_fall_back_with_a_breach() {
     let capacity = 256 * MIB;
     let (gov, _dir) = install(capacity, OverflowPolicy::FallBack);
+    // Fine enough that the blocks in Query's arena are sampled: the breach names their site.
+    gov.set_heap_profiling(64 << 10);
     flush_thread();
     let (base, base_over) = (gov.usage(Q), gov.budget(Q).overflow_bytes());
     let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(512);
@@ -104,12 +106,20 @@ fn one_mib_blocks_fill_their_capacity_then_fall_back_with_a_breach() {
                 engine,
                 breaches,
                 breach_bytes,
+                top,
                 ..
-            } => Some((engine, breaches, breach_bytes)),
+            } => Some(((engine, breaches, breach_bytes), top)),
             _ => None,
         })
         .expect("an overflow breach event");
-    assert_eq!(event, (Q, after.breaches, after.breach_bytes));
+    assert_eq!(event.0, (Q, after.breaches, after.breach_bytes));
+    let top = event.1.first().expect("the breach's top sites");
+    assert!(
+        top.function
+            .contains("one_mib_blocks_fill_their_capacity_then_fall_back_with_a_breach"),
+        "{}",
+        event.1
+    );
     let text = gov.prometheus();
     let line = format!(
         "nodedb_mem_engine_overflow_breach_bytes_total{{engine=\"query\"}} {}",

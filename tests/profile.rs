@@ -5,7 +5,10 @@
 use std::io::Read as _;
 use std::sync::OnceLock;
 
-use nodedb_mem::{EngineGuard, EngineId, GovernedAlloc, HeapProfile, MemoryGovernor};
+use nodedb_mem::{
+    EngineGuard, EngineId, EventKind, GovernedAlloc, HeapProfile, MemError, MemoryGovernor,
+    TopSites,
+};
 
 #[global_allocator]
 static ALLOC: GovernedAlloc = GovernedAlloc::new();
@@ -31,6 +34,11 @@ fn query_rows(n: usize) -> Vec<Vec<u8>> {
 #[inline(never)]
 fn vector_index(n: usize) -> Vec<Vec<u8>> {
     (0..n).map(|i| vec![i as u8; 4 * KIB]).collect()
+}
+
+#[inline(never)]
+fn query_hash_table(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| vec![i as u8; 8 * KIB]).collect()
 }
 
 fn share(p: &HeapProfile, name: &str) -> f64 {
@@ -123,5 +131,61 @@ fn profiles_name_each_engines_sites_match_the_ledger_and_write_every_format() {
         after.top(3)
     );
     drop(index);
+    gov.set_heap_profiling(0);
+}
+
+/// Refuses a reservation of one byte over Query's limit and returns the refusal's event's
+/// top sites.
+fn refuse_query(gov: &MemoryGovernor) -> TopSites {
+    let limit = gov.limit(EngineId::Query);
+    let err = gov.reserve(EngineId::Query, limit + 1).unwrap_err();
+    assert!(matches!(err, MemError::BudgetExceeded { .. }), "{err}");
+    gov.snapshot()
+        .events
+        .iter()
+        .rev()
+        .find_map(|e| match e.kind {
+            EventKind::BudgetRejected {
+                engine: EngineId::Query,
+                requested,
+                top,
+                ..
+            } if requested == limit + 1 => Some(top),
+            _ => None,
+        })
+        .expect("the refusal's event")
+}
+
+#[test]
+fn a_budget_refusal_carries_the_engines_top_sites() {
+    let gov = gov();
+    gov.set_heap_profiling(16 * KIB as u64);
+    let (table, rows) = {
+        let _g = EngineGuard::enter(EngineId::Query);
+        (query_hash_table(8 * 1024), query_rows(2 * 1024)) // 64 MiB, 8 MiB
+    };
+    let top = refuse_query(gov);
+    println!("top sites: {top}");
+    let sites: Vec<_> = top.iter().collect();
+    assert!(sites.len() >= 2, "{top}");
+    assert!(sites[0].function.contains("query_hash_table"), "{top}");
+    assert!(sites[1].function.contains("query_rows"), "{top}");
+    let table_bytes = 64u64 << 20;
+    assert!(
+        sites[0].bytes.abs_diff(table_bytes) < table_bytes / 20,
+        "{top}"
+    );
+
+    // Within a second the same sites are reported again, without a new scan.
+    drop(table);
+    assert_eq!(refuse_query(gov), top);
+    // A second on, they are computed again: the table is gone.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let later = refuse_query(gov);
+    assert!(
+        later.first().unwrap().function.contains("query_rows"),
+        "{later}"
+    );
+    drop(rows);
     gov.set_heap_profiling(0);
 }

@@ -49,7 +49,7 @@ fn rejections_transitions_and_moves_are_traced() {
             assert_eq!(events.len(), 1, "{events:?}");
             assert_eq!(
                 events[0],
-                "WARN nodedb_mem message=reservation refused by the engine's budget seq=0 engine=query requested=8388608 used=37748736 limit=41943040"
+                "WARN nodedb_mem message=reservation refused by the engine's budget seq=0 engine=query requested=8388608 used=37748736 limit=41943040 top_sites=none sampled"
             );
         }
         // The poll records the transition without calling the subscriber...

@@ -24,6 +24,9 @@
 //! [`GovernorBuilder::heap_profile_interval`]: crate::GovernorBuilder::heap_profile_interval
 
 mod pprof;
+mod top;
+
+pub(crate) use top::TopSitesCache;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -70,13 +73,19 @@ impl Site {
     /// The innermost frame outside the standard library's allocation machinery, as a short
     /// name for reports (`"??"` for an empty stack).
     pub fn name(&self) -> &str {
-        self.frames
-            .iter()
-            .map(|f| f.function.as_str())
-            .find(|f| !is_plumbing(f))
-            .or_else(|| self.frames.first().map(|f| f.function.as_str()))
-            .unwrap_or("??")
+        short_name(&self.frames)
     }
+}
+
+/// The innermost function of `frames` outside the standard library's allocation machinery
+/// (the first frame's where all are; `"??"` for none).
+fn short_name(frames: &[Frame]) -> &str {
+    frames
+        .iter()
+        .map(|f| f.function.as_str())
+        .find(|f| !is_plumbing(f))
+        .or_else(|| frames.first().map(|f| f.function.as_str()))
+        .unwrap_or("??")
 }
 
 /// The live heap of one engine (or all), by allocation site.
