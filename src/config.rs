@@ -266,6 +266,10 @@ pub(crate) struct Config {
     )]
     pub(crate) huge_pages: bool,
     /// The heap-profile sampling interval `install` sets (`None`: left as it is).
+    #[cfg_attr(
+        nodedb_mem_loom,
+        expect(dead_code, reason = "loom models never install a governor")
+    )]
     pub(crate) heap_profile_interval: Option<u64>,
     /// The in-flight bound the caller expects (checked against the process's at install).
     #[cfg_attr(
