@@ -189,3 +189,27 @@ fn a_budget_refusal_carries_the_engines_top_sites() {
     drop(rows);
     gov.set_heap_profiling(0);
 }
+
+#[test]
+fn samples_taken_at_a_peak_resolve_into_that_moments_profile_after_the_blocks_are_freed() {
+    let gov = gov();
+    gov.set_heap_profiling(16 * KIB as u64);
+    let rows = {
+        let _g = EngineGuard::enter(EngineId::Query);
+        query_rows(10 * 1024) // 40 MiB
+    };
+    let at_peak = gov.heap_samples(Some(EngineId::Query));
+    assert_eq!(at_peak.engine(), Some(EngineId::Query));
+    assert!(at_peak.len() > 100, "{}", at_peak.len());
+    let exact = at_peak.exact_bytes();
+    assert!(exact >= 40 << 20, "{exact}");
+    std::thread::spawn(move || drop(rows)).join().unwrap();
+    // Freed since: gone from a profile taken now, there in the one taken at the peak.
+    let now = gov.heap_profile(Some(EngineId::Query));
+    assert!(share(&now, "query_rows").is_nan() || share(&now, "query_rows") < 0.01);
+    let then = at_peak.resolve();
+    assert_eq!(then.exact_bytes, exact);
+    assert!(share(&then, "query_rows") >= 0.95, "{:?}", then.top(3));
+    assert!(then.error().unwrap().abs() < 0.10, "{:?}", then.error());
+    gov.set_heap_profiling(0);
+}

@@ -261,21 +261,60 @@ impl Symbols {
     }
 }
 
-/// Builds the profile of `engine` (every engine with an arena with `None`) from the sampler's
-/// live samples, each engine's sites scaled to its exact live bytes `exact_of(engine)`.
-pub(crate) fn build(engine: Option<EngineId>, exact_of: impl Fn(EngineId) -> u64) -> HeapProfile {
-    let samples = sampler::live_samples(engine);
-    let mut symbols = Symbols::default();
-    let mut sites: HashMap<(EngineId, Vec<usize>), Site> = HashMap::new();
-    for s in samples {
-        let blocks = if s.size > 0 {
-            s.weight / s.size as f64
-        } else {
-            0.0
-        };
-        let site = sites
-            .entry((s.engine, s.stack.clone()))
-            .or_insert_with(|| Site {
+/// The live samples of one engine (or of every engine) taken at one moment, their stacks not
+/// yet resolved: cheap to take (a scan of the sampler's table, no symbol lookup), kept to be
+/// [resolved](HeapSamples::resolve) into a [`HeapProfile`] later — after a measurement, say,
+/// or on another thread.
+#[derive(Clone, Debug)]
+pub struct HeapSamples {
+    engine: Option<EngineId>,
+    interval: u64,
+    samples: Vec<sampler::LiveSample>,
+    /// The ledger's live heap bytes of each engine when the samples were taken.
+    exact: [u64; EngineId::COUNT],
+}
+
+impl HeapSamples {
+    /// The engine sampled (`None`: all).
+    pub fn engine(&self) -> Option<EngineId> {
+        self.engine
+    }
+
+    /// How many live samples were taken.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether nothing was sampled.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The ledger's exact live heap bytes of the engine(s) when the samples were taken.
+    pub fn exact_bytes(&self) -> u64 {
+        self.engines().map(|e| self.exact[e.index()]).sum()
+    }
+
+    /// The engines covered: the one asked for, or every engine with an arena.
+    fn engines(&self) -> impl Iterator<Item = EngineId> + '_ {
+        EngineId::ALL.into_iter().filter(|&e| match self.engine {
+            Some(one) => e == one,
+            None => e != EngineId::Unattributed,
+        })
+    }
+
+    /// The profile: stacks resolved in this process (which must be the one that took the
+    /// samples), the sites of each engine scaled to its exact bytes at the time of taking.
+    pub fn resolve(&self) -> HeapProfile {
+        let mut symbols = Symbols::default();
+        let mut sites: HashMap<(EngineId, &[usize]), Site> = HashMap::new();
+        for s in &self.samples {
+            let blocks = if s.size > 0 {
+                s.weight / s.size as f64
+            } else {
+                0.0
+            };
+            let site = sites.entry((s.engine, &s.stack)).or_insert_with(|| Site {
                 engine: s.engine,
                 frames: symbols.stack(&s.stack),
                 bytes: 0.0,
@@ -283,41 +322,47 @@ pub(crate) fn build(engine: Option<EngineId>, exact_of: impl Fn(EngineId) -> u64
                 blocks: 0.0,
                 samples: 0,
             });
-        site.sampled_bytes += s.weight;
-        site.blocks += blocks;
-        site.samples += 1;
-    }
-    let mut sites: Vec<Site> = sites.into_values().collect();
-    let engines: Vec<EngineId> = match engine {
-        Some(e) => vec![e],
-        None => EngineId::ALL
-            .into_iter()
-            .filter(|&e| e != EngineId::Unattributed)
-            .collect(),
-    };
-    for &e in &engines {
-        let sampled: f64 = sites
-            .iter()
-            .filter(|s| s.engine == e)
-            .map(|s| s.sampled_bytes)
-            .sum();
-        let exact = exact_of(e);
-        let scale = if sampled > 0.0 && exact > 0 {
-            exact as f64 / sampled
-        } else {
-            1.0
-        };
-        for s in sites.iter_mut().filter(|s| s.engine == e) {
-            s.bytes = s.sampled_bytes * scale;
-            s.blocks *= scale;
+            site.sampled_bytes += s.weight;
+            site.blocks += blocks;
+            site.samples += 1;
+        }
+        let mut sites: Vec<Site> = sites.into_values().collect();
+        for e in self.engines() {
+            let sampled: f64 = sites
+                .iter()
+                .filter(|s| s.engine == e)
+                .map(|s| s.sampled_bytes)
+                .sum();
+            let exact = self.exact[e.index()];
+            let scale = if sampled > 0.0 && exact > 0 {
+                exact as f64 / sampled
+            } else {
+                1.0
+            };
+            for s in sites.iter_mut().filter(|s| s.engine == e) {
+                s.bytes = s.sampled_bytes * scale;
+                s.blocks *= scale;
+            }
+        }
+        sites.sort_by(|a, b| b.bytes.total_cmp(&a.bytes));
+        HeapProfile {
+            engine: self.engine,
+            interval: self.interval,
+            sites,
+            exact_bytes: self.exact_bytes(),
         }
     }
-    sites.sort_by(|a, b| b.bytes.total_cmp(&a.bytes));
-    HeapProfile {
+}
+
+/// Takes the live samples of `engine` (every engine with an arena with `None`), with each
+/// engine's exact live bytes `exact_of(engine)`.
+pub(crate) fn take(engine: Option<EngineId>, exact_of: impl Fn(EngineId) -> u64) -> HeapSamples {
+    let samples = sampler::live_samples(engine);
+    HeapSamples {
         engine,
         interval: sampler::sample_interval(),
-        sites,
-        exact_bytes: engines.iter().map(|&e| exact_of(e)).sum(),
+        samples,
+        exact: EngineId::ALL.map(exact_of),
     }
 }
 
@@ -344,7 +389,14 @@ impl MemoryGovernor {
     /// (on the calling thread, charged to its engine); takes milliseconds for thousands of
     /// samples, longer the first time symbols are read.
     pub fn heap_profile(&self, engine: Option<EngineId>) -> HeapProfile {
+        self.heap_samples(engine).resolve()
+    }
+
+    /// The live samples of `engine` (all engines with `None`) now, stacks unresolved: what
+    /// [`heap_profile`](Self::heap_profile) resolves, to keep and resolve later. Takes about a
+    /// millisecond (a scan of the sampler's table) and allocates the samples.
+    pub fn heap_samples(&self, engine: Option<EngineId>) -> HeapSamples {
         nodedb_mem_alloc::ctl::thread::flush_thread();
-        build(engine, nodedb_mem_alloc::ctl::ledger::charged)
+        take(engine, nodedb_mem_alloc::ctl::ledger::charged)
     }
 }
