@@ -33,7 +33,7 @@ use std::fmt::Write as _;
 
 use nodedb_mem_alloc::ctl::profile as sampler;
 
-use crate::{EngineId, MemoryGovernor};
+use crate::{EngineGuard, EngineId, MemoryGovernor};
 
 pub use nodedb_mem_alloc::ctl::profile::{DEFAULT_SAMPLE_INTERVAL, SampleCounts};
 
@@ -189,6 +189,17 @@ fn is_internal(function: &str) -> bool {
     INTERNAL.iter().any(|p| function.starts_with(p)) || function == "??"
 }
 
+/// The standard library's allocation entry points, which call the global allocator:
+/// `__rust_alloc`, `__rust_realloc`, `__rust_alloc_zeroed` (`__rustc::…` in newer
+/// toolchains).
+fn is_entry_point(function: &str) -> bool {
+    let f = function.strip_prefix("__rustc::").unwrap_or(function);
+    matches!(
+        f,
+        "__rust_alloc" | "__rust_realloc" | "__rust_alloc_zeroed" | "__rust_dealloc"
+    )
+}
+
 /// Library frames a report's short name looks past (the site is the caller).
 fn is_plumbing(function: &str) -> bool {
     const PLUMBING: &[&str] = &[
@@ -246,13 +257,19 @@ impl Symbols {
         })
     }
 
-    /// A sample's stack, resolved, the allocator's own frames left out.
+    /// A sample's stack, resolved, the allocator's own frames left out: everything up to the
+    /// standard library's allocation entry point (`__rust_alloc` and kin), so that a global
+    /// allocator wrapping `GovernedAlloc` is left out too; without one, the frames of the
+    /// allocator, the sampler and the standard library's allocation functions on top.
     fn stack(&mut self, addresses: &[usize]) -> Vec<Frame> {
         let mut out = Vec::new();
         for (i, &a) in addresses.iter().enumerate() {
             out.extend_from_slice(self.frames(a, i == 0));
         }
-        let internal = out.iter().take_while(|f| is_internal(&f.function)).count();
+        let internal = match out.iter().rposition(|f| is_entry_point(&f.function)) {
+            Some(entry) => entry + 1,
+            None => out.iter().take_while(|f| is_internal(&f.function)).count(),
+        };
         if internal == out.len() {
             return out;
         }
@@ -306,6 +323,9 @@ impl HeapSamples {
     /// The profile: stacks resolved in this process (which must be the one that took the
     /// samples), the sites of each engine scaled to its exact bytes at the time of taking.
     pub fn resolve(&self) -> HeapProfile {
+        // The symbol reader's caches (the binary's debug information, kept for the life of
+        // the process) are the governor's, not the calling engine's.
+        let _own = EngineGuard::enter(EngineId::Unattributed);
         let mut symbols = Symbols::default();
         let mut sites: HashMap<(EngineId, &[usize]), Site> = HashMap::new();
         for s in &self.samples {
@@ -386,7 +406,8 @@ impl MemoryGovernor {
 
     /// The live heap of `engine` (all engines with `None`) by allocation site, stacks
     /// resolved in this process, with the exact ledger figure beside the estimate. Allocates
-    /// (on the calling thread, charged to its engine); takes milliseconds for thousands of
+    /// (the profile charged to the calling thread's engine, the symbol reader's caches to
+    /// `Unattributed`); takes milliseconds for thousands of
     /// samples, longer the first time symbols are read.
     pub fn heap_profile(&self, engine: Option<EngineId>) -> HeapProfile {
         self.heap_samples(engine).resolve()

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use nodedb_mem_alloc::ctl::profile as sampler;
 
 use super::{Symbols, short_name};
-use crate::EngineId;
 use crate::top_sites::{TOP_SITES, TopSite, TopSites};
+use crate::{EngineGuard, EngineId};
 
 /// How long an engine's top sites are reused before they are computed again.
 pub(crate) const TOP_SITES_REFRESH: Duration = Duration::from_secs(1);
@@ -67,6 +67,8 @@ pub(crate) fn compute(engine: EngineId) -> TopSites {
     let mut stacks: Vec<(&[usize], f64)> = by_stack.into_iter().collect();
     stacks.sort_by(|a, b| b.1.total_cmp(&a.1));
     stacks.truncate(RESOLVED_STACKS);
+    // As for a profile, the symbol reader's caches are charged to nobody's engine.
+    let _own = EngineGuard::enter(EngineId::Unattributed);
     let mut symbols = Symbols::default();
     let mut by_name: Vec<(String, f64)> = Vec::new();
     for (stack, weight) in stacks {

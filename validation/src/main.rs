@@ -10,6 +10,7 @@
 
 mod alloc;
 mod gorilla;
+mod heap;
 mod metrics_http;
 mod monitor;
 mod query;
@@ -100,7 +101,8 @@ struct Args {
     /// The timeseries table's fixed flush size, governor or not.
     #[arg(long, value_parser = bytes, default_value = "512MiB")]
     memtable: u64,
-    /// Directory for report.json, timeline.csv, timeline.svg and the engines' files.
+    /// Directory for report.json, timeline.csv, timeline.svg, the heap profiles at each
+    /// engine's peak (heap-<engine>.pb.gz, .svg) and the engines' files.
     #[arg(long, default_value = "validation-out")]
     out: PathBuf,
     /// Serve the governor's Prometheus metrics on this loopback address while running.
@@ -451,12 +453,14 @@ fn run(args: &Args) -> Result<bool, String> {
         joined(q, "query"),
     );
     let elapsed = started.elapsed();
-    let samples = sampler.finish();
+    let (samples, peaks) = sampler.finish();
     let (vo, to, qo) = (vo?, to?, qo?);
     let _ = std::fs::remove_file(args.out.join("segments.gorilla"));
     let hwm = monitor::vm_hwm()?;
 
-    let rep = build_report(&s, gov, &samples, hwm, elapsed, &vo, &to, &qo, &stats, args);
+    let mut rep = build_report(&s, gov, &samples, hwm, elapsed, &vo, &to, &qo, &stats, args);
+    // Resolved now that the run is measured: reading the binary's symbols takes memory.
+    rep.heap_profiles = heap::write(&args.out, peaks)?;
     let json = serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?;
     let write = |name: &str, r: std::io::Result<()>| r.map_err(|e| format!("writing {name}: {e}"));
     write(
@@ -898,6 +902,7 @@ fn build_report(
         engines,
         checks,
         governor_figures,
+        heap_profiles: Vec::new(),
         note,
     }
 }

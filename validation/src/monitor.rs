@@ -1,4 +1,4 @@
-//! The sampler (the timeline, and the governor's resident-memory feedback) and the live
+//! The sampler (the timeline, and each engine's heap samples at its peak) and the live
 //! progress display.
 
 use std::io::{IsTerminal, Write};
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use nodedb_mem::{ByteSize, EngineId, MemoryGovernor};
 
+use crate::heap::Peaks;
 use crate::stats::EngineStats;
 
 /// The engines the workload runs, in display order.
@@ -79,7 +80,7 @@ pub(crate) fn vm_hwm() -> Result<u64, String> {
 #[derive(Debug)]
 pub(crate) struct Sampler {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Vec<Sample>>,
+    handle: JoinHandle<(Vec<Sample>, Peaks)>,
     latest: Arc<Mutex<Sample>>,
 }
 
@@ -96,6 +97,7 @@ impl Sampler {
             .name("sampler".into())
             .spawn(move || {
                 let mut samples = Vec::with_capacity(4096);
+                let mut peaks = Peaks::default();
                 // Resident feedback (purging, pushing overflow out) is the governor's own
                 // background work since `install`; this thread only records.
                 loop {
@@ -121,11 +123,12 @@ impl Sampler {
                             x.overflow[i] = g.budget(e).overflow_bytes();
                             x.limit[i] = limits[e.index()];
                         }
+                        peaks.observe(g, &x);
                     }
                     samples.push(x);
                     *l.lock().unwrap_or_else(PoisonError::into_inner) = x;
                     if done {
-                        return samples;
+                        return (samples, peaks);
                     }
                     std::thread::sleep(interval);
                 }
@@ -141,8 +144,9 @@ impl Sampler {
         *self.latest.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Stops the sampler after one last sample and returns the timeline.
-    pub(crate) fn finish(self) -> Vec<Sample> {
+    /// Stops the sampler after one last sample and returns the timeline and each engine's
+    /// heap samples at its peak.
+    pub(crate) fn finish(self) -> (Vec<Sample>, Peaks) {
         self.stop.store(true, Ordering::Release);
         self.handle.join().unwrap_or_default()
     }

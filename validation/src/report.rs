@@ -92,6 +92,9 @@ pub(crate) struct Report {
     pub(crate) checks: Vec<Check>,
     /// The overflow path's counters and the governor's last resident sample.
     pub(crate) governor_figures: serde_json::Value,
+    /// Each engine's heap at its peak: its largest allocation sites, the sampled estimate
+    /// against the exact ledger, and the files written (governor with profiling on only).
+    pub(crate) heap_profiles: Vec<crate::heap::HeapReport>,
     pub(crate) note: String,
 }
 
@@ -153,6 +156,32 @@ impl Report {
             "  CPU time {:.2} s user + {:.2} s system{per_unit}\n",
             self.cpu_user_seconds, self.cpu_system_seconds
         );
+        if !self.heap_profiles.is_empty() {
+            let _ = writeln!(
+                s,
+                "  heap at each engine's peak (sampled, scaled to the ledger):"
+            );
+        }
+        for h in &self.heap_profiles {
+            let error = h.error_percent.map_or(String::new(), |e| {
+                format!(", estimate {e:+.1} % against the ledger")
+            });
+            let _ = writeln!(
+                s,
+                "    {:<11} {} of heap at {:.1} s ({} samples{error}); {}",
+                h.engine,
+                mib(h.exact_heap_bytes),
+                h.at_seconds,
+                h.samples,
+                h.flamegraph
+            );
+            for site in h.top_sites.iter().take(3) {
+                let _ = writeln!(s, "      {:>5.1} %  {}", site.share_percent, site.name);
+            }
+        }
+        if !self.heap_profiles.is_empty() {
+            s.push('\n');
+        }
         for c in &self.checks {
             let _ = writeln!(
                 s,

@@ -192,6 +192,43 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
             .all(|c| c["passed"] == true)
     );
 
+    // Each engine's heap at its peak: a pprof profile and a flame graph written, its top
+    // sites named by the code that allocated (never the allocator or the binary's wrapper of
+    // it), their shares within the engine's exact heap.
+    let heaps = r["heap_profiles"].as_array().expect("heap_profiles");
+    let heap_engines: Vec<&str> = heaps
+        .iter()
+        .map(|h| h["engine"].as_str().unwrap())
+        .collect();
+    assert_eq!(heap_engines, ["vector", "timeseries", "query"]);
+    for h in heaps {
+        let pprof = std::fs::read(dir.path().join(h["pprof"].as_str().unwrap())).expect("pprof");
+        assert_eq!(&pprof[..2], &[0x1f, 0x8b], "{h}");
+        let svg = std::fs::read_to_string(dir.path().join(h["flamegraph"].as_str().unwrap()))
+            .expect("flame graph");
+        assert!(svg.starts_with("<?xml"), "{h}");
+        assert!(h["exact_heap_bytes"].as_u64().unwrap() > 0, "{h}");
+        assert!(h["at_seconds"].as_f64().unwrap() >= 0.0, "{h}");
+        let sites = h["top_sites"].as_array().unwrap();
+        let shares: f64 = sites
+            .iter()
+            .map(|s| s["share_percent"].as_f64().unwrap())
+            .sum();
+        assert!(shares <= 100.5, "{h}");
+        for site in sites {
+            let name = site["name"].as_str().unwrap();
+            assert!(
+                !name.contains("__rust") && !name.contains("alloc::SwitchAlloc"),
+                "{h}"
+            );
+        }
+    }
+    assert!(
+        !heaps[2]["top_sites"].as_array().unwrap().is_empty(),
+        "the query engine's heap had no sampled site: {}",
+        heaps[2]
+    );
+
     let csv = std::fs::read_to_string(dir.path().join("timeline.csv")).expect("timeline.csv");
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     let secs = r["duration_seconds"].as_f64().unwrap();
