@@ -168,10 +168,12 @@ fn a_budget_refusal_carries_the_engines_top_sites() {
     // reader's caches, kept for the life of the process, are not charged to Query.
     nodedb_mem::flush_thread();
     let before = gov.usage(EngineId::Query);
+    let t0 = std::time::Instant::now();
     let top = {
         let _g = EngineGuard::enter(EngineId::Query);
         refuse_query(gov)
     };
+    println!("first refusal with top sites: {:?}", t0.elapsed());
     nodedb_mem::flush_thread();
     let grew = gov.usage(EngineId::Query) as i64 - before as i64;
     assert!(grew < 64 << 10, "Query grew by {grew} B");
@@ -188,10 +190,14 @@ fn a_budget_refusal_carries_the_engines_top_sites() {
 
     // Within a second the same sites are reported again, without a new scan.
     drop(table);
+    let t1 = std::time::Instant::now();
     assert_eq!(refuse_query(gov), top);
+    println!("second refusal: {:?}", t1.elapsed());
     // A second on, they are computed again: the table is gone.
     std::thread::sleep(std::time::Duration::from_millis(1100));
+    let t2 = std::time::Instant::now();
     let later = refuse_query(gov);
+    println!("third refusal, recomputed: {:?}", t2.elapsed());
     assert!(
         later.first().unwrap().function.contains("query_rows"),
         "{later}"
