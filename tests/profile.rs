@@ -229,3 +229,69 @@ fn samples_taken_at_a_peak_resolve_into_that_moments_profile_after_the_blocks_ar
     assert!(then.error().unwrap().abs() < 0.10, "{:?}", then.error());
     gov.set_heap_profiling(0);
 }
+
+#[inline(never)]
+fn tenant_rows(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| vec![i as u8; 4 * KIB]).collect()
+}
+
+#[test]
+fn samples_carry_the_scope_the_thread_was_tagged_with() {
+    let gov = gov();
+    gov.set_heap_profiling(16 * KIB as u64);
+    let sales = gov.create_scope("sales", None, 1 << 30).unwrap();
+    let acme = gov.create_scope("acme", Some(&sales), 1 << 30).unwrap();
+    let (acme_rows, sales_rows, plain_rows) = {
+        let _g = EngineGuard::enter(EngineId::Query);
+        let _sales = sales.tag_thread();
+        let sales_rows = query_rows(2 * 1024); // 8 MiB
+        let acme_rows = {
+            let _acme = acme.tag_thread();
+            tenant_rows(4 * 1024) // 16 MiB
+        };
+        // Back under `sales` once the inner tag drops, and untagged after the outer.
+        (acme_rows, sales_rows, {
+            drop(_sales);
+            query_hash_table(512) // 4 MiB
+        })
+    };
+    let p = gov.heap_profile(Some(EngineId::Query));
+    let scope_of = |name: &str| -> Vec<(Option<u64>, Option<&str>)> {
+        p.sites
+            .iter()
+            .filter(|s| s.frames.iter().any(|f| f.function.contains(name)))
+            .map(|s| (s.scope.map(|id| id.get()), s.scope_path.as_deref()))
+            .collect()
+    };
+    let (a, s, u) = (
+        scope_of("tenant_rows"),
+        scope_of("query_rows"),
+        scope_of("query_hash_table"),
+    );
+    assert!(!a.is_empty() && !s.is_empty() && !u.is_empty());
+    assert!(
+        a.iter()
+            .all(|&x| x == (Some(acme.id().get()), Some("sales/acme"))),
+        "{a:?}"
+    );
+    assert!(
+        s.iter()
+            .all(|&x| x == (Some(sales.id().get()), Some("sales"))),
+        "{s:?}"
+    );
+    assert!(u.iter().all(|&x| x == (None, None)), "{u:?}");
+    let acme_bytes = p.scope_bytes(acme.id());
+    assert!(
+        (acme_bytes - (16 << 20) as f64).abs() < (16 << 20) as f64 * 0.15,
+        "{acme_bytes}"
+    );
+    // In the outputs: a folded frame and a pprof label.
+    assert!(p.to_folded().contains("query;scope:sales/acme;"));
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(&p.to_pprof()[..])
+        .read_to_end(&mut raw)
+        .unwrap();
+    assert!(String::from_utf8_lossy(&raw).contains("sales/acme"));
+    drop((acme_rows, sales_rows, plain_rows));
+    gov.set_heap_profiling(0);
+}

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use nodedb_mem_alloc::ctl::arenas::owner;
 use nodedb_mem_alloc::ctl::profile::{
     LiveSample, hold_sampler_locks, live_samples, sample_counts, sample_interval,
-    set_sample_interval,
+    set_sample_interval, set_thread_tag, thread_tag,
 };
 use nodedb_mem_alloc::{EngineGuard, EngineId, GovernedAlloc};
 
@@ -265,4 +265,71 @@ fn a_fork_child_frees_a_sampled_block_though_another_thread_held_the_sampler_at_
     holder.join().unwrap();
     drop(kept);
     assert!(live_samples(Some(q)).iter().all(|s| s.address != at));
+}
+
+#[inline(never)]
+fn tagged_site(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| vec![i as u8; 4 * KIB]).collect()
+}
+
+#[test]
+fn samples_carry_the_allocating_threads_tag_through_a_realloc_and_a_free_elsewhere() {
+    let _s = serial();
+    warm_up();
+    let q = EngineId::Query;
+    assert_eq!(thread_tag(), 0);
+    set_sample_interval(16 * KIB as u64);
+    assert_eq!(set_thread_tag(7), 0);
+    assert_eq!(thread_tag(), 7);
+    let (tagged, mut grown) = {
+        let _g = EngineGuard::enter(q);
+        (tagged_site(4 * 1024), grown_site()) // 16 MiB, and one 64 KiB block
+    };
+    assert_eq!(set_thread_tag(0), 7);
+    let untagged = {
+        let _g = EngineGuard::enter(q);
+        query_site(4 * 1024)
+    };
+    let samples = live_samples(Some(q));
+    let of = |site: &str| -> Vec<u64> {
+        samples
+            .iter()
+            .filter(|s| has_frame(&s.stack, site))
+            .map(|s| s.tag)
+            .collect()
+    };
+    let (t, u) = (of("tagged_site"), of("query_site"));
+    assert!(t.len() > 100 && u.len() > 100, "{} {}", t.len(), u.len());
+    assert!(t.iter().all(|&tag| tag == 7), "{t:?}");
+    assert!(u.iter().all(|&tag| tag == 0), "{u:?}");
+    // A sampled block keeps its tag when it moves, whatever the tag of the thread moving it.
+    // (Unless the `realloc`, an allocation of its own, is chosen as a new sample: then it
+    // carries the stack and the tag of that call.)
+    let sample_64k = live_samples(Some(q))
+        .into_iter()
+        .find(|s| s.address == grown.as_ptr() as usize);
+    if let Some(before) = sample_64k {
+        set_thread_tag(9);
+        grown.reserve_exact(192 * KIB);
+        set_thread_tag(0);
+        let moved = live_samples(Some(q))
+            .into_iter()
+            .find(|s| s.address == grown.as_ptr() as usize)
+            .expect("the sample followed the block");
+        let expected = if moved.stack == before.stack { 7 } else { 9 };
+        assert_eq!(moved.tag, expected);
+    }
+    // Freed on another thread: gone, tag and all.
+    std::thread::spawn(move || drop(tagged)).join().unwrap();
+    assert!(of_live(q, "tagged_site").is_empty());
+    drop((untagged, grown));
+    set_sample_interval(0);
+}
+
+fn of_live(engine: EngineId, site: &str) -> Vec<u64> {
+    live_samples(Some(engine))
+        .iter()
+        .filter(|s| has_frame(&s.stack, site))
+        .map(|s| s.tag)
+        .collect()
 }

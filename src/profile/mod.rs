@@ -33,7 +33,7 @@ use std::fmt::Write as _;
 
 use nodedb_mem_alloc::ctl::profile as sampler;
 
-use crate::{EngineGuard, EngineId, MemoryGovernor};
+use crate::{EngineGuard, EngineId, MemoryGovernor, Scope, ScopeId};
 
 pub use nodedb_mem_alloc::ctl::profile::{DEFAULT_SAMPLE_INTERVAL, SampleCounts};
 
@@ -67,6 +67,10 @@ pub struct Site {
     pub blocks: f64,
     /// Samples behind the estimate.
     pub samples: usize,
+    /// The scope the allocating thread was tagged with ([`Scope::tag_thread`]), if any.
+    pub scope: Option<ScopeId>,
+    /// That scope's path, where it still existed when the samples were taken.
+    pub scope_path: Option<String>,
 }
 
 impl Site {
@@ -123,12 +127,28 @@ impl HeapProfile {
         &self.sites[..n.min(self.sites.len())]
     }
 
-    /// Folded stacks, one line per site: `engine;outermost;…;innermost bytes` (the input of
-    /// `flamegraph.pl` and `inferno-flamegraph`).
+    /// The live bytes of the sites tagged with `scope` (scaled as every site's are). The
+    /// ledger counts heap bytes by engine, not by scope: this is the sampled figure alone.
+    pub fn scope_bytes(&self, scope: ScopeId) -> f64 {
+        self.sites
+            .iter()
+            .filter(|s| s.scope == Some(scope))
+            .map(|s| s.bytes)
+            .sum()
+    }
+
+    /// Folded stacks, one line per site: `engine;outermost;…;innermost bytes`, with a frame
+    /// `scope:<path>` after the engine for a tagged site (the input of `flamegraph.pl` and
+    /// `inferno-flamegraph`).
     pub fn to_folded(&self) -> String {
         let mut out = String::new();
         for s in &self.sites {
             out.push_str(s.engine.name());
+            if let Some(scope) = s.scope {
+                let name = s.scope_path.clone().unwrap_or_else(|| scope.to_string());
+                out.push_str(";scope:");
+                out.push_str(&name.replace([';', ' '], "_"));
+            }
             for f in s.frames.iter().rev() {
                 out.push(';');
                 out.push_str(&f.function.replace([';', ' '], "_"));
@@ -289,6 +309,8 @@ pub struct HeapSamples {
     samples: Vec<sampler::LiveSample>,
     /// The ledger's live heap bytes of each engine when the samples were taken.
     exact: [u64; EngineId::COUNT],
+    /// The paths of the scopes the samples are tagged with, where they still exist.
+    scope_paths: HashMap<u64, String>,
 }
 
 impl HeapSamples {
@@ -327,21 +349,25 @@ impl HeapSamples {
         // the process) are the governor's, not the calling engine's.
         let _own = EngineGuard::enter(EngineId::Unattributed);
         let mut symbols = Symbols::default();
-        let mut sites: HashMap<(EngineId, &[usize]), Site> = HashMap::new();
+        let mut sites: HashMap<(EngineId, u64, &[usize]), Site> = HashMap::new();
         for s in &self.samples {
             let blocks = if s.size > 0 {
                 s.weight / s.size as f64
             } else {
                 0.0
             };
-            let site = sites.entry((s.engine, &s.stack)).or_insert_with(|| Site {
-                engine: s.engine,
-                frames: symbols.stack(&s.stack),
-                bytes: 0.0,
-                sampled_bytes: 0.0,
-                blocks: 0.0,
-                samples: 0,
-            });
+            let site = sites
+                .entry((s.engine, s.tag, &s.stack))
+                .or_insert_with(|| Site {
+                    engine: s.engine,
+                    frames: symbols.stack(&s.stack),
+                    bytes: 0.0,
+                    sampled_bytes: 0.0,
+                    blocks: 0.0,
+                    samples: 0,
+                    scope: (s.tag != 0).then_some(ScopeId(s.tag)),
+                    scope_path: self.scope_paths.get(&s.tag).cloned(),
+                });
             site.sampled_bytes += s.weight;
             site.blocks += blocks;
             site.samples += 1;
@@ -376,13 +402,66 @@ impl HeapSamples {
 
 /// Takes the live samples of `engine` (every engine with an arena with `None`), with each
 /// engine's exact live bytes `exact_of(engine)`.
-pub(crate) fn take(engine: Option<EngineId>, exact_of: impl Fn(EngineId) -> u64) -> HeapSamples {
+pub(crate) fn take(
+    engine: Option<EngineId>,
+    exact_of: impl Fn(EngineId) -> u64,
+    path_of: impl Fn(ScopeId) -> Option<String>,
+) -> HeapSamples {
     let samples = sampler::live_samples(engine);
+    let mut scope_paths = HashMap::new();
+    for s in &samples {
+        if s.tag != 0
+            && !scope_paths.contains_key(&s.tag)
+            && let Some(path) = path_of(ScopeId(s.tag))
+        {
+            scope_paths.insert(s.tag, path);
+        }
+    }
     HeapSamples {
         engine,
         interval: sampler::sample_interval(),
         samples,
         exact: EngineId::ALL.map(exact_of),
+        scope_paths,
+    }
+}
+
+/// While it lives, the calling thread's heap-profile samples carry a scope (see
+/// [`Scope::tag_thread`]); dropping it restores the tag before.
+#[must_use = "the thread is tagged only while the guard lives"]
+#[derive(Debug)]
+pub struct ScopeTag {
+    previous: u64,
+    /// Tags are the thread's: the guard stays on it.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for ScopeTag {
+    fn drop(&mut self) {
+        sampler::set_thread_tag(self.previous);
+    }
+}
+
+impl Scope {
+    /// Tags the calling thread with this scope until the guard drops: heap-profile samples
+    /// it takes meanwhile carry the scope, so a profile says which scope's work (a query, a
+    /// tenant) allocated what. Allocations are still charged by engine ([`EngineGuard`]);
+    /// a scope governs its reservations. Guards nest; the innermost tags.
+    ///
+    /// ```
+    /// # use nodedb_mem::MemoryGovernor;
+    /// let gov = MemoryGovernor::builder().global_ceiling(1 << 30).build().unwrap();
+    /// let tenant = gov.create_scope("acme", None, 256 << 20).unwrap();
+    /// {
+    ///     let _tag = tenant.tag_thread();
+    ///     // allocations here are sampled with the scope `acme`
+    /// }
+    /// ```
+    pub fn tag_thread(&self) -> ScopeTag {
+        ScopeTag {
+            previous: sampler::set_thread_tag(self.id().get()),
+            _not_send: std::marker::PhantomData,
+        }
     }
 }
 
@@ -418,6 +497,8 @@ impl MemoryGovernor {
     /// millisecond (a scan of the sampler's table) and allocates the samples.
     pub fn heap_samples(&self, engine: Option<EngineId>) -> HeapSamples {
         nodedb_mem_alloc::ctl::thread::flush_thread();
-        take(engine, nodedb_mem_alloc::ctl::ledger::charged)
+        take(engine, nodedb_mem_alloc::ctl::ledger::charged, |id| {
+            self.scope_by_id(id).map(|s| s.path().to_owned())
+        })
     }
 }

@@ -123,6 +123,7 @@ pub(crate) fn message(p: &HeapProfile) -> Profile {
     ];
     let period_type = Some(value_type(&mut strings, "space", "bytes"));
     let engine_key = strings.id("engine");
+    let scope_key = strings.id("scope");
     let mut functions: HashMap<(String, Option<String>), u64> = HashMap::new();
     let mut function_list = Vec::new();
     let mut locations: HashMap<(usize, String), u64> = HashMap::new();
@@ -176,10 +177,15 @@ pub(crate) fn message(p: &HeapProfile) -> Profile {
         samples.push(Sample {
             location_id: ids,
             value: vec![site.blocks.round() as i64, site.bytes.round() as i64],
-            label: vec![Label {
+            label: std::iter::once(Label {
                 key: engine_key,
                 str: strings.id(site.engine.name()),
-            }],
+            })
+            .chain(site.scope.map(|scope| Label {
+                key: scope_key,
+                str: strings.id(&site.scope_path.clone().unwrap_or_else(|| scope.to_string())),
+            }))
+            .collect(),
         });
     }
     let time_nanos = std::time::SystemTime::now()
@@ -242,6 +248,8 @@ mod tests {
                     sampled_bytes: 2_900_000.0,
                     blocks: 1000.6,
                     samples: 12,
+                    scope: Some(crate::ScopeId(3)),
+                    scope_path: Some("sales/acme".to_string()),
                 },
                 Site {
                     engine: EngineId::Vector,
@@ -250,6 +258,8 @@ mod tests {
                     sampled_bytes: 1_000_000.0,
                     blocks: 10.0,
                     samples: 3,
+                    scope: None,
+                    scope_path: None,
                 },
             ],
             exact_bytes: 4_000_000,
@@ -276,12 +286,18 @@ mod tests {
         assert_eq!(back.sample[1].value, [10, 1_000_000]);
         let total: i64 = back.sample.iter().map(|x| x.value[1]).sum();
         assert_eq!(total, 4_000_000);
-        let labels: Vec<(&str, &str)> = back
+        let labels: Vec<Vec<(&str, &str)>> = back
             .sample
             .iter()
-            .map(|x| (s(x.label[0].key), s(x.label[0].str)))
+            .map(|x| x.label.iter().map(|l| (s(l.key), s(l.str))).collect())
             .collect();
-        assert_eq!(labels, [("engine", "query"), ("engine", "vector")]);
+        assert_eq!(
+            labels,
+            [
+                vec![("engine", "query"), ("scope", "sales/acme")],
+                vec![("engine", "vector")]
+            ]
+        );
         // Three addresses, three locations; `main` is shared by both stacks.
         assert_eq!(back.location.len(), 3);
         assert_eq!(back.sample[0].location_id.len(), 2);
@@ -313,10 +329,13 @@ mod tests {
                 sampled_bytes: 9.0,
                 blocks: 1.0,
                 samples: 1,
+                scope: Some(crate::ScopeId(4)),
+                scope_path: None,
             }],
             exact_bytes: 11,
         };
-        assert_eq!(p.to_folded(), "query;outer;inner_fn_x 11\n");
+        // A tagged site's scope under the engine (its number: the scope was gone).
+        assert_eq!(p.to_folded(), "query;scope:#4;outer;inner_fn_x 11\n");
         assert_eq!(p.estimated_bytes(), 9.0);
         assert!((p.error().unwrap() + 2.0 / 11.0).abs() < 1e-12);
         assert_eq!(p.top(5).len(), 1);

@@ -31,6 +31,18 @@ pub fn sample_interval() -> u64 {
     sampling::mean_interval()
 }
 
+/// Makes `tag` the tag the calling thread's samples carry from now on (0: none), returning
+/// the tag before: the governor tags samples with the scope a thread works for. During the
+/// thread's teardown nothing is kept (0 is returned).
+pub fn set_thread_tag(tag: u64) -> u64 {
+    sampling::set_thread_tag(tag)
+}
+
+/// The tag the calling thread's samples carry (0: none).
+pub fn thread_tag() -> u64 {
+    sampling::thread_tag()
+}
+
 /// One live sampled block.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LiveSample {
@@ -46,6 +58,8 @@ pub struct LiveSample {
     /// Return addresses of the allocating call, innermost first (the allocator's own frames
     /// included; at most 32).
     pub stack: Vec<usize>,
+    /// The allocating thread's tag when it was sampled ([`set_thread_tag`]; 0: none).
+    pub tag: u64,
 }
 
 /// How the sampler stands.
@@ -111,6 +125,7 @@ pub fn live_samples(engine: Option<EngineId>) -> Vec<LiveSample> {
                 size: s.usable,
                 weight: if p > 0.0 { s.usable as f64 / p } else { 0.0 },
                 stack: frames[..n].to_vec(),
+                tag: s.tag,
             }
         })
         .collect()

@@ -48,22 +48,28 @@ fn saturate(x: u64) -> u32 {
 
 /// Records the block at `ptr` (owned by `owner`, `usable` bytes), sampled now at mean
 /// interval `mean` with hook interval `interval`, with the calling thread's stack.
-pub(crate) fn record(owner: Slot, ptr: *const u8, usable: u64, mean: u64, interval: u64) {
+pub(crate) fn record(
+    owner: Slot,
+    ptr: *const u8,
+    usable: u64,
+    (mean, interval): (u64, u64),
+    tag: u64,
+) {
     let mut frames = [0usize; stacks::DEPTH];
     let n = capture(&mut frames);
     let stack = stacks::intern(&frames[..n]);
-    keep(owner, ptr, usable, mean, interval, stack);
-}
-
-fn keep(owner: Slot, ptr: *const u8, usable: u64, mean: u64, interval: u64, stack: u32) {
-    let sample = Sample {
+    keep(Sample {
         ptr: ptr as usize,
         usable,
         mean: saturate(mean),
         interval: saturate(interval),
         stack,
         owner,
-    };
+        tag,
+    });
+}
+
+fn keep(sample: Sample) {
     if table::insert(sample) {
         TAKEN.fetch_add(1, Ordering::Relaxed);
     } else {
@@ -90,14 +96,12 @@ pub(crate) fn forget(ptr: *const u8) -> Option<Sample> {
 /// A sampled block moved to `ptr` with `usable` bytes (a `realloc`): the same stack and
 /// intervals, the new place and size.
 pub(crate) fn moved(old: Sample, owner: Slot, ptr: *const u8, usable: u64) {
-    keep(
-        owner,
-        ptr,
+    keep(Sample {
+        ptr: ptr as usize,
         usable,
-        u64::from(old.mean),
-        u64::from(old.interval),
-        old.stack,
-    );
+        owner,
+        ..old
+    });
 }
 
 /// Samples taken and dropped (the table was full) since the process started.

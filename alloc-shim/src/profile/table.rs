@@ -18,6 +18,8 @@ pub(crate) struct Sample {
     pub(crate) stack: u32,
     /// Its owner, by address when it was sampled.
     pub(crate) owner: Slot,
+    /// The allocating thread's tag (0: none).
+    pub(crate) tag: u64,
 }
 
 const EMPTY: Sample = Sample {
@@ -27,6 +29,7 @@ const EMPTY: Sample = Sample {
     interval: 0,
     stack: 0,
     owner: Slot::UNATTRIBUTED,
+    tag: 0,
 };
 
 const STRIPES: usize = 16;

@@ -45,7 +45,7 @@ pub(super) unsafe fn take(
     }
     if profile::is_sampled_place(p) {
         // Already in the fallback range (a range fallback): sampled where it is.
-        profile::record(owner, p, usable, mean, interval);
+        profile::record(owner, p, usable, (mean, interval), t.sample_tag());
         return p;
     }
     let Some(arena) = fallback::arena(owner).filter(|_| owner.has_arena()) else {
@@ -80,7 +80,7 @@ pub(super) unsafe fn take(
     // each sample would shorten the wait for the next by its size), and a hook that fired
     // inside them opened no sample.
     t.skip_sampling(before);
-    profile::record(owner, q, usable, mean, interval);
+    profile::record(owner, q, usable, (mean, interval), t.sample_tag());
     q
 }
 

@@ -130,6 +130,8 @@ pub(crate) struct ThreadState {
     gap: Cell<u64>,
     own_bytes: Cell<u64>,
     rng: Cell<u64>,
+    /// The tag the thread's samples carry (a scope's id in the governor; 0: none).
+    sample_tag: Cell<u64>,
 }
 
 impl ThreadState {
@@ -164,6 +166,7 @@ impl ThreadState {
             gap: Cell::new(1),
             own_bytes: Cell::new(0),
             rng: Cell::new(0),
+            sample_tag: Cell::new(0),
         }
     }
 

@@ -27,6 +27,18 @@ pub(crate) fn mean_interval() -> u64 {
     MEAN.load(Ordering::Relaxed)
 }
 
+/// Makes `tag` the tag of the calling thread's samples from now on (0: none); returns the
+/// tag before. During thread teardown (the thread's state unreachable) nothing is kept and
+/// 0 is returned.
+pub(crate) fn set_thread_tag(tag: u64) -> u64 {
+    super::with(|t| t.sample_tag.replace(tag)).unwrap_or(0)
+}
+
+/// The tag of the calling thread's samples (0: none, or during teardown).
+pub(crate) fn thread_tag() -> u64 {
+    super::with(ThreadState::sample_tag).unwrap_or(0)
+}
+
 impl ThreadState {
     /// The thread-event hook saw this thread's allocated counter at `allocated`: stops the
     /// clock if sampling is off, starts it (the wait counted from the previous hook) if it was
@@ -85,6 +97,11 @@ impl ThreadState {
         if at != u64::MAX {
             self.sample_at.set(at.saturating_add(bytes));
         }
+    }
+
+    /// The tag this thread's samples carry now (0: none).
+    pub(crate) fn sample_tag(&self) -> u64 {
+        self.sample_tag.get()
     }
 
     /// The program's bytes between the last two thread-event hooks: the interval the sample
