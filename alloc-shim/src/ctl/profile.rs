@@ -89,12 +89,7 @@ pub fn sample_counts() -> SampleCounts {
 /// The chance that a block of `size` usable bytes is sampled at mean interval `mean` with
 /// the thread-event hook's interval `interval` (see `profile`'s module documentation).
 pub fn sample_probability(size: u64, mean: u64, interval: u64) -> f64 {
-    if size == 0 || mean == 0 {
-        return 0.0;
-    }
-    let interval = interval.max(1) as f64;
-    let s = size as f64;
-    (s.min(interval) / interval) * (1.0 - (-(s.max(interval)) / mean as f64).exp())
+    sampling::probability(size, mean, interval)
 }
 
 /// The live sampled blocks of `engine` (of every engine with `None`). Allocates the answer

@@ -94,12 +94,25 @@ pub(crate) fn forget(ptr: *const u8) -> Option<Sample> {
 }
 
 /// A sampled block moved to `ptr` with `usable` bytes (a `realloc`): the same stack and
-/// intervals, the new place and size.
-pub(crate) fn moved(old: Sample, owner: Slot, ptr: *const u8, usable: u64) {
+/// tag, the new place and size, and the mean and hook intervals it was kept by (`None`: as
+/// before).
+pub(crate) fn moved(
+    old: Sample,
+    owner: Slot,
+    ptr: *const u8,
+    usable: u64,
+    basis: Option<(u64, u64)>,
+) {
+    let (mean, interval) = match basis {
+        Some((mean, interval)) => (saturate(mean), saturate(interval)),
+        None => (old.mean, old.interval),
+    };
     keep(Sample {
         ptr: ptr as usize,
         usable,
         owner,
+        mean,
+        interval,
         ..old
     });
 }

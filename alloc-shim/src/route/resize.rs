@@ -40,8 +40,9 @@ pub(super) unsafe fn realloc_slow(
     let flags = align_flags(new_size, align);
     let old = (old_size, align_flags(old_size, align));
     let began = t.begin_slow();
-    // A sampled block stays sampled: resized within its owner's fallback arena, its sample
-    // carried to the new place (or put back if the old block stays).
+    // A sampled block is resized within its owner's fallback arena; its sample is put back
+    // if the old block stays, and carried to the new block by a draw of its own (see
+    // `ThreadState::resample`) or kept as it was when the size class does not change.
     let sampled = profile::forget(ptr);
     let keep = sampled.and_then(|s| keep_flags(s.owner));
     // SAFETY: `realloc` needs
@@ -54,9 +55,16 @@ pub(super) unsafe fn realloc_slow(
     t.end_slow(began);
     if let Some(s) = sampled {
         if q.is_null() {
-            profile::moved(s, s.owner, ptr, s.usable);
+            profile::moved(s, s.owner, ptr, s.usable, None);
         } else if profile::is_sampled_place(q) {
-            profile::moved(s, owner_of(q), q, new_usable);
+            if new_usable == s.usable {
+                t.take_sample();
+                profile::moved(s, owner_of(q), q, new_usable, None);
+            } else if let Some(basis) =
+                t.resample(new_usable, (u64::from(s.mean), u64::from(s.interval)))
+            {
+                profile::moved(s, owner_of(q), q, new_usable, Some(basis));
+            }
         }
     }
     // SAFETY: `after` needs `q` null or live with `new_size` and `flags`, of `new_usable`
