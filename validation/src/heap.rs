@@ -1,6 +1,6 @@
 //! Each engine's heap profile at its peak: the sampler thread keeps the engine's live heap
-//! samples whenever its usage reaches a new high (by 2 %, or by any amount a second after the
-//! last), and after the run they are resolved into `heap-<engine>.pb.gz` (pprof),
+//! samples whenever its usage reaches a new high (by 2 % and by a 64th of its limit, or by
+//! any amount a second after the last), and after the run they are resolved into `heap-<engine>.pb.gz` (pprof),
 //! `heap-<engine>.svg` (a flame graph) and `report.json`'s top sites. Taking samples is a scan
 //! of the sampler's table (about a millisecond); resolving stacks, which reads the binary's
 //! symbols, waits until the run is measured.
@@ -20,14 +20,19 @@ pub(crate) struct Peak {
     samples: HeapSamples,
 }
 
-/// The samples of each engine (in [`ENGINES`] order) at its peak.
+/// The samples of each engine (in [`ENGINES`] order) at its peak, and what taking them cost.
 #[derive(Debug, Default)]
 pub(crate) struct Peaks {
     peaks: [Option<Peak>; 3],
+    takes: [u64; 3],
+    taking: [std::time::Duration; 3],
 }
 
-/// Samples are taken again when usage passes the last peak by this fraction (1/50: 2 %)...
+/// Samples are taken again when usage passes the last peak by this fraction (1/50: 2 %) and
+/// by this fraction of the engine's limit (1/64: an engine growing from nothing is not
+/// scanned at every step of its way up; each take scans the sampler's whole table)...
 const REGROWTH: u64 = 50;
+const REGROWTH_OF_LIMIT: u64 = 64;
 /// ...or by any amount this long after the last were taken.
 const RETAKE_MS: u64 = 1000;
 
@@ -43,13 +48,18 @@ impl Peaks {
             let (best, at) = self.peaks[i]
                 .as_ref()
                 .map_or((0, 0), |p| (p.usage, p.at_ms));
-            let higher = usage > best + best / REGROWTH
-                || (usage > best && x.t_ms.saturating_sub(at) >= RETAKE_MS);
+            let step = (best / REGROWTH).max(x.limit[i] / REGROWTH_OF_LIMIT);
+            let higher =
+                usage > best + step || (usage > best && x.t_ms.saturating_sub(at) >= RETAKE_MS);
             if usage > 0 && higher {
+                let began = std::time::Instant::now();
+                let samples = gov.heap_samples(Some(e));
+                self.taking[i] += began.elapsed();
+                self.takes[i] += 1;
                 self.peaks[i] = Some(Peak {
                     at_ms: x.t_ms,
                     usage,
-                    samples: gov.heap_samples(Some(e)),
+                    samples,
                 });
             }
         }
@@ -87,6 +97,10 @@ pub(crate) struct HeapReport {
     pub(crate) interval_bytes: u64,
     pub(crate) samples: usize,
     pub(crate) sites: usize,
+    /// How many times the engine's samples were taken over the run (each new high), and the
+    /// time taking them cost the sampler thread, in milliseconds.
+    pub(crate) takes: u64,
+    pub(crate) taking_ms: f64,
     /// The largest sites by name (the innermost function outside the standard library's
     /// allocation machinery; stacks ending in the same function summed), up to ten.
     pub(crate) top_sites: Vec<SiteReport>,
@@ -98,6 +112,7 @@ pub(crate) struct HeapReport {
 /// Resolves each engine's peak samples and writes its profile and flame graph into `out`.
 pub(crate) fn write(out: &Path, peaks: Peaks) -> Result<Vec<HeapReport>, String> {
     let mut reports = Vec::new();
+    let (takes, taking) = (peaks.takes, peaks.taking);
     for (i, peak) in peaks.peaks.into_iter().enumerate() {
         let Some(peak) = peak else { continue };
         let name = ENGINES[i].name();
@@ -122,6 +137,8 @@ pub(crate) fn write(out: &Path, peaks: Peaks) -> Result<Vec<HeapReport>, String>
             interval_bytes: profile.interval,
             samples: peak.samples.len(),
             sites: profile.sites.len(),
+            takes: takes[i],
+            taking_ms: taking[i].as_secs_f64() * 1000.0,
             top_sites: top_sites(&profile, 10),
             pprof,
             flamegraph,

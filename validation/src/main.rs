@@ -863,6 +863,8 @@ fn build_report(
                 "allocator_resident_bytes": snap.resident.allocator_resident,
                 "resident_unaccounted_bytes": snap.resident_unaccounted,
                 "events_recorded": snap.events_recorded,
+                "heap_samples_taken": g.heap_profile_counts().taken,
+                "heap_samples_dropped": g.heap_profile_counts().dropped,
             })
         }
         None => serde_json::Value::Null,

@@ -40,11 +40,21 @@ pub(super) unsafe fn realloc_slow(
     let flags = align_flags(new_size, align);
     let old = (old_size, align_flags(old_size, align));
     let began = t.begin_slow();
-    // A sampled block is resized within its owner's fallback arena; its sample is put back
-    // if the old block stays, and carried to the new block by a draw of its own (see
-    // `ThreadState::resample`) or kept as it was when the size class does not change.
+    // A sampled block keeps its sample through a resize by a draw of its own (see
+    // `ThreadState::resample`), or as it was when the size class does not change; a block
+    // that keeps it is resized within its owner's fallback arena, one that loses it is placed
+    // as any block (out of the fallback range, so its frees take the home path again). If
+    // the old block stays (a failed `realloc`), so does its sample.
     let sampled = profile::forget(ptr);
-    let keep = sampled.and_then(|s| keep_flags(s.owner));
+    let kept = sampled.and_then(|s| {
+        if new_usable == s.usable {
+            Some((s, None))
+        } else {
+            let was = (u64::from(s.mean), u64::from(s.interval));
+            t.resample(new_usable, was).map(|basis| (s, Some(basis)))
+        }
+    });
+    let keep = kept.and_then(|(s, _)| keep_flags(s.owner));
     // SAFETY: `realloc` needs
     // 1. `ptr` live, from this allocator, with size `old.0` and alignment flags `old.1`:
     //    this function's contract, and `align_flags` is what it was allocated with;
@@ -54,17 +64,14 @@ pub(super) unsafe fn realloc_slow(
     let q = unsafe { realloc(t, ptr, old, new_size, flags, keep, old_usable, new_usable) };
     t.end_slow(began);
     if let Some(s) = sampled {
+        // The draw stood for this resize: a gate the clock opened during it is closed.
+        t.take_sample();
         if q.is_null() {
             profile::moved(s, s.owner, ptr, s.usable, None);
-        } else if profile::is_sampled_place(q) {
-            if new_usable == s.usable {
-                t.take_sample();
-                profile::moved(s, owner_of(q), q, new_usable, None);
-            } else if let Some(basis) =
-                t.resample(new_usable, (u64::from(s.mean), u64::from(s.interval)))
-            {
-                profile::moved(s, owner_of(q), q, new_usable, Some(basis));
-            }
+        } else if let Some((s, basis)) = kept
+            && profile::is_sampled_place(q)
+        {
+            profile::moved(s, owner_of(q), q, new_usable, basis);
         }
     }
     // SAFETY: `after` needs `q` null or live with `new_size` and `flags`, of `new_usable`

@@ -130,17 +130,16 @@ impl ThreadState {
         self.sample_gate.replace(0) == GATE_OPEN
     }
 
-    /// A sampled block, sampled at mean and hook intervals `was`, was resized to `usable`
+    /// A sampled block, sampled at mean and hook intervals `was`, is resized to `usable`
     /// bytes: a resize is an allocation of its own, so the sample stays with the chance a new
     /// block of that size has to be chosen now, drawn here instead of by the clock (whose
-    /// gate, if this resize opened it, is closed). Every resized block, sampled before or not,
+    /// gate the caller closes after the resize, which may open it). Every resized block, sampled before or not,
     /// is then sampled with that one chance, and the estimate stays unbiased; carried through
     /// every growth instead, a vector doubled from small was counted about twice (+89 %
     /// seen). With sampling off the draw uses the sample's own intervals (samples stay until
     /// freed, as promised, thinned as they would have been). The intervals the sample now
     /// stands by, if it stays.
     pub(crate) fn resample(&self, usable: u64, was: (u64, u64)) -> Option<(u64, u64)> {
-        self.sample_gate.set(0);
         let mean = mean_interval();
         let basis = if mean == 0 {
             was
