@@ -70,8 +70,14 @@ fn profiles_name_each_engines_sites_match_the_ledger_and_write_every_format() {
         let _g = EngineGuard::enter(EngineId::Vector);
         vector_index(5 * 1024) // 20 MiB
     };
+    let maps = mappings_of_this_binary();
     let q = gov.heap_profile(Some(EngineId::Query));
     let v = gov.heap_profile(Some(EngineId::Vector));
+    assert_eq!(
+        mappings_of_this_binary(),
+        maps,
+        "the symbol reader kept the binary"
+    );
     let err = q.error().unwrap();
     println!(
         "query: {} sites, sampled {:.0} B, exact {} B, error {:.2} %; top: {}",
@@ -137,6 +143,18 @@ fn profiles_name_each_engines_sites_match_the_ledger_and_write_every_format() {
     gov.set_heap_profiling(0);
 }
 
+/// How many mappings of this test's own binary the process has (the loader's segments, and a
+/// whole-file mapping while a symbol reader keeps the binary open).
+fn mappings_of_this_binary() -> usize {
+    let exe = std::fs::read_link("/proc/self/exe").unwrap();
+    let exe = exe.to_str().unwrap();
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.ends_with(exe))
+        .count()
+}
+
 /// Refuses a reservation of one byte over Query's limit and returns the refusal's event's
 /// top sites.
 fn refuse_query(gov: &MemoryGovernor) -> TopSites {
@@ -170,6 +188,7 @@ fn a_budget_refusal_carries_the_engines_top_sites() {
     // Refused under Query's own guard: the first lookup reads the binary's symbols, and the
     // reader's caches, kept for the life of the process, are not charged to Query.
     nodedb_mem::flush_thread();
+    let maps = mappings_of_this_binary();
     let before = gov.usage(EngineId::Query);
     let t0 = std::time::Instant::now();
     let top = {
@@ -180,6 +199,9 @@ fn a_budget_refusal_carries_the_engines_top_sites() {
     nodedb_mem::flush_thread();
     let grew = gov.usage(EngineId::Query) as i64 - before as i64;
     assert!(grew < 64 << 10, "Query grew by {grew} B");
+    // The symbol reader gave the binary back (it kept it mapped, its symbols resident, for
+    // the life of the process).
+    assert_eq!(mappings_of_this_binary(), maps);
     println!("top sites: {top}");
     let sites: Vec<_> = top.iter().collect();
     assert!(sites.len() >= 2, "{top}");

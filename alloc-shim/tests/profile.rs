@@ -375,3 +375,57 @@ fn blocks_grown_by_realloc_are_estimated_without_bias() {
     assert!(err.abs() < 0.10, "{err}");
     drop(vecs);
 }
+
+#[inline(never)]
+fn quarter_mib_site(n: usize) -> Vec<Vec<u8>> {
+    std::hint::black_box((0..n).map(|i| vec![i as u8; 256 * KIB]).collect())
+}
+
+#[inline(never)]
+fn doubled_site(vecs: usize) -> Vec<Vec<u8>> {
+    let mut all: Vec<Vec<u8>> = (0..vecs).map(|_| Vec::with_capacity(64 * KIB)).collect();
+    // Each doubled from 64 KiB to 8 MiB by `realloc`s of its own size (all off the home path).
+    for _ in 0..7 {
+        for v in &mut all {
+            let len = v.capacity() * 2;
+            v.resize(len, 1);
+        }
+    }
+    std::hint::black_box(all)
+}
+
+#[test]
+fn large_blocks_and_large_growth_are_estimated_without_bias() {
+    let _s = serial();
+    warm_up();
+    let q = EngineId::Query;
+    let q0 = settled(q);
+    set_sample_interval(256 * KIB as u64);
+    let (blocks, grown) = {
+        let _g = EngineGuard::enter(q);
+        (quarter_mib_site(1024), doubled_site(16)) // 256 MiB, 128 MiB
+    };
+    set_sample_interval(0);
+    let exact_blocks = 1024.0 * (256 * KIB) as f64;
+    let samples = live_samples(Some(q));
+    assert!(
+        samples
+            .iter()
+            .all(|s| owner(s.address as *const u8) == q && s.engine == q)
+    );
+    let in_blocks = weight(&samples, "quarter_mib_site");
+    let err = (in_blocks - exact_blocks) / exact_blocks;
+    let in_grown = weight(&samples, "doubled_site");
+    let exact_grown = (settled(q) - q0) as f64 - exact_blocks;
+    let err_grown = (in_grown - exact_grown) / exact_grown;
+    println!(
+        "256 KiB blocks: {:.0} of {exact_blocks} B ({:+.1} %); grown to 8 MiB: {in_grown:.0} of {exact_grown} B ({:+.1} %)",
+        in_blocks,
+        err * 100.0,
+        err_grown * 100.0
+    );
+    assert!(err.abs() < 0.10, "{err}");
+    assert!(err_grown.abs() < 0.10, "{err_grown}");
+    drop((blocks, grown));
+    assert_eq!(settled(q), q0);
+}

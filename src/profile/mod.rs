@@ -390,6 +390,10 @@ impl HeapSamples {
                 s.blocks *= scale;
             }
         }
+        drop(symbols);
+        // The reader's mapped binary and parsed symbols are given back (see `top.rs`): a
+        // profile is asked for now and then, and pays the reading each time.
+        backtrace::clear_symbol_cache();
         sites.sort_by(|a, b| b.bytes.total_cmp(&a.bytes));
         HeapProfile {
             engine: self.engine,

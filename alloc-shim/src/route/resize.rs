@@ -9,7 +9,7 @@ use super::counters::range_fallback;
 use super::flags::{align_flags, usable};
 use super::place::{charge_where_it_is, count_detached, free_owned, overflow_alloc};
 use super::relocate::account;
-use super::sample::{after, keep_flags};
+use super::sample::{after, keep_flags, recorded_due};
 use crate::accounting::bound::DIRECT_THRESHOLD;
 use crate::accounting::ledger;
 use crate::accounting::limits::is_over;
@@ -54,7 +54,19 @@ pub(super) unsafe fn realloc_slow(
             t.resample(new_usable, was).map(|basis| (s, Some(basis)))
         }
     });
-    let keep = kept.and_then(|(s, _)| keep_flags(s.owner));
+    // An unsampled block whose resize the clock is about to choose is resized into its
+    // owner's fallback arena at once (see `place_due`), not moved there after.
+    let owner = owner_of(ptr);
+    let due = if sampled.is_none() && t.is_home(owner) {
+        t.sample_due(new_usable)
+    } else {
+        None
+    };
+    let keep = match (kept, due) {
+        (Some((s, _)), _) => keep_flags(s.owner),
+        (None, Some(_)) => keep_flags(owner).filter(|_| owner.has_arena()),
+        (None, None) => None,
+    };
     // SAFETY: `realloc` needs
     // 1. `ptr` live, from this allocator, with size `old.0` and alignment flags `old.1`:
     //    this function's contract, and `align_flags` is what it was allocated with;
@@ -73,6 +85,11 @@ pub(super) unsafe fn realloc_slow(
         {
             profile::moved(s, owner_of(q), q, new_usable, basis);
         }
+    } else if let Some(basis) = due
+        && !q.is_null()
+        && profile::is_sampled_place(q)
+    {
+        recorded_due(t, q, new_usable, basis);
     }
     // SAFETY: `after` needs `q` null or live with `new_size` and `flags`, of `new_usable`
     // bytes, its first `new_size` bytes kept: the block `realloc` returned.

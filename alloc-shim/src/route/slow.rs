@@ -11,7 +11,7 @@ use super::detached::detached_dealloc;
 use super::flags::{align_flags, fast_alloc, usable};
 use super::place::{charge_where_it_is, count_detached, free_cache, free_owned, overflow_alloc};
 use super::relocate::account;
-use super::sample::{after, forget};
+use super::sample::{after, forget, place_due};
 use crate::accounting::bound::FAST_MAX;
 use crate::id::Slot;
 use crate::overflow::{
@@ -135,6 +135,16 @@ unsafe fn slow_alloc(
         }
     }
     if t.is_home(engine) {
+        if !fell_back {
+            // SAFETY: `place_due` needs `size > 0`, alignment-only `flags` and the usable
+            // size: this function's contract.
+            let p = unsafe { place_due(t, engine, size, flags, usable, zero) };
+            if !p.is_null() {
+                // SAFETY: `account` needs `p` live with `size` and `flags`, not yet charged,
+                // and `keep <= size`: just allocated so, and `keep` is 0.
+                return unsafe { account(t, p, owner_of(p), size, flags, usable, zero, 0) };
+            }
+        }
         // SAFETY: `fast_alloc` needs
         // 1. `size > 0`: this function's contract;
         // 2. flags holding at most a power-of-two alignment: this function's contract.

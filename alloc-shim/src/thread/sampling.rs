@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::ThreadState;
+use crate::accounting::bound::inflight_bound;
 
 /// The mean sampling interval in bytes; 0: profiling off.
 static MEAN: AtomicU64 = AtomicU64::new(0);
@@ -80,6 +81,21 @@ impl ThreadState {
             at = allocated.saturating_add(self.draw(mean));
         }
         self.sample_at.set(at);
+    }
+
+    /// Whether the clock will choose an allocation of `usable` bytes about to be made on this
+    /// thread: one at least the hook's interval contains a hook for certain, and the hook
+    /// opens the gate when the count of the next sample falls within its bytes. Such a block
+    /// can be placed where samples live at once, instead of moved there after. The mean and
+    /// hook intervals it is sampled by, if due.
+    pub(crate) fn sample_due(&self, usable: u64) -> Option<(u64, u64)> {
+        let mean = mean_interval();
+        let interval = inflight_bound().interval;
+        let at = self.sample_at.get();
+        if mean == 0 || at == u64::MAX || self.clock_mean.get() != mean || usable < interval {
+            return None;
+        }
+        (self.allocated_now().saturating_add(usable) >= at).then_some((mean, interval))
     }
 
     /// The home path's post-allocation test: a block at `p` goes straight back to the caller
