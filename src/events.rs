@@ -3,9 +3,12 @@
 //! Recording is lock-free and allocation-free (a bounded queue of `Copy` records), so the
 //! polling path can record a pressure transition. Events become visible in
 //! [`Snapshot::events`](crate::Snapshot) and are emitted as `tracing` events when the governor
-//! pumps the queue: at once for rejections and rebalance moves, and for transitions seen by
-//! [`MemoryGovernor::pressure`](crate::MemoryGovernor::pressure) at the next snapshot,
-//! rebalance or background tick (the poll itself never calls into a subscriber).
+//! pumps the queue: at once for ceiling and scope rejections and rebalance moves; for a
+//! budget's refusals and overflow breaches, which carry the engine's top allocation sites,
+//! and for transitions seen by [`MemoryGovernor::pressure`](crate::MemoryGovernor::pressure),
+//! at the next snapshot, rebalance or background tick (the background thread is woken for
+//! them): neither the poll nor a refused reservation calls into a subscriber or reads
+//! symbols.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -260,14 +263,21 @@ impl EventLog {
 
     /// Records an event and emits it as a `tracing` event now. The caller holds no lock of the
     /// governor's: a subscriber may call back into it.
-    /// A breach (a budget's refusal, an overflow breach) is recorded with the engine's top
-    /// allocation sites, computed here (allocating; at most once a second per engine).
+    /// A breach (a budget's refusal, an overflow breach) waits for the next pump instead,
+    /// which looks up the engine's top allocation sites (allocating, reading the binary's
+    /// symbols the first time: up to a second in a debug build) off the refusing thread; the
+    /// background thread is woken for it.
     pub(crate) fn record(&self, kind: EventKind) {
-        let event = self.push(self.with_top_sites(kind), true);
+        if has_top_sites(&kind) {
+            self.push(kind, false);
+            return;
+        }
+        let event = self.push(kind, true);
         emit(&event, None);
     }
 
-    /// `kind` with its engine's top sites filled in, for the kinds that carry them.
+    /// `kind` with its engine's top sites filled in, for the kinds that carry them (see
+    /// [`has_top_sites`]).
     #[cfg_attr(nodedb_mem_loom, allow(unused_mut, clippy::unused_self))]
     fn with_top_sites(&self, mut kind: EventKind) -> EventKind {
         #[cfg(not(nodedb_mem_loom))]
@@ -318,21 +328,26 @@ impl EventLog {
     /// history's lock is released: a subscriber may call back into the governor (a snapshot
     /// pumps too) without deadlocking it.
     pub(crate) fn pump(&self) {
-        let mut untraced = Vec::new();
+        let mut pending = Vec::new();
+        while let Some(mut p) = self.pending.pop() {
+            // The breaches' top sites, looked up with no lock held.
+            p.event.kind = self.with_top_sites(p.event.kind);
+            pending.push(p);
+        }
+        if pending.is_empty() {
+            return;
+        }
         {
             let mut history = lock(&self.history);
-            while let Some(p) = self.pending.pop() {
-                if !p.traced {
-                    untraced.push(p.event);
-                }
+            for p in &pending {
                 if history.len() == EVENT_CAPACITY {
                     history.pop_front();
                 }
                 history.push_back(p.event);
             }
         }
-        for event in &untraced {
-            emit(event, None);
+        for p in pending.iter().filter(|p| !p.traced) {
+            emit(&p.event, None);
         }
     }
 
@@ -352,6 +367,15 @@ impl EventLog {
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+}
+
+/// Whether events of `kind` carry their engine's top allocation sites (looked up when they
+/// are pumped).
+fn has_top_sites(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::BudgetRejected { .. } | EventKind::OverflowBreach { .. }
+    )
 }
 
 /// The message of a panic's payload (a `&str` or a `String`, as `panic!` makes them).
