@@ -16,14 +16,8 @@ cd "$(dirname "$0")/.."
 runs="${1:-3}"
 secs="${2:-15}"
 engines="${3:-vector timeseries query}"
-target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release -p nodedb-mem-validation --locked
-bin="$target_dir/release/nodedb-mem-validation"
-out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
-# Room for everything: no budget refuses, nothing spills or overflows.
-common=(--ceiling 8GiB --vector-budget 1536MiB --timeseries-budget 1536MiB --query-budget 2560MiB
-    --expect-spill false --documents 0 --duration "$secs")
+# The release binary, a scratch directory and the settings of an engine alone.
+source scripts/engine-alone.sh
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 

@@ -20,14 +20,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-15}"
 engines="${2:-vector timeseries query}"
-target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 command -v perf >/dev/null || { echo "perf is not installed" >&2; exit 1; }
-cargo build --release -p nodedb-mem-validation --locked
-bin="$target_dir/release/nodedb-mem-validation"
-out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
-common=(--ceiling 8GiB --vector-budget 1536MiB --timeseries-budget 1536MiB --query-budget 2560MiB
-    --expect-spill false --documents 0 --duration "$secs")
+# The release binary, a scratch directory and the settings of an engine alone.
+source scripts/engine-alone.sh
 
 for engine in $engines; do
     perf record -q --call-graph dwarf,8192 -F 499 -o "$out/perf.data" -- "$bin" "${common[@]}" \
