@@ -263,6 +263,7 @@ impl EventLog {
 
     /// Records an event and emits it as a `tracing` event now. The caller holds no lock of the
     /// governor's: a subscriber may call back into it.
+    ///
     /// A breach (a budget's refusal, an overflow breach) waits for the next pump instead,
     /// which looks up the engine's top allocation sites (allocating, reading the binary's
     /// symbols the first time: up to a second in a debug build) off the refusing thread; the

@@ -9,7 +9,7 @@ use std::ffi::c_int;
 
 use tikv_jemalloc_sys as jem;
 
-use crate::id::Slot;
+use crate::id::{Arena, Slot};
 use crate::profile;
 use crate::space::fallback;
 use crate::space::reservation::owner_of;
@@ -48,22 +48,18 @@ pub(super) unsafe fn take(
         profile::record(owner, p, usable, (mean, interval), t.sample_tag());
         return p;
     }
-    let Some(arena) = fallback::arena(owner).filter(|_| owner.has_arena()) else {
+    let Some(arena) = sampling_arena(owner) else {
         return p;
     };
-    let z = if zero { jem::MALLOCX_ZERO } else { 0 };
     let before = t.allocated_now();
     // The move is the sampler's, not the program's: its two blocks are left out of the home
     // delta (a settlement between them would charge the new block before the old one is
     // credited, taking the owner past its limit by a block for a moment).
     let began = t.begin_slow();
-    // SAFETY: `mallocx` needs
-    // 1. `size > 0`: `p` is a live block of `size` bytes;
-    // 2. an existing arena: `fallback::arena` returns only arenas created;
-    // 3. otherwise only an alignment (this function's contract), `MALLOCX_ZERO` and
-    //    `MALLOCX_TCACHE_NONE`.
-    let q = unsafe { jem::mallocx(size, flags | z | jem::MALLOCX_TCACHE_NONE | arena.flag()) }
-        .cast::<u8>();
+    // SAFETY: `fallback_alloc` needs `size > 0` (`p` is a live block of `size` bytes),
+    // `flags` holding only an alignment (this function's contract) and an existing arena
+    // (`sampling_arena`'s, which `fallback::arena` gives only once created).
+    let q = unsafe { fallback_alloc(arena, size, flags, zero) };
     if q.is_null() {
         t.end_slow(began);
         return p;
@@ -104,17 +100,13 @@ pub(super) unsafe fn place_due(
     let Some(basis) = t.sample_due(usable) else {
         return std::ptr::null_mut();
     };
-    let Some(arena) = fallback::arena(engine).filter(|_| engine.has_arena()) else {
+    let Some(arena) = sampling_arena(engine) else {
         return std::ptr::null_mut();
     };
-    let z = if zero { jem::MALLOCX_ZERO } else { 0 };
-    // SAFETY: `mallocx` needs
-    // 1. `size > 0`: this function's contract;
-    // 2. an existing arena: `fallback::arena` returns only arenas created;
-    // 3. otherwise only an alignment (this function's contract), `MALLOCX_ZERO` and
-    //    `MALLOCX_TCACHE_NONE`.
-    let p = unsafe { jem::mallocx(size, flags | z | jem::MALLOCX_TCACHE_NONE | arena.flag()) }
-        .cast::<u8>();
+    // SAFETY: `fallback_alloc` needs `size > 0` and `flags` holding only an alignment (this
+    // function's contract) and an existing arena (`sampling_arena`'s, which
+    // `fallback::arena` gives only once created).
+    let p = unsafe { fallback_alloc(arena, size, flags, zero) };
     if p.is_null() {
         return p;
     }
@@ -128,6 +120,27 @@ pub(super) unsafe fn place_due(
 pub(super) fn recorded_due(t: &ThreadState, p: *mut u8, usable: u64, basis: (u64, u64)) {
     t.take_sample();
     profile::record(owner_of(p), p, usable, basis, t.sample_tag());
+}
+
+/// The arena samples of `owner` live in: its fallback arena, for an engine with arenas.
+fn sampling_arena(owner: Slot) -> Option<Arena> {
+    fallback::arena(owner).filter(|_| owner.has_arena())
+}
+
+/// A block of `size` bytes (alignment flags `flags`, zeroed if `zero`) from `arena`, a
+/// sampling arena, bypassing every cache (so every cache's blocks stay its owner's).
+///
+/// # Safety
+/// `size > 0`; `flags` holds only an alignment; `arena` exists (as every arena
+/// `sampling_arena` gives does).
+unsafe fn fallback_alloc(arena: Arena, size: usize, flags: c_int, zero: bool) -> *mut u8 {
+    let z = if zero { jem::MALLOCX_ZERO } else { 0 };
+    // SAFETY: `mallocx` needs
+    // 1. `size > 0`: this function's contract;
+    // 2. an existing arena: this function's contract;
+    // 3. otherwise only an alignment (this function's contract), `MALLOCX_ZERO` and
+    //    `MALLOCX_TCACHE_NONE`.
+    unsafe { jem::mallocx(size, flags | z | jem::MALLOCX_TCACHE_NONE | arena.flag()) }.cast()
 }
 
 /// After an allocation served `p` (`size` bytes asked with alignment flags `flags`, `usable`
