@@ -163,9 +163,15 @@ impl Report {
             );
         }
         for h in &self.heap_profiles {
-            let error = h.error_percent.map_or(String::new(), |e| {
-                format!(", estimate {e:+.1} % against the ledger")
-            });
+            let error = match h.error_percent {
+                // An engine whose heap is a few intervals holds no sample now and then: no
+                // estimate, rather than "-100 %".
+                _ if h.samples == 0 => {
+                    format!(", none at a mean interval of {}", mib(h.interval_bytes))
+                }
+                Some(e) => format!(", estimate {e:+.1} % against the ledger"),
+                None => String::new(),
+            };
             let _ = writeln!(
                 s,
                 "    {:<11} {} of heap at {:.1} s ({} samples{error}); {}",

@@ -40,6 +40,9 @@ pub(crate) struct VecConfig {
     /// vectors, at least 64 B each; 0 for none): the rows a search returns, allocated without
     /// a reservation, so what passes the engine's limit lives in its overflow region.
     pub(crate) documents: u64,
+    /// When the documents arrive: the queries run without them until then (and they are
+    /// written when the queries end, if that is earlier).
+    pub(crate) documents_at: Instant,
 }
 
 /// What the engine did.
@@ -120,6 +123,19 @@ pub(crate) fn run(
     // The vectors are kept for the brute-force recall check (and count against the budget).
     let mut data: Vec<f32> = Vec::new();
     let mut v = [0f32; DIM];
+    // The documents: allocated with no reservation, as a store would, past the engine's
+    // limit into its overflow region (pushed out to its file as resident memory nears the
+    // ceiling), so the process can hold more live data than the ceiling. They arrive at
+    // `documents_at` (the build deadline in the workload), between two queries once the index
+    // is built: the index, idle, has lent its spare limit by then, and becomes busy again.
+    let mut docs: Vec<Box<[u8]>> = Vec::new();
+    let mut docs_due = cfg.documents > 0;
+    let write_docs = |docs: &mut Vec<Box<[u8]>>, o: &mut VecOutcome| {
+        let len = document_size(cfg.documents, o.inserted);
+        *docs = (0..o.inserted).map(|i| document(i, len)).collect();
+        o.documents = docs.len();
+        o.document_bytes = docs.iter().map(|d| d.len() as u64).sum();
+    };
     let started = Instant::now();
     let mut per_vector = 0u64;
     while o.inserted < cfg.vectors && Instant::now() < cfg.build_deadline {
@@ -177,17 +193,6 @@ pub(crate) fn run(
         }
         None => None,
     };
-    // The documents: allocated with no reservation, as a store would, past the budget into
-    // the engine's overflow region (pushed out to its file as resident memory nears the
-    // ceiling), so the process holds more live data than the ceiling.
-    let docs: Vec<Box<[u8]>> = if cfg.documents > 0 {
-        let len = document_size(cfg.documents, o.inserted);
-        (0..o.inserted).map(|i| document(i, len)).collect()
-    } else {
-        Vec::new()
-    };
-    o.documents = docs.len();
-    o.document_bytes = docs.iter().map(|d| d.len() as u64).sum();
 
     o.min_residency = 1.0;
     let sample_residency = |o: &mut VecOutcome| {
@@ -209,6 +214,10 @@ pub(crate) fn run(
     };
     let q_started = Instant::now();
     loop {
+        if docs_due && Instant::now() >= cfg.documents_at {
+            write_docs(&mut docs, &mut o);
+            docs_due = false;
+        }
         make_query(&mut rng, &mut q);
         let found = index.search(&q, K, EF_SEARCH);
         // The best hit's document, as a search returning rows would read it.
@@ -229,6 +238,11 @@ pub(crate) fn run(
         }
     }
     o.query_time = q_started.elapsed();
+    if docs_due {
+        // The queries ended (`max_queries`) before the documents were due: they are still
+        // written, so the engine holds what it was given to hold.
+        write_docs(&mut docs, &mut o);
+    }
 
     // Recall@10 against brute force.
     let mut hits = 0usize;
@@ -339,6 +353,7 @@ mod tests {
             max_queries: 100,
             vectors_file: dir.path().join("vectors.f32"),
             documents: 2_000 * 1000,
+            documents_at: Instant::now(),
         };
         let o = run(&cfg, None, &stats).expect("runs");
         assert_eq!((o.documents, o.document_bytes), (2_000, 2_000 * 1000));

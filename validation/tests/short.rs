@@ -53,7 +53,17 @@ fn scrape(addr: &str) -> String {
 fn the_short_run_passes_under_the_governor_and_writes_its_files() {
     let dir = out_dir();
     let mut child = Command::new(BIN)
-        .args(["--short", "--metrics-addr", "127.0.0.1:0", "--out"])
+        // Heap samples every 1 MiB rather than the default 4 MiB: the query engine's peak of
+        // about 24 MiB holds 24 samples on average instead of 6, none about one run in 400 at
+        // the default (seen once in CI-like runs), never in practice at 1 MiB.
+        .args([
+            "--short",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--heap-profile-interval",
+            "1MiB",
+            "--out",
+        ])
         .arg(dir.path())
         .stdout(Stdio::piped())
         .spawn()
@@ -131,10 +141,13 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
             .iter()
             .any(|e| e["borrowed_bytes"].as_u64().unwrap() > 0)
     );
+    // The index lent its spare limit once built and idle; its documents, arriving at half
+    // the run, make it busy, and it takes the limit back from the engines that borrowed it
+    // (which, the limits summing to a constant, are above their budgets then).
     assert!(
-        engines
-            .iter()
-            .any(|e| e["taken_back_bytes"].as_u64().unwrap() > 0)
+        engines[0]["taken_back_bytes"].as_u64().unwrap() > 0,
+        "the index did not take its limit back: {}",
+        engines[0]
     );
     assert!(
         engines
@@ -150,8 +163,22 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
     ] {
         assert!(names.contains(&check), "{check}: {names:?}");
     }
-    // No documents in the short run by default: the live data is what the engines hold.
-    assert_eq!(r["engines"][0]["details"]["documents"], 0);
+    // The short run's documents are half the vector budget, split among the vectors: they
+    // make the index busy, not the live data pass the ceiling, so that check is left out.
+    let vd = &engines[0]["details"];
+    let (docs, doc_bytes) = (
+        vd["documents"].as_u64().unwrap(),
+        vd["document_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        docs > 0 && doc_bytes <= 12 << 20 && doc_bytes + 8 * docs > 12 << 20,
+        "{vd}"
+    );
+    assert_eq!(vd["documents_corrupt"], 0, "{vd}");
+    assert!(
+        names.contains(&"vector documents read back intact"),
+        "{names:?}"
+    );
     assert!(
         !names.contains(&"live data beyond the ceiling"),
         "{names:?}"
