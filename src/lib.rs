@@ -103,7 +103,7 @@ pub use nodedb_mem_alloc::ctl::thread::{current_engine, flush_thread, home_engin
 pub use nodedb_mem_alloc::{EngineGuard, EngineId, GUARD_SLOTS, GovernedAlloc, UnknownEngine};
 pub use pressure::{PressureLevel, PressureThresholds};
 #[cfg(not(nodedb_mem_loom))]
-pub use profile::{Frame, HeapProfile, HeapSamples, ScopeTag, Site};
+pub use profile::{Frame, FunctionBytes, HeapProfile, HeapSamples, ScopeTag, Site};
 pub use rebalance::{RebalanceMove, RebalanceReport};
 #[cfg(not(nodedb_mem_loom))]
 pub use rebalancer::Rebalancer;

@@ -98,6 +98,18 @@ fn profiles_name_each_engines_sites_match_the_ledger_and_write_every_format() {
         "{}",
         q.sites[0].name()
     );
+    // By function: the site's stacks merged, the largest first, the bytes all kept.
+    let f = q.by_function();
+    assert!(f[0].function.contains("query_rows"), "{f:?}");
+    assert!(f[0].bytes >= 0.95 * q.exact_bytes as f64, "{f:?}");
+    assert!(f.windows(2).all(|w| w[0].bytes >= w[1].bytes), "{f:?}");
+    let merged: f64 = f.iter().map(|r| r.bytes).sum();
+    assert!((merged - scaled).abs() < 1.0, "{merged} against {scaled}");
+    assert_eq!(
+        f.iter().map(|r| r.samples).sum::<usize>(),
+        q.sites.iter().map(|s| s.samples).sum::<usize>()
+    );
+    assert_eq!(f.iter().map(|r| r.sites).sum::<usize>(), q.sites.len());
     assert!(share(&v, "vector_index") >= 0.95);
     assert_eq!(share(&v, "query_rows"), 0.0);
     assert!(q.sites.iter().all(|s| s.engine == EngineId::Query));

@@ -92,6 +92,22 @@ fn short_name(frames: &[Frame]) -> &str {
         .unwrap_or("??")
 }
 
+/// One function's live bytes over every stack it allocated from: a row of
+/// [`HeapProfile::by_function`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct FunctionBytes {
+    /// The function, as [`Site::name`] names a site.
+    pub function: String,
+    /// Its sites' [`bytes`](Site::bytes) summed (scaled to the ledger).
+    pub bytes: f64,
+    /// Its sites' [`sampled_bytes`](Site::sampled_bytes) summed.
+    pub sampled_bytes: f64,
+    /// Its sites' samples.
+    pub samples: usize,
+    /// How many sites (stacks, scopes, engines) it was merged from.
+    pub sites: usize,
+}
+
 /// The live heap of one engine (or all), by allocation site.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HeapProfile {
@@ -125,6 +141,39 @@ impl HeapProfile {
     /// The `n` largest sites.
     pub fn top(&self, n: usize) -> &[Site] {
         &self.sites[..n.min(self.sites.len())]
+    }
+
+    /// The sites merged by function ([`Site::name`]: the innermost frame outside the
+    /// allocation machinery), largest `bytes` first, ties by name: what `pprof -top` lists by
+    /// flat bytes, the question "which code holds the memory" answered without the callers
+    /// that split one function over many stacks.
+    pub fn by_function(&self) -> Vec<FunctionBytes> {
+        let mut at: HashMap<&str, usize> = HashMap::new();
+        let mut rows: Vec<FunctionBytes> = Vec::new();
+        for s in &self.sites {
+            let name = s.name();
+            let i = *at.entry(name).or_insert_with(|| {
+                rows.push(FunctionBytes {
+                    function: name.to_owned(),
+                    bytes: 0.0,
+                    sampled_bytes: 0.0,
+                    samples: 0,
+                    sites: 0,
+                });
+                rows.len() - 1
+            });
+            let r = &mut rows[i];
+            r.bytes += s.bytes;
+            r.sampled_bytes += s.sampled_bytes;
+            r.samples += s.samples;
+            r.sites += 1;
+        }
+        rows.sort_by(|a, b| {
+            b.bytes
+                .total_cmp(&a.bytes)
+                .then_with(|| a.function.cmp(&b.function))
+        });
+        rows
     }
 
     /// The live bytes of the sites tagged with `scope` (scaled as every site's are). The
@@ -504,5 +553,84 @@ impl MemoryGovernor {
         take(engine, nodedb_mem_alloc::ctl::ledger::charged, |id| {
             self.scope_by_id(id).map(|s| s.path().to_owned())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(engine: EngineId, functions: &[&str], bytes: f64, samples: usize) -> Site {
+        Site {
+            engine,
+            frames: functions
+                .iter()
+                .map(|f| Frame {
+                    function: (*f).to_owned(),
+                    file: None,
+                    line: None,
+                    address: 0,
+                })
+                .collect(),
+            bytes,
+            sampled_bytes: bytes * 2.0,
+            blocks: 1.0,
+            samples,
+            scope: None,
+            scope_path: None,
+        }
+    }
+
+    #[test]
+    fn by_function_merges_the_stacks_of_one_function_and_orders_by_bytes() {
+        let profile = HeapProfile {
+            engine: None,
+            interval: 1 << 20,
+            sites: vec![
+                site(EngineId::Query, &["hash_table", "aggregate"], 300.0, 3),
+                site(EngineId::Query, &["rows", "scan"], 250.0, 2),
+                site(EngineId::Query, &["hash_table", "join"], 200.0, 2),
+                // The allocation machinery is not the function.
+                site(
+                    EngineId::Vector,
+                    &["alloc::raw_vec::finish_grow", "rows", "insert"],
+                    100.0,
+                    1,
+                ),
+                site(EngineId::Vector, &["b_tie"], 50.0, 1),
+                site(EngineId::Vector, &["a_tie"], 50.0, 1),
+            ],
+            exact_bytes: 950,
+        };
+        let f = profile.by_function();
+        let got: Vec<(&str, f64, f64, usize, usize)> = f
+            .iter()
+            .map(|r| {
+                (
+                    r.function.as_str(),
+                    r.bytes,
+                    r.sampled_bytes,
+                    r.samples,
+                    r.sites,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("hash_table", 500.0, 1000.0, 5, 2),
+                ("rows", 350.0, 700.0, 3, 2),
+                ("a_tie", 50.0, 100.0, 1, 1),
+                ("b_tie", 50.0, 100.0, 1, 1),
+            ]
+        );
+        assert!(
+            HeapProfile {
+                sites: Vec::new(),
+                ..profile
+            }
+            .by_function()
+            .is_empty()
+        );
     }
 }

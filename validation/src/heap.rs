@@ -151,31 +151,20 @@ pub(crate) fn write(out: &Path, peaks: Peaks) -> Result<Vec<HeapReport>, String>
 /// graph and the pprof profile keep them apart).
 fn top_sites(profile: &HeapProfile, n: usize) -> Vec<SiteReport> {
     let exact = profile.exact_bytes;
-    let mut by_name: Vec<(String, f64, f64, usize)> = Vec::new();
-    for s in &profile.sites {
-        match by_name.iter_mut().find(|(name, ..)| name == s.name()) {
-            Some(e) => {
-                e.1 += s.bytes;
-                e.2 += s.sampled_bytes;
-                e.3 += s.samples;
-            }
-            None => by_name.push((s.name().to_owned(), s.bytes, s.sampled_bytes, s.samples)),
-        }
-    }
-    by_name.sort_by(|a, b| b.1.total_cmp(&a.1));
-    by_name
+    profile
+        .by_function()
         .into_iter()
         .take(n)
-        .map(|(name, bytes, sampled, samples)| SiteReport {
-            name,
-            bytes: bytes.round() as u64,
+        .map(|f| SiteReport {
             share_percent: if exact > 0 {
-                bytes * 100.0 / exact as f64
+                f.bytes * 100.0 / exact as f64
             } else {
                 0.0
             },
-            sampled_bytes: sampled.round() as u64,
-            samples,
+            name: f.function,
+            bytes: f.bytes.round() as u64,
+            sampled_bytes: f.sampled_bytes.round() as u64,
+            samples: f.samples,
         })
         .collect()
 }
