@@ -95,8 +95,8 @@ struct Args {
     /// its vectors (the rows its searches return), allocated with no reservation: past its
     /// limit they live in its overflow region. Where they and the engines' budgets together
     /// exceed the ceiling, the verdict checks that the live data passed the ceiling while
-    /// resident memory stayed under it [default: three quarters of the ceiling; half the
-    /// vector budget with --short; 0 for none].
+    /// resident memory stayed under it [default: three quarters of the ceiling; three
+    /// quarters of the vector budget with --short; 0 for none].
     #[arg(long, value_parser = bytes_or_zero)]
     documents: Option<u64>,
     /// The timeseries table's fixed flush size, governor or not.
@@ -207,10 +207,11 @@ impl Settings {
             memtable_bytes: a.memtable,
             vectors: ((100_000.0 * scale) as usize).max(500),
             // The short run's documents only make the index, which lent its spare limit once
-            // built, busy again (so it takes that limit back); the full run's take the live
-            // data past the ceiling.
+            // built, busy again (so it takes that limit back): three quarters of its budget
+            // are past the warning threshold (70 %) of any limit it can have, however much it
+            // lent. The full run's take the live data past the ceiling.
             documents_bytes: a.documents.unwrap_or(if a.short {
-                budgets[0] / 2
+                budgets[0] / 4 * 3
             } else {
                 ceiling / 4 * 3
             }),

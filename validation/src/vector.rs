@@ -19,6 +19,8 @@ const K: usize = 10;
 const EF_SEARCH: usize = 128;
 /// Vectors inserted between two admission checks.
 const BATCH: usize = 512;
+/// Inserts between two looks at the build's deadline.
+const DEADLINE_EVERY: usize = 64;
 
 /// What the engine is asked to do.
 #[derive(Debug, Clone)]
@@ -153,11 +155,20 @@ pub(crate) fn run(
             }
         }
         let before = gov.map_or(0, |g| g.usage(EngineId::Vector));
+        // The deadline is looked at every `DEADLINE_EVERY` inserts, not only between batches:
+        // on a loaded machine a batch took seconds in a debug build, and the documents, due
+        // when the build stops, came at the end of the short run.
+        let mut done = 0;
         for i in o.inserted..o.inserted + n {
+            if done > 0 && done % DEADLINE_EVERY == 0 && Instant::now() >= cfg.build_deadline {
+                break;
+            }
             vector(cfg.seed, i, &mut v);
             data.extend_from_slice(&v);
             index.insert((&v, i));
+            done += 1;
         }
+        let n = done;
         if let (Some(g), 0) = (gov, per_vector) {
             nodedb_mem::flush_thread();
             per_vector = g.usage(EngineId::Vector).saturating_sub(before) / n as u64;

@@ -163,15 +163,16 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
     ] {
         assert!(names.contains(&check), "{check}: {names:?}");
     }
-    // The short run's documents are half the vector budget, split among the vectors: they
-    // make the index busy, not the live data pass the ceiling, so that check is left out.
+    // The short run's documents are three quarters of the vector budget, split among the
+    // vectors: they make the index busy, not the live data pass the ceiling, so that check is
+    // left out.
     let vd = &engines[0]["details"];
     let (docs, doc_bytes) = (
         vd["documents"].as_u64().unwrap(),
         vd["document_bytes"].as_u64().unwrap(),
     );
     assert!(
-        docs > 0 && doc_bytes <= 12 << 20 && doc_bytes + 8 * docs > 12 << 20,
+        docs > 0 && doc_bytes <= 18 << 20 && doc_bytes + 8 * docs > 18 << 20,
         "{vd}"
     );
     assert_eq!(vd["documents_corrupt"], 0, "{vd}");
