@@ -125,19 +125,6 @@ pub(crate) fn run(
     // The vectors are kept for the brute-force recall check (and count against the budget).
     let mut data: Vec<f32> = Vec::new();
     let mut v = [0f32; DIM];
-    // The documents: allocated with no reservation, as a store would, past the engine's
-    // limit into its overflow region (pushed out to its file as resident memory nears the
-    // ceiling), so the process can hold more live data than the ceiling. They arrive at
-    // `documents_at` (the build deadline in the workload), between two queries once the index
-    // is built: the index, idle, has lent its spare limit by then, and becomes busy again.
-    let mut docs: Vec<Box<[u8]>> = Vec::new();
-    let mut docs_due = cfg.documents > 0;
-    let write_docs = |docs: &mut Vec<Box<[u8]>>, o: &mut VecOutcome| {
-        let len = document_size(cfg.documents, o.inserted);
-        *docs = (0..o.inserted).map(|i| document(i, len)).collect();
-        o.documents = docs.len();
-        o.document_bytes = docs.iter().map(|d| d.len() as u64).sum();
-    };
     let started = Instant::now();
     let mut per_vector = 0u64;
     while o.inserted < cfg.vectors && Instant::now() < cfg.build_deadline {
@@ -203,6 +190,20 @@ pub(crate) fn run(
             None
         }
         None => None,
+    };
+
+    // The documents: allocated with no reservation, as a store would, past the engine's
+    // limit into its overflow region (pushed out to its file as resident memory nears the
+    // ceiling), so the process can hold more live data than the ceiling. They arrive at
+    // `documents_at` (the build deadline in the workload), between two queries once the index
+    // is built: the index, idle, has lent its spare limit by then, and becomes busy again.
+    let mut docs: Vec<Box<[u8]>> = Vec::new();
+    let mut docs_due = cfg.documents > 0;
+    let write_docs = |docs: &mut Vec<Box<[u8]>>, o: &mut VecOutcome| {
+        let len = document_size(cfg.documents, o.inserted);
+        *docs = (0..o.inserted).map(|i| document(i, len)).collect();
+        o.documents = docs.len();
+        o.document_bytes = docs.iter().map(|d| d.len() as u64).sum();
     };
 
     o.min_residency = 1.0;
