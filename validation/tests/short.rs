@@ -189,11 +189,8 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
         "DataFusion did not spill"
     );
     assert!(engines[1]["details"]["pressure_flushes"].as_u64().unwrap() > 0);
-    // Timeseries flushes go through a governed writer: they left page cache behind, within the
-    // engine's page-cache budget (the 4 MiB minimum here) plus one write.
     // The vector data is mapped from a file and locked resident (or, where this user may not
     // lock memory, the refusal says so).
-    let vd = &engines[0]["details"];
     if vd["protect_refused"].is_null() {
         assert!(vd["protected_bytes"].as_u64().unwrap() > 0, "{vd}");
         assert_eq!(vd["protected_min_residency"].as_f64(), Some(1.0), "{vd}");
@@ -206,6 +203,8 @@ fn the_short_run_passes_under_the_governor_and_writes_its_files() {
             "{vd}"
         );
     }
+    // Timeseries flushes go through a governed writer: they left page cache behind, within the
+    // engine's page-cache budget (the 4 MiB minimum here) plus one write.
     let cache_peak = engines[1]["page_cache_peak_bytes"].as_u64().unwrap();
     assert!(
         cache_peak > 0 && cache_peak <= (4 << 20) + (1 << 20),
